@@ -1,0 +1,28 @@
+"""The public Python surface: open any checkpoint lazily, write safetensors streaming."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from .engine.writer import Planned, write_safetensors
+from .formats import Checkpoint, open_checkpoint
+from .formats.dtypes import from_torch
+
+
+def open(path: str | os.PathLike[str]) -> Checkpoint:
+    """Opens a checkpoint of any supported format as a lazy, read-only mapping."""
+    return open_checkpoint(path)
+
+
+def save_safetensors(tensors: Mapping[str, object], path: str | os.PathLike[str],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Writes torch tensors (or lazy tensors, read one at a time) to ``path`` atomically."""
+    planned = []
+    for key, value in tensors.items():
+        if hasattr(value, "read") and hasattr(value, "source"):
+            planned.append(Planned(key, value.dtype, value.shape, value.read))
+        else:
+            planned.append(Planned(key, from_torch(value.dtype), tuple(value.shape),
+                                   lambda v=value: v))
+    write_safetensors(os.fspath(path), planned, metadata)

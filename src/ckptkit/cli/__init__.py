@@ -1,0 +1,1 @@
+"""The ``ckpt`` command: parses arguments, calls ops, prints tables, JSON and progress."""

@@ -1,0 +1,59 @@
+"""``ckpt convert IN -o OUT.safetensors``: a pickle (or any checkpoint) to safetensors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..formats import open_checkpoint
+from ..ops.convert import CONVERT_DTYPES, convert
+from .fmt import human_bytes
+from .progress import ProgressBar
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "convert", help="convert a checkpoint (.ckpt/.pt/.bin/.safetensors) to safetensors",
+        description="Convert a checkpoint to safetensors, streaming one tensor at a time. "
+                    "Tensors stay bit-identical unless --dtype asks for a cast; non-tensor "
+                    "entries of pickles (optimizer states, counters) are dropped and listed.")
+    parser.add_argument("input", metavar="IN")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    parser.add_argument("--dtype", choices=CONVERT_DTYPES,
+                        help="cast floating-point tensors (integer and bool tensors are kept)")
+    parser.add_argument("--keep-metadata", action="store_true",
+                        help="carry the input's metadata (or a pickle's scalar entries such as "
+                             "global_step) into the output")
+    parser.add_argument("--no-fsync", dest="fsync", action="store_false",
+                        help="do not wait for the data to reach the disk before renaming")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    with open_checkpoint(args.input) as checkpoint:
+        total = sum(max(t.nbytes, 0) for t in checkpoint.values())
+        count = len(checkpoint)
+    bar = ProgressBar("convert", total, count, enabled=False if args.quiet else None)
+    try:
+        report = convert(args.input, args.output, dtype=args.dtype,
+                         keep_metadata=args.keep_metadata, progress=bar.update,
+                         fsync=args.fsync)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps({"input": args.input, "output": args.output, **vars(report)}))
+        return 0
+    print(f"wrote {args.output}: {report.tensors:,} tensors, {human_bytes(report.bytes)}"
+          + (f", {report.cast:,} cast to {args.dtype}" if report.cast else ""))
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.dropped:
+        print(f"note: dropped {len(report.dropped)} non-tensor entries: "
+              f"{', '.join(report.dropped[:8])}{', ...' if len(report.dropped) > 8 else ''}")
+    if report.overflowed:
+        total = sum(report.overflowed.values())
+        print(f"warning: {total:,} values in {len(report.overflowed)} tensors were out of "
+              f"range for {args.dtype} and became infinite", file=sys.stderr)
+    return 0

@@ -1,0 +1,69 @@
+"""Entry point of ``ckpt``: one subcommand per operation, one-line errors, distinct exit codes.
+
+Exit codes: 0 success; 2 bad usage; 3 an input is not a readable checkpoint; 4 an input was
+refused as unsafe; 5 the output could not be written; 70 an internal error (a bug: please
+report it; ``CKPT_DEBUG=1`` shows the traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from .. import __version__
+from ..errors import CkptError
+from . import convert_cmd, inspect_cmd
+
+COMMANDS = (inspect_cmd, convert_cmd)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2, like every other usage error
+        self.exit(2, f"ckpt: error: {message} (see ckpt --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ckpt", description="Inspect, convert and take apart "
+                     "image-generation model checkpoints, safely and in bounded memory.")
+    parser.add_argument("--version", action="version", version=f"ckptkit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+    for module in COMMANDS:
+        module.add_parser(commands)
+    return parser
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # so that temporary outputs are cleaned up
+    try:
+        return args.run(args)
+    except CkptError as exc:
+        print(f"ckpt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ckpt: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader of our output went away: nothing left to say
+        return 1
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ckpt: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 5
+    except Exception as exc:
+        if os.environ.get("CKPT_DEBUG"):
+            raise
+        print(f"ckpt: internal error: {type(exc).__name__}: {exc} (a bug in ckptkit; "
+              "CKPT_DEBUG=1 shows the traceback, please report it)", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""A progress bar on stderr for long jobs: bytes and items done, speed and time left.
+
+Drawn only when stderr is a terminal and ``--quiet`` was not given, at most ten times a
+second, so that piping ``ckpt`` into a file or another program stays clean.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .fmt import human_bytes
+
+
+class ProgressBar:
+    def __init__(self, label: str, total_bytes: int, total_items: int, unit: str = "tensors",
+                 enabled: bool | None = None, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.label = label
+        self.total_bytes = max(total_bytes, 1)
+        self.total_items = total_items
+        self.unit = unit
+        self.bytes = 0
+        self.items = 0
+        self.start = time.monotonic()
+        self._last_draw = 0.0
+
+    def update(self, nbytes: int, items: int = 0) -> None:
+        self.bytes += nbytes
+        self.items += items
+        now = time.monotonic()
+        if self.enabled and (now - self._last_draw >= 0.1 or self.items == self.total_items):
+            self._last_draw = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        fraction = min(self.bytes / self.total_bytes, 1.0)
+        elapsed = max(now - self.start, 1e-6)
+        speed = self.bytes / elapsed
+        left = (self.total_bytes - self.bytes) / speed if speed > 0 else 0.0
+        filled = int(fraction * 24)
+        bar = "█" * filled + " " * (24 - filled)
+        self.stream.write(
+            f"\r{self.label} {fraction:4.0%} |{bar}| {human_bytes(self.bytes)}/"
+            f"{human_bytes(self.total_bytes)} {self.items}/{self.total_items} {self.unit} "
+            f"{human_bytes(speed)}/s {left:4.0f}s left ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,121 @@
+"""The streaming safetensors writer: header from the plan, then one tensor at a time.
+
+The header (names, dtypes, shapes, offsets) is computed from the planned outputs before any
+tensor is produced, so each tensor can be written the moment it exists and released straight
+after: peak memory is the largest single tensor, whatever the model's size. Tensors that are
+plain copies of input bytes (``CopyRange``) go file to file through the kernel and cost no
+process memory at all. The file is written through ``AtomicOutput`` and its header is checked
+with the reader before it takes the target's name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CkptError, OutputError
+from ..formats.checkpoint import tensor_bytes
+from ..formats.dtypes import DType, from_torch
+from ..formats.safetensors import METADATA_KEY, open_safetensors
+from ..formats.source import Source, write_all
+from .atomic import AtomicOutput
+
+Progress = Callable[[int, int], None]  # (bytes written, tensors written) since the last call
+
+
+@dataclass(frozen=True)
+class CopyRange:
+    """Bytes to copy unchanged from an input file: what a pass-through tensor produces."""
+
+    source: Source
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class Planned:
+    """One output tensor: its key, dtype and shape, and how to produce its data when due.
+
+    ``produce`` returns a torch tensor of exactly this dtype and shape, a bytes-like object
+    of exactly ``nbytes``, or a ``CopyRange``.
+    """
+
+    key: str
+    dtype: DType
+    shape: tuple[int, ...]
+    produce: Callable[[], Any]
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.nbytes(math.prod(self.shape))
+
+
+def build_header(planned: Sequence[Planned], metadata: dict[str, str] | None) -> bytes:
+    """The header bytes (length prefix included), padded with spaces to 8-byte alignment."""
+    header: dict[str, Any] = {}
+    if metadata:
+        bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise OutputError(f"metadata must map strings to strings; {bad[0]!r} does not")
+        header[METADATA_KEY] = metadata
+    offset = 0
+    for item in planned:
+        if item.key in header:
+            raise OutputError(f"the plan writes key {item.key!r} twice")
+        header[item.key] = {"dtype": item.dtype.name, "shape": list(item.shape),
+                            "data_offsets": [offset, offset + item.nbytes]}
+        offset += item.nbytes
+    body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body
+
+
+def _write_item(fd: int, item: Planned, data: Any) -> None:
+    if isinstance(data, CopyRange):
+        if data.nbytes != item.nbytes:
+            raise AssertionError(f"{item.key}: copy of {data.nbytes} bytes, planned "
+                                 f"{item.nbytes}")
+        data.source.copy_to(fd, data.offset, data.nbytes)
+        return
+    if hasattr(data, "dtype") and hasattr(data, "shape") and not isinstance(data, memoryview):
+        if from_torch(data.dtype) != item.dtype or tuple(data.shape) != item.shape:
+            raise AssertionError(f"{item.key}: produced {data.dtype} {tuple(data.shape)}, "
+                                 f"planned {item.dtype} {item.shape}")
+        data = tensor_bytes(data)
+    if len(memoryview(data).cast("B")) != item.nbytes:
+        raise AssertionError(f"{item.key}: produced {len(data)} bytes, planned {item.nbytes}")
+    write_all(fd, data)
+
+
+def write_safetensors(target: str, planned: Sequence[Planned],
+                      metadata: dict[str, str] | None = None, *, inputs: tuple[str, ...] = (),
+                      progress: Progress | None = None, fsync: bool = True) -> None:
+    """Writes ``planned`` to ``target`` atomically, streaming one tensor at a time."""
+    header = build_header(planned, metadata)
+    with AtomicOutput(target, inputs, fsync=fsync) as out:
+        write_all(out.fd, header)
+        for item in planned:
+            _write_item(out.fd, item, item.produce())
+            if progress:
+                progress(item.nbytes, 1)
+        _verify(out.tmp_path, planned, target)
+        out.commit()
+
+
+def _verify(path: str, planned: Sequence[Planned], target: str) -> None:
+    """Reads the written header back with the strict reader and compares it with the plan."""
+    source = Source(path)
+    try:
+        written = open_safetensors(source)
+        same = list(written) == [p.key for p in planned] and all(
+            written[p.key].dtype == p.dtype and written[p.key].shape == p.shape
+            for p in planned)
+    except CkptError as exc:
+        raise OutputError(f"the written file does not read back ({exc.reason})", target) from None
+    finally:
+        source.close()
+    if not same:
+        raise OutputError("the written file's header does not match what was planned", target)

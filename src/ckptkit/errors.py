@@ -1,0 +1,45 @@
+"""The errors ckptkit raises on bad input, each a one-sentence message with its own exit code.
+
+Every failure a user can cause (a broken file, a hostile pickle, a wrong option) ends as one
+of these, so that the command line can print one line and exit with a distinct code instead
+of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class CkptError(Exception):
+    """Base of every expected failure; ``exit_code`` is what ``ckpt`` exits with."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None):
+        self.path = os.fspath(path) if path is not None else None
+        self.reason = message
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class FormatError(CkptError):
+    """The file is not a readable checkpoint: wrong kind of file, truncated or corrupt."""
+
+    exit_code = 3
+
+
+class UnsafeFileError(FormatError):
+    """The file asks for something a data-only reader must refuse (code, unknown globals)."""
+
+    exit_code = 4
+
+
+class OutputError(CkptError):
+    """The output cannot be written where asked (it is an input, its folder is missing...)."""
+
+    exit_code = 5
+
+
+class UsageError(CkptError):
+    """The options given do not make sense together or name something that does not exist."""
+
+    exit_code = 2

@@ -1,0 +1,454 @@
+"""A pickle interpreter that builds data and never runs code: the heart of reading .ckpt files.
+
+``pickle.load`` resolves every global a file names by importing it and calls it with arguments
+the file chooses; that is how a downloaded checkpoint runs code. This interpreter instead
+understands only the opcodes ``torch.save`` emits (protocol 2, plus the protocol-3 bytes
+opcodes), keeps a real stack and memo, and resolves globals through an allow-list of
+*emulations* (``globals_allowlist``): plain Python functions that build records, never the
+object the name points at. Anything else (an unknown global, an opcode torch never writes,
+an integer spelt in text, a container used the wrong way) stops the parse with
+``UnsafeFileError`` or ``FormatError``: the parse fails closed.
+
+Sizes are bounded: lengths are checked against the bytes left before anything is allocated,
+and the memo, the mark depth and container sizes have caps, so a hostile pickle cannot make
+the reader allocate more than a small multiple of its own size.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import FormatError, UnsafeFileError
+
+MAX_MEMO = 1 << 22
+MAX_MARK_DEPTH = 1000
+MAX_CONTAINER = 1 << 24
+MAX_LONG_BYTES = 64  # integers in checkpoints are ids, sizes and counters, never bigger
+
+
+class Emulated:
+    """Something a GLOBAL resolved to: ``call`` stands in for REDUCE, ``new`` for NEWOBJ."""
+
+    def __init__(self, qualname: str, call: Callable[[tuple], Any] | None = None,
+                 new: Callable[[tuple], Any] | None = None):
+        self.qualname = qualname
+        self.call = call
+        self.new = new
+
+    def __repr__(self) -> str:
+        return f"<global {self.qualname}>"
+
+
+class Buildable:
+    """Base of emulated objects that accept the BUILD opcode (state set after creation)."""
+
+    def build(self, state: Any) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class PickledDict(dict):
+    """An OrderedDict from the file; BUILD state (a state dict's ``_metadata``) is kept apart."""
+
+    state: Any = None
+
+    def build(self, state: Any) -> None:
+        self.state = state
+
+
+class _Mark:
+    __slots__ = ()
+
+
+_MARK = _Mark()
+
+
+class PickleVM:
+    """Runs one pickle from ``data[start:]``; ``run`` returns the object and the end offset.
+
+    ``find_global(module, name)`` returns an ``Emulated`` or raises ``UnsafeFileError``;
+    ``persistent_load(pid)`` turns a BINPERSID record into a storage handle.
+    ``where`` names the pickle in error messages (``"data.pkl"``).
+    """
+
+    def __init__(self, data: bytes | memoryview, start: int, *,
+                 find_global: Callable[[str, str], Any],
+                 persistent_load: Callable[[Any], Any] | None,
+                 where: str):
+        self.data = memoryview(data)
+        self.pos = start
+        self.find_global = find_global
+        self.persistent_load = persistent_load
+        self.where = where
+        self.stack: list[Any] = []
+        self.marks: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.op_pos = start
+
+    # -- byte access -------------------------------------------------------------------
+
+    def _fail(self, message: str, unsafe: bool = False) -> None:
+        cls = UnsafeFileError if unsafe else FormatError
+        raise cls(f"{self.where}: {message} (at byte {self.op_pos})")
+
+    def _take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if n < 0 or end > len(self.data):
+            self._fail("pickle ends in the middle of an opcode (file truncated or corrupt)")
+        chunk = self.data[self.pos:end]
+        self.pos = end
+        return chunk
+
+    def _u8(self) -> int:
+        return self._take(1)[0]
+
+    def _unpack(self, fmt: str, size: int) -> Any:
+        return struct.unpack(fmt, self._take(size))[0]
+
+    def _line(self) -> str:
+        end = bytes(self.data[self.pos:self.pos + 256]).find(b"\n")
+        if end < 0:
+            self._fail("GLOBAL name is not terminated within 256 bytes", unsafe=True)
+        raw = bytes(self._take(end + 1)[:-1])
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail("GLOBAL name is not valid UTF-8", unsafe=True)
+            raise  # unreachable: _fail raises
+
+    # -- stack helpers -----------------------------------------------------------------
+
+    def _pop(self) -> Any:
+        if not self.stack:
+            self._fail("pickle pops from an empty stack")
+        return self.stack.pop()
+
+    def _pop_mark(self) -> list[Any]:
+        if not self.marks:
+            self._fail("pickle closes a MARK that was never opened")
+        items = self.stack
+        self.stack = self.marks.pop()
+        if len(items) > MAX_CONTAINER:
+            self._fail(f"a container holds more than {MAX_CONTAINER} items")
+        return items
+
+    def _top(self, expected: type, opname: str) -> Any:
+        if not self.stack:
+            self._fail(f"{opname} with an empty stack")
+        target = self.stack[-1]
+        if not isinstance(target, expected):
+            self._fail(f"{opname} applied to a {type(target).__name__}, not a "
+                       f"{expected.__name__} (a known scanner bypass)", unsafe=True)
+        return target
+
+    def _memo_put(self, index: int) -> None:
+        if not self.stack:
+            self._fail("memo store with an empty stack")
+        if index not in self.memo and len(self.memo) >= MAX_MEMO:
+            self._fail(f"pickle memo grows beyond {MAX_MEMO} entries")
+        self.memo[index] = self.stack[-1]
+
+    def _memo_get(self, index: int) -> None:
+        if index not in self.memo:
+            self._fail(f"pickle reads memo slot {index} that was never written")
+        self.stack.append(self.memo[index])
+
+    def _string(self, n: int) -> str:
+        try:
+            return str(self._take(n), "utf-8")
+        except UnicodeDecodeError:
+            self._fail("a string in the pickle is not valid UTF-8")
+            raise  # unreachable
+
+    def _hashable(self, key: Any) -> Any:
+        try:
+            hash(key)
+        except TypeError:
+            self._fail(f"a dict or set key is an unhashable {type(key).__name__}")
+        return key
+
+    # -- the interpreter ---------------------------------------------------------------
+
+    def run(self) -> tuple[Any, int]:
+        ops = _OPS
+        while True:
+            self.op_pos = self.pos
+            if self.pos >= len(self.data):
+                self._fail("pickle ends without a STOP opcode (file truncated)")
+            code = self.data[self.pos]
+            self.pos += 1
+            handler = ops.get(code)
+            if handler is None:
+                name = _REFUSED.get(code)
+                if name:
+                    self._fail(f"opcode {name} is refused: torch.save never writes it",
+                               unsafe=True)
+                self._fail(f"byte 0x{code:02x} is not a pickle opcode torch.save writes",
+                           unsafe=True)
+            if handler(self):
+                break
+        if self.marks:
+            self._fail("pickle stops with an open MARK")
+        if len(self.stack) != 1:
+            self._fail(f"pickle stops with {len(self.stack)} objects on the stack, not 1")
+        return self.stack[0], self.pos
+
+    # Each handler returns True only for STOP.
+
+    def op_proto(self) -> None:
+        version = self._u8()
+        if version > 3:
+            self._fail(f"pickle protocol {version}: torch.save writes protocol 2", unsafe=True)
+
+    def op_stop(self) -> bool:
+        return True
+
+    def op_mark(self) -> None:
+        if len(self.marks) >= MAX_MARK_DEPTH:
+            self._fail(f"pickle nests deeper than {MAX_MARK_DEPTH} levels")
+        self.marks.append(self.stack)
+        self.stack = []
+
+    def op_empty_dict(self) -> None:
+        self.stack.append({})
+
+    def op_empty_list(self) -> None:
+        self.stack.append([])
+
+    def op_empty_tuple(self) -> None:
+        self.stack.append(())
+
+    def op_tuple(self) -> None:
+        items = tuple(self._pop_mark())  # before touching self.stack: popping replaces it
+        self.stack.append(items)
+
+    def _tuple_n(self, n: int) -> None:
+        if len(self.stack) < n:
+            self._fail(f"TUPLE{n} with fewer than {n} objects on the stack")
+        items = tuple(self.stack[-n:])
+        del self.stack[-n:]
+        self.stack.append(items)
+
+    def op_tuple1(self) -> None:
+        self._tuple_n(1)
+
+    def op_tuple2(self) -> None:
+        self._tuple_n(2)
+
+    def op_tuple3(self) -> None:
+        self._tuple_n(3)
+
+    def op_binput(self) -> None:
+        self._memo_put(self._u8())
+
+    def op_long_binput(self) -> None:
+        self._memo_put(self._unpack("<I", 4))
+
+    def op_binget(self) -> None:
+        self._memo_get(self._u8())
+
+    def op_long_binget(self) -> None:
+        self._memo_get(self._unpack("<I", 4))
+
+    def op_binint(self) -> None:
+        self.stack.append(self._unpack("<i", 4))
+
+    def op_binint1(self) -> None:
+        self.stack.append(self._u8())
+
+    def op_binint2(self) -> None:
+        self.stack.append(self._unpack("<H", 2))
+
+    def _long(self, n: int) -> None:
+        if n > MAX_LONG_BYTES:
+            self._fail(f"an integer of {n} bytes is larger than any checkpoint uses")
+        self.stack.append(int.from_bytes(self._take(n), "little", signed=True))
+
+    def op_long1(self) -> None:
+        self._long(self._u8())
+
+    def op_long4(self) -> None:
+        n = self._unpack("<i", 4)
+        if n < 0:
+            self._fail("LONG4 with a negative length")
+        self._long(n)
+
+    def op_binunicode(self) -> None:
+        self.stack.append(self._string(self._unpack("<I", 4)))
+
+    def op_binbytes(self) -> None:
+        self.stack.append(bytes(self._take(self._unpack("<I", 4))))
+
+    def op_short_binbytes(self) -> None:
+        self.stack.append(bytes(self._take(self._u8())))
+
+    def op_none(self) -> None:
+        self.stack.append(None)
+
+    def op_newtrue(self) -> None:
+        self.stack.append(True)
+
+    def op_newfalse(self) -> None:
+        self.stack.append(False)
+
+    def op_binfloat(self) -> None:
+        self.stack.append(self._unpack(">d", 8))
+
+    def op_global(self) -> None:
+        module = self._line()
+        name = self._line()
+        try:
+            self.stack.append(self.find_global(module, name))
+        except UnsafeFileError as exc:
+            self._fail(exc.reason, unsafe=True)
+
+    def op_reduce(self) -> None:
+        args = self._pop()
+        func = self._pop()
+        if not isinstance(func, Emulated) or func.call is None:
+            self._fail(f"REDUCE calls {func!r}, which is not an allowed function", unsafe=True)
+        if not isinstance(args, tuple):
+            self._fail(f"REDUCE arguments for {func.qualname} are not a tuple")
+        self.stack.append(self._emulate(func.qualname, func.call, args))
+
+    def op_newobj(self) -> None:
+        args = self._pop()
+        cls = self._pop()
+        if not isinstance(cls, Emulated) or cls.new is None:
+            self._fail(f"NEWOBJ creates {cls!r}, which is not an allowed class", unsafe=True)
+        if not isinstance(args, tuple):
+            self._fail(f"NEWOBJ arguments for {cls.qualname} are not a tuple")
+        self.stack.append(self._emulate(cls.qualname, cls.new, args))
+
+    def _emulate(self, qualname: str, func: Callable[[tuple], Any], args: tuple) -> Any:
+        try:
+            return func(args)
+        except (FormatError, UnsafeFileError) as exc:
+            self._fail(f"{qualname}: {exc.reason}", unsafe=isinstance(exc, UnsafeFileError))
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError,
+                struct.error) as exc:
+            self._fail(f"{qualname} called with arguments it cannot take ({exc})")
+        raise AssertionError("unreachable")
+
+    def op_build(self) -> None:
+        state = self._pop()
+        target = self._top(object, "BUILD")
+        build = getattr(target, "build", None)
+        if not isinstance(target, (Buildable, PickledDict)) or build is None:
+            self._fail(f"BUILD sets the state of {type(target).__name__}, which only code "
+                       "could do", unsafe=True)
+        build(state)
+
+    def op_binpersid(self) -> None:
+        pid = self._pop()
+        if self.persistent_load is None:
+            self._fail("persistent id in a pickle that may not reference storages",
+                       unsafe=True)
+        try:
+            self.stack.append(self.persistent_load(pid))
+        except (FormatError, UnsafeFileError) as exc:
+            self._fail(exc.reason, unsafe=isinstance(exc, UnsafeFileError))
+
+    def op_setitem(self) -> None:
+        value = self._pop()
+        key = self._pop()
+        target = self._top(dict, "SETITEM")
+        target[self._hashable(key)] = value
+
+    def op_setitems(self) -> None:
+        items = self._pop_mark()
+        target = self._top(dict, "SETITEMS")
+        if len(items) % 2:
+            self._fail("SETITEMS with an odd number of items")
+        for i in range(0, len(items), 2):
+            target[self._hashable(items[i])] = items[i + 1]
+        if len(target) > MAX_CONTAINER:
+            self._fail(f"a dict holds more than {MAX_CONTAINER} items")
+
+    def op_append(self) -> None:
+        value = self._pop()
+        self._top(list, "APPEND").append(value)
+
+    def op_appends(self) -> None:
+        items = self._pop_mark()
+        target = self._top(list, "APPENDS")
+        target.extend(items)
+        if len(target) > MAX_CONTAINER:
+            self._fail(f"a list holds more than {MAX_CONTAINER} items")
+
+
+_OPS: dict[int, Callable[[PickleVM], Any]] = {
+    0x80: PickleVM.op_proto,
+    ord("."): PickleVM.op_stop,
+    ord("("): PickleVM.op_mark,
+    ord("}"): PickleVM.op_empty_dict,
+    ord("]"): PickleVM.op_empty_list,
+    ord(")"): PickleVM.op_empty_tuple,
+    ord("t"): PickleVM.op_tuple,
+    0x85: PickleVM.op_tuple1,
+    0x86: PickleVM.op_tuple2,
+    0x87: PickleVM.op_tuple3,
+    ord("q"): PickleVM.op_binput,
+    ord("r"): PickleVM.op_long_binput,
+    ord("h"): PickleVM.op_binget,
+    ord("j"): PickleVM.op_long_binget,
+    ord("J"): PickleVM.op_binint,
+    ord("K"): PickleVM.op_binint1,
+    ord("M"): PickleVM.op_binint2,
+    0x8A: PickleVM.op_long1,
+    0x8B: PickleVM.op_long4,
+    ord("X"): PickleVM.op_binunicode,
+    ord("B"): PickleVM.op_binbytes,
+    ord("C"): PickleVM.op_short_binbytes,
+    ord("N"): PickleVM.op_none,
+    0x88: PickleVM.op_newtrue,
+    0x89: PickleVM.op_newfalse,
+    ord("G"): PickleVM.op_binfloat,
+    ord("c"): PickleVM.op_global,
+    ord("R"): PickleVM.op_reduce,
+    0x81: PickleVM.op_newobj,
+    ord("b"): PickleVM.op_build,
+    ord("Q"): PickleVM.op_binpersid,
+    ord("s"): PickleVM.op_setitem,
+    ord("u"): PickleVM.op_setitems,
+    ord("a"): PickleVM.op_append,
+    ord("e"): PickleVM.op_appends,
+}
+
+# Real opcodes that torch.save never writes, named so that the refusal says which one it was.
+_REFUSED: dict[int, str] = {
+    ord("I"): "INT (integers in text, parsed differently by different readers)",
+    ord("L"): "LONG (integers in text, parsed differently by different readers)",
+    ord("F"): "FLOAT (text)",
+    ord("S"): "STRING (text)",
+    ord("V"): "UNICODE (text)",
+    ord("T"): "BINSTRING",
+    ord("U"): "SHORT_BINSTRING",
+    ord("p"): "PUT (text memo index)",
+    ord("g"): "GET (text memo index)",
+    ord("P"): "PERSID (text persistent id)",
+    ord("i"): "INST (creates an instance of any class)",
+    ord("o"): "OBJ (creates an instance of any class)",
+    ord("0"): "POP",
+    ord("1"): "POP_MARK",
+    ord("2"): "DUP",
+    ord("l"): "LIST",
+    ord("d"): "DICT",
+    0x82: "EXT1 (extension registry)",
+    0x83: "EXT2 (extension registry)",
+    0x84: "EXT4 (extension registry)",
+    0x8C: "SHORT_BINUNICODE (protocol 4)",
+    0x8D: "BINUNICODE8 (protocol 4)",
+    0x8E: "BINBYTES8 (protocol 4)",
+    0x8F: "EMPTY_SET (protocol 4)",
+    0x90: "ADDITEMS (protocol 4)",
+    0x91: "FROZENSET (protocol 4)",
+    0x92: "NEWOBJ_EX (protocol 4)",
+    0x93: "STACK_GLOBAL (protocol 4: a global named by strings computed on the stack)",
+    0x94: "MEMOIZE (protocol 4)",
+    0x95: "FRAME (protocol 4)",
+    0x96: "BYTEARRAY8 (protocol 5)",
+    0x97: "NEXT_BUFFER (protocol 5: out-of-band data)",
+    0x98: "READONLY_BUFFER (protocol 5)",
+}

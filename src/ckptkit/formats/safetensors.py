@@ -1,0 +1,136 @@
+"""safetensors reader: the header checked by the rules of the reference implementation.
+
+The file is an 8-byte little-endian header length, a UTF-8 JSON object mapping each tensor
+name to its dtype, shape and byte range in the data section, and the data section. A header
+that the reference library would refuse is refused here too, with a sentence saying what is
+wrong, so that a file ckptkit accepts is one every other tool reads the same way: offsets must
+tile the data section exactly (no gaps, overlaps or trailing bytes), each range must hold
+exactly numel x dtype-size bytes, and ``__metadata__`` maps strings to strings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+from ..errors import FormatError
+from .checkpoint import Checkpoint, LazyTensor, checked_shape
+from .dtypes import BY_NAME
+from .source import Source
+
+MAX_HEADER_SIZE = 100_000_000
+METADATA_KEY = "__metadata__"
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _Duplicate(key)
+        result[key] = value
+    return result
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_header(raw: bytes, path: str) -> dict[str, Any]:
+    """The header JSON as a dict, or a ``FormatError`` that says why it is not one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError("safetensors header is not valid UTF-8", path) from None
+    if not text.startswith("{"):
+        raise FormatError("safetensors header does not start with '{' (not a safetensors "
+                          "file, or a corrupt one)", path)
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates,
+                            parse_constant=_refuse_constant)
+    except _Duplicate as dup:
+        raise FormatError(f"safetensors header names {str(dup)!r} twice", path) from None
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"safetensors header is not valid JSON ({exc})", path) from None
+    if not isinstance(header, dict):
+        raise FormatError("safetensors header is not a JSON object", path)
+    return header
+
+
+def _metadata(value: Any, path: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise FormatError("safetensors __metadata__ must map strings to strings", path)
+    return value
+
+
+def _entry(name: str, info: Any, path: str) -> tuple[Any, tuple[int, ...], int, int]:
+    if not isinstance(info, dict):
+        raise FormatError(f"tensor {name!r}: header entry is not an object", path)
+    missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+    if missing:
+        raise FormatError(f"tensor {name!r}: header entry lacks {', '.join(missing)}", path)
+    dtype = BY_NAME.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise FormatError(f"tensor {name!r}: unknown dtype {info['dtype']!r}", path)
+    shape = checked_shape(info["shape"], f"tensor {name!r}", path)
+    offsets = info["data_offsets"]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+        raise FormatError(f"tensor {name!r}: data_offsets {offsets!r} are not two "
+                          "non-negative integers", path)
+    begin, end = offsets
+    if begin > end:
+        raise FormatError(f"tensor {name!r}: data_offsets end before they begin", path)
+    expected = dtype.nbytes(math.prod(shape))
+    if expected != end - begin:
+        raise FormatError(f"tensor {name!r}: {end - begin} bytes stored but shape "
+                          f"{list(shape)} of {dtype} needs {expected}", path)
+    return dtype, shape, begin, end
+
+
+def open_safetensors(source: Source) -> Checkpoint:
+    path = source.path
+    if source.size < 8:
+        raise FormatError(f"the file has {source.size} bytes, too few for a safetensors header "
+                          "(truncated download?)", path)
+    (n,) = struct.unpack("<Q", source.read(0, 8))
+    if n > MAX_HEADER_SIZE:
+        raise FormatError(f"safetensors header claims {n} bytes, over the 100 MB limit (not a "
+                          "safetensors file, or a corrupt one)", path)
+    if 8 + n > source.size:
+        raise FormatError(f"the file is truncated: its header needs {8 + n} bytes but the file "
+                          f"has {source.size}", path)
+    header = decode_header(bytes(source.read(8, n)), path)
+    metadata = _metadata(header.pop(METADATA_KEY, None), path)
+    data_start = 8 + n
+    data_size = source.size - data_start
+    entries = []
+    for name, info in header.items():
+        entries.append((name, *_entry(name, info, path)))
+    position = 0
+    for name, _dtype, _shape, begin, end in sorted(entries, key=lambda e: (e[3], e[4])):
+        if begin != position:
+            kind = "a gap" if begin > position else "an overlap"
+            raise FormatError(f"tensor {name!r} starts at data byte {begin} but the previous "
+                              f"tensor ends at {position} ({kind})", path)
+        position = end
+    if position != data_size:
+        if position > data_size:
+            raise FormatError(f"the file is truncated: tensors need {position} data bytes "
+                              f"but only {data_size} are present", path)
+        raise FormatError(f"{data_size - position} bytes follow the last tensor (trailing "
+                          "data is not allowed)", path)
+    tensors = {
+        name: LazyTensor(source, dtype, shape, data_start + begin, end - begin, storage_id=name)
+        for name, dtype, shape, begin, end in entries
+    }
+    return Checkpoint(path=path, format="safetensors", tensors=tensors, source=source,
+                      metadata=metadata)

@@ -1,0 +1,79 @@
+"""Decides what a file is from its first bytes, never from its name.
+
+A ``.ckpt`` renamed ``.safetensors``, an HTML error page saved as ``model.safetensors``, a Git
+LFS pointer, an empty or truncated download: each is recognised here and named in the error,
+instead of surfacing later as a baffling ``HeaderTooLarge``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import FormatError, UnsafeFileError
+
+SAFETENSORS = "safetensors"
+TORCH_ZIP = "torch-zip"
+TORCH_LEGACY = "torch-legacy"
+
+# What each format is usually called; a mismatch is worth a warning, never a refusal.
+EXTENSIONS = {
+    SAFETENSORS: (".safetensors", ".sft"),
+    TORCH_ZIP: (".ckpt", ".pt", ".pth", ".bin"),
+    TORCH_LEGACY: (".ckpt", ".pt", ".pth", ".bin"),
+}
+_LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_SNIFF = 512
+
+
+def detect_format(path: str) -> str:
+    """The format of ``path`` by content, or a ``FormatError`` that says what the file is."""
+    if os.path.isdir(path):
+        raise FormatError("is a directory, not a checkpoint file", path)
+    if not os.path.exists(path):
+        raise FormatError("no such file", path)
+    size = os.path.getsize(path)
+    if size == 0:
+        raise FormatError("the file is empty (a failed download?)", path)
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF)
+    if head.startswith(b"PK\x03\x04"):
+        return TORCH_ZIP
+    if head.startswith(_LEGACY_PREFIX):
+        return TORCH_LEGACY
+    if head[8:9] == b"{":
+        return SAFETENSORS  # the reader explains a header that does not fit the file
+    raise FormatError(_describe_other(head, size), path)
+
+
+def _describe_other(head: bytes, size: int) -> str:
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")):
+        return ("this is an HTML page (an error or login page saved by a failed download), "
+                "not model weights")
+    if head.startswith(b"version https://git-lfs"):
+        return ("this is a Git LFS pointer, not the weights: fetch the real file "
+                "(git lfs pull)")
+    if text.startswith((b"{", b"[")):
+        return "this is a JSON text file, not model weights"
+    if head.startswith(b"GGUF"):
+        return "this is a GGUF file, which ckptkit cannot read yet"
+    if len(head) > 262 and head[257:262] == b"ustar":
+        raise UnsafeFileError("this is a tar archive (the torch format of before 2018); it is "
+                              "refused: re-save it with a current torch")
+    if head.startswith(b"\x80"):
+        return "this is a pickle but not one torch.save writes (not a torch checkpoint)"
+    if head.startswith(b"PK"):
+        return "this is a ZIP file that does not start with a member (not a torch checkpoint)"
+    if size < 8:
+        return f"the file has only {size} bytes: truncated, or not a checkpoint"
+    return "the file is not a safetensors or PyTorch checkpoint (unrecognised first bytes)"
+
+
+def extension_note(path: str, fmt: str) -> str | None:
+    """A warning when the file's name suggests another format than its content."""
+    ext = os.path.splitext(path)[1].lower()
+    known = {e for exts in EXTENSIONS.values() for e in exts}
+    if ext in known and ext not in EXTENSIONS[fmt]:
+        shown = "PyTorch pickle" if fmt != SAFETENSORS else "safetensors"
+        return f"the file is named {ext} but holds a {shown} checkpoint; it was read as what it is"
+    return None

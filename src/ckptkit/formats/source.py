@@ -1,0 +1,84 @@
+"""An input file held open for reading ranges: the one place formats/ touches file bytes.
+
+Readers parse headers with ``read``; lazy tensors later fetch their bytes with ``read``
+(a private copy of just that range, freed when the tensor goes) or view them through ``mmap``
+(zero-copy). The map is copy-on-write: torch gets a writable buffer without any write ever
+reaching the input file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+
+from ..errors import FormatError
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """``os.write`` until every byte is written (it may write fewer in one call)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class Source:
+    """An open file. ``read(offset, n)`` returns exactly ``n`` bytes or raises ``FormatError``."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self.size = os.fstat(self._fd).st_size
+        self._map: mmap.mmap | None = None
+
+    def read(self, offset: int, n: int) -> bytearray:
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise FormatError(f"needs bytes {offset}..{offset + n} but the file has only "
+                              f"{self.size} (truncated?)", self.path)
+        buf = bytearray(n)
+        view = memoryview(buf)
+        done = 0
+        while done < n:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise FormatError(f"the file ended at byte {offset + done} while reading "
+                                  f"{n} bytes at {offset} (truncated, or changed while open?)",
+                                  self.path)
+            done += got
+        return buf
+
+    def copy_to(self, fd: int, offset: int, n: int) -> None:
+        """Appends bytes ``offset..offset+n`` to the file open as ``fd``, in the kernel where
+        it can (``copy_file_range``), so that copying a tensor costs no process memory."""
+        if offset < 0 or offset + n > self.size:
+            raise FormatError(f"needs bytes {offset}..{offset + n} but the file has only "
+                              f"{self.size} (truncated?)", self.path)
+        done = 0
+        try:
+            while done < n:
+                got = os.copy_file_range(self._fd, fd, n - done, offset + done)
+                if got <= 0:
+                    break
+                done += got
+        except OSError:
+            pass  # not supported between these files: copy the rest through memory
+        chunk = 1 << 24
+        while done < n:
+            size = min(chunk, n - done)
+            write_all(fd, self.read(offset + done, size))
+            done += size
+
+    def mmap(self) -> mmap.mmap:
+        if self._map is None:
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+        return self._map
+
+    def close(self) -> None:
+        if self._map is not None:
+            # A materialised view may still use the map; it then goes with the last view.
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,251 @@
+"""The allow-list of globals a torch checkpoint may name, each emulated, never imported.
+
+A ``torch.save`` file names a handful of functions and classes (the tensor rebuilders, typed
+storages, dtypes, OrderedDict, ``_codecs.encode`` for bytes, ``set``) plus, in Lightning
+checkpoints, numpy scalars and callback classes. Each is mapped here to a small function that
+builds a plain record from the arguments: ``_rebuild_tensor_v2`` makes a ``PickledTensor``
+that says where the tensor's bytes are, it does not make a tensor. Every other name is refused.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..errors import FormatError, UnsafeFileError
+from .dtypes import BY_TORCH_NAME, STORAGE_CLASSES, DType
+from .pickle_vm import Buildable, Emulated, PickledDict
+
+
+@dataclass(frozen=True)
+class Token:
+    """A class or constant the file names but only uses as a value (a dtype, a storage type)."""
+
+    qualname: str
+    dtype: DType | None = None
+
+
+@dataclass(eq=False)
+class StorageHandle:
+    """One storage record of the archive: ``numel`` elements of ``dtype`` (bytes if untyped)."""
+
+    key: str
+    dtype: DType | None
+    numel: int
+    location: str
+    file_offset: int = -1  # filled in by the container reader once it knows where the bytes are
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel if self.dtype is None else self.dtype.nbytes(self.numel)
+
+
+@dataclass(eq=False)
+class PickledTensor:
+    """A tensor as the pickle describes it: a strided window into a storage."""
+
+    storage: StorageHandle
+    dtype: DType
+    offset: int  # in elements of dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+@dataclass(eq=False)
+class OpaqueObject:
+    """An allow-listed class used as data (Lightning's ModelCheckpoint as a dict key)."""
+
+    qualname: str
+
+
+class NumpyDType(Buildable):
+    """``numpy.dtype(str)`` with its byte order from the BUILD state, enough to read scalars."""
+
+    _FORMATS: ClassVar[dict[str, str]] = {
+        "f2": "e", "f4": "f", "f8": "d", "i1": "b", "i2": "h", "i4": "i", "i8": "q",
+        "u1": "B", "u2": "H", "u4": "I", "u8": "Q", "b1": "?"}
+
+    def __init__(self, spec: str):
+        if spec not in self._FORMATS:
+            raise FormatError(f"numpy dtype {spec!r} is not a plain number type")
+        self.spec = spec
+        self.order = "<"
+
+    def build(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) >= 2 and state[1] in ("<", ">", "|", "=")):
+            raise FormatError("numpy dtype state is not the tuple numpy writes")
+        self.order = "<" if state[1] in ("|", "=") else state[1]
+
+    def decode(self, raw: bytes) -> int | float | bool:
+        return struct.unpack(self.order + self._FORMATS[self.spec], raw)[0]
+
+
+def _check_ints(values: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(values, tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise FormatError(f"tensor {what} is not a tuple of non-negative integers")
+    return values
+
+
+def _tensor(storage: Any, offset: Any, size: Any, stride: Any,
+            dtype: DType | None) -> PickledTensor:
+    if not isinstance(storage, StorageHandle):
+        raise FormatError("a tensor is rebuilt from something that is not a storage record")
+    dtype = dtype or storage.dtype
+    if dtype is None:
+        raise FormatError("a tensor over an untyped storage has no dtype")
+    shape = _check_ints(tuple(size), "size")
+    strides = _check_ints(tuple(stride), "stride")
+    if len(shape) != len(strides):
+        raise FormatError("tensor size and stride have different lengths")
+    if not isinstance(offset, int) or offset < 0:
+        raise FormatError("tensor storage offset is not a non-negative integer")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if numel:
+        last = offset + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
+        item = dtype.bits // 8
+        if item == 0 or (last + 1) * item > storage.nbytes:
+            raise FormatError(f"tensor of shape {list(shape)} reaches past the end of storage "
+                              f"{storage.key} ({storage.nbytes} bytes)")
+    return PickledTensor(storage, dtype, offset, shape, strides)
+
+
+def _rebuild_tensor(args: tuple) -> PickledTensor:
+    storage, offset, size, stride = args
+    return _tensor(storage, offset, size, stride, None)
+
+
+def _rebuild_tensor_v2(args: tuple) -> PickledTensor:
+    storage, offset, size, stride, _requires_grad, _hooks, *_metadata = args
+    if len(args) > 7:
+        raise FormatError("too many arguments")
+    return _tensor(storage, offset, size, stride, None)
+
+
+def _rebuild_tensor_v3(args: tuple) -> PickledTensor:
+    storage, offset, size, stride, _requires_grad, _hooks, dtype, *_metadata = args
+    if len(args) > 8:
+        raise FormatError("too many arguments")
+    if not isinstance(dtype, Token) or dtype.dtype is None:
+        raise FormatError("tensor dtype is not a torch dtype")
+    return _tensor(storage, offset, size, stride, dtype.dtype)
+
+
+def _rebuild_parameter(args: tuple) -> PickledTensor:
+    data, _requires_grad, _hooks, *_state = args
+    if len(args) > 4 or not isinstance(data, PickledTensor):
+        raise FormatError("a parameter is rebuilt from something that is not a tensor")
+    return data
+
+
+def _rebuild_from_type(args: tuple) -> Any:
+    func, new_type, inner_args, _state = args
+    if not (isinstance(func, Emulated) and func.call is not None and isinstance(new_type, Token)
+            and new_type.qualname in _TENSOR_TYPES and isinstance(inner_args, tuple)):
+        raise UnsafeFileError("_rebuild_from_type_v2 with a function or type outside the "
+                              "allow-list")
+    return func.call(inner_args)
+
+
+def _ordered_dict(args: tuple) -> PickledDict:
+    if len(args) > 1:
+        raise FormatError("too many arguments")
+    result = PickledDict()
+    for pair in args[0] if args else ():
+        key, value = pair
+        result[key] = value
+    return result
+
+
+def _codecs_encode(args: tuple) -> bytes:
+    text, encoding = args
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafeFileError("_codecs.encode used for something other than latin-1 bytes")
+    return text.encode("latin-1")
+
+
+def _make_set(kind: type) -> Any:
+    def build(args: tuple) -> Any:
+        if len(args) > 1 or (args and not isinstance(args[0], list)):
+            raise FormatError(f"{kind.__name__} built from something other than a list")
+        return kind(args[0] if args else ())
+    return build
+
+
+def _numpy_dtype(args: tuple) -> NumpyDType:
+    spec = args[0]
+    if not isinstance(spec, str):
+        raise FormatError("numpy dtype spec is not a string")
+    return NumpyDType(spec)
+
+
+def _numpy_scalar(args: tuple) -> int | float | bool:
+    dtype, raw = args
+    if not isinstance(dtype, NumpyDType) or not isinstance(raw, bytes):
+        raise FormatError("numpy scalar without a plain dtype and bytes")
+    return dtype.decode(raw)
+
+
+def _torch_size(args: tuple) -> tuple[int, ...]:
+    (dims,) = args
+    return _check_ints(tuple(dims), "size")
+
+
+def _torch_device(args: tuple) -> str:
+    if not all(isinstance(a, (str, int)) for a in args):
+        raise FormatError("torch.device with arguments other than a name and an index")
+    return ":".join(str(a) for a in args)
+
+
+_TENSOR_TYPES = {"torch.Tensor", "torch.nn.parameter.Parameter"}
+
+
+def _build_allowlist() -> dict[tuple[str, str], Any]:
+    table: dict[tuple[str, str], Any] = {}
+
+    def fn(module: str, name: str, call=None, new=None) -> None:
+        table[(module, name)] = Emulated(f"{module}.{name}", call=call, new=new)
+
+    fn("collections", "OrderedDict", call=_ordered_dict)
+    fn("torch._utils", "_rebuild_tensor", call=_rebuild_tensor)
+    fn("torch._utils", "_rebuild_tensor_v2", call=_rebuild_tensor_v2)
+    fn("torch._utils", "_rebuild_tensor_v3", call=_rebuild_tensor_v3)
+    fn("torch._utils", "_rebuild_parameter", call=_rebuild_parameter)
+    fn("torch._utils", "_rebuild_parameter_with_state", call=_rebuild_parameter)
+    fn("torch._tensor", "_rebuild_from_type_v2", call=_rebuild_from_type)
+    fn("torch", "Size", call=_torch_size)
+    fn("torch", "device", call=_torch_device)
+    fn("_codecs", "encode", call=_codecs_encode)
+    for module in ("__builtin__", "builtins"):
+        fn(module, "set", call=_make_set(set))
+        fn(module, "frozenset", call=_make_set(frozenset))
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        fn(module, "scalar", call=_numpy_scalar)
+    fn("numpy", "dtype", call=_numpy_dtype)
+    for name, dtype in STORAGE_CLASSES.items():
+        table[("torch", name)] = Token(f"torch.{name}", dtype)
+    table[("torch.storage", "UntypedStorage")] = Token("torch.storage.UntypedStorage")
+    for name, dtype in BY_TORCH_NAME.items():
+        table[("torch", name)] = Token(f"torch.{name}", dtype)
+    for qualname in _TENSOR_TYPES:
+        module, _, name = qualname.rpartition(".")
+        table[(module, name)] = Token(qualname)
+    for module in ("pytorch_lightning.callbacks.model_checkpoint",
+                   "lightning.pytorch.callbacks.model_checkpoint"):
+        table[(module, "ModelCheckpoint")] = OpaqueObject(f"{module}.ModelCheckpoint")
+    return table
+
+
+ALLOWLIST = _build_allowlist()
+
+
+def find_global(module: str, name: str) -> Any:
+    """Resolves a GLOBAL opcode through the allow-list; everything else is refused."""
+    found = ALLOWLIST.get((module, name))
+    if found is None:
+        raise UnsafeFileError(f"the pickle asks for global {module}.{name}, which is not on the "
+                              "allow-list of data types a checkpoint needs")
+    return found

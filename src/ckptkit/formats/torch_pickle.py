@@ -1,0 +1,225 @@
+"""PyTorch pickle checkpoints (.ckpt/.pt/.pth/.bin), zip and legacy, read without unpickling.
+
+Both containers hold a pickle that describes the object ``torch.save`` was given (usually a
+dict with a ``state_dict`` in it) and raw storages that hold tensor bytes. The pickle is run
+by ``PickleVM`` with the emulated allow-list of ``torch_globals``, which yields plain records;
+this module then finds where each storage's bytes lie in the file, turns tensor records into
+lazy tensors (zero-copy, with views, offsets, strides and shared storages kept as stored),
+locates the weights inside wrappers (``state_dict``, Lightning's entries) and describes the
+rest as extras.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from ..errors import FormatError, UnsafeFileError
+from .checkpoint import Checkpoint, LazyTensor
+from .dtypes import DType
+from .pickle_vm import PickleVM
+from .source import Source
+from .torch_globals import OpaqueObject, PickledTensor, StorageHandle, Token, find_global
+from .torch_zip import read_torch_zip
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+
+
+class _Storages:
+    """persistent_load for one file: one handle per storage key, consistent on every use."""
+
+    def __init__(self, path: str, legacy: bool):
+        self.path = path
+        self.legacy = legacy
+        self.handles: dict[str, StorageHandle] = {}
+
+    def __call__(self, pid: Any) -> StorageHandle:
+        if not (isinstance(pid, tuple) and len(pid) == (6 if self.legacy else 5)
+                and pid[0] == "storage"):
+            raise UnsafeFileError(f"persistent id {_short(pid)} is not a torch storage record")
+        _, kind, key, location, numel = pid[:5]
+        if self.legacy and pid[5] is not None:
+            raise FormatError("storage views of torch < 0.4 files are not supported")
+        if not isinstance(kind, Token) or not kind.qualname.endswith("Storage"):
+            raise UnsafeFileError(f"storage type {_short(kind)} is not a torch storage class")
+        if not (isinstance(key, str) and isinstance(location, str) and isinstance(numel, int)
+                and not isinstance(numel, bool) and numel >= 0):
+            raise FormatError("a storage record has a malformed key, location or size")
+        handle = StorageHandle(key, kind.dtype, numel, location)
+        known = self.handles.setdefault(key, handle)
+        if known.nbytes != handle.nbytes:
+            raise FormatError(f"storage {key} is declared with two different sizes")
+        return known
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _run(data: bytes | memoryview, start: int, where: str, storages: _Storages | None):
+    return PickleVM(data, start, find_global=find_global, persistent_load=storages,
+                    where=where).run()
+
+
+def open_torch_zip(source: Source) -> Checkpoint:
+    archive = read_torch_zip(source)
+    pkl = archive.members["data.pkl"]
+    storages = _Storages(source.path, legacy=False)
+    root, end = _run(source.read(pkl.data_offset, pkl.size), 0, "data.pkl", storages)
+    if end != pkl.size:
+        raise UnsafeFileError(f"data.pkl has {pkl.size - end} bytes after its STOP opcode "
+                              "(a second, hidden pickle?)", source.path)
+    for key, handle in storages.handles.items():
+        member = archive.storage(key)
+        if member is None:
+            raise FormatError(f"the pickle references storage {key}, which the archive lacks",
+                              source.path)
+        if member.size != handle.nbytes:
+            raise FormatError(f"storage {key} holds {member.size} bytes but its record "
+                              f"declares {handle.nbytes}", source.path)
+        handle.file_offset = member.data_offset
+    return _checkpoint(source, "torch-zip", root)
+
+
+def open_torch_legacy(source: Source) -> Checkpoint:
+    """The pre-1.6 format: five pickles (magic, protocol, sys info, object, storage keys),
+    then each storage as an 8-byte element count and its bytes, ending exactly at EOF."""
+    path = source.path
+    # Legacy files have no index: each pickle ends where its STOP opcode is, so they are
+    # parsed in place from the copy-on-write map, which reads only the pages they touch.
+    data = memoryview(source.mmap())
+    magic, pos = _run(data, 0, "magic-number pickle", None)
+    if magic != LEGACY_MAGIC:
+        raise FormatError("a pickle, but not a torch checkpoint (wrong magic number)", path)
+    protocol, pos = _run(data, pos, "protocol-version pickle", None)
+    if protocol != LEGACY_PROTOCOL:
+        raise FormatError(f"legacy torch protocol {protocol!r} is not supported", path)
+    sys_info, pos = _run(data, pos, "sys-info pickle", None)
+    if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
+        raise FormatError("the checkpoint was saved big-endian or without system info", path)
+    storages = _Storages(path, legacy=True)
+    root, pos = _run(data, pos, "data pickle", storages)
+    keys, pos = _run(data, pos, "storage-keys pickle", None)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise FormatError("the storage key list is not a list of strings", path)
+    if len(set(keys)) != len(keys) or set(keys) != set(storages.handles):
+        raise FormatError("the storage key list does not match the storages the data uses",
+                          path)
+    for key in keys:
+        handle = storages.handles[key]
+        (count,) = struct.unpack("<q", source.read(pos, 8))
+        if count != handle.numel:
+            raise FormatError(f"storage {key} holds {count} elements but its record declares "
+                              f"{handle.numel}", path)
+        handle.file_offset = pos + 8
+        pos += 8 + handle.nbytes
+    if pos != source.size:
+        if pos > source.size:
+            raise FormatError(f"the file is truncated: its storages need {pos} bytes but the "
+                              f"file has {source.size}", path)
+        raise UnsafeFileError(f"{source.size - pos} bytes follow the last storage (hidden data "
+                              "a scanner would miss)", path)
+    return _checkpoint(source, "torch-legacy", root)
+
+
+def _checkpoint(source: Source, fmt: str, root: Any) -> Checkpoint:
+    weights, weights_at, extras = locate_weights(root)
+    tensors: dict[str, LazyTensor] = {}
+    for key, value in weights.items():
+        if isinstance(key, str) and isinstance(value, PickledTensor):
+            tensors[key] = _lazy(source, value)
+        else:
+            extras[f"{weights_at + '.' if weights_at else ''}{key}"] = describe(value)
+    return Checkpoint(path=source.path, format=fmt, tensors=tensors, source=source,
+                      extras=extras, weights_at=weights_at)
+
+
+def _lazy(source: Source, record: PickledTensor) -> LazyTensor:
+    handle = record.storage
+    return LazyTensor(source, record.dtype, record.shape, handle.file_offset, handle.nbytes,
+                      storage_offset=record.offset, strides=record.stride,
+                      storage_id=handle.key)
+
+
+def _is_weights(node: dict) -> bool:
+    return any(isinstance(v, PickledTensor) for v in node.values())
+
+
+def locate_weights(root: Any) -> tuple[dict, str, dict[str, Any]]:
+    """Finds the dict of tensors inside wrappers; returns it, its path and the other entries."""
+    extras: dict[str, Any] = {}
+    path: list[str] = []
+    node = root
+    if not isinstance(node, dict):
+        raise FormatError(f"the checkpoint holds a {type(node).__name__}, not a dict of tensors")
+    while not _is_weights(node):
+        inner = next((k for k in _WRAPPER_KEYS if isinstance(node.get(k), dict)), None)
+        if inner is None and len(node) == 1:
+            only = next(iter(node))
+            inner = only if isinstance(node[only], dict) else None
+        if inner is None:
+            break
+        prefix = ".".join(path)
+        for key, value in node.items():
+            if key != inner:
+                extras[f"{prefix + '.' if prefix else ''}{key}"] = describe(value)
+        path.append(str(inner))
+        node = node[inner]
+    return node, ".".join(path), extras
+
+
+class Summary(str):
+    """A description standing in for an entry too big or too odd to show as it is."""
+
+
+def describe(value: Any, depth: int = 0) -> Any:
+    """A JSON-friendly summary of a non-weight entry: scalars as they are, containers counted."""
+    if isinstance(value, PickledTensor):
+        return Summary(f"tensor {value.dtype} {list(value.shape)}")
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        return value if len(value) <= 200 else Summary(value[:197] + "...")
+    if isinstance(value, bytes):
+        return Summary(f"{len(value)} bytes")
+    if isinstance(value, OpaqueObject):
+        return Summary(f"<{value.qualname}>")
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        count, nbytes = _count_tensors(value)
+        kind = type(value).__name__ if not isinstance(value, dict) else "dict"
+        text = f"{kind} of {len(value)}"
+        if count:
+            text += f" holding {count} tensors ({nbytes} bytes)"
+        if depth == 0 and isinstance(value, (list, tuple)) and not count and len(value) <= 8:
+            return [describe(v, depth + 1) for v in value]
+        if depth == 0 and isinstance(value, dict) and not count and len(value) <= 16:
+            return {str(k): describe(v, depth + 1) for k, v in value.items()}
+        return Summary(text)
+    return Summary(f"<{type(value).__name__}>")
+
+
+def _count_tensors(value: Any) -> tuple[int, int]:
+    count, nbytes, stack, seen = 0, 0, [value], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, PickledTensor):
+            count += 1
+            nbytes += _nbytes(item.dtype, item.shape)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+    return count, nbytes
+
+
+def _nbytes(dtype: DType, shape: tuple[int, ...]) -> int:
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return max(dtype.nbytes(numel), 0)

@@ -1,0 +1,1 @@
+"""Operations on checkpoints (inspect, convert, ...), each planned from headers, then streamed."""

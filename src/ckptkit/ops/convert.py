@@ -1,0 +1,89 @@
+"""``convert``: any checkpoint to safetensors, streamed, bit-exact or exactly cast.
+
+Each output tensor is planned from the input's header: a contiguous tensor kept in its dtype
+is a ``CopyRange`` (copied file to file by the kernel, bit-identical by construction); a view
+into a shared storage is read and written as its own contiguous data; a cast reads one tensor,
+casts it with torch and writes it. Non-tensor entries of pickles are dropped and listed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import partial
+
+from ..engine.writer import CopyRange, Planned, Progress, write_safetensors
+from ..errors import UsageError
+from ..formats import LazyTensor, open_checkpoint
+from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
+from ..formats.torch_pickle import Summary
+
+CONVERT_DTYPES = ("fp16", "bf16", "fp32")
+
+
+@dataclass
+class ConvertReport:
+    source_format: str
+    tensors: int = 0
+    bytes: int = 0
+    cast: int = 0
+    overflowed: dict[str, int] = field(default_factory=dict)  # key -> values that became inf
+    dropped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _pass_through(tensor: LazyTensor) -> CopyRange:
+    offset = tensor.byte_offset + tensor.dtype.nbytes(tensor.storage_offset)
+    return CopyRange(tensor.source, offset, tensor.nbytes)
+
+
+def _casting(key: str, tensor: LazyTensor, target: DType, report: ConvertReport):
+    def produce():
+        import torch
+
+        data = tensor.read()
+        out = data.to(torch_dtype(target))
+        if target.bits < tensor.dtype.bits:
+            overflow = int(torch.isinf(out).sum()) - int(torch.isinf(data).sum())
+            if overflow > 0:
+                report.overflowed[key] = overflow
+        return out
+    return produce
+
+
+def _source_metadata(checkpoint) -> dict[str, str]:
+    if checkpoint.format == "safetensors":
+        return dict(checkpoint.metadata)
+    # Pickles carry no string metadata; their scalar entries (global_step, epoch) are kept,
+    # since loaders use some of them (diffusers guesses SD2 v-prediction from global_step).
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in checkpoint.extras.items()
+            if isinstance(v, (int, float, str)) and not isinstance(v, Summary)}
+
+
+def convert(src: str, dst: str, *, dtype: str | None = None, keep_metadata: bool = False,
+            progress: Progress | None = None, fsync: bool = True) -> ConvertReport:
+    """Writes ``src`` as safetensors to ``dst``; ``dtype`` casts floating tensors."""
+    if dtype is not None and dtype not in CONVERT_DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(CONVERT_DTYPES)}, not {dtype!r}")
+    target = CLI_NAMES[dtype] if dtype else None
+    with open_checkpoint(src) as checkpoint:
+        report = ConvertReport(checkpoint.format, notes=list(checkpoint.notes))
+        report.dropped = list(checkpoint.extras)
+        planned = []
+        for key, tensor in checkpoint.items():
+            out_dtype = target if target and tensor.dtype.is_float else tensor.dtype
+            if out_dtype != tensor.dtype:
+                produce = _casting(key, tensor, out_dtype, report)
+                report.cast += 1
+            elif tensor.is_contiguous:
+                produce = partial(_pass_through, tensor)
+            else:
+                produce = tensor.read
+            planned.append(Planned(key, out_dtype, tensor.shape, produce))
+        metadata = {"format": "pt"}
+        if keep_metadata:
+            metadata.update(_source_metadata(checkpoint))
+        write_safetensors(dst, planned, metadata, inputs=(src,), progress=progress, fsync=fsync)
+        report.tensors = len(planned)
+        report.bytes = sum(p.nbytes for p in planned)
+    return report
