@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 
-from ..formats import open_checkpoint
 from ..ops.convert import CONVERT_DTYPES, convert
 from .fmt import human_bytes
 from .progress import ProgressBar
@@ -32,14 +31,10 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    with open_checkpoint(args.input) as checkpoint:
-        total = sum(max(t.nbytes, 0) for t in checkpoint.values())
-        count = len(checkpoint)
-    bar = ProgressBar("convert", total, count, enabled=False if args.quiet else None)
+    bar = ProgressBar("convert", enabled=False if args.quiet else None)
     try:
         report = convert(args.input, args.output, dtype=args.dtype,
-                         keep_metadata=args.keep_metadata, progress=bar.update,
-                         fsync=args.fsync)
+                         keep_metadata=args.keep_metadata, progress=bar, fsync=args.fsync)
     finally:
         bar.close()
     if args.json:

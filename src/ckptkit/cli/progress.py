@@ -13,18 +13,23 @@ from .fmt import human_bytes
 
 
 class ProgressBar:
-    def __init__(self, label: str, total_bytes: int, total_items: int, unit: str = "tensors",
-                 enabled: bool | None = None, stream=None):
+    def __init__(self, label: str, unit: str = "tensors", enabled: bool | None = None,
+                 stream=None):
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.label = label
-        self.total_bytes = max(total_bytes, 1)
-        self.total_items = total_items
         self.unit = unit
+        self.total_bytes = 1
+        self.total_items = 0
         self.bytes = 0
         self.items = 0
-        self.start = time.monotonic()
+        self.started = time.monotonic()
         self._last_draw = 0.0
+
+    def start(self, total_bytes: int, total_items: int) -> None:
+        self.total_bytes = max(total_bytes, 1)
+        self.total_items = total_items
+        self.started = time.monotonic()
 
     def update(self, nbytes: int, items: int = 0) -> None:
         self.bytes += nbytes
@@ -36,7 +41,7 @@ class ProgressBar:
 
     def _draw(self, now: float) -> None:
         fraction = min(self.bytes / self.total_bytes, 1.0)
-        elapsed = max(now - self.start, 1e-6)
+        elapsed = max(now - self.started, 1e-6)
         speed = self.bytes / elapsed
         left = (self.total_bytes - self.bytes) / speed if speed > 0 else 0.0
         filled = int(fraction * 24)

@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import CkptError, OutputError
 from ..formats.checkpoint import tensor_bytes
@@ -23,7 +23,13 @@ from ..formats.safetensors import METADATA_KEY, open_safetensors
 from ..formats.source import Source, write_all
 from .atomic import AtomicOutput
 
-Progress = Callable[[int, int], None]  # (bytes written, tensors written) since the last call
+
+class Progress(Protocol):
+    """What long jobs report to: totals once planned, then increments as work is done."""
+
+    def start(self, total_bytes: int, total_items: int) -> None: ...
+
+    def update(self, nbytes: int, items: int = 0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -95,12 +101,14 @@ def write_safetensors(target: str, planned: Sequence[Planned],
                       progress: Progress | None = None, fsync: bool = True) -> None:
     """Writes ``planned`` to ``target`` atomically, streaming one tensor at a time."""
     header = build_header(planned, metadata)
+    if progress:
+        progress.start(sum(p.nbytes for p in planned), len(planned))
     with AtomicOutput(target, inputs, fsync=fsync) as out:
         write_all(out.fd, header)
         for item in planned:
             _write_item(out.fd, item, item.produce())
             if progress:
-                progress(item.nbytes, 1)
+                progress.update(item.nbytes, 1)
         _verify(out.tmp_path, planned, target)
         out.commit()
 
