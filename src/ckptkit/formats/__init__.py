@@ -11,6 +11,7 @@ import os
 
 from ..errors import CkptError
 from .checkpoint import Checkpoint, LazyTensor
+from .pickle_vm import Finding
 from .safetensors import open_safetensors
 from .sniff import SAFETENSORS, TORCH_LEGACY, TORCH_ZIP, detect_format, extension_note
 from .source import Source
@@ -25,8 +26,13 @@ _OPENERS = {
 __all__ = ["Checkpoint", "LazyTensor", "detect_format", "open_checkpoint"]
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Opens ``path`` lazily; raises a ``CkptError`` subclass naming the file and the problem."""
+def open_checkpoint(path: str | os.PathLike[str],
+                    findings: list[Finding] | None = None) -> Checkpoint:
+    """Opens ``path`` lazily; raises a ``CkptError`` subclass naming the file and the problem.
+
+    With a ``findings`` list, every refused global of a pickle is recorded there (not just the
+    first) before the file is refused: what ``ckpt scan`` reports.
+    """
     path = os.fspath(path)
     fmt = detect_format(path)
     try:
@@ -34,7 +40,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except OSError as exc:
         raise CkptError(f"cannot open the file ({exc.strerror})", path) from None
     try:
-        checkpoint = _OPENERS[fmt](source)
+        checkpoint = _OPENERS[fmt](source, findings)
     except CkptError as exc:
         source.close()
         if exc.path is None:

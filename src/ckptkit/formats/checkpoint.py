@@ -144,6 +144,7 @@ class Checkpoint(Mapping[str, LazyTensor]):
     extras: dict[str, Any] = field(default_factory=dict)
     weights_at: str = ""
     notes: list[str] = field(default_factory=list)
+    container: Any = None  # the torch ZIP directory (members, CRCs) for a zip checkpoint
 
     def __getitem__(self, key: str) -> LazyTensor:
         return self.tensors[key]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FormatError, UnsafeFileError
@@ -57,6 +58,63 @@ class PickledDict(dict):
         self.state = state
 
 
+@dataclass(frozen=True)
+class Finding:
+    """Something a pickle asks for that a data-only reader refuses, and where it asked."""
+
+    kind: str  # "global" or "call"
+    name: str  # the dotted name of the global
+    where: str  # which pickle ("data.pkl")
+    offset: int  # byte offset of the opcode in that pickle
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name} at {self.where} byte {self.offset}: {self.why}"
+
+
+class RefusedGlobals(UnsafeFileError):
+    """A pickle parsed to the end with refused globals recorded as ``Finding``s."""
+
+
+class Refused:
+    """Stands on the stack for a refused global (and anything made by calling it) when the
+    interpreter collects findings instead of stopping at the first, as ``ckpt scan`` does."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<refused {self.name}>"
+
+
+_WHY = [
+    (("os", "posix", "nt", "subprocess", "pty", "commands", "popen2", "platform"),
+     "runs programs or shell commands"),
+    (("builtins", "__builtin__"), "evaluates code or reaches any object (eval, exec, "
+     "getattr, __import__, open)"),
+    (("importlib", "pkgutil", "runpy", "imp", "zipimport", "code", "codeop"),
+     "imports or runs arbitrary modules"),
+    (("operator", "functools", "itertools", "copyreg", "copy_reg"),
+     "calls a function or looks up an attribute chosen by the file (an indirection to "
+     "anything)"),
+    (("pickle", "_pickle", "cPickle", "marshal", "types", "dill", "cloudpickle", "joblib",
+      "torch.serialization", "torch.storage", "numpy.lib.npyio", "numpy", "torch.jit",
+      "torch._C"), "loads a nested pickle, a code object or a scripted module"),
+    (("socket", "http", "urllib", "urllib2", "requests", "webbrowser", "ftplib", "smtplib",
+      "ssl", "asyncio"), "opens network connections or runs an event loop"),
+    (("shutil", "tempfile", "glob", "pathlib", "io", "sys"), "touches files or the interpreter"),
+]
+
+
+def why_refused(module: str) -> str:
+    """Why naming ``module`` in a checkpoint is dangerous, in words for a scan report."""
+    root = module.split(".")[0]
+    for modules, why in _WHY:
+        if module in modules or root in modules:
+            return why
+    return "not a data type a checkpoint needs; loading the file would import and call it"
+
+
 class _Mark:
     __slots__ = ()
 
@@ -69,13 +127,15 @@ class PickleVM:
 
     ``find_global(module, name)`` returns an ``Emulated`` or raises ``UnsafeFileError``;
     ``persistent_load(pid)`` turns a BINPERSID record into a storage handle.
-    ``where`` names the pickle in error messages (``"data.pkl"``).
+    ``where`` names the pickle in error messages (``"data.pkl"``). With a ``findings``
+    list, refused globals are recorded there and parsing goes on with a ``Refused`` stand-in,
+    so that a scan reports every one; the caller then refuses the file as a whole.
     """
 
     def __init__(self, data: bytes | memoryview, start: int, *,
                  find_global: Callable[[str, str], Any],
                  persistent_load: Callable[[Any], Any] | None,
-                 where: str):
+                 where: str, findings: list[Finding] | None = None):
         self.data = memoryview(data)
         self.pos = start
         self.find_global = find_global
@@ -85,6 +145,7 @@ class PickleVM:
         self.marks: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
         self.op_pos = start
+        self.findings = findings
 
     # -- byte access -------------------------------------------------------------------
 
@@ -301,11 +362,18 @@ class PickleVM:
         try:
             self.stack.append(self.find_global(module, name))
         except UnsafeFileError as exc:
-            self._fail(exc.reason, unsafe=True)
+            if self.findings is None:
+                self._fail(exc.reason, unsafe=True)
+            self.findings.append(Finding("global", f"{module}.{name}", self.where, self.op_pos,
+                                         why_refused(module)))
+            self.stack.append(Refused(f"{module}.{name}"))
 
     def op_reduce(self) -> None:
         args = self._pop()
         func = self._pop()
+        if isinstance(func, Refused):
+            self.stack.append(self._refused_call(func))
+            return
         if not isinstance(func, Emulated) or func.call is None:
             self._fail(f"REDUCE calls {func!r}, which is not an allowed function", unsafe=True)
         if not isinstance(args, tuple):
@@ -315,11 +383,20 @@ class PickleVM:
     def op_newobj(self) -> None:
         args = self._pop()
         cls = self._pop()
+        if isinstance(cls, Refused):
+            self.stack.append(self._refused_call(cls))
+            return
         if not isinstance(cls, Emulated) or cls.new is None:
             self._fail(f"NEWOBJ creates {cls!r}, which is not an allowed class", unsafe=True)
         if not isinstance(args, tuple):
             self._fail(f"NEWOBJ arguments for {cls.qualname} are not a tuple")
         self.stack.append(self._emulate(cls.qualname, cls.new, args))
+
+    def _refused_call(self, func: Refused) -> Refused:
+        assert self.findings is not None  # a Refused exists only when collecting
+        self.findings.append(Finding("call", func.name, self.where, self.op_pos,
+                                     "the file calls it when loaded"))
+        return Refused(f"{func.name}()")
 
     def _emulate(self, qualname: str, func: Callable[[tuple], Any], args: tuple) -> Any:
         try:
@@ -334,6 +411,8 @@ class PickleVM:
     def op_build(self) -> None:
         state = self._pop()
         target = self._top(object, "BUILD")
+        if isinstance(target, Refused):
+            return
         build = getattr(target, "build", None)
         if not isinstance(target, (Buildable, PickledDict)) or build is None:
             self._fail(f"BUILD sets the state of {type(target).__name__}, which only code "

@@ -15,7 +15,7 @@ import math
 import struct
 from typing import Any
 
-from ..errors import FormatError
+from ..errors import FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor, checked_shape
 from .dtypes import BY_NAME
 from .source import Source
@@ -54,7 +54,8 @@ def decode_header(raw: bytes, path: str) -> dict[str, Any]:
         header = json.loads(text, object_pairs_hook=_no_duplicates,
                             parse_constant=_refuse_constant)
     except _Duplicate as dup:
-        raise FormatError(f"safetensors header names {str(dup)!r} twice", path) from None
+        raise UnsafeFileError(f"safetensors header names {str(dup)!r} twice (readers would "
+                              "disagree on which entry counts)", path) from None
     except (ValueError, RecursionError) as exc:
         raise FormatError(f"safetensors header is not valid JSON ({exc})", path) from None
     if not isinstance(header, dict):
@@ -96,15 +97,16 @@ def _entry(name: str, info: Any, path: str) -> tuple[Any, tuple[int, ...], int, 
     return dtype, shape, begin, end
 
 
-def open_safetensors(source: Source) -> Checkpoint:
+def open_safetensors(source: Source, findings: list | None = None) -> Checkpoint:
+    """Opens a safetensors file; ``findings`` is unused (the format cannot name code)."""
     path = source.path
     if source.size < 8:
         raise FormatError(f"the file has {source.size} bytes, too few for a safetensors header "
                           "(truncated download?)", path)
     (n,) = struct.unpack("<Q", source.read(0, 8))
     if n > MAX_HEADER_SIZE:
-        raise FormatError(f"safetensors header claims {n} bytes, over the 100 MB limit (not a "
-                          "safetensors file, or a corrupt one)", path)
+        raise UnsafeFileError(f"safetensors header claims {n} bytes, over the 100 MB limit (a "
+                              "header-size bomb, or not a safetensors file)", path)
     if 8 + n > source.size:
         raise FormatError(f"the file is truncated: its header needs {8 + n} bytes but the file "
                           f"has {source.size}", path)
@@ -117,10 +119,13 @@ def open_safetensors(source: Source) -> Checkpoint:
         entries.append((name, *_entry(name, info, path)))
     position = 0
     for name, _dtype, _shape, begin, end in sorted(entries, key=lambda e: (e[3], e[4])):
-        if begin != position:
-            kind = "a gap" if begin > position else "an overlap"
+        if begin > position:
             raise FormatError(f"tensor {name!r} starts at data byte {begin} but the previous "
-                              f"tensor ends at {position} ({kind})", path)
+                              f"tensor ends at {position} (a gap)", path)
+        if begin < position:
+            raise UnsafeFileError(f"tensor {name!r} starts at data byte {begin}, inside the "
+                                  f"previous tensor (ends at {position}): overlapping tensors",
+                                  path)
         position = end
     if position != data_size:
         if position > data_size:

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor
 from .dtypes import DType
-from .pickle_vm import PickleVM
+from .pickle_vm import Finding, PickleVM, RefusedGlobals
 from .source import Source
 from .torch_globals import OpaqueObject, PickledTensor, StorageHandle, Token, find_global
 from .torch_zip import read_torch_zip
@@ -59,16 +59,24 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _run(data: bytes | memoryview, start: int, where: str, storages: _Storages | None):
-    return PickleVM(data, start, find_global=find_global, persistent_load=storages,
-                    where=where).run()
+def _run(data: bytes | memoryview, start: int, where: str, storages: _Storages | None,
+         findings: list[Finding] | None = None):
+    result = PickleVM(data, start, find_global=find_global, persistent_load=storages,
+                      where=where, findings=findings).run()
+    if findings:
+        names = sorted({f.name for f in findings if f.kind == "global"})
+        raise RefusedGlobals(f"{where} asks for {len(names)} global"
+                              f"{'s' if len(names) > 1 else ''} outside the allow-list "
+                              f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+    return result
 
 
-def open_torch_zip(source: Source) -> Checkpoint:
+def open_torch_zip(source: Source, findings: list[Finding] | None = None) -> Checkpoint:
     archive = read_torch_zip(source)
     pkl = archive.members["data.pkl"]
     storages = _Storages(source.path, legacy=False)
-    root, end = _run(source.read(pkl.data_offset, pkl.size), 0, "data.pkl", storages)
+    root, end = _run(source.read(pkl.data_offset, pkl.size), 0, "data.pkl", storages,
+                     findings)
     if end != pkl.size:
         raise UnsafeFileError(f"data.pkl has {pkl.size - end} bytes after its STOP opcode "
                               "(a second, hidden pickle?)", source.path)
@@ -81,28 +89,30 @@ def open_torch_zip(source: Source) -> Checkpoint:
             raise FormatError(f"storage {key} holds {member.size} bytes but its record "
                               f"declares {handle.nbytes}", source.path)
         handle.file_offset = member.data_offset
-    return _checkpoint(source, "torch-zip", root)
+    checkpoint = _checkpoint(source, "torch-zip", root)
+    checkpoint.container = archive
+    return checkpoint
 
 
-def open_torch_legacy(source: Source) -> Checkpoint:
+def open_torch_legacy(source: Source, findings: list[Finding] | None = None) -> Checkpoint:
     """The pre-1.6 format: five pickles (magic, protocol, sys info, object, storage keys),
     then each storage as an 8-byte element count and its bytes, ending exactly at EOF."""
     path = source.path
     # Legacy files have no index: each pickle ends where its STOP opcode is, so they are
     # parsed in place from the copy-on-write map, which reads only the pages they touch.
     data = memoryview(source.mmap())
-    magic, pos = _run(data, 0, "magic-number pickle", None)
+    magic, pos = _run(data, 0, "magic-number pickle", None, findings)
     if magic != LEGACY_MAGIC:
         raise FormatError("a pickle, but not a torch checkpoint (wrong magic number)", path)
-    protocol, pos = _run(data, pos, "protocol-version pickle", None)
+    protocol, pos = _run(data, pos, "protocol-version pickle", None, findings)
     if protocol != LEGACY_PROTOCOL:
         raise FormatError(f"legacy torch protocol {protocol!r} is not supported", path)
-    sys_info, pos = _run(data, pos, "sys-info pickle", None)
+    sys_info, pos = _run(data, pos, "sys-info pickle", None, findings)
     if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
         raise FormatError("the checkpoint was saved big-endian or without system info", path)
     storages = _Storages(path, legacy=True)
-    root, pos = _run(data, pos, "data pickle", storages)
-    keys, pos = _run(data, pos, "storage-keys pickle", None)
+    root, pos = _run(data, pos, "data pickle", storages, findings)
+    keys, pos = _run(data, pos, "storage-keys pickle", None, findings)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise FormatError("the storage key list is not a list of strings", path)
     if len(set(keys)) != len(keys) or set(keys) != set(storages.handles):
