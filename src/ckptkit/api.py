@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from .engine.writer import Planned, write_safetensors
 from .formats import Checkpoint, open_checkpoint
-from .formats.dtypes import from_torch
+from .formats.dtypes import from_torch_tensor
 
 
 def open(path: str | os.PathLike[str]) -> Checkpoint:
@@ -23,6 +23,6 @@ def save_safetensors(tensors: Mapping[str, object], path: str | os.PathLike[str]
         if hasattr(value, "read") and hasattr(value, "source"):
             planned.append(Planned(key, value.dtype, value.shape, value.read))
         else:
-            planned.append(Planned(key, from_torch(value.dtype), tuple(value.shape),
-                                   lambda v=value: v))
+            dtype, shape = from_torch_tensor(value)
+            planned.append(Planned(key, dtype, shape, lambda v=value: v))
     write_safetensors(os.fspath(path), planned, metadata)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from ..errors import CkptError, OutputError
 from ..formats.checkpoint import tensor_bytes
-from ..formats.dtypes import DType, from_torch
+from ..formats.dtypes import DType, from_torch_tensor
 from ..formats.safetensors import METADATA_KEY, open_safetensors
 from ..formats.source import Source, write_all
 from .atomic import AtomicOutput
@@ -87,7 +87,7 @@ def _write_item(fd: int, item: Planned, data: Any) -> None:
         data.source.copy_to(fd, data.offset, data.nbytes)
         return
     if hasattr(data, "dtype") and hasattr(data, "shape") and not isinstance(data, memoryview):
-        if from_torch(data.dtype) != item.dtype or tuple(data.shape) != item.shape:
+        if from_torch_tensor(data) != (item.dtype, item.shape):
             raise AssertionError(f"{item.key}: produced {data.dtype} {tuple(data.shape)}, "
                                  f"planned {item.dtype} {item.shape}")
         data = tensor_bytes(data)

@@ -67,11 +67,12 @@ class LazyTensor:
     def read(self):
         """A torch tensor holding a private copy of this tensor's bytes."""
         torch = _torch()
+        shape = self.dtype.torch_shape(self.shape)
         if self.numel == 0:
-            return torch.empty(self.shape, dtype=torch_dtype(self.dtype))
+            return torch.empty(shape, dtype=torch_dtype(self.dtype))
         if self.is_contiguous:
             buf = self.raw()
-            return _frombuffer(buf, self.dtype).view(self.shape)
+            return _frombuffer(buf, self.dtype).view(shape)
         item = self.dtype.bits // 8
         last = self.storage_offset + sum(
             (d - 1) * s for d, s in zip(self.shape, self.strides or (), strict=True))
@@ -83,15 +84,18 @@ class LazyTensor:
     def load(self):
         """A torch tensor viewing the memory-mapped file: no copy, pages read on first touch."""
         torch = _torch()
+        shape = self.dtype.torch_shape(self.shape)
         if self.numel == 0:
-            return torch.empty(self.shape, dtype=torch_dtype(self.dtype))
+            return torch.empty(shape, dtype=torch_dtype(self.dtype))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            flat = torch.frombuffer(self.source.mmap(), dtype=torch.uint8,
-                                    count=self.storage_nbytes, offset=self.byte_offset)
+            # A storage shared by tensors of several dtypes may end in a partial element.
+            whole = self.storage_nbytes - self.storage_nbytes % max(self.dtype.bits // 8, 1)
+            flat = torch.frombuffer(self.source.mmap(), dtype=torch.uint8, count=whole,
+                                    offset=self.byte_offset)
         typed = flat.view(torch_dtype(self.dtype))
-        strides = self.strides if self.strides is not None else _contiguous_strides(self.shape)
-        return typed.as_strided(self.shape, strides, self.storage_offset)
+        strides = self.strides if self.strides is not None else _contiguous_strides(shape)
+        return typed.as_strided(shape, strides, self.storage_offset)
 
 
 def tensor_bytes(tensor) -> bytearray:

@@ -18,6 +18,7 @@ class DType:
     bits: int
     kind: str  # "float", "int", "uint", "bool", "complex"
     torch_name: str | None  # attribute of the torch module, None where torch has no such type
+    packed: int = 1  # values per torch element: torch holds F4 as float4_e2m1fn_x2, two a byte
 
     @property
     def is_float(self) -> bool:
@@ -27,6 +28,15 @@ class DType:
         """Bytes that ``numel`` elements take; -1 where they do not fill whole bytes."""
         total_bits = numel * self.bits
         return total_bits // 8 if total_bits % 8 == 0 else -1
+
+    def torch_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape torch gives a tensor of this type whose values have ``shape``."""
+        if self.packed == 1:
+            return shape
+        if not shape or shape[-1] % self.packed:
+            raise TypeError(f"{self.name} tensors need a last dimension divisible by "
+                            f"{self.packed} to be held by torch")
+        return (*shape[:-1], shape[-1] // self.packed)
 
     def __str__(self) -> str:
         return self.name
@@ -53,7 +63,7 @@ _TABLE = [
     DType("F8_E8M0", 8, "float", "float8_e8m0fnu"),
     DType("F6_E2M3", 6, "float", None),
     DType("F6_E3M2", 6, "float", None),
-    DType("F4", 4, "float", None),
+    DType("F4", 4, "float", "float4_e2m1fn_x2", packed=2),
     DType("C64", 64, "complex", "complex64"),
 ]
 
@@ -93,6 +103,15 @@ def torch_dtype(dtype: DType):
     if found is None:
         raise TypeError(f"this torch build has no type for {dtype.name} tensors")
     return found
+
+
+def from_torch_tensor(tensor) -> tuple[DType, tuple[int, ...]]:
+    """The DType and value shape (F4 counts two values a byte) of a torch tensor."""
+    dtype = from_torch(tensor.dtype)
+    shape = tuple(tensor.shape)
+    if dtype.packed > 1 and shape:
+        shape = (*shape[:-1], shape[-1] * dtype.packed)
+    return dtype, shape
 
 
 def from_torch(dtype) -> DType:

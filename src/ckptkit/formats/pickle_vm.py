@@ -16,6 +16,7 @@ the reader allocate more than a small multiple of its own size.
 
 from __future__ import annotations
 
+import reprlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,15 @@ MAX_MEMO = 1 << 22
 MAX_MARK_DEPTH = 1000
 MAX_CONTAINER = 1 << 24
 MAX_LONG_BYTES = 64  # integers in checkpoints are ids, sizes and counters, never bigger
+MAX_NESTING = 100  # tuples inside tuples: hashing or printing deeper ones recurses in C
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
+def safe_repr(value: Any) -> str:
+    """A short repr of anything a file built, whatever its depth or size."""
+    return _REPR.repr(value)
 
 
 class Emulated:
@@ -146,6 +156,9 @@ class PickleVM:
         self.memo: dict[int, Any] = {}
         self.op_pos = start
         self.findings = findings
+        # Nesting depth of every tuple and frozenset built (they are immutable, so the depth
+        # at creation is final); the objects are kept so that their ids stay theirs.
+        self._depth: dict[int, tuple[Any, int]] = {}
 
     # -- byte access -------------------------------------------------------------------
 
@@ -168,7 +181,10 @@ class PickleVM:
         return struct.unpack(fmt, self._take(size))[0]
 
     def _line(self) -> str:
-        end = bytes(self.data[self.pos:self.pos + 256]).find(b"\n")
+        window = bytes(self.data[self.pos:self.pos + 256])
+        end = window.find(b"\n")
+        if end < 0 and len(window) < 256:
+            self._fail("pickle ends inside a GLOBAL name (file truncated)")
         if end < 0:
             self._fail("GLOBAL name is not terminated within 256 bytes", unsafe=True)
         raw = bytes(self._take(end + 1)[:-1])
@@ -267,7 +283,7 @@ class PickleVM:
 
     def op_mark(self) -> None:
         if len(self.marks) >= MAX_MARK_DEPTH:
-            self._fail(f"pickle nests deeper than {MAX_MARK_DEPTH} levels")
+            self._fail(f"pickle nests deeper than {MAX_MARK_DEPTH} levels", unsafe=True)
         self.marks.append(self.stack)
         self.stack = []
 
@@ -280,16 +296,25 @@ class PickleVM:
     def op_empty_tuple(self) -> None:
         self.stack.append(())
 
+    def _nested(self, value: Any) -> Any:
+        """Records the depth of a new tuple or frozenset; refuses one nested too deeply."""
+        if isinstance(value, (tuple, frozenset)) and value:
+            depth = 1 + max(self._depth.get(id(v), (None, 0))[1] for v in value)
+            if depth > MAX_NESTING:
+                self._fail(f"tuples nest deeper than {MAX_NESTING} levels", unsafe=True)
+            self._depth[id(value)] = (value, depth)
+        return value
+
     def op_tuple(self) -> None:
         items = tuple(self._pop_mark())  # before touching self.stack: popping replaces it
-        self.stack.append(items)
+        self.stack.append(self._nested(items))
 
     def _tuple_n(self, n: int) -> None:
         if len(self.stack) < n:
             self._fail(f"TUPLE{n} with fewer than {n} objects on the stack")
         items = tuple(self.stack[-n:])
         del self.stack[-n:]
-        self.stack.append(items)
+        self.stack.append(self._nested(items))
 
     def op_tuple1(self) -> None:
         self._tuple_n(1)
@@ -375,10 +400,11 @@ class PickleVM:
             self.stack.append(self._refused_call(func))
             return
         if not isinstance(func, Emulated) or func.call is None:
-            self._fail(f"REDUCE calls {func!r}, which is not an allowed function", unsafe=True)
+            self._fail(f"REDUCE calls {safe_repr(func)}, which is not an allowed function",
+                       unsafe=True)
         if not isinstance(args, tuple):
             self._fail(f"REDUCE arguments for {func.qualname} are not a tuple")
-        self.stack.append(self._emulate(func.qualname, func.call, args))
+        self.stack.append(self._nested(self._emulate(func.qualname, func.call, args)))
 
     def op_newobj(self) -> None:
         args = self._pop()
@@ -387,10 +413,11 @@ class PickleVM:
             self.stack.append(self._refused_call(cls))
             return
         if not isinstance(cls, Emulated) or cls.new is None:
-            self._fail(f"NEWOBJ creates {cls!r}, which is not an allowed class", unsafe=True)
+            self._fail(f"NEWOBJ creates {safe_repr(cls)}, which is not an allowed class",
+                       unsafe=True)
         if not isinstance(args, tuple):
             self._fail(f"NEWOBJ arguments for {cls.qualname} are not a tuple")
-        self.stack.append(self._emulate(cls.qualname, cls.new, args))
+        self.stack.append(self._nested(self._emulate(cls.qualname, cls.new, args)))
 
     def _refused_call(self, func: Refused) -> Refused:
         assert self.findings is not None  # a Refused exists only when collecting

@@ -34,18 +34,28 @@ def detect_format(path: str) -> str:
     size = os.path.getsize(path)
     if size == 0:
         raise FormatError("the file is empty (a failed download?)", path)
-    with open(path, "rb") as f:
-        head = f.read(_SNIFF)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF)
+            f.seek(max(0, size - 22))
+            tail = f.read(22)
+    except OSError as exc:
+        raise FormatError(f"cannot read the file ({exc.strerror})", path) from None
     if head.startswith(b"PK\x03\x04"):
         return TORCH_ZIP
     if head.startswith(_LEGACY_PREFIX):
         return TORCH_LEGACY
     if head[8:9] == b"{":
         return SAFETENSORS  # the reader explains a header that does not fit the file
-    raise FormatError(_describe_other(head, size), path)
+    try:
+        what = _describe_other(head, tail, size)
+    except UnsafeFileError as exc:
+        raise UnsafeFileError(exc.reason, path) from None
+    raise FormatError(what, path)
 
 
-def _describe_other(head: bytes, size: int) -> str:
+def _describe_other(head: bytes, tail: bytes, size: int) -> str:
+    """What the file is instead of a checkpoint; raises for the kinds that are hostile."""
     text = head.lstrip().lower()
     if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")):
         return ("this is an HTML page (an error or login page saved by a failed download), "
@@ -64,6 +74,9 @@ def _describe_other(head: bytes, size: int) -> str:
         return "this is a pickle but not one torch.save writes (not a torch checkpoint)"
     if head.startswith(b"PK"):
         return "this is a ZIP file that does not start with a member (not a torch checkpoint)"
+    if tail.startswith(b"PK\x05\x06"):
+        raise UnsafeFileError("a ZIP archive with data before its first member (a polyglot "
+                              "that different readers see differently)")
     if size < 8:
         return f"the file has only {size} bytes: truncated, or not a checkpoint"
     return "the file is not a safetensors or PyTorch checkpoint (unrecognised first bytes)"

@@ -104,12 +104,14 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any,
     numel = 1
     for dim in shape:
         numel *= dim
+    item = dtype.bits // 8
+    if item == 0:
+        raise FormatError(f"{dtype} tensors cannot be read from a torch pickle")
     if numel:
         last = offset + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
-        item = dtype.bits // 8
-        if item == 0 or (last + 1) * item > storage.nbytes:
-            raise FormatError(f"tensor of shape {list(shape)} reaches past the end of storage "
-                              f"{storage.key} ({storage.nbytes} bytes)")
+        if (last + 1) * item > storage.nbytes:
+            raise UnsafeFileError(f"tensor of shape {list(shape)} reaches past the end of "
+                                  f"storage {storage.key} ({storage.nbytes} bytes)")
     return PickledTensor(storage, dtype, offset, shape, strides)
 
 
@@ -175,6 +177,12 @@ def _make_set(kind: type) -> Any:
     return build
 
 
+def _empty_bytes(args: tuple) -> bytes:
+    if args:
+        raise FormatError("bytes() with arguments (protocol 2 writes only b'' this way)")
+    return b""
+
+
 def _numpy_dtype(args: tuple) -> NumpyDType:
     spec = args[0]
     if not isinstance(spec, str):
@@ -222,6 +230,7 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
     for module in ("__builtin__", "builtins"):
         fn(module, "set", call=_make_set(set))
         fn(module, "frozenset", call=_make_set(frozenset))
+        fn(module, "bytes", call=_empty_bytes)
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         fn(module, "scalar", call=_numpy_scalar)
     fn("numpy", "dtype", call=_numpy_dtype)

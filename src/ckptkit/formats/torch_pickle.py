@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor
 from .dtypes import DType
-from .pickle_vm import Finding, PickleVM, RefusedGlobals
+from .pickle_vm import Finding, PickleVM, RefusedGlobals, safe_repr
 from .source import Source
 from .torch_globals import OpaqueObject, PickledTensor, StorageHandle, Token, find_global
 from .torch_zip import read_torch_zip
@@ -38,12 +38,12 @@ class _Storages:
     def __call__(self, pid: Any) -> StorageHandle:
         if not (isinstance(pid, tuple) and len(pid) == (6 if self.legacy else 5)
                 and pid[0] == "storage"):
-            raise UnsafeFileError(f"persistent id {_short(pid)} is not a torch storage record")
+            raise UnsafeFileError(f"persistent id {safe_repr(pid)} is not a torch storage record")
         _, kind, key, location, numel = pid[:5]
         if self.legacy and pid[5] is not None:
             raise FormatError("storage views of torch < 0.4 files are not supported")
         if not isinstance(kind, Token) or not kind.qualname.endswith("Storage"):
-            raise UnsafeFileError(f"storage type {_short(kind)} is not a torch storage class")
+            raise UnsafeFileError(f"storage type {safe_repr(kind)} is not a torch storage class")
         if not (isinstance(key, str) and isinstance(location, str) and isinstance(numel, int)
                 and not isinstance(numel, bool) and numel >= 0):
             raise FormatError("a storage record has a malformed key, location or size")
@@ -52,11 +52,6 @@ class _Storages:
         if known.nbytes != handle.nbytes:
             raise FormatError(f"storage {key} is declared with two different sizes")
         return known
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _run(data: bytes | memoryview, start: int, where: str, storages: _Storages | None,
@@ -83,11 +78,11 @@ def open_torch_zip(source: Source, findings: list[Finding] | None = None) -> Che
     for key, handle in storages.handles.items():
         member = archive.storage(key)
         if member is None:
-            raise FormatError(f"the pickle references storage {key}, which the archive lacks",
-                              source.path)
+            raise UnsafeFileError(f"the pickle references storage {key}, which the archive "
+                                  "lacks", source.path)
         if member.size != handle.nbytes:
-            raise FormatError(f"storage {key} holds {member.size} bytes but its record "
-                              f"declares {handle.nbytes}", source.path)
+            raise UnsafeFileError(f"storage {key} holds {member.size} bytes but its record "
+                                  f"declares {handle.nbytes}", source.path)
         handle.file_offset = member.data_offset
     checkpoint = _checkpoint(source, "torch-zip", root)
     checkpoint.container = archive
@@ -122,8 +117,8 @@ def open_torch_legacy(source: Source, findings: list[Finding] | None = None) -> 
         handle = storages.handles[key]
         (count,) = struct.unpack("<q", source.read(pos, 8))
         if count != handle.numel:
-            raise FormatError(f"storage {key} holds {count} elements but its record declares "
-                              f"{handle.numel}", path)
+            raise UnsafeFileError(f"storage {key} holds {count} elements but its record "
+                                  f"declares {handle.numel}", path)
         handle.file_offset = pos + 8
         pos += 8 + handle.nbytes
     if pos != source.size:
@@ -142,7 +137,8 @@ def _checkpoint(source: Source, fmt: str, root: Any) -> Checkpoint:
         if isinstance(key, str) and isinstance(value, PickledTensor):
             tensors[key] = _lazy(source, value)
         else:
-            extras[f"{weights_at + '.' if weights_at else ''}{key}"] = describe(value)
+            name = key if isinstance(key, str) else safe_repr(key)
+            extras[f"{weights_at + '.' if weights_at else ''}{name}"] = describe(value)
     return Checkpoint(path=source.path, format=fmt, tensors=tensors, source=source,
                       extras=extras, weights_at=weights_at)
 
@@ -165,6 +161,7 @@ def locate_weights(root: Any) -> tuple[dict, str, dict[str, Any]]:
     node = root
     if not isinstance(node, dict):
         raise FormatError(f"the checkpoint holds a {type(node).__name__}, not a dict of tensors")
+    seen = {id(node)}
     while not _is_weights(node):
         inner = next((k for k in _WRAPPER_KEYS if isinstance(node.get(k), dict)), None)
         if inner is None and len(node) == 1:
@@ -172,12 +169,17 @@ def locate_weights(root: Any) -> tuple[dict, str, dict[str, Any]]:
             inner = only if isinstance(node[only], dict) else None
         if inner is None:
             break
+        label = inner if isinstance(inner, str) else safe_repr(inner)
+        if id(node[inner]) in seen:
+            raise FormatError(f"the entry {label!r} contains itself (a cyclic wrapper)")
         prefix = ".".join(path)
         for key, value in node.items():
             if key != inner:
-                extras[f"{prefix + '.' if prefix else ''}{key}"] = describe(value)
-        path.append(str(inner))
+                name = key if isinstance(key, str) else safe_repr(key)
+                extras[f"{prefix + '.' if prefix else ''}{name}"] = describe(value)
+        path.append(label)
         node = node[inner]
+        seen.add(id(node))
     return node, ".".join(path), extras
 
 
