@@ -119,3 +119,26 @@ def test_scan_reads_headers_not_tensor_data(tmp_path, monkeypatch):
     read.clear()
     assert scan_file(str(path), verify_data=True).verdict == "safe"
     assert sum(read) >= 32 * 1024 * 1024  # --verify-data reads every record for its CRC
+
+
+def test_benign_files_convert_bit_identically(benign, tmp_path):
+    from safetensors.torch import load_file
+
+    from ckptkit.ops.convert import convert
+
+    folder, names = benign
+    for name in names:
+        src = folder / name
+        out = tmp_path / f"{name}.safetensors"
+        convert(str(src), str(out), fsync=False)
+        loaded = torch.load(src, weights_only=False) if name != "model.safetensors" else None
+        if loaded is not None and "state_dict" in loaded:
+            loaded = loaded["state_dict"]
+        expected = loaded if loaded is not None else load_file(src)
+        got = load_file(out)
+        assert set(got) == {k for k, v in expected.items() if isinstance(v, torch.Tensor)}
+        for key, tensor in got.items():
+            want = expected[key].contiguous()
+            assert tensor.dtype == want.dtype and tensor.shape == want.shape, key
+            assert torch.equal(tensor.view(-1).view(torch.uint8),
+                               want.view(-1).view(torch.uint8)), (name, key)
