@@ -40,13 +40,11 @@ def safe_repr(value: Any) -> str:
 
 
 class Emulated:
-    """Something a GLOBAL resolved to: ``call`` stands in for REDUCE, ``new`` for NEWOBJ."""
+    """An allowed function a GLOBAL resolved to: ``call`` stands in for it under REDUCE."""
 
-    def __init__(self, qualname: str, call: Callable[[tuple], Any] | None = None,
-                 new: Callable[[tuple], Any] | None = None):
+    def __init__(self, qualname: str, call: Callable[[tuple], Any]):
         self.qualname = qualname
         self.call = call
-        self.new = new
 
     def __repr__(self) -> str:
         return f"<global {self.qualname}>"
@@ -59,7 +57,7 @@ class Buildable:
         raise NotImplementedError
 
 
-class PickledDict(dict):
+class PickledDict(dict, Buildable):
     """An OrderedDict from the file; BUILD state (a state dict's ``_metadata``) is kept apart."""
 
     state: Any = None
@@ -399,7 +397,7 @@ class PickleVM:
         if isinstance(func, Refused):
             self.stack.append(self._refused_call(func))
             return
-        if not isinstance(func, Emulated) or func.call is None:
+        if not isinstance(func, Emulated):
             self._fail(f"REDUCE calls {safe_repr(func)}, which is not an allowed function",
                        unsafe=True)
         if not isinstance(args, tuple):
@@ -407,17 +405,15 @@ class PickleVM:
         self.stack.append(self._nested(self._emulate(func.qualname, func.call, args)))
 
     def op_newobj(self) -> None:
-        args = self._pop()
+        # No allowed class is ever instantiated this way: the allow-list holds only functions
+        # (REDUCE) and values. NEWOBJ is parsed only so that a scan can name the class.
+        self._pop()
         cls = self._pop()
         if isinstance(cls, Refused):
             self.stack.append(self._refused_call(cls))
             return
-        if not isinstance(cls, Emulated) or cls.new is None:
-            self._fail(f"NEWOBJ creates {safe_repr(cls)}, which is not an allowed class",
-                       unsafe=True)
-        if not isinstance(args, tuple):
-            self._fail(f"NEWOBJ arguments for {cls.qualname} are not a tuple")
-        self.stack.append(self._nested(self._emulate(cls.qualname, cls.new, args)))
+        self._fail(f"NEWOBJ creates {safe_repr(cls)}, which is not an allowed class",
+                   unsafe=True)
 
     def _refused_call(self, func: Refused) -> Refused:
         assert self.findings is not None  # a Refused exists only when collecting
@@ -440,11 +436,10 @@ class PickleVM:
         target = self._top(object, "BUILD")
         if isinstance(target, Refused):
             return
-        build = getattr(target, "build", None)
-        if not isinstance(target, (Buildable, PickledDict)) or build is None:
+        if not isinstance(target, Buildable):
             self._fail(f"BUILD sets the state of {type(target).__name__}, which only code "
                        "could do", unsafe=True)
-        build(state)
+        target.build(state)
 
     def op_binpersid(self) -> None:
         pid = self._pop()

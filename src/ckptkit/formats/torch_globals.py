@@ -145,7 +145,7 @@ def _rebuild_parameter(args: tuple) -> PickledTensor:
 
 def _rebuild_from_type(args: tuple) -> Any:
     func, new_type, inner_args, _state = args
-    if not (isinstance(func, Emulated) and func.call is not None and isinstance(new_type, Token)
+    if not (isinstance(func, Emulated) and isinstance(new_type, Token)
             and new_type.qualname in _TENSOR_TYPES and isinstance(inner_args, tuple)):
         raise UnsafeFileError("_rebuild_from_type_v2 with a function or type outside the "
                               "allow-list")
@@ -214,26 +214,26 @@ _TENSOR_TYPES = {"torch.Tensor", "torch.nn.parameter.Parameter"}
 def _build_allowlist() -> dict[tuple[str, str], Any]:
     table: dict[tuple[str, str], Any] = {}
 
-    def fn(module: str, name: str, call=None, new=None) -> None:
-        table[(module, name)] = Emulated(f"{module}.{name}", call=call, new=new)
+    def fn(module: str, name: str, call) -> None:
+        table[(module, name)] = Emulated(f"{module}.{name}", call)
 
-    fn("collections", "OrderedDict", call=_ordered_dict)
-    fn("torch._utils", "_rebuild_tensor", call=_rebuild_tensor)
-    fn("torch._utils", "_rebuild_tensor_v2", call=_rebuild_tensor_v2)
-    fn("torch._utils", "_rebuild_tensor_v3", call=_rebuild_tensor_v3)
-    fn("torch._utils", "_rebuild_parameter", call=_rebuild_parameter)
-    fn("torch._utils", "_rebuild_parameter_with_state", call=_rebuild_parameter)
-    fn("torch._tensor", "_rebuild_from_type_v2", call=_rebuild_from_type)
-    fn("torch", "Size", call=_torch_size)
-    fn("torch", "device", call=_torch_device)
-    fn("_codecs", "encode", call=_codecs_encode)
+    fn("collections", "OrderedDict", _ordered_dict)
+    fn("torch._utils", "_rebuild_tensor", _rebuild_tensor)
+    fn("torch._utils", "_rebuild_tensor_v2", _rebuild_tensor_v2)
+    fn("torch._utils", "_rebuild_tensor_v3", _rebuild_tensor_v3)
+    fn("torch._utils", "_rebuild_parameter", _rebuild_parameter)
+    fn("torch._utils", "_rebuild_parameter_with_state", _rebuild_parameter)
+    fn("torch._tensor", "_rebuild_from_type_v2", _rebuild_from_type)
+    fn("torch", "Size", _torch_size)
+    fn("torch", "device", _torch_device)
+    fn("_codecs", "encode", _codecs_encode)
     for module in ("__builtin__", "builtins"):
-        fn(module, "set", call=_make_set(set))
-        fn(module, "frozenset", call=_make_set(frozenset))
-        fn(module, "bytes", call=_empty_bytes)
+        fn(module, "set", _make_set(set))
+        fn(module, "frozenset", _make_set(frozenset))
+        fn(module, "bytes", _empty_bytes)
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        fn(module, "scalar", call=_numpy_scalar)
-    fn("numpy", "dtype", call=_numpy_dtype)
+        fn(module, "scalar", _numpy_scalar)
+    fn("numpy", "dtype", _numpy_dtype)
     for name, dtype in STORAGE_CLASSES.items():
         table[("torch", name)] = Token(f"torch.{name}", dtype)
     table[("torch.storage", "UntypedStorage")] = Token("torch.storage.UntypedStorage")
