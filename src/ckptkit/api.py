@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 
 from .engine.writer import Planned, write_safetensors
-from .formats import Checkpoint, open_checkpoint
+from .formats import Checkpoint, LazyTensor, open_checkpoint
 from .formats.dtypes import from_torch_tensor
 
 
@@ -18,11 +18,12 @@ def open(path: str | os.PathLike[str]) -> Checkpoint:
 def save_safetensors(tensors: Mapping[str, object], path: str | os.PathLike[str],
                      metadata: dict[str, str] | None = None) -> None:
     """Writes torch tensors (or lazy tensors, read one at a time) to ``path`` atomically."""
-    planned = []
+    planned, inputs = [], set()
     for key, value in tensors.items():
-        if hasattr(value, "read") and hasattr(value, "source"):
+        if isinstance(value, LazyTensor):
+            inputs.add(value.source.path)
             planned.append(Planned(key, value.dtype, value.shape, value.read))
         else:
             dtype, shape = from_torch_tensor(value)
             planned.append(Planned(key, dtype, shape, lambda v=value: v))
-    write_safetensors(os.fspath(path), planned, metadata)
+    write_safetensors(os.fspath(path), planned, metadata, inputs=tuple(sorted(inputs)))

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import FormatError
+from ..errors import CkptError, FormatError
 from .dtypes import DType, torch_dtype
 from .source import Source
 
@@ -59,19 +60,32 @@ class LazyTensor:
 
     def raw(self) -> bytearray:
         """The tensor's bytes, contiguous, read from the file (no torch needed)."""
-        if not self.is_contiguous:
-            return tensor_bytes(self.read())
-        item_offset = self.dtype.nbytes(self.storage_offset)
-        return self.source.read(self.byte_offset + item_offset, self.nbytes)
+        with _about(self.source.path):
+            return self._raw()
 
     def read(self):
         """A torch tensor holding a private copy of this tensor's bytes."""
+        with _about(self.source.path):
+            return self._read()
+
+    def load(self):
+        """A torch tensor viewing the memory-mapped file: no copy, pages read on first touch."""
+        with _about(self.source.path):
+            return self._load()
+
+    def _raw(self) -> bytearray:
+        if not self.is_contiguous:
+            return tensor_bytes(self._read())
+        item_offset = self.dtype.nbytes(self.storage_offset)
+        return self.source.read(self.byte_offset + item_offset, self.nbytes)
+
+    def _read(self):
         torch = _torch()
         shape = self.dtype.torch_shape(self.shape)
         if self.numel == 0:
             return torch.empty(shape, dtype=torch_dtype(self.dtype))
         if self.is_contiguous:
-            buf = self.raw()
+            buf = self._raw()
             return _frombuffer(buf, self.dtype).view(shape)
         item = self.dtype.bits // 8
         last = self.storage_offset + sum(
@@ -81,8 +95,7 @@ class LazyTensor:
         flat = _frombuffer(buf, self.dtype)
         return flat.as_strided(self.shape, self.strides, 0).contiguous()
 
-    def load(self):
-        """A torch tensor viewing the memory-mapped file: no copy, pages read on first touch."""
+    def _load(self):
         torch = _torch()
         shape = self.dtype.torch_shape(self.shape)
         if self.numel == 0:
@@ -96,6 +109,17 @@ class LazyTensor:
         typed = flat.view(torch_dtype(self.dtype))
         strides = self.strides if self.strides is not None else _contiguous_strides(shape)
         return typed.as_strided(shape, strides, self.storage_offset)
+
+
+@contextmanager
+def _about(path: str) -> Iterator[None]:
+    """Names the file in errors raised while reading one of its tensors."""
+    try:
+        yield
+    except CkptError as exc:
+        if exc.path is None:
+            raise type(exc)(exc.reason, path) from None
+        raise
 
 
 def tensor_bytes(tensor) -> bytearray:

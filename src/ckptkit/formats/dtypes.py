@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import FormatError
+
 
 @dataclass(frozen=True)
 class DType:
@@ -34,8 +36,8 @@ class DType:
         if self.packed == 1:
             return shape
         if not shape or shape[-1] % self.packed:
-            raise TypeError(f"{self.name} tensors need a last dimension divisible by "
-                            f"{self.packed} to be held by torch")
+            raise FormatError(f"{self.name} tensors need a last dimension divisible by "
+                              f"{self.packed} to be held by torch")
         return (*shape[:-1], shape[-1] // self.packed)
 
     def __str__(self) -> str:
@@ -101,7 +103,8 @@ def torch_dtype(dtype: DType):
 
     found = getattr(torch, dtype.torch_name, None) if dtype.torch_name else None
     if found is None:
-        raise TypeError(f"this torch build has no type for {dtype.name} tensors")
+        raise FormatError(f"torch has no type for {dtype.name} tensors (their bytes can still "
+                          "be copied)")
     return found
 
 

@@ -8,7 +8,6 @@ reaching the input file.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 
@@ -32,6 +31,9 @@ class Source:
         self._map: mmap.mmap | None = None
 
     def read(self, offset: int, n: int) -> bytearray:
+        if self._fd < 0:
+            raise FormatError("the checkpoint was closed before this tensor was read",
+                              self.path)
         if offset < 0 or n < 0 or offset + n > self.size:
             raise FormatError(f"needs bytes {offset}..{offset + n} but the file has only "
                               f"{self.size} (truncated?)", self.path)
@@ -50,6 +52,9 @@ class Source:
     def copy_to(self, fd: int, offset: int, n: int) -> None:
         """Appends bytes ``offset..offset+n`` to the file open as ``fd``, in the kernel where
         it can (``copy_file_range``), so that copying a tensor costs no process memory."""
+        if self._fd < 0:
+            raise FormatError("the checkpoint was closed before this tensor was copied",
+                              self.path)
         if offset < 0 or offset + n > self.size:
             raise FormatError(f"needs bytes {offset}..{offset + n} but the file has only "
                               f"{self.size} (truncated?)", self.path)
@@ -69,16 +74,18 @@ class Source:
             done += size
 
     def mmap(self) -> mmap.mmap:
+        if self._fd < 0:
+            raise FormatError("the checkpoint was closed before this tensor was loaded",
+                              self.path)
         if self._map is None:
             self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
         return self._map
 
     def close(self) -> None:
-        if self._map is not None:
-            # A materialised view may still use the map; it then goes with the last view.
-            with contextlib.suppress(BufferError):
-                self._map.close()
-            self._map = None
+        # The map is never closed here: tensors from ``load`` hold a reference to it (but no
+        # buffer export, so closing would unmap memory under them); it is unmapped when the
+        # last of them goes.
+        self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -20,10 +20,14 @@ from .pickle_vm import Buildable, Emulated, PickledDict
 
 @dataclass(frozen=True)
 class Token:
-    """A class or constant the file names but only uses as a value (a dtype, a storage type)."""
+    """A class or constant the file names but only uses as a value (a dtype, a storage type).
+
+    ``unsupported`` names a real torch type that has no safetensors counterpart: the file is
+    data (scanning it is fine), but its tensors of that type cannot be read."""
 
     qualname: str
     dtype: DType | None = None
+    unsupported: str | None = None
 
 
 @dataclass(eq=False)
@@ -107,6 +111,9 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any,
     item = dtype.bits // 8
     if item == 0:
         raise FormatError(f"{dtype} tensors cannot be read from a torch pickle")
+    if numel * item > max(storage.nbytes, 1 << 24):
+        raise UnsafeFileError(f"a tensor of {numel * item} bytes expands a storage of "
+                              f"{storage.nbytes} bytes (repeated elements: a memory bomb)")
     if numel:
         last = offset + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
         if (last + 1) * item > storage.nbytes:
@@ -131,6 +138,8 @@ def _rebuild_tensor_v3(args: tuple) -> PickledTensor:
     storage, offset, size, stride, _requires_grad, _hooks, dtype, *_metadata = args
     if len(args) > 8:
         raise FormatError("too many arguments")
+    if isinstance(dtype, Token) and dtype.unsupported:
+        raise FormatError(f"{dtype.unsupported} tensors are not supported (no safetensors type)")
     if not isinstance(dtype, Token) or dtype.dtype is None:
         raise FormatError("tensor dtype is not a torch dtype")
     return _tensor(storage, offset, size, stride, dtype.dtype)
@@ -237,6 +246,10 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
     for name, dtype in STORAGE_CLASSES.items():
         table[("torch", name)] = Token(f"torch.{name}", dtype)
     table[("torch.storage", "UntypedStorage")] = Token("torch.storage.UntypedStorage")
+    for name, kind in (("ComplexDoubleStorage", "complex128"), ("ComplexHalfStorage", "complex32"),
+                       ("complex128", "complex128"), ("complex32", "complex32"),
+                       ("cdouble", "complex128"), ("chalf", "complex32")):
+        table[("torch", name)] = Token(f"torch.{name}", unsupported=kind)
     for name, dtype in BY_TORCH_NAME.items():
         table[("torch", name)] = Token(f"torch.{name}", dtype)
     for qualname in _TENSOR_TYPES:

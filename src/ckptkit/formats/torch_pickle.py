@@ -11,6 +11,7 @@ rest as extras.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -44,6 +45,9 @@ class _Storages:
             raise FormatError("storage views of torch < 0.4 files are not supported")
         if not isinstance(kind, Token) or not kind.qualname.endswith("Storage"):
             raise UnsafeFileError(f"storage type {safe_repr(kind)} is not a torch storage class")
+        if kind.unsupported:
+            raise FormatError(f"{kind.unsupported} tensors are not supported (no safetensors "
+                              "type)")
         if not (isinstance(key, str) and isinstance(location, str) and isinstance(numel, int)
                 and not isinstance(numel, bool) and numel >= 0):
             raise FormatError("a storage record has a malformed key, location or size")
@@ -191,6 +195,8 @@ def describe(value: Any, depth: int = 0) -> Any:
     """A JSON-friendly summary of a non-weight entry: scalars as they are, containers counted."""
     if isinstance(value, PickledTensor):
         return Summary(f"tensor {value.dtype} {list(value.shape)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        return Summary(repr(value))  # JSON has no inf or nan
     if value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, str):

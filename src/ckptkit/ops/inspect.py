@@ -50,10 +50,14 @@ def decode_metadata_value(value: str) -> Any:
     text = value.strip()
     if text[:1] in ("{", "["):
         try:
-            return json.loads(text)
+            return json.loads(text, parse_constant=_no_constants)
         except ValueError:
             pass
     return value
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN/Infinity would make --json output invalid
 
 
 def key_prefixes(sizes: dict[str, int]) -> list[dict[str, Any]]:
