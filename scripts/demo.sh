@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's first command: set up, make a small training-style .ckpt, inspect it,
-# convert it to safetensors, inspect the result.
+# convert it to safetensors, inspect the result, scan the folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,3 +9,4 @@ mkdir -p demo
 .venv/bin/ckpt inspect demo/sample.ckpt
 .venv/bin/ckpt convert demo/sample.ckpt -o demo/sample.safetensors --keep-metadata
 .venv/bin/ckpt inspect demo/sample.safetensors
+.venv/bin/ckpt scan demo
