@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 from ..errors import CkptError
-from ..ops.inspect import inspect_file
+from ..formats import detect_format
+from ..ops.inspect import inspect_diffusers_folder, inspect_file, is_diffusers_folder
+from ..ops.scan import iter_files
 from .fmt import human_bytes, human_count
+from .progress import ProgressBar
 
 
 def add_parser(commands) -> None:
@@ -16,35 +20,77 @@ def add_parser(commands) -> None:
         "inspect", help="show format, tensors, dtypes, key prefixes and metadata of files",
         description="Show what checkpoint files hold, from their headers alone (no tensor "
                     "data is read).")
-    parser.add_argument("files", nargs="+", metavar="FILE")
+    parser.add_argument("files", nargs="+", metavar="PATH",
+                        help="files, or folders (every model file in them, recursively)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per file, one per line")
+    parser.add_argument("--hash", action="store_true",
+                        help="also compute SHA-256, AutoV2 and AutoV3 (reads the whole file) "
+                             "and look the file up among official releases")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
+
+
+def _expand(paths: list[str]) -> tuple[list[str], bool]:
+    """Files named, plus the model files found in named folders (by content, not name)."""
+    files, folders = [], False
+    for path in paths:
+        if not os.path.isdir(path) or is_diffusers_folder(path):
+            files.append(path)
+            continue
+        folders = True
+        for found in iter_files([path]):
+            try:
+                detect_format(found)
+            except CkptError:
+                continue  # configs, images, text: not model files
+            files.append(found)
+    return files, folders
 
 
 def run(args) -> int:
     status = 0
-    for index, path in enumerate(args.files):
+    files, folders = _expand(args.files)
+    bar = ProgressBar("inspect", unit="files",
+                      enabled=False if args.quiet or not (folders or args.hash) else None)
+    bar.start(sum(os.path.getsize(f) for f in files if os.path.isfile(f)), len(files))
+    for index, path in enumerate(files):
         try:
-            report = inspect_file(path)
+            if os.path.isdir(path):
+                report = inspect_diffusers_folder(path)
+            else:
+                report = inspect_file(path, hashes=args.hash)
+            bar.update(report.get("file_size", 0), 1)
         except CkptError as exc:
             print(f"ckpt: error: {exc}", file=sys.stderr)
             if args.json:
                 print(json.dumps({"path": path, "error": exc.reason}))
             status = status or exc.exit_code
             continue
+        if bar.enabled:
+            bar.stream.write("\r\033[K")
         if args.json:
             print(json.dumps(report, ensure_ascii=False))
         else:
             if index:
                 print()
             print_report(report)
+    bar.close()
     return status
 
 
 def print_report(report: dict[str, Any]) -> None:
     out = sys.stdout.write
     out(f"{report['path']}\n")
+    if report["format"] == "diffusers-folder":
+        ident = report["identification"]
+        out(f"  {'is':<11}diffusers-folder  {ident['family'] or ''}  ({report['pipeline']})\n")
+        for name, part in report["components"].items():
+            sub = part["identification"]
+            out(f"  {name:<15}{sub['kind']:<17}{', '.join(part['files'])}\n")
+        for reason in ident["reasons"]:
+            out(f"    because {reason}\n")
+        return
     rows = [
         ("format", report["format"]),
         ("size", f"{human_bytes(report['file_size'])} ({report['file_size']:,} bytes)"),
@@ -56,6 +102,12 @@ def print_report(report: dict[str, Any]) -> None:
         rows.append(("weights at", report["weights_at"]))
     for name, value in rows:
         out(f"  {name:<11}{value}\n")
+    if "identification" in report:
+        _print_identification(report["identification"], out)
+    if "hashes" in report:
+        out("  hashes\n")
+        for name, value in report["hashes"].items():
+            out(f"    {name:<9}{value}\n")
     out("  dtypes\n")
     for name, entry in report["dtypes"].items():
         out(f"    {name:<12}{entry['tensors']:>7,} tensors  "
@@ -75,6 +127,45 @@ def print_report(report: dict[str, Any]) -> None:
             out(f"    {key}: {_short(value, pretty=True)}\n")
     for note in report["notes"]:
         out(f"  note: {note}\n")
+
+
+def _print_identification(ident: dict[str, Any], out) -> None:
+    what = ident["kind"]
+    if ident["family"]:
+        what += f"  {ident['family']}"
+    if ident["variants"]:
+        what += f"  ({', '.join(ident['variants'])})"
+    if ident["layout"]:
+        what += f"  layout {ident['layout']}"
+    out(f"  {'is':<11}{what}\n")
+    if ident["compatible_families"]:
+        out(f"  {'fits':<11}{', '.join(ident['compatible_families'])}\n")
+    if ident["closest"]:
+        out(f"  {'closest':<11}{ident['closest']}\n")
+    for comp in ident["components"]:
+        dtypes = ", ".join(f"{k} {v}" for k, v in comp["dtypes"].items())
+        prefix = comp["prefix"] or "(bare keys)"
+        out(f"  {'component':<11}{comp['name']:<16}{prefix:<40}"
+            f"{human_count(comp['parameters']):>9}  {dtypes}  {comp['size']}\n")
+    if ident["missing"]:
+        out(f"  {'missing':<11}{', '.join(ident['missing'])}\n")
+    if ident["ambiguous"]:
+        out(f"  {'cannot tell':<11}{', '.join(ident['ambiguous'])} (from weights alone)\n")
+    for group, count in ident["extra"].items():
+        out(f"  {'extra':<11}{count:,} {group}\n")
+    lora = ident.get("lora")
+    if lora:
+        out(f"  {'lora':<11}{lora['format']}, ranks {lora['ranks']}, alphas {lora['alphas']}, "
+            f"{lora['modules']} modules in {', '.join(lora['components'])}\n")
+    sampling = ident.get("sampling")
+    if sampling:
+        w, h = sampling["resolution"]
+        out(f"  {'sampling':<11}{w}x{h}, {sampling['steps']} steps, guidance "
+            f"{sampling['guidance']}, {sampling['prediction']}, {sampling['scheduler']}"
+            + (f", shift {sampling['shift']}" if sampling["shift"] else "")
+            + (f" ({sampling['note']})" if sampling["note"] else "") + "\n")
+    for reason in ident["reasons"]:
+        out(f"    because {reason}\n")
 
 
 def _short(value: Any, pretty: bool = False) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,12 +42,19 @@ class CopyRange:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class Zeros:
+    """A tensor of zero bytes left as a hole in the file (sparse samples for header tests)."""
+
+    nbytes: int
+
+
 @dataclass
 class Planned:
     """One output tensor: its key, dtype and shape, and how to produce its data when due.
 
     ``produce`` returns a torch tensor of exactly this dtype and shape, a bytes-like object
-    of exactly ``nbytes``, or a ``CopyRange``.
+    of exactly ``nbytes``, a ``CopyRange`` or ``Zeros``.
     """
 
     key: str
@@ -80,6 +88,9 @@ def build_header(planned: Sequence[Planned], metadata: dict[str, str] | None) ->
 
 
 def _write_item(fd: int, item: Planned, data: Any) -> None:
+    if isinstance(data, Zeros):
+        os.lseek(fd, item.nbytes, os.SEEK_CUR)
+        return
     if isinstance(data, CopyRange):
         if data.nbytes != item.nbytes:
             raise AssertionError(f"{item.key}: copy of {data.nbytes} bytes, planned "
@@ -109,6 +120,7 @@ def write_safetensors(target: str, planned: Sequence[Planned],
             _write_item(out.fd, item, item.produce())
             if progress:
                 progress.update(item.nbytes, 1)
+        os.ftruncate(out.fd, len(header) + sum(p.nbytes for p in planned))  # trailing holes
         _verify(out.tmp_path, planned, target)
         out.commit()
 

@@ -9,6 +9,7 @@ zero-copy torch view of the memory-mapped file, ``read`` a private copy of just 
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -73,6 +74,19 @@ class LazyTensor:
         with _about(self.source.path):
             return self._load()
 
+    def scalar(self) -> float:
+        """The value of a one-element tensor (a LoRA alpha), decoded without torch."""
+        if self.numel != 1:
+            raise FormatError(f"a tensor of shape {list(self.shape)} is not a scalar",
+                              self.source.path)
+        raw = bytes(self.raw())
+        if self.dtype.name == "BF16":
+            return struct.unpack("<f", b"\x00\x00" + raw)[0]
+        code = _STRUCT_CODES.get(self.dtype.name)
+        if code is None:
+            raise FormatError(f"cannot decode a {self.dtype} scalar", self.source.path)
+        return float(struct.unpack("<" + code, raw)[0])
+
     def _raw(self) -> bytearray:
         if not self.is_contiguous:
             return tensor_bytes(self._read())
@@ -109,6 +123,10 @@ class LazyTensor:
         typed = flat.view(torch_dtype(self.dtype))
         strides = self.strides if self.strides is not None else _contiguous_strides(shape)
         return typed.as_strided(shape, strides, self.storage_offset)
+
+
+_STRUCT_CODES = {"F16": "e", "F32": "f", "F64": "d", "I8": "b", "U8": "B", "I16": "h",
+                 "U16": "H", "I32": "i", "U32": "I", "I64": "q", "U64": "Q", "BOOL": "?"}
 
 
 @contextmanager

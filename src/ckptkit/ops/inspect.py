@@ -7,18 +7,44 @@ No tensor data is read, so a 24 GB file is inspected in the time it takes to rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
 
+from ..arch.detect import Identification, identify
+from ..engine.writer import Progress
+from ..errors import FormatError
 from ..formats import Checkpoint, open_checkpoint
+from .hashing import file_hashes
 
 _CONTAINERS = {"text_encoders", "embedders"}  # their children are separate components
 
 
-def inspect_file(path: str) -> dict[str, Any]:
+def inspect_file(path: str, hashes: bool = False, progress: Progress | None = None
+                 ) -> dict[str, Any]:
+    """The report of one file; ``hashes`` adds SHA-256/AutoV2/AutoV3 (reads the whole file)."""
     with open_checkpoint(path) as checkpoint:
-        return describe_checkpoint(checkpoint)
+        report = describe_checkpoint(checkpoint)
+        digests = file_hashes(path, progress) if hashes else None
+        report["identification"] = identify_checkpoint(
+            checkpoint, digests["sha256"] if digests else None).to_dict()
+    if digests:
+        report["hashes"] = digests
+    return report
+
+
+def identify_checkpoint(checkpoint: Checkpoint, sha256: str | None = None) -> Identification:
+    """What the file is (``arch.detect``), from its header; LoRA alphas are decoded too."""
+    shapes = {k: t.shape for k, t in checkpoint.items()}
+    dtypes = {k: t.dtype.name for k, t in checkpoint.items()}
+    values = {}
+    for key, tensor in checkpoint.items():
+        if key.endswith(".alpha") and tensor.numel == 1:
+            # An alpha we cannot decode stays unknown rather than guessed.
+            with contextlib.suppress(FormatError):
+                values[key] = tensor.scalar()
+    return identify(shapes, dtypes, checkpoint.metadata, values, sha256)
 
 
 def describe_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -83,3 +109,75 @@ def key_prefixes(sizes: dict[str, int]) -> list[dict[str, Any]]:
         entry[1] += numel
     return [{"prefix": p, "tensors": n, "parameters": numel}
             for p, (n, numel) in sorted(groups.items(), key=lambda kv: -kv[1][1])]
+
+
+_PIPELINES = {"StableDiffusionPipeline": ("sd1", "sd2"), "StableDiffusionXLPipeline": ("sdxl",),
+              "StableDiffusionXLImg2ImgPipeline": ("sdxl", "sdxl-refiner"),
+              "StableDiffusion3Pipeline": ("sd3-medium", "sd3.5-medium", "sd3.5-large"),
+              "FluxPipeline": ("flux1-dev", "flux1-schnell")}
+
+
+def is_diffusers_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def inspect_diffusers_folder(path: str) -> dict[str, Any]:
+    """A diffusers pipeline folder: each component's weight files identified (shards
+    together), the family from the diffusion model's weights, checked against
+    ``model_index.json``'s pipeline class."""
+    index_path = os.path.join(path, "model_index.json")
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"model_index.json cannot be read ({exc})", path) from None
+    if not isinstance(index, dict):
+        raise FormatError("model_index.json is not a JSON object", path)
+    pipeline = str(index.get("_class_name", ""))
+    components, family, reasons = {}, None, []
+    for sub in sorted(index):
+        folder = os.path.join(path, sub)
+        if sub.startswith("_") or not os.path.isdir(folder):
+            continue
+        weights = _weight_files(folder)
+        if not weights:
+            continue
+        ident = _identify_shards(weights)
+        components[sub] = {"files": [os.path.relpath(w, path) for w in weights],
+                           "identification": ident.to_dict()}
+        if ident.kind == "diffusion-model" and ident.family:
+            family = ident.family
+    expected = _PIPELINES.get(pipeline)
+    if family and expected and family not in expected:
+        reasons.append(f"model_index.json names {pipeline} but the weights are {family}'s")
+    elif family:
+        reasons.append(f"the diffusion model's weights are {family}'s ({pipeline})")
+    else:
+        reasons.append(f"pipeline {pipeline or 'unnamed'}: the diffusion model was not "
+                       "recognised")
+    return {"path": path, "format": "diffusers-folder", "pipeline": pipeline,
+            "identification": {"kind": "diffusers-folder", "family": family,
+                               "reasons": reasons},
+            "components": components}
+
+
+def _weight_files(folder: str) -> list[str]:
+    names = sorted(os.listdir(folder))
+    safetensors = [n for n in names if n.endswith(".safetensors")]
+    # A folder may hold both precisions (model.safetensors, model.fp16.safetensors): the
+    # full-precision files are the component; variants are the same component again.
+    plain = [n for n in safetensors if ".fp16." not in n and ".bf16." not in n] or safetensors
+    chosen = plain or [n for n in names if n.endswith(".bin")]
+    return [os.path.join(folder, n) for n in chosen]
+
+
+def _identify_shards(paths: list[str]) -> Identification:
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    metadata: dict[str, str] = {}
+    for path in paths:
+        with open_checkpoint(path) as checkpoint:
+            shapes.update({k: t.shape for k, t in checkpoint.items()})
+            dtypes.update({k: t.dtype.name for k, t in checkpoint.items()})
+            metadata.update(checkpoint.metadata)
+    return identify(shapes, dtypes, metadata)

@@ -1,0 +1,1 @@
+"""The architecture registry: families, components, layouts and identification (no torch)."""

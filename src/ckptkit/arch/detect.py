@@ -1,0 +1,400 @@
+"""Says what a checkpoint is from its keys, shapes and metadata: kind, family, variant, layout.
+
+Structure decides first: the file's keys are matched against every family's declared keys in
+each layout (prefixed monolithic ``ldm``, bare ``comfyui``). Key names carry block and layer
+counts, so they separate SDXL from its refiner, SD3 from SD3.5 and FLUX dev from schnell at
+any width. Shapes then decide what names cannot (SD1 and SD2 share UNet key names), find the
+variants that live in input channels (inpainting, pix2pix, FLUX Fill and Depth) and tell a
+full-size file from a tiny sample. What weights cannot tell (v-prediction, distillation) is
+taken from what the file carries: ModelSpec metadata, marker keys, training metadata, and
+the SHA-256 of known releases. Every conclusion comes with its reasons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from typing import Any
+
+from .diffusers import diffusers_component
+from .families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
+from .keys import KeyTable, Shape
+from .lora import detect_lora
+from .releases import lookup
+
+# Keys of the original training code that are not model weights.
+_SCHEDULE_BUFFERS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
+}
+_MARKERS = {"v_pred": "v-prediction", "ztsnr": "zero-terminal-snr",
+            "edm_vpred.sigma_max": "edm-v-prediction", "edm_vpred.sigma_min": "edm-v-prediction",
+            "edm_mean": "edm (Playground 2.5)", "edm_std": "edm (Playground 2.5)"}
+# The input convolution of each diffusion model: its input channels name a variant.
+_INPUT_CONV = {"input_blocks.0.0.weight": {4: None, 9: "inpaint", 8: "pix2pix"},
+               "img_in.weight": {64: None, 384: "fill", 128: "depth"}}
+_LAYOUTS = ("ldm", "comfyui")
+
+
+@dataclass
+class ComponentReport:
+    name: str
+    kind: str
+    prefix: str
+    layout: str
+    tensors: int
+    parameters: int
+    dtypes: dict[str, int]
+    size: str  # "full", "tiny" or "other"
+    missing_keys: int = 0
+
+
+@dataclass
+class Identification:
+    kind: str  # checkpoint, diffusion-model, text-encoder, vae, lora, unknown
+    family: str | None = None
+    variants: list[str] = field(default_factory=list)
+    layout: str | None = None
+    components: list[ComponentReport] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    compatible_families: list[str] = field(default_factory=list)
+    extra: dict[str, int] = field(default_factory=dict)
+    ambiguous: list[str] = field(default_factory=list)
+    closest: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    sampling: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Expected:
+    family: Family
+    component: str
+    layout: str
+    keys: frozenset[str]
+    full: KeyTable
+    tiny: KeyTable
+
+
+@cache
+def _expectations() -> tuple[_Expected, ...]:
+    out = []
+    for fam in families().values():
+        for comp in fam.components:
+            for layout in _LAYOUTS:
+                full = comp.keys(tiny=False, layout=layout)
+                tiny = comp.keys(tiny=True, layout=layout)
+                out.append(_Expected(fam, comp.name, layout, frozenset(full), full, tiny))
+    return tuple(out)
+
+
+def _split_extras(keys: set[str]) -> tuple[set[str], dict[str, int], list[str]]:
+    """Removes training leftovers and marker keys; returns (rest, extra groups, markers)."""
+    extra: dict[str, int] = {}
+    markers = []
+    rest = set()
+    for key in keys:
+        if key in _MARKERS:
+            markers.append(key)
+            extra["markers"] = extra.get("markers", 0) + 1
+        elif key.startswith("model_ema."):
+            extra["ema weights (model_ema.*)"] = extra.get("ema weights (model_ema.*)", 0) + 1
+        elif key in _SCHEDULE_BUFFERS or key.startswith("model.model_sampling."):
+            extra["noise schedule buffers"] = extra.get("noise schedule buffers", 0) + 1
+        elif ".loss." in f".{key}" or key.startswith("loss."):
+            extra["training loss weights"] = extra.get("training loss weights", 0) + 1
+        elif key.endswith((".scale_weight", ".scale_input")) or key.endswith("scaled_fp8"):
+            extra["scaled-fp8 scales"] = extra.get("scaled-fp8 scales", 0) + 1
+        else:
+            rest.add(key)
+    return rest, extra, sorted(markers)
+
+
+def _other_kind(keys: set[str], shapes: Mapping[str, Shape]) -> str | None:
+    """Names files that are neither models nor LoRAs but are often taken for them."""
+    if keys and keys <= {"emb_params", "clip_l", "clip_g", "name", "step", "sd_checkpoint",
+                         "sd_checkpoint_name"} | {k for k in keys if k.startswith("string_to_")}:
+        return "a textual-inversion embedding"
+    if any(k.startswith("control_model.") or "input_hint_block" in k or "zero_convs" in k
+           or k.startswith(("controlnet_cond_embedding", "controlnet_down_blocks"))
+           for k in keys):
+        return "a ControlNet"
+    return None
+
+
+def _shape_mismatches(table: KeyTable, shapes: Mapping[str, Shape]) -> list[str]:
+    return [k for k, v in table.items() if k in shapes and tuple(shapes[k]) != tuple(v)]
+
+
+def _size_and_variant(exp: _Expected, shapes: Mapping[str, Shape],
+                      reasons: list[str]) -> tuple[str, str | None, int]:
+    """Full-size, tiny or other; the input-channel variant; and the count of odd shapes."""
+    best = None
+    for size, table in (("full", exp.full), ("tiny", exp.tiny)):
+        bad = _shape_mismatches(table, shapes)
+        variant = None
+        for key, variants in _INPUT_CONV.items():
+            name = next((k for k in bad if k == key or k.endswith("." + key)), None)
+            if name and len(shapes[name]) >= 2 and shapes[name][1] in variants:
+                variant = variants[shapes[name][1]]
+                bad.remove(name)
+                reasons.append(f"{name} takes {shapes[name][1]} input channels: "
+                               f"{variant or 'the standard model'}")
+        if best is None or len(bad) < len(best[2]):
+            best = (size, variant, bad)
+    size, variant, bad = best
+    if bad:
+        shown = ", ".join(f"{k} {list(shapes[k])} (expected {list(exp.full[k])})"
+                          for k in bad[:3])
+        reasons.append(f"{len(bad)} shapes differ from {exp.family.id}'s {exp.component}: "
+                       f"{shown}")
+        size = "other"
+    return size, variant, len(bad)
+
+
+def _match(keys: set[str], layout: str) -> list[tuple[Family, list[_Expected], int]]:
+    """Candidate families for ``keys`` in ``layout``, best first, with their components."""
+    by_family: dict[str, list[_Expected]] = {}
+    for exp in _expectations():
+        if exp.layout == layout:
+            hits = len(exp.keys & keys)
+            if hits and hits >= len(exp.keys) // 2:
+                by_family.setdefault(exp.family.id, []).append(exp)
+    ranked = []
+    for fid, exps in by_family.items():
+        covered = set().union(*(e.keys for e in exps))
+        score = len(covered & keys) - len(covered - keys) - len(keys - covered)
+        ranked.append((families()[fid], exps, score))
+    ranked.sort(key=lambda r: -r[2])
+    return ranked
+
+
+def identify(shapes: Mapping[str, Shape], dtypes: Mapping[str, str],
+             metadata: Mapping[str, str], values: Mapping[str, float] | None = None,
+             sha256: str | None = None) -> Identification:
+    """Identifies a file from its header: ``shapes`` and ``dtypes`` by key, its metadata,
+    the values of its LoRA alphas if read, and its SHA-256 if computed."""
+    result = _identify(shapes, dtypes, metadata, values)
+    if sha256:
+        _apply_release(result, sha256)
+    return result
+
+
+def _apply_release(result: Identification, sha256: str) -> None:
+    """A known release's hash settles what the weights could not (turbo, v-prediction)."""
+    release = lookup(sha256)
+    if release is None:
+        result.reasons.append("its SHA-256 is not one of the official releases ckptkit knows")
+        return
+    result.reasons.append(f"its SHA-256 is that of the official {release.name} "
+                          f"({release.source})")
+    if result.family and release.family != result.family:
+        result.reasons.append(f"that release is {release.family}, not {result.family}: the "
+                              "weights decide")
+        return
+    for variant in release.variants:
+        if variant not in result.variants:
+            result.variants.append(variant)
+    result.ambiguous = []
+    if result.family:
+        result.sampling = asdict(_sampling(families()[result.family], result.variants))
+
+
+def _identify(shapes, dtypes, metadata, values) -> Identification:
+    all_keys = set(shapes)
+    lora = detect_lora(shapes, metadata, values)
+    if lora is not None:
+        result = Identification("lora", family=lora.family, reasons=list(lora.reasons),
+                                lora=asdict(lora))
+        return result
+    keys, extra, markers = _split_extras(all_keys)
+    other = _other_kind(keys, shapes)
+    if other:
+        return Identification("unknown", extra=extra,
+                              reasons=[f"the keys are those of {other}, not of a model "
+                                       "checkpoint or one of its components"])
+    for layout in _LAYOUTS:
+        ranked = _match(keys, layout)
+        if ranked:
+            return _conclude(ranked, layout, keys, shapes, dtypes, metadata, extra, markers)
+    found = diffusers_component({k: shapes[k] for k in keys})
+    if found:
+        return _diffusers(found, keys, shapes, dtypes, extra)
+    return _unknown(keys, extra)
+
+
+def _diffusers(found, keys: set[str], shapes, dtypes, extra) -> Identification:
+    name, fid, reasons = found
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[dtypes[k]] = counts.get(dtypes[k], 0) + 1
+    report = ComponentReport(name, COMPONENT_KINDS[name], "", "diffusers", len(keys),
+                             sum(_numel(shapes[k]) for k in keys), counts, "full")
+    result = Identification(COMPONENT_KINDS[name], layout="diffusers", components=[report],
+                            extra=extra, reasons=list(reasons))
+    if fid and name == DIFFUSION_MODEL:
+        fam = families()[fid]
+        result.family = fid
+        result.missing = [c for c in fam.component_names if c != name]
+        result.sampling = asdict(fam.sampling)
+    elif name == "vae":
+        latent = next(shapes[k][1] for k in keys if k == "decoder.conv_in.weight")
+        result.compatible_families = [f.id for f in families().values()
+                                      if f.latent_channels == latent]
+    return result
+
+
+def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, extra,
+              markers) -> Identification:
+    best_score = ranked[0][2]
+    tied = [r for r in ranked if r[2] == best_score]
+    reasons: list[str] = []
+    if len(tied) > 1:
+        # Same key names (SD1 and SD2 UNets, text encoders shared by several families):
+        # shapes decide, then the order of the declarations.
+        def odd_shapes(candidate) -> int:
+            return sum(min(len(_shape_mismatches(e.full, shapes)),
+                           len(_shape_mismatches(e.tiny, shapes))) for e in candidate[1])
+        tied.sort(key=odd_shapes)
+        reasons.append(f"key names fit {', '.join(r[0].id for r in tied)} equally; shapes "
+                       f"fit {tied[0][0].id} best")
+    fam, exps, _ = tied[0]
+    components = []
+    variants: list[str] = []
+    covered: set[str] = set()
+    for exp in sorted(exps, key=lambda e: fam.component_names.index(e.component)):
+        present = exp.keys & keys
+        covered |= present
+        size, variant, _ = _size_and_variant(exp, shapes, reasons)
+        if variant:
+            variants.append(variant)
+        missing = len(exp.keys - keys)
+        prefix = fam.component(exp.component).ldm_prefix if layout == "ldm" else ""
+        counts: dict[str, int] = {}
+        for k in present:
+            counts[dtypes[k]] = counts.get(dtypes[k], 0) + 1
+        params = sum(_numel(shapes[k]) for k in present)
+        components.append(ComponentReport(exp.component, COMPONENT_KINDS[exp.component], prefix,
+                                          layout, len(present), params, counts, size, missing))
+        reasons.append(f"{len(present)} of {len(exp.keys)} keys of {fam.id}'s {exp.component} "
+                       f"{'under ' + repr(prefix) if prefix else '(bare names)'}"
+                       + (f"; {missing} missing" if missing else ""))
+    names = [c.name for c in components]
+    unexplained = keys - covered
+    if unexplained:
+        extra["unexplained keys"] = len(unexplained)
+        reasons.append(f"{len(unexplained)} keys belong to no component, e.g. "
+                       f"{', '.join(sorted(unexplained)[:3])}")
+    result = Identification("unknown", layout=layout, components=components, extra=extra,
+                            reasons=reasons)
+    if layout == "ldm" or len(names) > 1:
+        result.kind = "checkpoint"
+    else:
+        result.kind = COMPONENT_KINDS[names[0]]
+    shared = [f.id for f in families().values() if _same_component(f, exps[0], shapes)]
+    if result.kind in ("text-encoder", "vae"):
+        result.compatible_families = shared
+        reasons.append(f"this {names[0]} is the one of {', '.join(shared)}: a part alone does "
+                       "not tell which model it was trained with")
+    else:
+        result.family = fam.id
+        result.missing = [c for c in fam.component_names if c not in names]
+    result.variants = variants
+    _apply_metadata(result, fam, metadata, markers)
+    if result.family:
+        result.sampling = asdict(_sampling(fam, result.variants))
+    return result
+
+
+def _same_component(fam: Family, exp: _Expected, shapes) -> bool:
+    try:
+        comp = fam.component(exp.component)
+    except KeyError:
+        return False
+    for tiny in (False, True):
+        table = comp.keys(tiny=tiny, layout=exp.layout)
+        if set(table) == exp.keys and not _shape_mismatches(table, shapes):
+            return True
+    return False
+
+
+def _sampling(fam: Family, variants: list[str]):
+    for name, sampling in fam.distilled.items():
+        if name in variants:
+            return sampling
+    return fam.sampling
+
+
+def _apply_metadata(result: Identification, fam: Family, metadata: Mapping[str, str],
+                    markers: list[str]) -> None:
+    """Adds what only the file's own words can say: prediction type, distillation, title."""
+    arch = metadata.get("modelspec.architecture", "")
+    if arch:
+        named = next((f for f in families().values() if arch.split("/")[0] in f.architectures),
+                     None)
+        if named is None:
+            result.reasons.append(f"ModelSpec architecture {arch!r} is not one ckptkit knows")
+        elif result.family and named.id != result.family:
+            result.reasons.append(f"ModelSpec says {arch!r} ({named.id}) but the weights are "
+                                  f"{result.family}'s; the weights decide")
+        else:
+            result.reasons.append(f"ModelSpec architecture {arch!r} agrees")
+        for word, variant in (("768-v", "v-prediction"), ("turbo", "turbo"),
+                              ("inpainting", "inpaint"), ("edit", "pix2pix")):
+            if word in arch and variant not in result.variants:
+                result.variants.append(variant)
+                result.reasons.append(f"ModelSpec architecture {arch!r} names the {variant} "
+                                      "variant")
+    prediction = metadata.get("modelspec.prediction_type") or metadata.get(
+        "modelspec.predict_key")
+    if prediction in ("v", "v_prediction") and "v-prediction" not in result.variants:
+        result.variants.append("v-prediction")
+        result.reasons.append(f"metadata says prediction type {prediction!r}")
+    for key in markers:
+        variant = _MARKERS[key]
+        if variant not in result.variants:
+            result.variants.append(variant)
+            result.reasons.append(f"marker key {key!r}: {variant}")
+    if result.family == "sd2" and not {"v-prediction", "inpaint"} & set(result.variants):
+        result.ambiguous.append("v-prediction")
+        result.reasons.append("SD2 512 (epsilon) and 768 (v-prediction) models have the same "
+                              "weights and this file does not say which it is")
+    if fam.distilled and not set(fam.distilled) & set(result.variants):
+        result.ambiguous.extend(sorted(fam.distilled))
+        result.reasons.append(f"{fam.name} and its distilled release "
+                              f"({', '.join(fam.distilled)}) have the same weights layout; "
+                              "nothing in the file says it is the distilled one")
+
+
+def _unknown(keys: set[str], extra: dict[str, int]) -> Identification:
+    """No family fits: name the closest declaration and what differs."""
+    best = None
+    for exp in _expectations():
+        hits = len(exp.keys & keys)
+        if hits and (best is None or hits > best[0]):
+            best = (hits, exp)
+    result = Identification("unknown", extra=extra)
+    if best is None:
+        result.reasons.append("no key matches any known model component")
+        return result
+    hits, exp = best
+    result.closest = f"{exp.family.id} {exp.component} ({exp.layout})"
+    missing = sorted(exp.keys - keys)
+    result.reasons.append(f"closest: {result.closest}, {hits} of {len(exp.keys)} keys present; "
+                          f"missing e.g. {', '.join(missing[:3])}; "
+                          f"{len(keys - exp.keys)} other keys")
+    return result
+
+
+def _numel(shape: Shape) -> int:
+    total = 1
+    for d in shape:
+        total *= d
+    return total
+

@@ -1,0 +1,54 @@
+"""``ckpt sample FAMILY -o FILE``: a synthetic model with a family's exact key names."""
+
+from __future__ import annotations
+
+import json
+
+from ..arch.families import families
+from ..formats.dtypes import CLI_NAMES
+from ..ops.sample import LAYOUTS, sample
+from .fmt import human_count
+from .progress import ProgressBar
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "sample", help="write a synthetic model with the exact key names of a family",
+        description="Write a synthetic checkpoint of FAMILY: full-size shapes with random "
+                    "weights (or zero-filled holes with --sparse), or --tiny (the real key "
+                    "names, narrow widths) for tests.")
+    parser.add_argument("family", choices=list(families()), metavar="FAMILY",
+                        help=f"one of: {', '.join(families())}")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE")
+    parser.add_argument("--layout", choices=LAYOUTS, default="ldm",
+                        help="ldm: one monolithic file with the original prefixes (default); "
+                             "comfyui: one component with bare keys")
+    parser.add_argument("--components", help="comma-separated subset, e.g. diffusion_model,vae")
+    parser.add_argument("--variant", help="inpaint, pix2pix (SD UNets), fill, depth (FLUX)")
+    parser.add_argument("--dtype", choices=list(CLI_NAMES), default="fp16")
+    parser.add_argument("--tiny", action="store_true", help="narrow widths, same key names")
+    parser.add_argument("--sparse", action="store_true",
+                        help="zero-filled holes instead of values (instant, for header tests)")
+    parser.add_argument("--format", choices=("safetensors", "ckpt"), default="safetensors")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    bar = ProgressBar("sample", enabled=False if args.quiet or args.json else None)
+    try:
+        counts = sample(args.family, args.output, layout=args.layout, dtype=args.dtype,
+                        tiny=args.tiny, sparse=args.sparse,
+                        components=args.components.split(",") if args.components else None,
+                        fmt=args.format, variant=args.variant, seed=args.seed, progress=bar)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps({"output": args.output, "family": args.family, **counts}))
+    else:
+        print(f"wrote {args.output}: {args.family} ({args.layout} layout"
+              f"{', tiny' if args.tiny else ''}), {counts['tensors']:,} tensors, "
+              f"{human_count(counts['parameters'])} parameters")
+    return 0
