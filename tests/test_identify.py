@@ -296,3 +296,44 @@ def test_cli_sample_and_inspect_json(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
     assert "flux1-schnell" in text and "because" in text
+
+
+def test_kohya_sdxl_layout_and_old_sd1_clip_names(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    kohya = tmp_path / "kohya.safetensors"
+    sample("sdxl", str(kohya), tiny=True, layout="kohya")
+    with safe_open(str(kohya), "pt") as f:
+        prefixes = {k.split(".")[0] for k in list(f.keys())}
+    assert prefixes == {"unet", "te1", "te2", "first_stage_model"}  # sd-mecha's sdxl-kohya
+    ident = _ident(kohya)
+    assert (ident["family"], ident["layout"], ident["kind"]) == ("sdxl", "kohya", "checkpoint")
+    assert len(ident["components"]) == 4
+    old = tmp_path / "old.safetensors"
+    sample("sd1", str(old), tiny=True)
+    tensors = load_file(str(old))
+    renamed = {k.replace("cond_stage_model.transformer.text_model.",
+                         "cond_stage_model.transformer."): v for k, v in tensors.items()}
+    save_file(renamed, str(tmp_path / "renamed.safetensors"))
+    ident = _ident(tmp_path / "renamed.safetensors")
+    assert ident["family"] == "sd1" and "clip_l" in [c["name"] for c in ident["components"]]
+    assert "unexplained keys" not in ident["extra"]
+    assert any("text_model." in r for r in ident["reasons"])
+
+
+def test_kohya_sdxl_keys_match_sd_mecha_table(tmp_path):
+    import sd_mecha
+    import yaml
+
+    from ckptkit.ops.sample import sample_table
+
+    table_path = os.path.join(os.path.dirname(sd_mecha.__file__), "extensions", "builtin",
+                              "model_configs", "sdxl-kohya.yaml")
+    with open(table_path) as f:
+        published = yaml.safe_load(f)["components"]
+    ours = sample_table(families()["sdxl"], layout="kohya")
+    required = {k: tuple(v["shape"]) for comp in published.values() for k, v in comp.items()
+                if not v.get("optional")}
+    optional = {k for comp in published.values() for k, v in comp.items() if v.get("optional")}
+    assert set(required) <= set(ours) <= set(required) | optional
+    assert all(ours[k] == shape for k, shape in required.items())

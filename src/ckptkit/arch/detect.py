@@ -36,7 +36,15 @@ _MARKERS = {"v_pred": "v-prediction", "ztsnr": "zero-terminal-snr",
 # The input convolution of each diffusion model: its input channels name a variant.
 _INPUT_CONV = {"input_blocks.0.0.weight": {4: None, 9: "inpaint", 8: "pix2pix"},
                "img_in.weight": {64: None, 384: "fill", 128: "depth"}}
-_LAYOUTS = ("ldm", "comfyui")
+_LAYOUTS = ("ldm", "kohya", "comfyui")
+# Older SD1 files lack the ``text_model.`` level that transformers added (sd-mecha lists them
+# as aliases); they are read as if it were there.
+_ALIASES = (("cond_stage_model.transformer.embeddings.",
+             "cond_stage_model.transformer.text_model.embeddings."),
+            ("cond_stage_model.transformer.encoder.",
+             "cond_stage_model.transformer.text_model.encoder."),
+            ("cond_stage_model.transformer.final_layer_norm.",
+             "cond_stage_model.transformer.text_model.final_layer_norm."))
 
 
 @dataclass
@@ -90,7 +98,8 @@ def _expectations() -> tuple[_Expected, ...]:
             for layout in _LAYOUTS:
                 full = comp.keys(tiny=False, layout=layout)
                 tiny = comp.keys(tiny=True, layout=layout)
-                out.append(_Expected(fam, comp.name, layout, frozenset(full), full, tiny))
+                if full:
+                    out.append(_Expected(fam, comp.name, layout, frozenset(full), full, tiny))
     return tuple(out)
 
 
@@ -206,7 +215,30 @@ def _apply_release(result: Identification, sha256: str) -> None:
         result.sampling = asdict(_sampling(families()[result.family], result.variants))
 
 
+def _unalias(shapes, dtypes):
+    """Old key spellings renamed to current ones (with a reason), else the inputs as they are."""
+    renamed = {}
+    for key in shapes:
+        for old, new in _ALIASES:
+            if key.startswith(old):
+                renamed[key] = new + key[len(old):]
+    if not renamed:
+        return shapes, dtypes, []
+    rename = renamed.get
+    return ({rename(k, k): v for k, v in shapes.items()},
+            {rename(k, k): v for k, v in dtypes.items()},
+            [f"{len(renamed)} text encoder keys lack the 'text_model.' level of current files "
+             "(an older SD1 layout); read as if it were there"])
+
+
 def _identify(shapes, dtypes, metadata, values) -> Identification:
+    shapes, dtypes, notes = _unalias(shapes, dtypes)
+    result = _identify_keys(shapes, dtypes, metadata, values)
+    result.reasons[:0] = notes
+    return result
+
+
+def _identify_keys(shapes, dtypes, metadata, values) -> Identification:
     all_keys = set(shapes)
     lora = detect_lora(shapes, metadata, values)
     if lora is not None:
@@ -219,10 +251,13 @@ def _identify(shapes, dtypes, metadata, values) -> Identification:
         return Identification("unknown", extra=extra,
                               reasons=[f"the keys are those of {other}, not of a model "
                                        "checkpoint or one of its components"])
-    for layout in _LAYOUTS:
-        ranked = _match(keys, layout)
-        if ranked:
-            return _conclude(ranked, layout, keys, shapes, dtypes, metadata, extra, markers)
+    candidates = [(ranked[0][2], layout, ranked) for layout in _LAYOUTS
+                  if (ranked := _match(keys, layout))]
+    if candidates:
+        # The layout that explains the file best: a kohya SDXL file's VAE also fits the
+        # ldm layout, but its other components only fit kohya's.
+        _, layout, ranked = max(candidates, key=lambda c: c[0])
+        return _conclude(ranked, layout, keys, shapes, dtypes, metadata, extra, markers)
     found = diffusers_component({k: shapes[k] for k in keys})
     if found:
         return _diffusers(found, keys, shapes, dtypes, extra)
@@ -275,7 +310,7 @@ def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, ext
         if variant:
             variants.append(variant)
         missing = len(exp.keys - keys)
-        prefix = fam.component(exp.component).ldm_prefix if layout == "ldm" else ""
+        prefix = fam.component(exp.component).prefix(layout)
         counts: dict[str, int] = {}
         for k in present:
             counts[dtypes[k]] = counts.get(dtypes[k], 0) + 1
@@ -293,7 +328,7 @@ def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, ext
                        f"{', '.join(sorted(unexplained)[:3])}")
     result = Identification("unknown", layout=layout, components=components, extra=extra,
                             reasons=reasons)
-    if layout == "ldm" or len(names) > 1:
+    if layout in ("ldm", "kohya") or len(names) > 1:
         result.kind = "checkpoint"
     else:
         result.kind = COMPONENT_KINDS[names[0]]

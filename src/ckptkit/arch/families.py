@@ -45,12 +45,21 @@ class Component:
     build: Callable[[object], KeyTable]
     ldm_prefix: str
     ldm_build: Callable[[object], KeyTable] | None = None
+    kohya_prefix: str | None = None  # kohya sd-scripts' checkpoint prefix, canonical names
+
+    def prefix(self, layout: str) -> str:
+        return {"ldm": self.ldm_prefix, "kohya": self.kohya_prefix or ""}.get(layout, "")
 
     def keys(self, tiny: bool = False, layout: str = "comfyui") -> KeyTable:
-        """This component's keys in ``layout`` ("comfyui": bare canonical; "ldm": prefixed)."""
+        """This component's keys in ``layout``: "comfyui" bare canonical names; "ldm" the
+        monolithic prefix and naming; "kohya" kohya's prefix (empty when it has none)."""
         config = self.tiny if tiny else self.full
         if layout == "comfyui":
             return self.build(config)
+        if layout == "kohya":
+            if self.kohya_prefix is None:
+                return {}
+            return {self.kohya_prefix + k: v for k, v in self.build(config).items()}
         table = (self.ldm_build or self.build)(config)
         return {self.ldm_prefix + k: v for k, v in table.items()}
 
@@ -106,6 +115,10 @@ def _clip(name: str, full, tiny, prefix: str, openclip: bool = False) -> Compone
 
 def _t5(prefix: str) -> Component:
     return Component("t5xxl", t5_keys.T5_XXL, t5_keys.T5_XXL_TINY, t5_keys.t5_keys, prefix)
+
+
+def _kohya(comp: Component, prefix: str) -> Component:
+    return replace(comp, kohya_prefix=prefix)
 
 
 def _in_text_encoders(comp: Component) -> Component:
@@ -173,13 +186,15 @@ def families() -> dict[str, Family]:
                ("stable-diffusion-v2-512", "stable-diffusion-v2-768-v",
                 "stable-diffusion-v2-inpainting", "stable-diffusion-v2-depth", "sd_v2",
                 "sd_v2_v")),
+        # kohya sd-scripts saves SDXL with te1./te2./unet. prefixes and canonical names
+        # (sd-mecha's sdxl-kohya table); its SD1 files use diffusers names instead.
         Family("sdxl", "Stable Diffusion XL base",
-               (_unet(unet_keys.SDXL_UNET, unet_keys.SDXL_UNET_TINY),
-                _clip("clip_l", clip_keys.CLIP_L_SDXL, clip_keys.CLIP_L_SDXL_TINY,
-                      "conditioner.embedders.0.transformer."),
-                _clip("clip_g", clip_keys.CLIP_G, clip_keys.CLIP_G_TINY,
-                      "conditioner.embedders.1.model.", openclip=True),
-                _vae(vae_keys.VAE_SD, vae_keys.VAE_SD_TINY)),
+               (_kohya(_unet(unet_keys.SDXL_UNET, unet_keys.SDXL_UNET_TINY), "unet."),
+                _kohya(_clip("clip_l", clip_keys.CLIP_L_SDXL, clip_keys.CLIP_L_SDXL_TINY,
+                             "conditioner.embedders.0.transformer."), "te1."),
+                _kohya(_clip("clip_g", clip_keys.CLIP_G, clip_keys.CLIP_G_TINY,
+                             "conditioner.embedders.1.model.", openclip=True), "te2."),
+                _kohya(_vae(vae_keys.VAE_SD, vae_keys.VAE_SD_TINY), "first_stage_model.")),
                Sampling((1024, 1024), 50, 5.0, "epsilon", "Euler"), 4,
                ("stable-diffusion-xl-v1-base", "stable-diffusion-xl-v1-edit",
                 "stable-diffusion-xl-turbo-v1", "sdxl_base_v1-0"),

@@ -22,7 +22,8 @@ def add_parser(commands) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="FILE")
     parser.add_argument("--layout", choices=LAYOUTS, default="ldm",
                         help="ldm: one monolithic file with the original prefixes (default); "
-                             "comfyui: one component with bare keys")
+                             "kohya: kohya sd-scripts' prefixes (sdxl); comfyui: one "
+                             "component with bare keys")
     parser.add_argument("--components", help="comma-separated subset, e.g. diffusion_model,vae")
     parser.add_argument("--variant", help="inpaint, pix2pix (SD UNets), fill, depth (FLUX)")
     parser.add_argument("--dtype", choices=list(CLI_NAMES), default="fp16")

@@ -18,7 +18,7 @@ from ..engine.writer import Planned, Progress, Zeros, write_safetensors
 from ..errors import UsageError
 from ..formats.dtypes import BY_NAME, CLI_NAMES, DType, torch_dtype
 
-LAYOUTS = ("ldm", "comfyui")
+LAYOUTS = ("ldm", "kohya", "comfyui")
 _INPUT_CONV = {"input_blocks.0.0.weight": {"inpaint": 9, "pix2pix": 8},
                "img_in.weight": {"fill": 384, "depth": 128}}
 _INT_KEYS = ("position_ids",)
@@ -32,8 +32,11 @@ def sample_table(fam: Family, *, layout: str = "ldm", tiny: bool = False,
     """Key -> shape of the sample ``sample`` writes."""
     if layout not in LAYOUTS:
         raise UsageError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-    names = components or (list(fam.component_names) if layout == "ldm" else
+    names = components or (list(fam.component_names) if layout != "comfyui" else
                            ["diffusion_model"])
+    if layout == "kohya" and not all(fam.component(n).kohya_prefix for n in names
+                                     if n in fam.component_names):
+        raise UsageError(f"ckptkit knows the kohya layout of sdxl only, not of {fam.id}")
     unknown = [n for n in names if n not in fam.component_names]
     if unknown:
         raise UsageError(f"{fam.id} has no component {unknown[0]!r}; it has "
