@@ -46,6 +46,9 @@ class Component:
     ldm_prefix: str
     ldm_build: Callable[[object], KeyTable] | None = None
     kohya_prefix: str | None = None  # kohya sd-scripts' checkpoint prefix, canonical names
+    # How the monolithic file names it: "canonical" (prefix only), "openclip" (SD2/SDXL text
+    # encoders), "transformer" (SD3/FLUX all-in-one: under transformer. with a logit_scale).
+    ldm_naming: str = "canonical"
 
     def prefix(self, layout: str) -> str:
         return {"ldm": self.ldm_prefix, "kohya": self.kohya_prefix or ""}.get(layout, "")
@@ -109,8 +112,10 @@ def _vae(full, tiny, prefix: str = "first_stage_model.") -> Component:
 
 
 def _clip(name: str, full, tiny, prefix: str, openclip: bool = False) -> Component:
-    return Component(name, full, tiny, clip_keys.clip_keys, prefix,
-                     clip_keys.openclip_keys if openclip else None)
+    if openclip:
+        return Component(name, full, tiny, clip_keys.clip_keys, prefix, clip_keys.openclip_keys,
+                         ldm_naming="openclip")
+    return Component(name, full, tiny, clip_keys.clip_keys, prefix)
 
 
 def _t5(prefix: str) -> Component:
@@ -130,7 +135,8 @@ def _in_text_encoders(comp: Component) -> Component:
     def ldm_build(config) -> KeyTable:
         return {"logit_scale": (), **{"transformer." + k: v for k, v in build(config).items()}}
 
-    return replace(comp, ldm_prefix=f"text_encoders.{comp.name}.", ldm_build=ldm_build)
+    return replace(comp, ldm_prefix=f"text_encoders.{comp.name}.", ldm_build=ldm_build,
+                   ldm_naming="transformer")
 
 
 def _mmdit(full, tiny) -> Component:

@@ -1,0 +1,97 @@
+"""``ckpt split``, ``ckpt assemble`` and ``ckpt vae bake``: checkpoints and their parts."""
+
+from __future__ import annotations
+
+import json
+
+from ..ops.parts import assemble, bake_vae, split
+from .progress import ProgressBar
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser(
+        "split", help="write each component of a checkpoint as a ComfyUI standalone file",
+        description="Write the diffusion model, text encoders and VAE of a monolithic "
+                    "checkpoint as separate safetensors files in ComfyUI's folders "
+                    "(diffusion_models/, text_encoders/, vae/) and names.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--components", help="comma-separated subset, e.g. vae or clip_l,clip_g")
+    _common(p, run_split)
+
+    p = commands.add_parser(
+        "assemble", help="build one monolithic checkpoint from a diffusion model and parts",
+        description="Identify each part from its header, check that they belong together, "
+                    "and write them under the family's original monolithic prefixes.")
+    p.add_argument("--diffusion-model", required=True, metavar="FILE")
+    p.add_argument("--text-encoder", action="append", default=[], metavar="FILE",
+                   help="repeat for each text encoder (which one it is is read from the file)")
+    p.add_argument("--vae", metavar="FILE")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="write even when components of the family are missing")
+    _common(p, run_assemble)
+
+    p = commands.add_parser("vae", help="VAE operations (bake)")
+    vae_commands = p.add_subparsers(dest="vae_command", metavar="ACTION",
+                                    parser_class=type(commands._parser_class()))
+    vae_commands.required = True
+    b = vae_commands.add_parser("bake", help="replace the VAE inside a checkpoint")
+    b.add_argument("checkpoint", metavar="CHECKPOINT")
+    b.add_argument("vae", metavar="VAE")
+    b.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    _common(b, run_bake)
+
+
+def _common(parser, run) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(run=run)
+
+
+def _bar(args, label: str) -> ProgressBar:
+    return ProgressBar(label, enabled=False if args.quiet or args.json else None)
+
+
+def run_split(args) -> int:
+    bar = _bar(args, "split")
+    try:
+        written = split(args.checkpoint, args.output,
+                        args.components.split(",") if args.components else None, progress=bar)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps({"input": args.checkpoint, "written": written}))
+    else:
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
+def run_assemble(args) -> int:
+    bar = _bar(args, "assemble")
+    try:
+        result = assemble(args.diffusion_model, args.text_encoder, args.vae, args.output,
+                          allow_partial=args.allow_partial, progress=bar)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps({"output": args.output, **result}))
+    else:
+        print(f"wrote {args.output}: {result['family']} with "
+              f"{', '.join(result['components'])}"
+              + (f" (missing {', '.join(result['missing'])})" if result["missing"] else ""))
+    return 0
+
+
+def run_bake(args) -> int:
+    bar = _bar(args, "vae bake")
+    try:
+        result = bake_vae(args.checkpoint, args.vae, args.output, progress=bar)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps({"output": args.output, **result}))
+    else:
+        print(f"wrote {args.output}: {result['family']} with the VAE of {args.vae}")
+    return 0

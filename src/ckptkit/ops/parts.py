@@ -1,0 +1,199 @@
+"""``split``, ``assemble`` and ``vae bake``: monolithic checkpoints and their parts.
+
+A split writes each component of a monolithic checkpoint as a ComfyUI standalone file
+(``diffusion_models/``, ``text_encoders/``, ``vae/``), renamed by ``arch.layouts``. An
+assemble identifies each part from its header, checks that the parts belong together
+(the family's text encoders, a VAE with the latent channels its diffusion model makes, the
+same size), and writes them under the family's monolithic prefixes. Scalars that a
+standalone file has no place for (open_clip's ``logit_scale``) travel in the part's
+metadata, so split then assemble gives back the same tensors bit for bit. Every output
+says where it came from in its metadata, merged into the source's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from typing import Any
+
+from .. import __version__
+from ..arch.detect import Identification
+from ..arch.families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
+from ..arch.layouts import Move, to_canonical, to_ldm
+from ..engine.moves import plan_moves
+from ..engine.writer import Progress, write_safetensors
+from ..errors import UsageError
+from ..formats import Checkpoint, open_checkpoint
+from ..formats.dtypes import BY_NAME
+from .inspect import identify_checkpoint
+
+SCALARS_KEY = "ckptkit.scalars"  # JSON: {name: [value, dtype]} of keys a part cannot hold
+FOLDERS = {"diffusion-model": "diffusion_models", "text-encoder": "text_encoders",
+           "vae": "vae"}
+
+
+def _provenance(operation: str, sources: list[str], **extra: Any) -> dict[str, str]:
+    meta = {"ckptkit.version": __version__, "ckptkit.operation": operation,
+            "ckptkit.sources": json.dumps([os.path.basename(s) for s in sources])}
+    meta.update({f"ckptkit.{k}": v if isinstance(v, str) else json.dumps(v)
+                 for k, v in extra.items()})
+    return meta
+
+
+def _architecture(fam: Family, component: str | None) -> str:
+    arch = fam.architectures[0] if fam.architectures else fam.id
+    if component is None or component == DIFFUSION_MODEL:
+        return arch
+    return f"{arch}/vae" if component == "vae" else f"{arch}/{component}"
+
+
+def _monolithic(path: str, checkpoint: Checkpoint) -> tuple[Family, Identification]:
+    ident = identify_checkpoint(checkpoint)
+    if ident.kind != "checkpoint" or ident.layout != "ldm" or not ident.family:
+        raise UsageError(f"{path} is a {ident.kind}"
+                         f"{' in the ' + ident.layout + ' layout' if ident.layout else ''}, "
+                         "not a monolithic checkpoint in the original layout")
+    return families()[ident.family], ident
+
+
+def split(src: str, out_dir: str, components: list[str] | None = None,
+          progress: Progress | None = None) -> list[str]:
+    """Writes the chosen components of ``src`` as standalone files; returns their paths."""
+    written = []
+    with open_checkpoint(src) as checkpoint:
+        fam, ident = _monolithic(src, checkpoint)
+        present = [c.name for c in ident.components]
+        chosen = components or present
+        unknown = [c for c in chosen if c not in present]
+        if unknown:
+            raise UsageError(f"{src} has no {unknown[0]} component; it has "
+                             f"{', '.join(present)}")
+        stem = os.path.splitext(os.path.basename(src))[0]
+        keys = set(checkpoint)
+        for name in chosen:
+            comp = fam.component(name)
+            moves, dropped = to_canonical(comp, keys)
+            scalars = {n: [checkpoint[k].scalar(), checkpoint[k].dtype.name]
+                       for k, n in dropped.items()}
+            kind = COMPONENT_KINDS[name]
+            suffix = f"_{name}" if kind == "text-encoder" else ""
+            folder = os.path.join(out_dir, FOLDERS[kind])
+            os.makedirs(folder, exist_ok=True)
+            target = os.path.join(folder, f"{stem}{suffix}.safetensors")
+            metadata = {**checkpoint.metadata,
+                        "modelspec.sai_model_spec": "1.0.1",
+                        "modelspec.architecture": _architecture(fam, name),
+                        "modelspec.title": f"{stem} {name}",
+                        **_provenance("split", [src], family=fam.id, component=name)}
+            if scalars:
+                metadata[SCALARS_KEY] = json.dumps(scalars)
+            write_safetensors(target, plan_moves(moves, checkpoint), metadata, inputs=(src,),
+                              progress=progress)
+            written.append(target)
+    return written
+
+
+def _part(path: str, stack: ExitStack) -> tuple[Checkpoint, Identification, str]:
+    checkpoint = stack.enter_context(open_checkpoint(path))
+    ident = identify_checkpoint(checkpoint)
+    names = [c.name for c in ident.components]
+    if len(names) != 1:
+        raise UsageError(f"{path} is a {ident.kind}"
+                         f"{' with ' + ', '.join(names) if names else ''}, not one component")
+    return checkpoint, ident, names[0]
+
+
+def _moves_for(part: Checkpoint, ident: Identification, comp) -> list[Move]:
+    """A part's keys under the family's monolithic names, whatever layout it came in."""
+    keys = set(part)
+    if ident.layout == "ldm":
+        return [Move(k, (k,)) for k in sorted(keys) if k.startswith(comp.ldm_prefix)]
+    scalars = json.loads(part.metadata.get(SCALARS_KEY, "{}"))
+    return to_ldm(comp, keys, {n: v[0] for n, v in scalars.items()})
+
+
+def _scalar_dtypes(part: Checkpoint, comp) -> dict[str, Any]:
+    scalars = json.loads(part.metadata.get(SCALARS_KEY, "{}"))
+    return {comp.ldm_prefix + n: BY_NAME[v[1]] for n, v in scalars.items()}
+
+
+def _check_fits(fam: Family, path: str, ident: Identification, name: str,
+                part: Checkpoint, tiny: bool) -> None:
+    if name not in fam.component_names:
+        wanted = ", ".join(c for c in fam.component_names if c != DIFFUSION_MODEL)
+        raise UsageError(f"{path} is a {name}, which {fam.name} does not use (it takes "
+                         f"{wanted})")
+    if ident.layout not in ("ldm", "comfyui"):
+        raise UsageError(f"{path} is in the {ident.layout} layout; assemble takes parts in "
+                         "the ComfyUI or original layouts")
+    expected = fam.component(name).keys(tiny=tiny, layout=ident.layout)
+    wrong = [k for k, shape in expected.items() if k in part and part[k].shape != shape]
+    if wrong:
+        key = wrong[0]
+        raise UsageError(f"{path} does not fit {fam.name}: {key} is {list(part[key].shape)}, "
+                         f"the model needs {list(expected[key])}"
+                         + (" (a 16-channel VAE for a 4-channel model, or the other way)"
+                            if name == "vae" else ""))
+
+
+def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, out: str, *,
+             allow_partial: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Writes the parts as one monolithic checkpoint in the family's original layout."""
+    paths = [diffusion_model, *text_encoders, *([vae] if vae else [])]
+    with ExitStack() as stack:
+        parts = [(p, *_part(p, stack)) for p in paths]
+        _, _, model_ident, model_name = parts[0]
+        if model_name != DIFFUSION_MODEL or not model_ident.family:
+            raise UsageError(f"{diffusion_model} is a {model_ident.kind}, not a diffusion model "
+                             "of a known family")
+        fam = families()[model_ident.family]
+        tiny = model_ident.components[0].size == "tiny"
+        seen: dict[str, str] = {}
+        for path, part, ident, name in parts[1:]:
+            if vae and path == vae and name != "vae":
+                raise UsageError(f"{path} was given as the VAE but is a {name}")
+            if name in seen:
+                raise UsageError(f"{path} and {seen[name]} are both a {name}")
+            seen[name] = path
+            _check_fits(fam, path, ident, name, part, tiny)
+        missing = [c for c in fam.component_names if c != DIFFUSION_MODEL and c not in seen]
+        if missing and not allow_partial:
+            raise UsageError(f"{fam.name} also needs {', '.join(missing)}; give them, or "
+                             "--allow-partial for a checkpoint without them")
+        planned = []
+        for _path, part, ident, name in parts:
+            comp = fam.component(name)
+            planned += plan_moves(_moves_for(part, ident, comp), part,
+                                  _scalar_dtypes(part, comp))
+        base = dict(parts[0][1].metadata)
+        base.pop(SCALARS_KEY, None)
+        metadata = {**base, "modelspec.sai_model_spec": "1.0.1",
+                    "modelspec.architecture": _architecture(fam, None),
+                    **_provenance("assemble", paths, family=fam.id,
+                                  components=[p[3] for p in parts])}
+        write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress)
+    return {"family": fam.id, "components": [p[3] for p in parts], "missing": missing,
+            "tensors": len(planned)}
+
+
+def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None
+             ) -> dict[str, Any]:
+    """``src`` with its VAE replaced by ``vae`` (any layout), refused across latent widths."""
+    with ExitStack() as stack:
+        checkpoint = stack.enter_context(open_checkpoint(src))
+        fam, ident = _monolithic(src, checkpoint)
+        part, part_ident, name = _part(vae, stack)
+        if name != "vae":
+            raise UsageError(f"{vae} is a {name}, not a VAE")
+        tiny = ident.components[0].size == "tiny"
+        _check_fits(fam, vae, part_ident, name, part, tiny)
+        comp = fam.component("vae")
+        old = {k for k in checkpoint if k.startswith(comp.ldm_prefix)}
+        moves = [Move(k, (k,)) for k in checkpoint if k not in old]
+        planned = plan_moves(moves, checkpoint)
+        planned += plan_moves(_moves_for(part, part_ident, comp), part)
+        metadata = {**checkpoint.metadata,
+                    **_provenance("vae bake", [src, vae], family=fam.id)}
+        write_safetensors(out, planned, metadata, inputs=(src, vae), progress=progress)
+    return {"family": fam.id, "replaced": len(old), "tensors": len(planned)}
