@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import partial
 
+from .engine.moves import copy_range
 from .engine.writer import Planned, write_safetensors
 from .formats import Checkpoint, LazyTensor, open_checkpoint
 from .formats.dtypes import from_torch_tensor
@@ -22,7 +24,8 @@ def save_safetensors(tensors: Mapping[str, object], path: str | os.PathLike[str]
     for key, value in tensors.items():
         if isinstance(value, LazyTensor):
             inputs.add(value.source.path)
-            planned.append(Planned(key, value.dtype, value.shape, value.read))
+            produce = partial(copy_range, value) if value.is_contiguous else value.read
+            planned.append(Planned(key, value.dtype, value.shape, produce))
         else:
             dtype, shape = from_torch_tensor(value)
             planned.append(Planned(key, dtype, shape, lambda v=value: v))

@@ -42,7 +42,8 @@ def _produce(move: Move, sources: Sequence[LazyTensor], dtype: DType):
     return tensor
 
 
-def _copy(tensor: LazyTensor) -> CopyRange:
+def copy_range(tensor: LazyTensor) -> CopyRange:
+    """A contiguous lazy tensor as a file-to-file copy of its bytes."""
     return CopyRange(tensor.source, tensor.byte_offset + tensor.dtype.nbytes(
         tensor.storage_offset), tensor.nbytes)
 
@@ -61,7 +62,7 @@ def plan_moves(moves: Sequence[Move], tensors: Mapping[str, LazyTensor],
         sources = [tensors[k] for k in move.sources]
         dtype = sources[0].dtype
         if move.op == "copy" and sources[0].is_contiguous:
-            produce = partial(_copy, sources[0])
+            produce = partial(copy_range, sources[0])
         else:
             produce = partial(_produce, move, sources, dtype)
         planned.append(Planned(move.target, dtype, _shape(move, sources), produce))

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +25,8 @@ from ..formats.dtypes import DType, from_torch_tensor
 from ..formats.safetensors import METADATA_KEY, open_safetensors
 from ..formats.source import Source, write_all
 from .atomic import AtomicOutput
+
+PREFETCH = 2  # tensors produced ahead of the one being written
 
 
 class Progress(Protocol):
@@ -101,7 +105,7 @@ def _write_item(fd: int, item: Planned, data: Any) -> None:
         if from_torch_tensor(data) != (item.dtype, item.shape):
             raise AssertionError(f"{item.key}: produced {data.dtype} {tuple(data.shape)}, "
                                  f"planned {item.dtype} {item.shape}")
-        data = tensor_bytes(data)
+        data = _tensor_buffer(data)
     if len(memoryview(data).cast("B")) != item.nbytes:
         raise AssertionError(f"{item.key}: produced {len(data)} bytes, planned {item.nbytes}")
     write_all(fd, data)
@@ -116,13 +120,45 @@ def write_safetensors(target: str, planned: Sequence[Planned],
         progress.start(sum(p.nbytes for p in planned), len(planned))
     with AtomicOutput(target, inputs, fsync=fsync) as out:
         write_all(out.fd, header)
-        for item in planned:
-            _write_item(out.fd, item, item.produce())
+        for item, data in _prefetched(planned):
+            _write_item(out.fd, item, data)
+            del data  # release the tensor before the next one is made
             if progress:
                 progress.update(item.nbytes, 1)
         os.ftruncate(out.fd, len(header) + sum(p.nbytes for p in planned))  # trailing holes
         _verify(out.tmp_path, planned, target)
         out.commit()
+
+
+def _tensor_buffer(tensor):
+    """The tensor's bytes to write: a view of its memory where numpy can give one (no copy),
+    else a copy (torch does not require numpy)."""
+    try:
+        import numpy  # noqa: F401 - only to know whether .numpy() can work
+    except ImportError:
+        return tensor_bytes(tensor)
+    import torch
+
+    return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+
+
+def _prefetched(planned: Sequence[Planned], depth: int = PREFETCH):
+    """Yields (item, data), producing the next ``depth`` items in a worker thread while the
+    current one is written: reading, casting and writing overlap (file reads and torch
+    release the GIL), and at most ``depth + 1`` tensors are alive at once."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptkit-produce") as pool:
+        pending: deque = deque()
+        items = iter(planned)
+        for item in items:
+            pending.append((item, pool.submit(item.produce)))
+            if len(pending) > depth:
+                break
+        while pending:
+            item, future = pending.popleft()
+            nxt = next(items, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(nxt.produce)))
+            yield item, future.result()
 
 
 def _verify(path: str, planned: Sequence[Planned], target: str) -> None:

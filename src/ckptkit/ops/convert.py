@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from functools import partial
 
-from ..engine.writer import CopyRange, Planned, Progress, write_safetensors
+from ..engine.moves import copy_range
+from ..engine.writer import Planned, Progress, write_safetensors
 from ..errors import UsageError
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
@@ -30,11 +31,6 @@ class ConvertReport:
     overflowed: dict[str, int] = field(default_factory=dict)  # key -> values that became inf
     dropped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def _pass_through(tensor: LazyTensor) -> CopyRange:
-    offset = tensor.byte_offset + tensor.dtype.nbytes(tensor.storage_offset)
-    return CopyRange(tensor.source, offset, tensor.nbytes)
 
 
 def _casting(key: str, tensor: LazyTensor, target: DType, report: ConvertReport):
@@ -79,7 +75,7 @@ def convert(src: str, dst: str, *, dtype: str | None = None, keep_metadata: bool
                 produce = _casting(key, tensor, out_dtype, report)
                 report.cast += 1
             elif tensor.is_contiguous:
-                produce = partial(_pass_through, tensor)
+                produce = partial(copy_range, tensor)
             else:
                 produce = tensor.read
             planned.append(Planned(key, out_dtype, tensor.shape, produce))
