@@ -39,21 +39,25 @@ class _DataOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name}")
 
 
-def _normal(value):
+def _normal(value, path: tuple[int, ...] = ()):
     """Comparable form: NaN equal to NaN, containers compared by type and content, a global
-    by its name (ours is an emulation, CPython's the object itself)."""
+    by its name (ours is an emulation, CPython's the object itself), a container that holds
+    itself (memo references can build cycles) by how far up the cycle goes."""
     if isinstance(value, Emulated):
         return ("global", value.qualname.replace("__builtin__.", "builtins."))
     if callable(value):
         return ("global", f"{value.__module__}.{value.__qualname__}")
     if isinstance(value, float) and math.isnan(value):
         return ("nan",)
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, [_normal(v) for v in value])
-    if isinstance(value, dict):
-        return ("dict", [(_normal(k), _normal(v)) for k, v in value.items()])
-    if isinstance(value, set):
-        return ("set", sorted(repr(_normal(v)) for v in value))
+    if isinstance(value, (list, tuple, dict, set)):
+        if id(value) in path:
+            return ("cycle", len(path) - path.index(id(value)))
+        inner = (*path, id(value))
+        if isinstance(value, dict):
+            return ("dict", [(_normal(k, inner), _normal(v, inner)) for k, v in value.items()])
+        if isinstance(value, set):
+            return ("set", sorted(repr(_normal(v, inner)) for v in value))
+        return (type(value).__name__, [_normal(v, inner) for v in value])
     return (type(value).__name__, value)
 
 
