@@ -30,7 +30,7 @@ _SCHEDULE_BUFFERS = {
     "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
 }
-_MARKERS = {"v_pred": "v-prediction", "ztsnr": "zero-terminal-snr",
+MARKERS = {"v_pred": "v-prediction", "ztsnr": "zero-terminal-snr",
             "edm_vpred.sigma_max": "edm-v-prediction", "edm_vpred.sigma_min": "edm-v-prediction",
             "edm_mean": "edm (Playground 2.5)", "edm_std": "edm (Playground 2.5)"}
 # The input convolution of each diffusion model: its input channels name a variant.
@@ -103,21 +103,27 @@ def _expectations() -> tuple[_Expected, ...]:
     return tuple(out)
 
 
+def is_leftover(key: str) -> bool:
+    """Keys of the training code that no loader needs: noise schedule buffers, the
+    autoencoder's training loss, ComfyUI's sampling table (EMA copies are apart)."""
+    return (key in _SCHEDULE_BUFFERS or key.startswith(("model.model_sampling.", "loss."))
+            or ".loss." in key)
+
+
 def _split_extras(keys: set[str]) -> tuple[set[str], dict[str, int], list[str]]:
     """Removes training leftovers and marker keys; returns (rest, extra groups, markers)."""
     extra: dict[str, int] = {}
     markers = []
     rest = set()
     for key in keys:
-        if key in _MARKERS:
+        if key in MARKERS:
             markers.append(key)
             extra["markers"] = extra.get("markers", 0) + 1
         elif key.startswith("model_ema."):
             extra["ema weights (model_ema.*)"] = extra.get("ema weights (model_ema.*)", 0) + 1
-        elif key in _SCHEDULE_BUFFERS or key.startswith("model.model_sampling."):
-            extra["noise schedule buffers"] = extra.get("noise schedule buffers", 0) + 1
-        elif ".loss." in f".{key}" or key.startswith("loss."):
-            extra["training loss weights"] = extra.get("training loss weights", 0) + 1
+        elif is_leftover(key):
+            group = "training loss weights" if "loss." in key else "noise schedule buffers"
+            extra[group] = extra.get(group, 0) + 1
         elif key.endswith((".scale_weight", ".scale_input")) or key.endswith("scaled_fp8"):
             extra["scaled-fp8 scales"] = extra.get("scaled-fp8 scales", 0) + 1
         else:
@@ -392,7 +398,7 @@ def _apply_metadata(result: Identification, fam: Family, metadata: Mapping[str, 
         result.variants.append("v-prediction")
         result.reasons.append(f"metadata says prediction type {prediction!r}")
     for key in markers:
-        variant = _MARKERS[key]
+        variant = MARKERS[key]
         if variant not in result.variants:
             result.variants.append(variant)
             result.reasons.append(f"marker key {key!r}: {variant}")

@@ -17,7 +17,6 @@ import os
 from contextlib import ExitStack
 from typing import Any
 
-from .. import __version__
 from ..arch.detect import Identification
 from ..arch.families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
 from ..arch.layouts import Move, to_canonical, to_ldm
@@ -27,18 +26,11 @@ from ..errors import UsageError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.dtypes import BY_NAME
 from .inspect import identify_checkpoint
+from .provenance import provenance
 
 SCALARS_KEY = "ckptkit.scalars"  # JSON: {name: [value, dtype]} of keys a part cannot hold
 FOLDERS = {"diffusion-model": "diffusion_models", "text-encoder": "text_encoders",
            "vae": "vae"}
-
-
-def _provenance(operation: str, sources: list[str], **extra: Any) -> dict[str, str]:
-    meta = {"ckptkit.version": __version__, "ckptkit.operation": operation,
-            "ckptkit.sources": json.dumps([os.path.basename(s) for s in sources])}
-    meta.update({f"ckptkit.{k}": v if isinstance(v, str) else json.dumps(v)
-                 for k, v in extra.items()})
-    return meta
 
 
 def _architecture(fam: Family, component: str | None) -> str:
@@ -85,7 +77,7 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
                         "modelspec.sai_model_spec": "1.0.1",
                         "modelspec.architecture": _architecture(fam, name),
                         "modelspec.title": f"{stem} {name}",
-                        **_provenance("split", [src], family=fam.id, component=name)}
+                        **provenance("split", [src], family=fam.id, component=name)}
             if scalars:
                 metadata[SCALARS_KEY] = json.dumps(scalars)
             write_safetensors(target, plan_moves(moves, checkpoint), metadata, inputs=(src,),
@@ -170,7 +162,7 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
         base.pop(SCALARS_KEY, None)
         metadata = {**base, "modelspec.sai_model_spec": "1.0.1",
                     "modelspec.architecture": _architecture(fam, None),
-                    **_provenance("assemble", paths, family=fam.id,
+                    **provenance("assemble", paths, family=fam.id,
                                   components=[p[3] for p in parts])}
         write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress)
     return {"family": fam.id, "components": [p[3] for p in parts], "missing": missing,
@@ -194,6 +186,6 @@ def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None
         planned = plan_moves(moves, checkpoint)
         planned += plan_moves(_moves_for(part, part_ident, comp), part)
         metadata = {**checkpoint.metadata,
-                    **_provenance("vae bake", [src, vae], family=fam.id)}
+                    **provenance("vae bake", [src, vae], family=fam.id)}
         write_safetensors(out, planned, metadata, inputs=(src, vae), progress=progress)
     return {"family": fam.id, "replaced": len(old), "tensors": len(planned)}

@@ -1,0 +1,133 @@
+"""``prune``: a training checkpoint made into the file people load: EMA weights dropped (or
+swapped in), training leftovers removed, floating tensors cast, components dropped.
+
+Casting follows what loaders expect: integer tensors (CLIP ``position_ids``) and marker keys
+(``v_pred``) are never touched; values beyond the target's range are clamped to its largest
+finite value and counted instead of becoming infinities; SDXL's VAE keeps its precision
+unless ``vae_dtype`` says otherwise, because it overflows in fp16 (black images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+from ..arch.detect import MARKERS, is_leftover
+from ..engine.moves import copy_range
+from ..engine.writer import Planned, Progress, write_safetensors
+from ..errors import UsageError
+from ..formats import LazyTensor, open_checkpoint
+from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
+from .inspect import identify_checkpoint
+from .provenance import provenance
+
+# Largest finite value of each narrow float type: beyond it a cast gives inf (fp16) or NaN.
+LIMITS = {"F16": 65504.0, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
+EMA_PREFIX = "model_ema."
+_DIFFUSION_PREFIX = "model.diffusion_model."
+
+
+@dataclass
+class PruneReport:
+    family: str | None
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    cast: int = 0
+    clamped: dict[str, int] = field(default_factory=dict)
+    ema: str = "none"
+    notes: list[str] = field(default_factory=list)
+
+
+def _cast(tensor: LazyTensor, target: DType, key: str, report: PruneReport):
+
+    data = tensor.read()
+    limit = LIMITS.get(target.name)
+    if limit is not None:
+        wide = data.float()
+        outside = int((wide.abs() > limit).sum())  # inf included; NaN compares false
+        if outside:
+            report.clamped[key] = outside
+            data = wide.clamp(-limit, limit)
+    return data.to(torch_dtype(target))
+
+
+def _dtype(name: str | None, option: str) -> DType | None:
+    if name is None:
+        return None
+    if name not in CLI_NAMES:
+        raise UsageError(f"{option} must be one of {', '.join(CLI_NAMES)}, not {name!r}")
+    return CLI_NAMES[name]
+
+
+def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None = None,
+          ema: str = "drop", drop: list[str] | None = None,
+          progress: Progress | None = None) -> PruneReport:
+    if ema not in ("drop", "use", "keep"):
+        raise UsageError(f"--ema must be drop, use or keep, not {ema!r}")
+    target, vae_target = _dtype(dtype, "--dtype"), _dtype(vae_dtype, "--vae-dtype")
+    with open_checkpoint(src) as checkpoint:
+        ident = identify_checkpoint(checkpoint)
+        report = PruneReport(ident.family)
+        prefixes = {c.name: c.prefix for c in ident.components if c.prefix}
+        unknown = [d for d in drop or () if d not in prefixes]
+        if unknown:
+            raise UsageError(f"{src} has no {unknown[0]} component to drop; it has "
+                             f"{', '.join(prefixes) or 'no prefixed components'}")
+        vae_prefix = prefixes.get("vae")
+        if vae_target is None and ident.family == "sdxl" and target is not None and vae_prefix:
+            report.notes.append("the SDXL VAE keeps its precision (it overflows in fp16); "
+                                "--vae-dtype casts it")
+        ema_for = _ema_sources(checkpoint) if ema == "use" else {}
+        report.ema = "used" if ema_for else ema if any(
+            k.startswith(EMA_PREFIX) for k in checkpoint) else "none"
+        planned = []
+        for key, tensor in checkpoint.items():
+            group = _drop_group(key, ema, drop or (), prefixes)
+            if group:
+                report.dropped[group] = report.dropped.get(group, 0) + 1
+                continue
+            source = checkpoint[ema_for[key]] if key in ema_for else tensor
+            in_vae = vae_prefix is not None and key.startswith(vae_prefix)
+            wanted = vae_target if in_vae and vae_target else (
+                None if in_vae and ident.family == "sdxl" else target)
+            castable = (wanted is not None and source.dtype.is_float and source.dtype.bits >= 8
+                        and key not in MARKERS and source.dtype != wanted)
+            if castable:
+                produce = partial(_cast, source, wanted, key, report)
+                report.cast += 1
+            elif source.is_contiguous:
+                produce = partial(copy_range, source)
+            else:
+                produce = source.read
+            planned.append(Planned(key, wanted if castable else source.dtype, source.shape,
+                                   produce))
+        report.kept = len(planned)
+        metadata = {**checkpoint.metadata,
+                    **provenance("prune", [src], dtype=dtype or "", vae_dtype=vae_dtype or "",
+                                  ema=ema, drop=list(drop or ()))}
+        write_safetensors(out, planned, metadata, inputs=(src,), progress=progress)
+    return report
+
+
+def _drop_group(key: str, ema: str, drop, prefixes: dict[str, str]) -> str | None:
+    if key.startswith(EMA_PREFIX):
+        return None if ema == "keep" else "ema weights"
+    if is_leftover(key):
+        return "training leftovers"
+    for name in drop:
+        if key.startswith(prefixes[name]):
+            return f"component {name}"
+    return None
+
+
+def _ema_sources(checkpoint) -> dict[str, str]:
+    """Diffusion-model key -> its EMA copy (LDM flattens the names: ``model_ema.`` + the key
+    without its prefix and dots); refuses unless every weight has one of the same shape."""
+    weights = [k for k in checkpoint if k.startswith(_DIFFUSION_PREFIX)]
+    pairs = {k: EMA_PREFIX + k[len(_DIFFUSION_PREFIX):].replace(".", "") for k in weights}
+    found = {k: e for k, e in pairs.items()
+             if e in checkpoint and checkpoint[e].shape == checkpoint[k].shape}
+    if not weights or len(found) != len(weights):
+        raise UsageError(f"--ema use needs an EMA copy of every diffusion model weight; "
+                         f"{checkpoint.path} has {len(found)} of {len(weights)}")
+    return found
