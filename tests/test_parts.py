@@ -184,3 +184,17 @@ def test_cli_split_and_assemble(tmp_path, capsys):
                  "--quiet"]) == 0
     assert os.listdir(tmp_path / "p2") == ["vae"]
     assert main(["split", model, "-o", str(tmp_path / "p3"), "--quiet"]) == 2
+
+
+def test_assemble_takes_parts_in_the_original_layout_too(tmp_path):
+    """A VAE saved with its monolithic prefix (first_stage_model.*) and a CLIP-L saved with
+    cond_stage_model.transformer.* assemble into the same file as the ComfyUI-layout parts."""
+    src = tmp_path / "sd1.safetensors"
+    sample("sd1", str(src), tiny=True)
+    model, _, _ = _split_parts(split(str(src), str(tmp_path / "parts")))
+    ldm_vae, ldm_clip = tmp_path / "ldm_vae.safetensors", tmp_path / "ldm_clip.safetensors"
+    sample("sd1", str(ldm_vae), tiny=True, components=["vae"])
+    sample("sd1", str(ldm_clip), tiny=True, components=["clip_l"])
+    out = tmp_path / "out.safetensors"
+    assemble(model, [str(ldm_clip)], str(ldm_vae), str(out))
+    _same(load_file(str(src)), load_file(str(out)))
