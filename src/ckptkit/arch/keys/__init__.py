@@ -16,3 +16,22 @@ from __future__ import annotations
 
 Shape = tuple[int, ...]
 KeyTable = dict[str, Shape]
+
+
+def linear(t: KeyTable, p: str, cin: int, cout: int, bias: bool = True) -> None:
+    """A ``Linear(cin, cout)`` at ``p``: weight [cout, cin] and, if any, bias [cout]."""
+    t[f"{p}.weight"] = (cout, cin)
+    if bias:
+        t[f"{p}.bias"] = (cout,)
+
+
+def conv(t: KeyTable, p: str, cin: int, cout: int, k: int) -> None:
+    """A ``Conv2d(cin, cout, k)`` at ``p``: weight [cout, cin, k, k] and bias [cout]."""
+    t[f"{p}.weight"] = (cout, cin, k, k)
+    t[f"{p}.bias"] = (cout,)
+
+
+def norm(t: KeyTable, p: str, c: int) -> None:
+    """An affine norm over ``c`` channels at ``p`` (GroupNorm, LayerNorm): weight and bias."""
+    t[f"{p}.weight"] = (c,)
+    t[f"{p}.bias"] = (c,)

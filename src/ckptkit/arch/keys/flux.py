@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from . import KeyTable
+from . import KeyTable, linear
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,11 @@ class FluxConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
 
-def _linear(t: KeyTable, p: str, cin: int, cout: int, bias: bool = True) -> None:
-    t[f"{p}.weight"] = (cout, cin)
-    if bias:
-        t[f"{p}.bias"] = (cout,)
 
 
 def _mlp_embedder(t: KeyTable, p: str, cin: int, h: int) -> None:
-    _linear(t, f"{p}.in_layer", cin, h)
-    _linear(t, f"{p}.out_layer", h, h)
+    linear(t, f"{p}.in_layer", cin, h)
+    linear(t, f"{p}.out_layer", h, h)
 
 
 def _qk_norm(t: KeyTable, p: str, head_dim: int) -> None:
@@ -82,36 +78,36 @@ def _qk_norm(t: KeyTable, p: str, head_dim: int) -> None:
 def _stream(t: KeyTable, p: str, cfg: FluxConfig) -> None:
     """One half (``img_`` or ``txt_``) of a double-stream block."""
     h = cfg.hidden_size
-    _linear(t, f"{p}_mod.lin", h, 6 * h)
-    _linear(t, f"{p}_attn.qkv", h, 3 * h, cfg.qkv_bias)
+    linear(t, f"{p}_mod.lin", h, 6 * h)
+    linear(t, f"{p}_attn.qkv", h, 3 * h, cfg.qkv_bias)
     _qk_norm(t, f"{p}_attn.norm", cfg.head_dim)
-    _linear(t, f"{p}_attn.proj", h, h)
-    _linear(t, f"{p}_mlp.0", h, cfg.mlp_hidden)
-    _linear(t, f"{p}_mlp.2", cfg.mlp_hidden, h)
+    linear(t, f"{p}_attn.proj", h, h)
+    linear(t, f"{p}_mlp.0", h, cfg.mlp_hidden)
+    linear(t, f"{p}_mlp.2", cfg.mlp_hidden, h)
 
 
 def flux_keys(cfg: FluxConfig) -> KeyTable:
     """Bare FLUX keys (``img_in.weight`` ... ``final_layer.adaLN_modulation.1.bias``), in order."""
     t: KeyTable = {}
     h = cfg.hidden_size
-    _linear(t, "img_in", cfg.in_channels, h)
+    linear(t, "img_in", cfg.in_channels, h)
     _mlp_embedder(t, "time_in", cfg.time_embed_dim, h)
     _mlp_embedder(t, "vector_in", cfg.vec_in_dim, h)
     if cfg.guidance_embed:
         _mlp_embedder(t, "guidance_in", cfg.time_embed_dim, h)
-    _linear(t, "txt_in", cfg.context_in_dim, h)
+    linear(t, "txt_in", cfg.context_in_dim, h)
     for i in range(cfg.depth):
         _stream(t, f"double_blocks.{i}.img", cfg)
         _stream(t, f"double_blocks.{i}.txt", cfg)
     for i in range(cfg.depth_single):
         p = f"single_blocks.{i}"
         # linear1 = fused q, k, v and MLP input; linear2 = fused attention out and MLP output.
-        _linear(t, f"{p}.linear1", h, 3 * h + cfg.mlp_hidden)
-        _linear(t, f"{p}.linear2", h + cfg.mlp_hidden, h)
+        linear(t, f"{p}.linear1", h, 3 * h + cfg.mlp_hidden)
+        linear(t, f"{p}.linear2", h + cfg.mlp_hidden, h)
         _qk_norm(t, f"{p}.norm", cfg.head_dim)
-        _linear(t, f"{p}.modulation.lin", h, 3 * h)
-    _linear(t, "final_layer.linear", h, cfg.out_channels)  # patch size 1: already patchified
-    _linear(t, "final_layer.adaLN_modulation.1", h, 2 * h)
+        linear(t, f"{p}.modulation.lin", h, 3 * h)
+    linear(t, "final_layer.linear", h, cfg.out_channels)  # patch size 1: already patchified
+    linear(t, "final_layer.adaLN_modulation.1", h, 2 * h)
     return t
 
 

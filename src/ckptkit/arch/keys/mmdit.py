@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from . import KeyTable
+from . import KeyTable, linear
 
 
 @dataclass(frozen=True)
@@ -74,17 +74,13 @@ class MMDiTConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
 
-def _linear(t: KeyTable, p: str, cin: int, cout: int, bias: bool = True) -> None:
-    t[f"{p}.weight"] = (cout, cin)
-    if bias:
-        t[f"{p}.bias"] = (cout,)
 
 
 def _attention(t: KeyTable, p: str, cfg: MMDiTConfig, pre_only: bool) -> None:
     h = cfg.hidden_size
-    _linear(t, f"{p}.qkv", h, 3 * h, cfg.qkv_bias)
+    linear(t, f"{p}.qkv", h, 3 * h, cfg.qkv_bias)
     if not pre_only:
-        _linear(t, f"{p}.proj", h, h)
+        linear(t, f"{p}.proj", h, h)
     if cfg.qk_norm:
         t[f"{p}.ln_q.weight"] = (cfg.head_dim,)
         t[f"{p}.ln_k.weight"] = (cfg.head_dim,)
@@ -96,10 +92,10 @@ def _dismantled(t: KeyTable, p: str, cfg: MMDiTConfig, pre_only: bool, attn2: bo
     if attn2:
         _attention(t, f"{p}.attn2", cfg, False)
     if not pre_only:
-        _linear(t, f"{p}.mlp.fc1", h, cfg.mlp_hidden)
-        _linear(t, f"{p}.mlp.fc2", cfg.mlp_hidden, h)
+        linear(t, f"{p}.mlp.fc1", h, cfg.mlp_hidden)
+        linear(t, f"{p}.mlp.fc2", cfg.mlp_hidden, h)
     mods = 9 if attn2 else (2 if pre_only else 6)
-    _linear(t, f"{p}.adaLN_modulation.1", h, mods * h)
+    linear(t, f"{p}.adaLN_modulation.1", h, mods * h)
 
 
 def mmdit_keys(cfg: MMDiTConfig) -> KeyTable:
@@ -110,19 +106,19 @@ def mmdit_keys(cfg: MMDiTConfig) -> KeyTable:
     t["pos_embed"] = (1, cfg.pos_embed_max_size ** 2, h)
     t["x_embedder.proj.weight"] = (h, cfg.in_channels, p, p)
     t["x_embedder.proj.bias"] = (h,)
-    _linear(t, "t_embedder.mlp.0", cfg.time_embed_dim, h)
-    _linear(t, "t_embedder.mlp.2", h, h)
-    _linear(t, "y_embedder.mlp.0", cfg.pooled_dim, h)
-    _linear(t, "y_embedder.mlp.2", h, h)
-    _linear(t, "context_embedder", cfg.context_dim, h)
+    linear(t, "t_embedder.mlp.0", cfg.time_embed_dim, h)
+    linear(t, "t_embedder.mlp.2", h, h)
+    linear(t, "y_embedder.mlp.0", cfg.pooled_dim, h)
+    linear(t, "y_embedder.mlp.2", h, h)
+    linear(t, "context_embedder", cfg.context_dim, h)
     attn2 = set(cfg.x_block_attn2)
     for i in range(cfg.depth):
         last = i == cfg.depth - 1
         _dismantled(t, f"joint_blocks.{i}.context_block", cfg,
                     pre_only=last and cfg.pre_only_last, attn2=False)
         _dismantled(t, f"joint_blocks.{i}.x_block", cfg, pre_only=False, attn2=i in attn2)
-    _linear(t, "final_layer.linear", h, p * p * cfg.out_channels)
-    _linear(t, "final_layer.adaLN_modulation.1", h, 2 * h)
+    linear(t, "final_layer.linear", h, p * p * cfg.out_channels)
+    linear(t, "final_layer.adaLN_modulation.1", h, 2 * h)
     return t
 
 

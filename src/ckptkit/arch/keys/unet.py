@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from . import KeyTable
+from . import KeyTable, conv, linear, norm
 
 
 @dataclass(frozen=True)
@@ -78,52 +78,42 @@ def instruct_pix2pix(cfg: UNetConfig) -> UNetConfig:
     return dataclasses.replace(cfg, in_channels=2 * cfg.out_channels)
 
 
-def _linear(t: KeyTable, p: str, cin: int, cout: int, bias: bool = True) -> None:
-    t[f"{p}.weight"] = (cout, cin)
-    if bias:
-        t[f"{p}.bias"] = (cout,)
 
 
-def _conv(t: KeyTable, p: str, cin: int, cout: int, k: int) -> None:
-    t[f"{p}.weight"] = (cout, cin, k, k)
-    t[f"{p}.bias"] = (cout,)
 
 
-def _norm(t: KeyTable, p: str, c: int) -> None:
-    t[f"{p}.weight"] = (c,)
-    t[f"{p}.bias"] = (c,)
 
 
 def _resblock(t: KeyTable, p: str, cin: int, cout: int, emb: int) -> None:
-    _norm(t, f"{p}.in_layers.0", cin)
-    _conv(t, f"{p}.in_layers.2", cin, cout, 3)
-    _linear(t, f"{p}.emb_layers.1", emb, cout)
-    _norm(t, f"{p}.out_layers.0", cout)
-    _conv(t, f"{p}.out_layers.3", cout, cout, 3)
+    norm(t, f"{p}.in_layers.0", cin)
+    conv(t, f"{p}.in_layers.2", cin, cout, 3)
+    linear(t, f"{p}.emb_layers.1", emb, cout)
+    norm(t, f"{p}.out_layers.0", cout)
+    conv(t, f"{p}.out_layers.3", cout, cout, 3)
     if cin != cout:  # otherwise the skip is an Identity, with no weights
-        _conv(t, f"{p}.skip_connection", cin, cout, 1)
+        conv(t, f"{p}.skip_connection", cin, cout, 1)
 
 
 def _attention(t: KeyTable, p: str, ch: int, kv: int) -> None:
-    _linear(t, f"{p}.to_q", ch, ch, bias=False)
-    _linear(t, f"{p}.to_k", kv, ch, bias=False)
-    _linear(t, f"{p}.to_v", kv, ch, bias=False)
-    _linear(t, f"{p}.to_out.0", ch, ch)
+    linear(t, f"{p}.to_q", ch, ch, bias=False)
+    linear(t, f"{p}.to_k", kv, ch, bias=False)
+    linear(t, f"{p}.to_v", kv, ch, bias=False)
+    linear(t, f"{p}.to_out.0", ch, ch)
 
 
 def _spatial_transformer(t: KeyTable, p: str, ch: int, depth: int, cfg: UNetConfig) -> None:
-    _norm(t, f"{p}.norm", ch)
-    proj = _linear if cfg.linear_proj else (lambda t, p, a, b: _conv(t, p, a, b, 1))
+    norm(t, f"{p}.norm", ch)
+    proj = linear if cfg.linear_proj else (lambda t, p, a, b: conv(t, p, a, b, 1))
     proj(t, f"{p}.proj_in", ch, ch)
     inner = cfg.ff_mult * ch
     for i in range(depth):
         b = f"{p}.transformer_blocks.{i}"
         _attention(t, f"{b}.attn1", ch, ch)
-        _linear(t, f"{b}.ff.net.0.proj", ch, 2 * inner)  # GEGLU: value and gate halves
-        _linear(t, f"{b}.ff.net.2", inner, ch)
+        linear(t, f"{b}.ff.net.0.proj", ch, 2 * inner)  # GEGLU: value and gate halves
+        linear(t, f"{b}.ff.net.2", inner, ch)
         _attention(t, f"{b}.attn2", ch, cfg.context_dim)
         for n in (1, 2, 3):
-            _norm(t, f"{b}.norm{n}", ch)
+            norm(t, f"{b}.norm{n}", ch)
     proj(t, f"{p}.proj_out", ch, ch)
 
 
@@ -133,13 +123,13 @@ def unet_keys(cfg: UNetConfig) -> KeyTable:
     mc, emb = cfg.model_channels, cfg.time_embed_dim
     last = len(cfg.channel_mult) - 1
 
-    _linear(t, "time_embed.0", mc, emb)
-    _linear(t, "time_embed.2", emb, emb)
+    linear(t, "time_embed.0", mc, emb)
+    linear(t, "time_embed.2", emb, emb)
     if cfg.adm_in_channels is not None:
-        _linear(t, "label_emb.0.0", cfg.adm_in_channels, emb)
-        _linear(t, "label_emb.0.2", emb, emb)
+        linear(t, "label_emb.0.0", cfg.adm_in_channels, emb)
+        linear(t, "label_emb.0.2", emb, emb)
 
-    _conv(t, "input_blocks.0.0", cfg.in_channels, mc, 3)
+    conv(t, "input_blocks.0.0", cfg.in_channels, mc, 3)
     skips, ch, n = [mc], mc, 1
     for level, mult in enumerate(cfg.channel_mult):
         depth = cfg.transformer_depth[level]
@@ -151,7 +141,7 @@ def unet_keys(cfg: UNetConfig) -> KeyTable:
             skips.append(ch)
             n += 1
         if level != last:
-            _conv(t, f"input_blocks.{n}.0.op", ch, ch, 3)
+            conv(t, f"input_blocks.{n}.0.op", ch, ch, 3)
             skips.append(ch)
             n += 1
 
@@ -171,11 +161,11 @@ def unet_keys(cfg: UNetConfig) -> KeyTable:
                 _spatial_transformer(t, f"output_blocks.{n}.1", ch, depth, cfg)
                 layer = 2
             if level and i == cfg.num_res_blocks:
-                _conv(t, f"output_blocks.{n}.{layer}.conv", ch, ch, 3)
+                conv(t, f"output_blocks.{n}.{layer}.conv", ch, ch, 3)
             n += 1
 
-    _norm(t, "out.0", ch)
-    _conv(t, "out.2", ch, cfg.out_channels, 3)
+    norm(t, "out.0", ch)
+    conv(t, "out.2", ch, cfg.out_channels, 3)
     return t
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from . import KeyTable
+from . import KeyTable, conv, norm
 
 
 @dataclass(frozen=True)
@@ -42,30 +42,24 @@ class VAEConfig:
             raise ValueError("VAEConfig: channel and block counts must be positive")
 
 
-def _conv(t: KeyTable, p: str, cin: int, cout: int, k: int) -> None:
-    t[f"{p}.weight"] = (cout, cin, k, k)
-    t[f"{p}.bias"] = (cout,)
 
 
-def _norm(t: KeyTable, p: str, c: int) -> None:
-    t[f"{p}.weight"] = (c,)
-    t[f"{p}.bias"] = (c,)
 
 
 def _resblock(t: KeyTable, p: str, cin: int, cout: int) -> None:
-    _norm(t, f"{p}.norm1", cin)
-    _conv(t, f"{p}.conv1", cin, cout, 3)
-    _norm(t, f"{p}.norm2", cout)
-    _conv(t, f"{p}.conv2", cout, cout, 3)
+    norm(t, f"{p}.norm1", cin)
+    conv(t, f"{p}.conv1", cin, cout, 3)
+    norm(t, f"{p}.norm2", cout)
+    conv(t, f"{p}.conv2", cout, cout, 3)
     if cin != cout:
-        _conv(t, f"{p}.nin_shortcut", cin, cout, 1)
+        conv(t, f"{p}.nin_shortcut", cin, cout, 1)
 
 
 def _mid(t: KeyTable, p: str, c: int) -> None:
     _resblock(t, f"{p}.block_1", c, c)
-    _norm(t, f"{p}.attn_1.norm", c)
+    norm(t, f"{p}.attn_1.norm", c)
     for name in ("q", "k", "v", "proj_out"):  # single-head attention as 1x1 convs
-        _conv(t, f"{p}.attn_1.{name}", c, c, 1)
+        conv(t, f"{p}.attn_1.{name}", c, c, 1)
     _resblock(t, f"{p}.block_2", c, c)
 
 
@@ -76,19 +70,19 @@ def vae_keys(cfg: VAEConfig) -> KeyTable:
     widths = [cfg.ch * m for m in cfg.ch_mult]
     last = len(widths) - 1
 
-    _conv(t, "encoder.conv_in", cfg.image_channels, cfg.ch, 3)
+    conv(t, "encoder.conv_in", cfg.image_channels, cfg.ch, 3)
     ch = cfg.ch
     for level, width in enumerate(widths):
         for b in range(cfg.num_res_blocks):
             _resblock(t, f"encoder.down.{level}.block.{b}", ch, width)
             ch = width
         if level != last:
-            _conv(t, f"encoder.down.{level}.downsample.conv", ch, ch, 3)
+            conv(t, f"encoder.down.{level}.downsample.conv", ch, ch, 3)
     _mid(t, "encoder.mid", ch)
-    _norm(t, "encoder.norm_out", ch)
-    _conv(t, "encoder.conv_out", ch, 2 * z, 3)  # mean and log-variance
+    norm(t, "encoder.norm_out", ch)
+    conv(t, "encoder.conv_out", ch, 2 * z, 3)  # mean and log-variance
 
-    _conv(t, "decoder.conv_in", z, widths[-1], 3)
+    conv(t, "decoder.conv_in", z, widths[-1], 3)
     _mid(t, "decoder.mid", widths[-1])
     # The decoder builds levels from the deepest up; each level's input width is the width of
     # the level below it (the previous one built).
@@ -99,13 +93,13 @@ def vae_keys(cfg: VAEConfig) -> KeyTable:
             _resblock(t, f"decoder.up.{level}.block.{b}", ch, width)
             ch = width
         if level != 0:
-            _conv(t, f"decoder.up.{level}.upsample.conv", ch, ch, 3)
-    _norm(t, "decoder.norm_out", widths[0])
-    _conv(t, "decoder.conv_out", widths[0], cfg.image_channels, 3)
+            conv(t, f"decoder.up.{level}.upsample.conv", ch, ch, 3)
+    norm(t, "decoder.norm_out", widths[0])
+    conv(t, "decoder.conv_out", widths[0], cfg.image_channels, 3)
 
     if cfg.quant_conv:
-        _conv(t, "quant_conv", 2 * z, 2 * z, 1)
-        _conv(t, "post_quant_conv", z, z, 1)
+        conv(t, "quant_conv", 2 * z, 2 * z, 1)
+        conv(t, "post_quant_conv", z, z, 1)
     return t
 
 
