@@ -1,0 +1,189 @@
+"""Merge methods: each a small pure function of the tensors of one key (fp32 in, fp32 out).
+
+The engine reads the inputs of one key, calls the method, casts and writes the result; a
+method never sees files, dtypes or devices. ``METHODS`` describes each for ``--help`` and
+for the recipe recorded in the output: its inputs, its parameters and its formula.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+Tensors = Sequence["torch.Tensor"]
+
+
+def weighted_sum(t: Tensors, alpha: float) -> torch.Tensor:
+    import torch
+
+    a, b = t
+    return torch.lerp(a, b, alpha)
+
+
+def add_difference(t: Tensors, alpha: float) -> torch.Tensor:
+    a, b, c = t
+    return a + alpha * (b - c)
+
+
+def triple_sum(t: Tensors, alpha: float, beta: float) -> torch.Tensor:
+    a, b, c = t
+    return (1 - alpha - beta) * a + alpha * b + beta * c
+
+
+def sum_twice(t: Tensors, alpha: float, beta: float) -> torch.Tensor:
+    import torch
+
+    a, b, c = t
+    return torch.lerp(torch.lerp(a, b, alpha), c, beta)
+
+
+def n_average(t: Tensors) -> torch.Tensor:
+    import torch
+
+    return torch.stack(list(t)).mean(0)
+
+
+def slerp(t: Tensors, alpha: float) -> torch.Tensor:
+    """Spherical interpolation of the directions, linear interpolation of the norms; falls
+    back to a weighted sum where the directions are (anti)parallel or a norm is zero."""
+    import torch
+
+    a, b = t
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0:
+        return torch.lerp(a, b, alpha)
+    ua, ub = a / na, b / nb
+    dot = (ua * ub).sum().clamp(-1.0, 1.0)
+    omega = torch.arccos(dot)
+    if omega.abs() < 1e-4 or (torch.pi - omega).abs() < 1e-4:
+        return torch.lerp(a, b, alpha)
+    s = torch.sin(omega)
+    direction = (torch.sin((1 - alpha) * omega) * ua + torch.sin(alpha * omega) * ub) / s
+    return direction * torch.lerp(na, nb, alpha)
+
+
+def add_perpendicular(t: Tensors, alpha: float) -> torch.Tensor:
+    """A plus the part of (B - C) orthogonal to (A - C): what B learned that A did not."""
+    a, b, c = t
+    da, db = a - c, b - c
+    norm2 = (da * da).sum()
+    if norm2 == 0:
+        return a + alpha * db
+    return a + alpha * (db - da * (da * db).sum() / norm2)
+
+
+def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keeps the ``density`` fraction of entries with the largest magnitude."""
+    import torch
+
+    k = round(density * delta.numel())
+    if k >= delta.numel():
+        return delta
+    if k <= 0:
+        return torch.zeros_like(delta)
+    threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
+    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+
+
+def _disjoint_mean(deltas: torch.Tensor) -> torch.Tensor:
+    """TIES: the sign with the larger total mass wins per entry; the deltas agreeing with it
+    are averaged (zeros do not count)."""
+    import torch
+
+    sign = torch.sign(deltas.sum(0))
+    agree = (torch.sign(deltas) == sign) & (deltas != 0)
+    total = (deltas * agree).sum(0)
+    count = agree.sum(0).clamp(min=1)
+    return total / count
+
+
+def ties(t: Tensors, alpha: float, density: float) -> torch.Tensor:
+    """TIES merging of the models after the first against the first as base: trim each task
+    vector to its top ``density``, elect signs, average the agreeing entries."""
+    import torch
+
+    base, *models = t
+    deltas = torch.stack([_trim(m - base, density) for m in models])
+    return base + alpha * _disjoint_mean(deltas)
+
+
+def dare(t: Tensors, alpha: float, drop: float, seed: int, key_seed: int,
+         ties_signs: bool = False) -> torch.Tensor:
+    """DARE: each task vector keeps entries with probability 1 - ``drop`` and is rescaled by
+    1 / (1 - drop); summed (linear) or TIES-combined. Seeded per key: reproducible."""
+    import torch
+
+    base, *models = t
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + key_seed)
+    deltas = []
+    for m in models:
+        keep = torch.rand(m.shape, generator=gen) >= drop
+        deltas.append((m - base) * keep / (1 - drop) if drop < 1 else torch.zeros_like(m))
+    stacked = torch.stack(deltas)
+    merged = _disjoint_mean(stacked) if ties_signs else stacked.mean(0)
+    return base + alpha * merged
+
+
+def dare_ties(t: Tensors, alpha: float, drop: float, seed: int, key_seed: int):
+    return dare(t, alpha, drop, seed, key_seed, ties_signs=True)
+
+
+def model_stock(t: Tensors) -> torch.Tensor:
+    """Model Stock: the average of the fine-tunes pulled toward the base by how much their
+    task vectors agree (t = N cos / (1 + (N - 1) cos), cos their mean pairwise cosine)."""
+    import torch
+
+    base, *models = t
+    n = len(models)
+    deltas = [(m - base).flatten() for m in models]
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            ni, nj = deltas[i].norm(), deltas[j].norm()
+            if ni > 0 and nj > 0:
+                cosines.append(float((deltas[i] @ deltas[j]) / (ni * nj)))
+    if not cosines:
+        return torch.stack(models).mean(0)
+    cos = sum(cosines) / len(cosines)
+    ratio = n * cos / (1 + (n - 1) * cos) if (1 + (n - 1) * cos) != 0 else 0.0
+    return ratio * torch.stack(models).mean(0) + (1 - ratio) * base
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    func: Callable[..., torch.Tensor]
+    inputs: str  # "2", "3", "2+" or "3+"
+    defaults: dict[str, float]  # the parameters it takes, with their defaults
+    formula: str
+
+    def arity_ok(self, count: int) -> bool:
+        need = int(self.inputs.rstrip("+"))
+        return count >= need if self.inputs.endswith("+") else count == need
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("weighted-sum", weighted_sum, "2", {"alpha": 0.5}, "(1 - alpha) A + alpha B"),
+    Method("add-difference", add_difference, "3", {"alpha": 1.0}, "A + alpha (B - C)"),
+    Method("triple-sum", triple_sum, "3", {"alpha": 1 / 3, "beta": 1 / 3},
+           "(1 - alpha - beta) A + alpha B + beta C"),
+    Method("sum-twice", sum_twice, "3", {"alpha": 0.5, "beta": 0.5},
+           "lerp(lerp(A, B, alpha), C, beta)"),
+    Method("n-average", n_average, "2+", {}, "mean of all models"),
+    Method("slerp", slerp, "2", {"alpha": 0.5},
+           "spherical interpolation of directions, linear of norms"),
+    Method("add-perpendicular", add_perpendicular, "3", {"alpha": 1.0},
+           "A + alpha (the part of B - C orthogonal to A - C)"),
+    Method("ties", ties, "3+", {"alpha": 1.0, "density": 0.2},
+           "A + alpha TIES(trim to density, elect sign, disjoint mean) of the others - A"),
+    Method("dare", dare, "2+", {"alpha": 1.0, "drop": 0.9, "seed": 0},
+           "A + alpha mean(drop with probability p, rescale 1/(1-p)) of the others - A"),
+    Method("dare-ties", dare_ties, "2+", {"alpha": 1.0, "drop": 0.9, "seed": 0},
+           "DARE, then TIES sign election and disjoint mean"),
+    Method("model-stock", model_stock, "3+", {},
+           "A + t (mean of the others - A), t from their mean pairwise cosine"),
+)}

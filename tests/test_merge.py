@@ -1,0 +1,223 @@
+"""Merge methods against slow references written here with torch on whole state dicts, on
+tiny samples of several families; plus refusals, integer and marker tensors, inpainting
+channels, component scope, missing keys and the recipe in the metadata."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ckptkit.cli.main import main
+from ckptkit.errors import OutputError, UsageError
+from ckptkit.ops.merge import merge
+from ckptkit.ops.sample import sample
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("merge")
+    paths = {}
+    for fid in ("sd1", "flux1-schnell"):
+        for seed in range(4):
+            path = folder / f"{fid}_{seed}.safetensors"
+            sample(fid, str(path), tiny=True, dtype="fp32", seed=seed)
+            paths[(fid, seed)] = str(path)
+    return paths
+
+
+def _weights(path):
+    return load_file(path)
+
+
+def _ref_slerp(a, b, t):
+    na, nb = a.norm(), b.norm()
+    ua, ub = a / na, b / nb
+    if abs(float((ua * ub).sum())) > 1 - 1e-7:  # (anti)parallel, e.g. scalars: no sphere
+        return (1 - t) * a + t * b
+    omega = torch.arccos((ua * ub).sum().clamp(-1, 1))
+    s = math.sin(omega)
+    return (math.sin((1 - t) * omega) * ua + math.sin(t * omega) * ub) / s * ((1 - t) * na + t * nb)
+
+
+def _ref_ties(base, others, alpha, density):
+    deltas = []
+    for m in others:
+        d = (m - base).flatten()
+        k = round(density * d.numel())
+        keep = torch.zeros_like(d, dtype=torch.bool)
+        keep[d.abs().argsort(descending=True)[:k]] = True
+        deltas.append(torch.where(keep, d, torch.zeros_like(d)))
+    stacked = torch.stack(deltas)
+    elected = torch.sign(stacked.sum(0))
+    result = torch.zeros_like(base.flatten())
+    for i in range(result.numel()):
+        agree = [v for v in stacked[:, i].tolist() if v != 0 and math.copysign(1, v) == elected[i]]
+        result[i] = sum(agree) / len(agree) if agree else 0.0
+    return base + alpha * result.reshape(base.shape)
+
+
+def _ref_model_stock(base, others):
+    deltas = [(m - base).flatten() for m in others]
+    cos = [float(torch.nn.functional.cosine_similarity(deltas[i], deltas[j], dim=0))
+           for i in range(len(deltas)) for j in range(i + 1, len(deltas))]
+    c, n = sum(cos) / len(cos), len(others)
+    t = n * c / (1 + (n - 1) * c)
+    return t * sum(others) / n + (1 - t) * base
+
+
+CASES = {
+    "weighted-sum": (2, {"alpha": 0.3}, lambda m, p: (1 - p["alpha"]) * m[0] + p["alpha"] * m[1]),
+    "add-difference": (3, {"alpha": 0.7}, lambda m, p: m[0] + p["alpha"] * (m[1] - m[2])),
+    "triple-sum": (3, {"alpha": 0.2, "beta": 0.3},
+                   lambda m, p: 0.5 * m[0] + 0.2 * m[1] + 0.3 * m[2]),
+    "sum-twice": (3, {"alpha": 0.4, "beta": 0.25},
+                  lambda m, p: 0.75 * (0.6 * m[0] + 0.4 * m[1]) + 0.25 * m[2]),
+    "n-average": (4, {}, lambda m, p: (m[0] + m[1] + m[2] + m[3]) / 4),
+    "slerp": (2, {"alpha": 0.35}, lambda m, p: _ref_slerp(m[0], m[1], p["alpha"])),
+    "add-perpendicular": (3, {"alpha": 0.8}, lambda m, p: m[0] + p["alpha"] * (
+        (m[1] - m[2]) - (m[0] - m[2]) * ((m[0] - m[2]) * (m[1] - m[2])).sum()
+        / ((m[0] - m[2]) ** 2).sum())),
+    "model-stock": (4, {}, lambda m, p: _ref_model_stock(m[0], m[1:])),
+}
+
+
+@pytest.mark.parametrize("fid", ["sd1", "flux1-schnell"])
+@pytest.mark.parametrize("method", list(CASES))
+def test_method_matches_slow_reference(models, tmp_path, fid, method):
+    count, params, reference = CASES[method]
+    paths = [models[(fid, i)] for i in range(count)]
+    out = tmp_path / "out.safetensors"
+    merge(method, paths, str(out), params=params)
+    got = _weights(str(out))
+    inputs = [_weights(p) for p in paths]
+    checked = 0
+    for key, tensor in got.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            assert torch.equal(tensor, inputs[0][key]), key
+            continue
+        want = reference([m[key].double() for m in inputs], params).float()
+        assert torch.allclose(tensor, want, rtol=1e-4, atol=1e-5), (method, key)
+        checked += 1
+    assert checked > 50
+
+
+def test_ties_matches_slow_reference(models, tmp_path):
+    paths = [models[("sd1", i)] for i in range(4)]
+    out = tmp_path / "ties.safetensors"
+    merge("ties", paths, str(out), params={"alpha": 0.9, "density": 0.3})
+    got, inputs = _weights(str(out)), [_weights(p) for p in paths]
+    for key in [k for k in got if got[k].is_floating_point() and 2 < got[k].numel() < 3000][:25]:
+        want = _ref_ties(inputs[0][key].double(), [m[key].double() for m in inputs[1:]], 0.9,
+                         0.3)
+        assert torch.allclose(got[key], want.float(), atol=1e-6), key
+
+
+def test_dare_is_seeded_and_unbiased_in_expectation(models, tmp_path):
+    paths = [models[("sd1", 0)], models[("sd1", 1)]]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    merge("dare", paths, str(a), params={"drop": 0.5, "seed": 3})
+    merge("dare", paths, str(b), params={"drop": 0.5, "seed": 3})
+    assert a.read_bytes() == b.read_bytes()  # same seed, same file
+    got, base, other = _weights(str(a)), _weights(paths[0]), _weights(paths[1])
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    delta, merged = other[key] - base[key], got[key] - base[key]
+    kept = merged != 0
+    assert 0.45 < kept.float().mean() < 0.55  # about half of the entries dropped
+    assert torch.allclose(merged[kept], 2 * delta[kept], atol=1e-6)  # the rest rescaled 1/(1-p)
+
+
+def test_integers_and_markers_are_copied_not_interpolated(models, tmp_path):
+    a = _weights(models[("sd1", 0)])
+    a["v_pred"] = torch.tensor([])
+    src = tmp_path / "a.safetensors"
+    save_file(a, str(src))
+    out = tmp_path / "out.safetensors"
+    merge("weighted-sum", [str(src), models[("sd1", 1)]], str(out), params={"alpha": 0.5})
+    got = _weights(str(out))
+    key = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    assert got[key].dtype == torch.int64 and torch.equal(got[key], a[key])
+    assert "v_pred" in got
+
+
+def test_inpainting_input_channels(models, tmp_path):
+    inpaint = tmp_path / "inpaint.safetensors"
+    sample("sd1", str(inpaint), tiny=True, dtype="fp32", variant="inpaint", seed=9)
+    out = tmp_path / "out.safetensors"
+    merge("weighted-sum", [str(inpaint), models[("sd1", 1)]], str(out), params={"alpha": 0.5})
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    got, a, b = _weights(str(out))[key], _weights(str(inpaint))[key], _weights(
+        models[("sd1", 1)])[key]
+    assert got.shape[1] == 9
+    assert torch.allclose(got[:, :4], (a[:, :4] + b) / 2)
+    assert torch.equal(got[:, 4:], a[:, 4:])
+
+
+def test_refusals_happen_before_reading(models, tmp_path):
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(UsageError, match="different models"):
+        merge("weighted-sum", [models[("sd1", 0)], models[("flux1-schnell", 0)]], str(out),
+              params={})
+    xl = tmp_path / "xl.safetensors"
+    sample("sdxl", str(xl), sparse=True)  # 6.9 GB of holes: refused from the header alone
+    with pytest.raises(UsageError, match="different models"):
+        merge("weighted-sum", [models[("sd1", 0)], str(xl)], str(out), params={})
+    with pytest.raises(UsageError, match="takes 3 models"):
+        merge("add-difference", [models[("sd1", 0)], models[("sd1", 1)]], str(out), params={})
+    with pytest.raises(UsageError, match="takes no --beta"):
+        merge("weighted-sum", [models[("sd1", 0)], models[("sd1", 1)]], str(out),
+              params={"beta": 0.1})
+    with pytest.raises(OutputError):
+        merge("weighted-sum", [models[("sd1", 0)], models[("sd1", 1)]], models[("sd1", 0)],
+              params={})
+    assert not out.exists()
+
+
+def test_shape_mismatch_and_missing_keys(models, tmp_path):
+    b = _weights(models[("sd1", 1)])
+    key = "model.diffusion_model.out.2.weight"
+    b[key] = torch.zeros(4, 32, 1, 1)
+    odd = tmp_path / "odd.safetensors"
+    save_file(b, str(odd))
+    with pytest.raises(UsageError, match="cannot be merged"):
+        merge("weighted-sum", [models[("sd1", 0)], str(odd)], str(tmp_path / "o.safetensors"),
+              params={})
+    b = _weights(models[("sd1", 1)])
+    del b["model.diffusion_model.out.2.bias"]
+    short = tmp_path / "short.safetensors"
+    save_file(b, str(short))
+    out = tmp_path / "taken.safetensors"
+    merge("weighted-sum", [models[("sd1", 0)], str(short)], str(out), params={})
+    assert torch.equal(_weights(str(out))["model.diffusion_model.out.2.bias"],
+                       _weights(models[("sd1", 0)])["model.diffusion_model.out.2.bias"])
+    merge("weighted-sum", [models[("sd1", 0)], str(short)], str(tmp_path / "s.safetensors"),
+          params={}, missing="skip")
+    assert "model.diffusion_model.out.2.bias" not in _weights(str(tmp_path / "s.safetensors"))
+    with pytest.raises(UsageError, match=r"has no model\.diffusion_model\.out\.2\.bias"):
+        merge("weighted-sum", [models[("sd1", 0)], str(short)], str(tmp_path / "e.safetensors"),
+              params={}, missing="error")
+
+
+def test_components_scope_dtype_and_recipe(models, tmp_path, capsys):
+    a, b = models[("sd1", 0)], models[("sd1", 1)]
+    out = tmp_path / "unet_only.safetensors"
+    assert main(["merge", "weighted-sum", a, b, "-o", str(out), "--alpha", "0.25",
+                 "--components", "diffusion_model", "--dtype", "fp16", "--quiet"]) == 0
+    got, wa, wb = _weights(str(out)), _weights(a), _weights(b)
+    vae_key = "first_stage_model.decoder.conv_in.weight"
+    unet_key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(got[vae_key], wa[vae_key].half())
+    assert torch.equal(got[unet_key], (0.75 * wa[unet_key] + 0.25 * wb[unet_key]).half())
+    with safe_open(str(out), "pt") as f:
+        recipe = json.loads(f.metadata()["ckptkit.merge_recipe"])
+    assert recipe["method"] == "weighted-sum" and recipe["params"] == {"alpha": 0.25}
+    assert recipe["components"] == ["diffusion_model"]
+    again = tmp_path / "again.safetensors"
+    merge("add-difference", [str(out), a, b], str(again), params={})
+    with safe_open(str(again), "pt") as f:
+        lineage = json.loads(f.metadata()["ckptkit.merge_lineage"])
+    assert "unet_only.safetensors" in lineage  # merges of merges keep their history
