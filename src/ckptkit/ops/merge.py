@@ -35,6 +35,7 @@ RECIPE_KEY = "ckptkit.merge_recipe"
 _LINEAGE_KEYS = (RECIPE_KEY, "sd_merge_recipe", "sd_merge_models", "mecha_recipe")
 _INPUT_CONVS = ("input_blocks.0.0.weight", "img_in.weight")
 MISSING = ("take-a", "skip", "error")
+SLICE_ELEMENTS = 1 << 22  # fp32 working set per slice of an element-wise merge: 16 MiB
 
 
 @dataclass
@@ -76,8 +77,10 @@ def _compute(method: Method, params: dict[str, float], key: str, sources: list[L
     import torch
 
     wide = getattr(torch, compute)
-    tensors = [s.read().to(wide) for s in sources]
     kwargs = dict(params)
+    if method.elementwise and len({s.shape for s in sources}) == 1 and sources[0].shape:
+        return _in_slices(method, kwargs, sources, wide, torch_dtype(out_dtype))
+    tensors = [s.read().to(wide) for s in sources]
     if "seed" in kwargs:
         kwargs["seed"] = int(kwargs["seed"])
         kwargs["key_seed"] = zlib.crc32(key.encode())
@@ -90,6 +93,20 @@ def _compute(method: Method, params: dict[str, float], key: str, sources: list[L
     else:
         result = method.func(tensors, **kwargs)
     return result.to(torch_dtype(out_dtype))
+
+
+def _in_slices(method: Method, kwargs, sources: list[LazyTensor], wide, out_dtype):
+    """Element-wise methods on big tensors: computed a slice of rows at a time, so that
+    memory holds the inputs as stored plus one slice in fp32, not every input in fp32."""
+    import torch
+
+    stored = [s.read() for s in sources]
+    out = torch.empty(stored[0].shape, dtype=out_dtype)
+    rows = max(1, SLICE_ELEMENTS // max(1, stored[0][0].numel()))
+    for start in range(0, stored[0].shape[0], rows):
+        part = [t[start:start + rows].to(wide) for t in stored]
+        out[start:start + rows] = method.func(part, **kwargs).to(out_dtype)
+    return out
 
 
 def _is_data(tensor: LazyTensor, key: str) -> bool:

@@ -160,6 +160,7 @@ class Method:
     inputs: str  # "2", "3", "2+" or "3+"
     defaults: dict[str, float]  # the parameters it takes, with their defaults
     formula: str
+    elementwise: bool = False  # each output element depends on the same element only
 
     def arity_ok(self, count: int) -> bool:
         need = int(self.inputs.rstrip("+"))
@@ -167,13 +168,13 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("weighted-sum", weighted_sum, "2", {"alpha": 0.5}, "(1 - alpha) A + alpha B"),
-    Method("add-difference", add_difference, "3", {"alpha": 1.0}, "A + alpha (B - C)"),
+    Method("weighted-sum", weighted_sum, "2", {"alpha": 0.5}, "(1 - alpha) A + alpha B", True),
+    Method("add-difference", add_difference, "3", {"alpha": 1.0}, "A + alpha (B - C)", True),
     Method("triple-sum", triple_sum, "3", {"alpha": 1 / 3, "beta": 1 / 3},
-           "(1 - alpha - beta) A + alpha B + beta C"),
+           "(1 - alpha - beta) A + alpha B + beta C", True),
     Method("sum-twice", sum_twice, "3", {"alpha": 0.5, "beta": 0.5},
-           "lerp(lerp(A, B, alpha), C, beta)"),
-    Method("n-average", n_average, "2+", {}, "mean of all models"),
+           "lerp(lerp(A, B, alpha), C, beta)", True),
+    Method("n-average", n_average, "2+", {}, "mean of all models", True),
     Method("slerp", slerp, "2", {"alpha": 0.5},
            "spherical interpolation of directions, linear of norms"),
     Method("add-perpendicular", add_perpendicular, "3", {"alpha": 1.0},

@@ -1,0 +1,133 @@
+"""Benchmark: weighted sum 0.5 of two full-size SD 1.5 fp16 safetensors files (2.1 GB each),
+ckptkit against the AUTOMATIC1111 way (``load_file`` both, compute, ``save_file``) and
+sd-mecha 1.1.8's ``weighted_sum``, in the same run.
+
+Each runs as a child process on warm inputs, after a sync; a sampler reads the child's
+/proc status every 20 ms for its peak private memory (RssAnon: not the file-backed pages of
+memory-mapped inputs) and peak RSS. Outputs are checked against each other (within fp16
+rounding) before figures are printed.
+
+    .venv/bin/pip install sd-mecha==1.1.8   # bench-only (also a test extra)
+    .venv/bin/python bench/merge_bench.py [--workdir bench/out] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from measure import warm
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sd15_shapes import sd15
+
+A1111 = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+out = {k: (v if not v.is_floating_point() else torch.lerp(v.float(), b[k].float(), 0.5).half())
+       for k, v in a.items()}
+save_file(out, sys.argv[3])
+"""
+
+MECHA = """
+import sys, sd_mecha
+recipe = sd_mecha.weighted_sum(sd_mecha.model(sys.argv[1]), sd_mecha.model(sys.argv[2]),
+                               alpha=0.5)
+sd_mecha.merge(recipe, output=sys.argv[3], output_dtype=__import__("torch").float16,
+               threads=2)
+"""
+
+
+def make(path: str, seed: int) -> None:
+    if os.path.exists(path):
+        return
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(s, generator=gen).to(torch.float16) for k, s in sd15().items()}
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = \
+        torch.arange(77).unsqueeze(0)
+    save_file(state, path + ".part")
+    os.replace(path + ".part", path)
+
+
+def sample_run(cmd: list[str]) -> dict[str, float]:
+    """Wall seconds, peak RssAnon and peak VmRSS (bytes) of one child process."""
+    os.sync()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    anon = rss = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            anon = max(anon, int(fields.get("RssAnon", "0 kB").split()[0]) * 1024)
+            rss = max(rss, int(fields.get("VmRSS", "0 kB").split()[0]) * 1024)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:]}")
+    return {"seconds": seconds, "anon": anon, "rss": rss}
+
+
+def close(a: str, b: str) -> bool:
+    with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
+        keys = list(fa.keys())
+        if set(keys) != set(fb.keys()):
+            return False
+        return all(torch.allclose(fa.get_tensor(k).float(), fb.get_tensor(k).float(),
+                                  atol=2e-3) for k in keys)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), "out"))
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--sd-mecha", action="store_true",
+                        help="also run sd-mecha (in our runs it took far longer than its "
+                             "published 31 s; see the README)")
+    args = parser.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    a, b = (os.path.join(args.workdir, f"sd15_{n}.safetensors") for n in ("a", "b"))
+    make(a, 1)
+    make(b, 2)
+    ckpt = os.path.join(os.path.dirname(sys.executable), "ckpt")
+    outs = {n: os.path.join(args.workdir, f"merged_{n}.safetensors")
+            for n in ("a1111", "sd-mecha", "ckptkit")}
+    commands = {
+        "a1111": [sys.executable, "-c", A1111, a, b, outs["a1111"]],
+        "sd-mecha": [sys.executable, "-c", MECHA, a, b, outs["sd-mecha"]],
+        "ckptkit": [ckpt, "merge", "weighted-sum", a, b, "-o", outs["ckptkit"], "--alpha",
+                    "0.5", "--quiet"],
+    }
+    if not args.sd_mecha:
+        del commands["sd-mecha"]
+    results: dict[str, list[dict[str, float]]] = {n: [] for n in commands}
+    for _ in range(args.repeat):
+        for name, cmd in commands.items():
+            warm(a)
+            warm(b)
+            results[name].append(sample_run(cmd))
+    for name in (n for n in commands if n != "ckptkit"):
+        if not close(outs["ckptkit"], outs[name]):
+            print(f"FAIL: ckptkit's output differs from {name}'s", file=sys.stderr)
+            return 1
+    base = statistics.median(r["seconds"] for r in results["a1111"])
+    print(f"inputs: 2 x {os.path.getsize(a) / 1e9:.2f} GB SD 1.5 fp16, median of {args.repeat}")
+    print(f"{'method':<10}{'seconds':>9}{'x a1111':>9}{'RssAnon MB':>12}{'RSS MB':>9}")
+    for name, runs in results.items():
+        s = statistics.median(r["seconds"] for r in runs)
+        anon = max(r["anon"] for r in runs) / 1e6
+        rss = max(r["rss"] for r in runs) / 1e6
+        print(f"{name:<10}{s:>9.2f}{s / base:>9.2f}{anon:>12.0f}{rss:>9.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
