@@ -17,7 +17,7 @@ from .progress import ProgressBar
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        "inspect", help="show format, tensors, dtypes, key prefixes and metadata of files",
+        "inspect", help="say what files are: family, components, dtypes, metadata, hashes",
         description="Show what checkpoint files hold, from their headers alone (no tensor "
                     "data is read).")
     parser.add_argument("files", nargs="+", metavar="PATH",
