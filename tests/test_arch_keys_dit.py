@@ -16,41 +16,16 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import mecha, meta, params, shapes
 
 from ckptkit.arch.keys import KeyTable
 from ckptkit.arch.keys import flux as F
 from ckptkit.arch.keys import mmdit as M
 
 PREFIX = "model.diffusion_model."
-
-
-def params(table: KeyTable) -> int:
-    return sum(math.prod(shape) for shape in table.values())
-
-
-def meta(table: KeyTable, prefix: str = "") -> dict[str, torch.Tensor]:
-    return {prefix + k: torch.empty(shape, device="meta") for k, shape in table.items()}
-
-
-def shapes(state_dict) -> KeyTable:
-    return {k: tuple(v.shape) for k, v in state_dict.items()}
-
-
-# --------------------------------------------------------------------------- sd-mecha tables
-
-
-@functools.cache
-def mecha(config: str) -> dict[str, dict[str, dict]]:
-    import sd_mecha
-
-    path = (Path(sd_mecha.__file__).parent / "extensions" / "builtin" / "model_configs"
-            / f"{config}.yaml")
-    return yaml.safe_load(path.read_text())["components"]
 
 
 def test_sd3_comfyui_is_sd3_medium():

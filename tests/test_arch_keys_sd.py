@@ -12,43 +12,16 @@ Nothing is downloaded; every model lives on the meta device (no memory, no data)
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import mecha, meta, params, shapes
 
 from ckptkit.arch.keys import KeyTable
 from ckptkit.arch.keys import clip as C
 from ckptkit.arch.keys import t5 as T
 from ckptkit.arch.keys import unet as U
 from ckptkit.arch.keys import vae as V
-
-
-def params(table: KeyTable) -> int:
-    return sum(math.prod(shape) for shape in table.values())
-
-
-def meta(table: KeyTable, prefix: str = "") -> dict[str, torch.Tensor]:
-    return {prefix + k: torch.empty(shape, device="meta") for k, shape in table.items()}
-
-
-def shapes(state_dict) -> KeyTable:
-    return {k: tuple(v.shape) for k, v in state_dict.items()}
-
-
-# --------------------------------------------------------------------------- sd-mecha tables
-
-
-@functools.cache
-def mecha(config: str) -> dict[str, dict[str, dict]]:
-    import sd_mecha
-
-    path = (Path(sd_mecha.__file__).parent / "extensions" / "builtin" / "model_configs"
-            / f"{config}.yaml")
-    return yaml.safe_load(path.read_text())["components"]
 
 
 def mecha_component(config: str, component: str, prefix: str):

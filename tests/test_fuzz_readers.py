@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import struct
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import Hang, time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -37,24 +36,6 @@ FUZZ = settings(max_examples=_EXAMPLES, deadline=2000, derandomize=_EXAMPLES <= 
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                 database=None)
 _READ_LIMIT = 1 << 28  # bytes; a larger materialisation would be a test-machine hazard
-
-
-class _Hang(BaseException):
-    pass
-
-
-@contextmanager
-def time_limit(seconds: float):
-    def on_alarm(signum, frame):
-        raise _Hang(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def check_open_and_read(path: Path) -> str:
@@ -84,7 +65,7 @@ def check_open_and_read(path: Path) -> str:
                         else:  # torch may pack values (F4), so compare sizes in bytes
                             assert got.numel() * got.element_size() == lazy.nbytes
             return "ok"
-    except _Hang as hang:
+    except Hang as hang:
         raise AssertionError(f"{path.name}: {hang}") from None
 
 
@@ -258,7 +239,7 @@ def run_vm(data: bytes, persistent_load) -> None:
                 return
             assert 0 < end <= len(data)
             assert data[end - 1:end] == b"."
-    except _Hang as hang:
+    except Hang as hang:
         raise AssertionError(str(hang)) from None
 
 

@@ -322,15 +322,11 @@ def test_kohya_sdxl_layout_and_old_sd1_clip_names(tmp_path):
 
 
 def test_kohya_sdxl_keys_match_sd_mecha_table(tmp_path):
-    import sd_mecha
-    import yaml
+    from helpers import mecha
 
     from ckptkit.ops.sample import sample_table
 
-    table_path = os.path.join(os.path.dirname(sd_mecha.__file__), "extensions", "builtin",
-                              "model_configs", "sdxl-kohya.yaml")
-    with open(table_path) as f:
-        published = yaml.safe_load(f)["components"]
+    published = mecha("sdxl-kohya")
     ours = sample_table(families()["sdxl"], layout="kohya")
     required = {k: tuple(v["shape"]) for comp in published.values() for k, v in comp.items()
                 if not v.get("optional")}

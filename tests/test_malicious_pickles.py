@@ -12,17 +12,16 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
-import signal
 import struct
 import subprocess
 import sys
 import textwrap
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import Hang, time_limit
 
 from ckptkit.errors import CkptError, FormatError, UnsafeFileError
 from ckptkit.formats import open_checkpoint
@@ -466,26 +465,6 @@ def test_bytes_appended_after_end_record(tmp_path, marker):
 # --- resource exhaustion and parser robustness --------------------------------------------
 
 
-class _Hang(BaseException):
-    pass
-
-
-@contextmanager
-def time_limit(seconds: float):
-    """Turns a hang into a test failure instead of a stuck test run."""
-
-    def on_alarm(signum, frame):
-        raise _Hang(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def opens_or_refuses(path: Path, seconds: float = 10) -> str:
     """Opens ``path`` and reads every tensor, within ``seconds``; returns the outcome name.
     Anything but success or a CkptError fails the test."""
@@ -498,7 +477,7 @@ def opens_or_refuses(path: Path, seconds: float = 10) -> str:
                 return "ok"
             except CkptError as exc:
                 return type(exc).__name__
-    except _Hang as hang:
+    except Hang as hang:
         pytest.fail(f"{path.name}: {hang}")
     raise AssertionError("unreachable")
 

@@ -35,3 +35,27 @@ def norm(t: KeyTable, p: str, c: int) -> None:
     """An affine norm over ``c`` channels at ``p`` (GroupNorm, LayerNorm): weight and bias."""
     t[f"{p}.weight"] = (c,)
     t[f"{p}.bias"] = (c,)
+
+
+class TransformerWidths:
+    """What the FLUX and MMDiT configs share: heads splitting ``hidden_size`` and an MLP of
+    ``mlp_ratio`` times its width. A mixin for their frozen dataclasses (it adds no fields)."""
+
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float
+
+    def check_widths(self, numbers: tuple[int, ...]) -> None:
+        name = type(self).__name__
+        if min(numbers) <= 0 or self.mlp_ratio <= 0:
+            raise ValueError(f"{name}: sizes and counts must be positive")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"{name}: hidden_size must be a multiple of num_heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)

@@ -20,11 +20,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from . import KeyTable, linear
+from . import KeyTable, TransformerWidths, linear
 
 
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(TransformerWidths):
     """The numbers that decide the FLUX transformer's key names and shapes (BFL's FluxParams)."""
 
     in_channels: int = 64
@@ -47,20 +47,10 @@ class FluxConfig:
         numbers = (self.in_channels, self.out_channels, self.hidden_size, self.num_heads,
                    self.depth, self.depth_single, self.vec_in_dim, self.context_in_dim,
                    self.time_embed_dim, *self.axes_dim)
-        if min(numbers) <= 0 or self.mlp_ratio <= 0:
-            raise ValueError("FluxConfig: sizes and counts must be positive")
-        if self.hidden_size % self.num_heads:
-            raise ValueError("FluxConfig: hidden_size must be a multiple of num_heads")
+        self.check_widths(numbers)
         if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
             raise ValueError("FluxConfig: axes_dim must be even and add up to the head width")
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
 
 
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from . import KeyTable, linear
+from . import KeyTable, TransformerWidths, linear
 
 
 @dataclass(frozen=True)
-class MMDiTConfig:
+class MMDiTConfig(TransformerWidths):
     """The numbers that decide the MMDiT's key names and shapes."""
 
     depth: int  # number of joint blocks
@@ -56,22 +56,12 @@ class MMDiTConfig:
         numbers = (self.depth, self.hidden_size, self.num_heads, self.pos_embed_max_size,
                    self.pooled_dim, self.context_dim, self.patch_size, self.in_channels,
                    self.out_channels, self.time_embed_dim)
-        if min(numbers) <= 0 or self.mlp_ratio <= 0:
-            raise ValueError("MMDiTConfig: sizes and counts must be positive")
-        if self.hidden_size % self.num_heads:
-            raise ValueError("MMDiTConfig: hidden_size must be a multiple of num_heads")
+        self.check_widths(numbers)
         if any(not 0 <= i < self.depth for i in self.x_block_attn2):
             raise ValueError("MMDiTConfig: x_block_attn2 names a block outside 0..depth-1")
         if tuple(sorted(set(self.x_block_attn2))) != self.x_block_attn2:
             raise ValueError("MMDiTConfig: x_block_attn2 must be sorted and without repeats")
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
 
 
 
