@@ -33,8 +33,9 @@ _SCHEDULE_BUFFERS = {
 MARKERS = {"v_pred": "v-prediction", "ztsnr": "zero-terminal-snr",
             "edm_vpred.sigma_max": "edm-v-prediction", "edm_vpred.sigma_min": "edm-v-prediction",
             "edm_mean": "edm (Playground 2.5)", "edm_std": "edm (Playground 2.5)"}
-# The input convolution of each diffusion model: its input channels name a variant.
-_INPUT_CONV = {"input_blocks.0.0.weight": {4: None, 9: "inpaint", 8: "pix2pix"},
+# The input convolution of each diffusion model: its input channels name a variant (read by
+# detection, sample generation and merging).
+INPUT_CHANNEL_VARIANTS = {"input_blocks.0.0.weight": {4: None, 9: "inpaint", 8: "pix2pix"},
                "img_in.weight": {64: None, 384: "fill", 128: "depth"}}
 _LAYOUTS = ("ldm", "kohya", "comfyui")
 # Older SD1 files lack the ``text_model.`` level that transformers added (sd-mecha lists them
@@ -154,7 +155,7 @@ def _size_and_variant(exp: _Expected, shapes: Mapping[str, Shape],
     for size, table in (("full", exp.full), ("tiny", exp.tiny)):
         bad = _shape_mismatches(table, shapes)
         variant = None
-        for key, variants in _INPUT_CONV.items():
+        for key, variants in INPUT_CHANNEL_VARIANTS.items():
             name = next((k for k in bad if k == key or k.endswith("." + key)), None)
             if name and len(shapes[name]) >= 2 and shapes[name][1] in variants:
                 variant = variants[shapes[name][1]]

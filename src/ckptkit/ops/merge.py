@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any
 
 from .. import __version__
-from ..arch.detect import MARKERS
+from ..arch.detect import INPUT_CHANNEL_VARIANTS, MARKERS, Identification
 from ..engine.moves import copy_range
 from ..engine.writer import Planned, Progress, write_safetensors
 from ..errors import UsageError
@@ -33,7 +33,6 @@ from .provenance import provenance
 
 RECIPE_KEY = "ckptkit.merge_recipe"
 _LINEAGE_KEYS = (RECIPE_KEY, "sd_merge_recipe", "sd_merge_models", "mecha_recipe")
-_INPUT_CONVS = ("input_blocks.0.0.weight", "img_in.weight")
 MISSING = ("take-a", "skip", "error")
 SLICE_ELEMENTS = 1 << 22  # fp32 working set per slice of an element-wise merge: 16 MiB
 
@@ -57,19 +56,20 @@ def _params(method: Method, given: dict[str, float | None]) -> dict[str, float]:
             for k, v in method.defaults.items()}
 
 
-def _identify_all(paths: list[str], checkpoints: list[Checkpoint]) -> str | None:
-    families = []
-    for path, ck in zip(paths, checkpoints, strict=True):
-        ident = identify_checkpoint(ck)
+def _identify_all(paths: list[str], checkpoints: list[Checkpoint]) -> Identification:
+    """Identifies every input, refuses any that is not a model of the first one's family;
+    returns the first one's identification."""
+    idents = [identify_checkpoint(ck) for ck in checkpoints]
+    for path, ident in zip(paths, idents, strict=True):
         if ident.kind in ("lora", "unknown"):
             raise UsageError(f"{path} is a {ident.kind}, not a model to merge")
-        families.append((path, ident.family, ident.kind))
-    first = families[0]
-    for path, fam, kind in families[1:]:
-        if (fam, kind) != first[1:]:
-            raise UsageError(f"cannot merge {os.path.basename(first[0])} ({first[1]} {first[2]}) "
-                             f"with {os.path.basename(path)} ({fam} {kind}): different models")
-    return first[1]
+    first = idents[0]
+    for path, ident in zip(paths[1:], idents[1:], strict=True):
+        if (ident.family, ident.kind) != (first.family, first.kind):
+            raise UsageError(f"cannot merge {os.path.basename(paths[0])} ({first.family} "
+                             f"{first.kind}) with {os.path.basename(path)} ({ident.family} "
+                             f"{ident.kind}): different models")
+    return first
 
 
 def _compute(method: Method, params: dict[str, float], key: str, sources: list[LazyTensor],
@@ -132,8 +132,9 @@ def merge(method_name: str, paths: list[str], out: str, *, params: dict[str, flo
     values = _params(method, params)
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(p)) for p in paths]
-        report = MergeReport(_identify_all(paths, checkpoints))
-        selected = _component_prefixes(checkpoints[0], components)
+        first = _identify_all(paths, checkpoints)
+        report = MergeReport(first.family)
+        selected = _component_prefixes(first, components)
         planned = _plan(method, values, paths, checkpoints, dtype, compute_dtype, selected,
                         missing, report)
         metadata = {**checkpoints[0].metadata, **_recipe(method, values, paths, checkpoints,
@@ -142,11 +143,10 @@ def merge(method_name: str, paths: list[str], out: str, *, params: dict[str, flo
     return report
 
 
-def _component_prefixes(checkpoint: Checkpoint, components: list[str] | None
+def _component_prefixes(ident: Identification, components: list[str] | None
                         ) -> tuple[str, ...] | None:
     if not components:
         return None
-    ident = identify_checkpoint(checkpoint)
     prefixes = {c.name: c.prefix for c in ident.components}
     unknown = [c for c in components if c not in prefixes]
     if unknown:
@@ -189,7 +189,7 @@ def _merged_shape(key: str, sources: list[LazyTensor], paths: list[str]) -> tupl
     shapes = [s.shape for s in sources]
     if len(set(shapes)) == 1:
         return shapes[0]
-    channel_variant = key.endswith(_INPUT_CONVS) and all(
+    channel_variant = key.endswith(tuple(INPUT_CHANNEL_VARIANTS)) and all(
         len(s) == len(shapes[0]) and s[0] == shapes[0][0] and s[2:] == shapes[0][2:]
         for s in shapes)
     if channel_variant:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import zlib
 from functools import partial
 
+from ..arch.detect import INPUT_CHANNEL_VARIANTS
 from ..arch.families import Family, family
 from ..engine.writer import Planned, Progress, Zeros, write_safetensors
 from ..errors import UsageError
 from ..formats.dtypes import BY_NAME, CLI_NAMES, DType, torch_dtype
 
 LAYOUTS = ("ldm", "kohya", "comfyui")
-_INPUT_CONV = {"input_blocks.0.0.weight": {"inpaint": 9, "pix2pix": 8},
-               "img_in.weight": {"fill": 384, "depth": 128}}
 _INT_KEYS = ("position_ids",)
 _NORM_WEIGHTS = ("norm.weight", "_norm.weight", "norm1.weight", "norm2.weight", "norm3.weight",
                  "ln_1.weight", "ln_2.weight", "ln_final.weight", ".scale")
@@ -53,7 +52,8 @@ def sample_table(fam: Family, *, layout: str = "ldm", tiny: bool = False,
 
 
 def _apply_variant(table: dict[str, tuple[int, ...]], fam: Family, variant: str) -> None:
-    for key, channels in _INPUT_CONV.items():
+    for key, variants in INPUT_CHANNEL_VARIANTS.items():
+        channels = {name: count for count, name in variants.items() if name}
         if variant in channels:
             name = next((k for k in table if k == key or k.endswith("." + key)), None)
             if name is None:
