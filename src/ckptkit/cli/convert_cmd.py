@@ -7,7 +7,7 @@ import sys
 
 from ..ops.convert import CONVERT_DTYPES, convert
 from .fmt import human_bytes
-from .progress import ProgressBar
+from .progress import add_output_options, progress_for
 
 
 def add_parser(commands) -> None:
@@ -25,13 +25,12 @@ def add_parser(commands) -> None:
                              "global_step) into the output")
     parser.add_argument("--no-fsync", dest="fsync", action="store_false",
                         help="do not wait for the data to reach the disk before renaming")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output_options(parser)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    bar = ProgressBar("convert", enabled=False if args.quiet else None)
+    bar = progress_for(args, "convert")
     try:
         report = convert(args.input, args.output, dtype=args.dtype,
                          keep_metadata=args.keep_metadata, progress=bar, fsync=args.fsync)

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from ..formats.dtypes import CLI_NAMES
 from ..ops.merge import MISSING, merge
 from ..ops.merge_methods import METHODS
-from .progress import ProgressBar
+from .progress import add_output_options, progress_for
 
 
 def _methods_help() -> str:
@@ -41,13 +41,12 @@ def add_parser(commands) -> None:
                                         "comes from A unchanged")
     p.add_argument("--missing", choices=MISSING, default="take-a",
                    help="keys A has and another model lacks: copy A's, leave out, or stop")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output_options(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    bar = ProgressBar("merge", enabled=False if args.quiet or args.json else None)
+    bar = progress_for(args, "merge")
     params = {"alpha": args.alpha, "beta": args.beta, "density": args.density,
               "drop": args.drop, "seed": args.seed}
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..ops.parts import assemble, bake_vae, split
-from .progress import ProgressBar
+from .progress import add_output_options, progress_for
 
 
 def add_parser(commands) -> None:
@@ -44,17 +44,12 @@ def add_parser(commands) -> None:
 
 
 def _common(parser, run) -> None:
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output_options(parser)
     parser.set_defaults(run=run)
 
 
-def _bar(args, label: str) -> ProgressBar:
-    return ProgressBar(label, enabled=False if args.quiet or args.json else None)
-
-
 def run_split(args) -> int:
-    bar = _bar(args, "split")
+    bar = progress_for(args, "split")
     try:
         written = split(args.checkpoint, args.output,
                         args.components.split(",") if args.components else None, progress=bar)
@@ -69,7 +64,7 @@ def run_split(args) -> int:
 
 
 def run_assemble(args) -> int:
-    bar = _bar(args, "assemble")
+    bar = progress_for(args, "assemble")
     try:
         result = assemble(args.diffusion_model, args.text_encoder, args.vae, args.output,
                           allow_partial=args.allow_partial, progress=bar)
@@ -85,7 +80,7 @@ def run_assemble(args) -> int:
 
 
 def run_bake(args) -> int:
-    bar = _bar(args, "vae bake")
+    bar = progress_for(args, "vae bake")
     try:
         result = bake_vae(args.checkpoint, args.vae, args.output, progress=bar)
     finally:

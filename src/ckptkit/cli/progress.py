@@ -57,3 +57,14 @@ class ProgressBar:
             self._draw(time.monotonic())
             self.stream.write("\n")
             self.stream.flush()
+
+
+def add_output_options(parser, json_help: str = "print the result as JSON") -> None:
+    """The ``--quiet`` and ``--json`` options every long-running command takes."""
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
+def progress_for(args, label: str, unit: str = "tensors") -> ProgressBar:
+    """A bar for a command's work, off when ``--quiet`` or ``--json`` asked for silence."""
+    return ProgressBar(label, unit=unit, enabled=False if args.quiet or args.json else None)

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from ..formats.dtypes import CLI_NAMES
 from ..ops.prune import prune
-from .progress import ProgressBar
+from .progress import add_output_options, progress_for
 
 
 def add_parser(commands) -> None:
@@ -27,13 +27,12 @@ def add_parser(commands) -> None:
                    help="drop EMA copies (default), use them as the weights, or keep them")
     p.add_argument("--drop", nargs="+", default=[], metavar="COMPONENT",
                    help="components to leave out, e.g. clip_l vae")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output_options(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    bar = ProgressBar("prune", enabled=False if args.quiet or args.json else None)
+    bar = progress_for(args, "prune")
     try:
         report = prune(args.checkpoint, args.output, dtype=args.dtype,
                        vae_dtype=args.vae_dtype, ema=args.ema, drop=args.drop, progress=bar)

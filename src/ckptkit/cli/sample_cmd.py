@@ -8,7 +8,7 @@ from ..arch.families import families
 from ..formats.dtypes import CLI_NAMES
 from ..ops.sample import LAYOUTS, sample
 from .fmt import human_count
-from .progress import ProgressBar
+from .progress import add_output_options, progress_for
 
 
 def add_parser(commands) -> None:
@@ -32,13 +32,12 @@ def add_parser(commands) -> None:
                         help="zero-filled holes instead of values (instant, for header tests)")
     parser.add_argument("--format", choices=("safetensors", "ckpt"), default="safetensors")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output_options(parser)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    bar = ProgressBar("sample", enabled=False if args.quiet or args.json else None)
+    bar = progress_for(args, "sample")
     try:
         counts = sample(args.family, args.output, layout=args.layout, dtype=args.dtype,
                         tiny=args.tiny, sparse=args.sparse,

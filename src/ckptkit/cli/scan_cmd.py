@@ -6,7 +6,7 @@ import json
 import os
 
 from ..ops.scan import exit_code, iter_files, scan_file
-from .progress import ProgressBar
+from .progress import add_output_options, progress_for
 
 _LABELS = {"safe": "SAFE", "unsafe": "UNSAFE", "error": "ERROR", "skipped": "SKIP"}
 
@@ -18,16 +18,15 @@ def add_parser(commands) -> None:
                     "the extension) with the same restricted reader that loads them. Exit "
                     "code 0: all safe; 1: something unsafe; 2: something unreadable.")
     parser.add_argument("paths", nargs="+", metavar="PATH")
-    parser.add_argument("--json", action="store_true", help="print a JSON report")
     parser.add_argument("--verify-data", action="store_true",
                         help="also check the CRC of every tensor record (reads all data)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_options(parser, json_help="print a JSON report")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     files = list(iter_files(args.paths))
-    bar = ProgressBar("scan", unit="files", enabled=False if args.quiet or args.json else None)
+    bar = progress_for(args, "scan", unit="files")
     bar.start(sum(_size(f) for f in files), len(files))
     results = []
     for path in files:
