@@ -31,8 +31,12 @@ class Move:
     """One output tensor: ``target`` from ``sources`` by ``op``.
 
     ops: ``copy`` (one source as it is), ``rows`` (block ``index`` of ``parts`` equal row
-    blocks of the one source), ``concat`` (sources stacked along rows), ``transpose`` (a
-    2-D source transposed), ``scalar`` (a 0-d tensor of ``value``, no source).
+    blocks of the one source, or of blocks of the given ``sizes`` when they differ),
+    ``concat`` (sources stacked along rows), ``transpose`` (a 2-D source transposed),
+    ``reshape`` (the one source with the same elements in ``shape``: a 1x1 convolution
+    as a linear layer), ``swap_halves`` (the two row halves of the one source exchanged: an
+    adaLN (shift, scale) that another naming stores as (scale, shift)), ``scalar`` (a 0-d
+    tensor of ``value``, no source).
     """
 
     target: str
@@ -41,6 +45,18 @@ class Move:
     index: int = 0
     parts: int = 1
     value: float = 0.0
+    sizes: tuple[int, ...] = ()
+    shape: tuple[int, ...] = ()
+
+    def row_range(self, rows: int) -> tuple[int, int]:
+        """The rows of a ``rows`` move in a source of ``rows`` rows."""
+        if self.sizes:
+            if sum(self.sizes) != rows:
+                raise ValueError(f"{self.sources[0]} has {rows} rows, not {sum(self.sizes)}")
+            start = sum(self.sizes[:self.index])
+            return start, start + self.sizes[self.index]
+        size = rows // self.parts
+        return self.index * size, (self.index + 1) * size
 
 
 def _openclip_to_hf(src_prefix: str, dst_prefix: str, keys: set[str]) -> list[Move]:

@@ -18,7 +18,10 @@ from .writer import CopyRange, Planned
 def _shape(move: Move, sources: Sequence[LazyTensor]) -> tuple[int, ...]:
     first = sources[0].shape
     if move.op == "rows":
-        return (first[0] // move.parts, *first[1:])
+        start, stop = move.row_range(first[0])
+        return (stop - start, *first[1:])
+    if move.op == "reshape":
+        return move.shape
     if move.op == "concat":
         return (sum(s.shape[0] for s in sources), *first[1:])
     if move.op == "transpose":
@@ -35,10 +38,15 @@ def _produce(move: Move, sources: Sequence[LazyTensor], dtype: DType):
         return torch.cat([s.read() for s in sources])
     tensor = sources[0].read()
     if move.op == "rows":
-        size = tensor.shape[0] // move.parts
-        return tensor[move.index * size:(move.index + 1) * size].contiguous()
+        start, stop = move.row_range(tensor.shape[0])
+        return tensor[start:stop].contiguous()
     if move.op == "transpose":
         return tensor.t().contiguous()
+    if move.op == "reshape":
+        return tensor.reshape(move.shape)
+    if move.op == "swap_halves":
+        half = tensor.shape[0] // 2
+        return torch.cat([tensor[half:], tensor[:half]])
     return tensor
 
 
@@ -61,7 +69,7 @@ def plan_moves(moves: Sequence[Move], tensors: Mapping[str, LazyTensor],
             continue
         sources = [tensors[k] for k in move.sources]
         dtype = sources[0].dtype
-        if move.op == "copy" and sources[0].is_contiguous:
+        if move.op in ("copy", "reshape") and sources[0].is_contiguous:  # same bytes
             produce = partial(copy_range, sources[0])
         else:
             produce = partial(_produce, move, sources, dtype)
