@@ -36,3 +36,9 @@ def demo_ckpt_legacy(tmp_path: Path) -> Path:
     path = tmp_path / "demo_legacy.ckpt"
     torch.save(demo.build(), path, _use_new_zipfile_serialization=False)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path_factory, monkeypatch):
+    """Each test remembers file hashes in its own cache folder, never the user's."""
+    monkeypatch.setenv("CKPTKIT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

@@ -53,6 +53,19 @@ class Zeros:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A metadata value known only once the data is written (the SHA-256 of inputs hashed
+    while they are read): the header holds ``placeholder`` and is patched in place with
+    ``resolve()``, which must give a value no longer once encoded (the header is padded with
+    spaces, which JSON allows), before the file takes its name. ``cancel`` stops the work
+    behind it when the write fails."""
+
+    placeholder: str
+    resolve: Callable[[], str]
+    cancel: Callable[[], None] = lambda: None
+
+
 @dataclass
 class Planned:
     """One output tensor: its key, dtype and shape, and how to produce its data when due.
@@ -112,22 +125,49 @@ def _write_item(fd: int, item: Planned, data: Any) -> None:
 
 
 def write_safetensors(target: str, planned: Sequence[Planned],
-                      metadata: dict[str, str] | None = None, *, inputs: tuple[str, ...] = (),
-                      progress: Progress | None = None, fsync: bool = True) -> None:
+                      metadata: dict[str, str | Deferred] | None = None, *,
+                      inputs: tuple[str, ...] = (), progress: Progress | None = None,
+                      fsync: bool = True) -> None:
     """Writes ``planned`` to ``target`` atomically, streaming one tensor at a time."""
-    header = build_header(planned, metadata)
-    if progress:
-        progress.start(sum(p.nbytes for p in planned), len(planned))
-    with AtomicOutput(target, inputs, fsync=fsync) as out:
-        write_all(out.fd, header)
-        for item, data in _prefetched(planned):
-            _write_item(out.fd, item, data)
-            del data  # release the tensor before the next one is made
-            if progress:
-                progress.update(item.nbytes, 1)
-        os.ftruncate(out.fd, len(header) + sum(p.nbytes for p in planned))  # trailing holes
-        _verify(out.tmp_path, planned, target)
-        out.commit()
+    deferred = {k: v for k, v in (metadata or {}).items() if isinstance(v, Deferred)}
+    try:
+        header = build_header(planned, _placeholders(metadata))
+        if progress:
+            progress.start(sum(p.nbytes for p in planned), len(planned))
+        with AtomicOutput(target, inputs, fsync=fsync) as out:
+            write_all(out.fd, header)
+            for item, data in _prefetched(planned):
+                _write_item(out.fd, item, data)
+                del data  # release the tensor before the next one is made
+                if progress:
+                    progress.update(item.nbytes, 1)
+            os.ftruncate(out.fd, len(header) + sum(p.nbytes for p in planned))  # trailing holes
+            if deferred:
+                _patch_header(out.fd, header, planned, metadata or {}, target)
+            _verify(out.tmp_path, planned, target)
+            out.commit()
+    except BaseException:
+        for value in deferred.values():
+            value.cancel()
+        raise
+
+
+def _placeholders(metadata: dict[str, str | Deferred] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    return {k: v.placeholder if isinstance(v, Deferred) else v for k, v in metadata.items()}
+
+
+def _patch_header(fd: int, header: bytes, planned: Sequence[Planned],
+                  metadata: dict[str, str | Deferred], target: str) -> None:
+    """Rewrites the header with the deferred values resolved, padded to the same length so
+    that every tensor's offset stays where it was written."""
+    final = build_header(planned, {k: v.resolve() if isinstance(v, Deferred) else v
+                                   for k, v in metadata.items()})
+    if len(final) > len(header):
+        raise OutputError("a metadata value grew after the data was written", target)
+    body = final[8:] + b" " * (len(header) - len(final))
+    os.pwrite(fd, header[:8] + body, 0)
 
 
 def _tensor_buffer(tensor):

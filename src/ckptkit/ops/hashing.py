@@ -4,13 +4,21 @@
 and Civitai's "AutoV3" (the SHA-256 of what follows a safetensors header, which survives
 metadata edits: bytes 8+N to the end when the first 8 bytes read as N < 16 MiB, else bytes 8
 to the end, for every file type). The file is read in large chunks, never held in memory.
+
+A file's SHA-256 is remembered (by path, size, modification time and inode, in
+``sha256.json`` of ckptkit's cache folder) so that the outputs of later operations can name
+their inputs by hash without reading them again; ``BackgroundSha256`` hashes the inputs of an
+operation in a worker thread while the operation reads them too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
+import tempfile
+import threading
 
 from ..engine.writer import Progress
 
@@ -36,4 +44,100 @@ def file_hashes(path: str, progress: Progress | None = None) -> dict[str, str]:
             if progress:
                 progress.update(len(chunk), 0)
     sha = whole.hexdigest()
+    _remember(path, sha)
     return {"sha256": sha, "autov2": sha[:10], "autov3": after_header.hexdigest()}
+
+
+def cache_dir() -> str:
+    """``$CKPTKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ckptkit``, else ``~/.cache/ckptkit``."""
+    explicit = os.environ.get("CKPTKIT_CACHE_DIR")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ckptkit")
+
+
+def _identity(path: str) -> tuple[str, list[int]]:
+    st = os.stat(path)
+    return os.path.realpath(path), [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _load_cache() -> dict:
+    try:
+        with open(os.path.join(cache_dir(), "sha256.json"), encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(path: str, sha: str) -> None:
+    """Records a file's hash; a cache that cannot be written is only a missed shortcut."""
+    try:
+        name, ident = _identity(path)
+        folder = cache_dir()
+        os.makedirs(folder, exist_ok=True)
+        data = _load_cache()
+        data[name] = {"stat": ident, "sha256": sha}
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sha256.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, os.path.join(folder, "sha256.json"))
+    except OSError:
+        pass
+
+
+def cached_sha256(path: str) -> str | None:
+    """The remembered SHA-256 of ``path`` if the file has not changed since it was hashed."""
+    try:
+        name, ident = _identity(path)
+    except OSError:
+        return None
+    entry = _load_cache().get(name)
+    if isinstance(entry, dict) and entry.get("stat") == ident:
+        return entry.get("sha256")
+    return None
+
+
+def sha256(path: str, stop: threading.Event | None = None) -> str | None:
+    """The file's SHA-256 (remembered, or computed and remembered); None when ``stop`` is
+    set before it is done."""
+    known = cached_sha256(path)
+    if known:
+        return known
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            if stop is not None and stop.is_set():
+                return None
+            digest.update(chunk)
+    sha = digest.hexdigest()
+    _remember(path, sha)
+    return sha
+
+
+class BackgroundSha256:
+    """Hashes ``paths`` in a worker thread (hashlib and file reads release the GIL), so an
+    operation that reads the same files meanwhile pays little more than the CPU time."""
+
+    def __init__(self, paths: list[str]):
+        self._paths = list(dict.fromkeys(paths))
+        self._results: dict[str, str | None] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ckptkit-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for path in self._paths:
+            try:
+                self._results[path] = sha256(path, self._stop)
+            except OSError:
+                self._results[path] = None
+
+    def result(self) -> dict[str, str | None]:
+        """Each path's SHA-256 (None where it could not be read), once all are done."""
+        self._thread.join()
+        return dict(self._results)
+
+    def cancel(self) -> None:
+        self._stop.set()

@@ -26,7 +26,7 @@ from ..errors import UsageError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.dtypes import BY_NAME
 from .inspect import identify_checkpoint
-from .provenance import provenance
+from .provenance import provenance, source_hashes
 
 SCALARS_KEY = "ckptkit.scalars"  # JSON: {name: [value, dtype]} of keys a part cannot hold
 FOLDERS = {"diffusion-model": "diffusion_models", "text-encoder": "text_encoders",
@@ -63,6 +63,7 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
                              f"{', '.join(present)}")
         stem = os.path.splitext(os.path.basename(src))[0]
         keys = set(checkpoint)
+        hashes = source_hashes([src])
         for name in chosen:
             comp = fam.component(name)
             moves, dropped = to_canonical(comp, keys)
@@ -77,7 +78,8 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
                         "modelspec.sai_model_spec": "1.0.1",
                         "modelspec.architecture": _architecture(fam, name),
                         "modelspec.title": f"{stem} {name}",
-                        **provenance("split", [src], family=fam.id, component=name)}
+                        **provenance("split", [src], hashes, family=fam.id,
+                                    component=name)}
             if scalars:
                 metadata[SCALARS_KEY] = json.dumps(scalars)
             write_safetensors(target, plan_moves(moves, checkpoint), metadata, inputs=(src,),
