@@ -123,10 +123,11 @@ SD35_LARGE = MMDiTConfig(depth=38, hidden_size=2432, num_heads=38, pos_embed_max
 def _tiny(cfg: MMDiTConfig) -> MMDiTConfig:
     """Same depth, key names and channels; widths of the tiny text encoders (CLIP-L 32 + CLIP-G
     48 pooled = 80, T5 d_model 32); a 16x16 positional table instead of 192x192 / 384x384, so a
-    tiny sample does not carry the pos_embed size signature; mlp ratio 2 keeps the 38-block
-    SD3.5 Large below 5 M parameters."""
-    return dataclasses.replace(cfg, hidden_size=64, num_heads=2, pos_embed_max_size=16,
-                               pooled_dim=80, context_dim=32, mlp_ratio=2.0)
+    tiny sample does not carry the pos_embed size signature; width 48 (2 heads of 24) keeps
+    the 38-block SD3.5 Large below 5 M parameters with diffusers' fixed mlp ratio of 4, so
+    that a tiny sample also loads into diffusers' SD3Transformer2DModel."""
+    return dataclasses.replace(cfg, hidden_size=48, num_heads=2, pos_embed_max_size=16,
+                               pooled_dim=80, context_dim=32)
 
 
 SD3_MEDIUM_TINY = _tiny(SD3_MEDIUM)
