@@ -70,6 +70,13 @@ def _ref_model_stock(base, others):
     return t * sum(others) / n + (1 - t) * base
 
 
+def _ref_train_difference(a, b, c, alpha):
+    """supermerger's trainDifference, element by element as its code reads."""
+    diff, moved, apart = b - c, (b - a).abs(), (b - c).abs()
+    scale = torch.where(moved + apart != 0, moved / (moved + apart), torch.zeros_like(a))
+    return a + torch.sign(diff) * scale * diff.abs() * (alpha * 1.8)
+
+
 CASES = {
     "weighted-sum": (2, {"alpha": 0.3}, lambda m, p: (1 - p["alpha"]) * m[0] + p["alpha"] * m[1]),
     "add-difference": (3, {"alpha": 0.7}, lambda m, p: m[0] + p["alpha"] * (m[1] - m[2])),
@@ -83,6 +90,7 @@ CASES = {
         (m[1] - m[2]) - (m[0] - m[2]) * ((m[0] - m[2]) * (m[1] - m[2])).sum()
         / ((m[0] - m[2]) ** 2).sum())),
     "model-stock": (4, {}, lambda m, p: _ref_model_stock(m[0], m[1:])),
+    "train-difference": (3, {"alpha": 0.6}, lambda m, p: _ref_train_difference(*m, p["alpha"])),
 }
 
 
@@ -202,7 +210,7 @@ def test_shape_mismatch_and_missing_keys(models, tmp_path):
               params={}, missing="error")
 
 
-def test_components_scope_dtype_and_recipe(models, tmp_path, capsys):
+def test_components_scope_dtype_and_recipe(models, tmp_path, capsys, file_sha256):
     a, b = models[("sd1", 0)], models[("sd1", 1)]
     out = tmp_path / "unet_only.safetensors"
     assert main(["merge", "weighted-sum", a, b, "-o", str(out), "--alpha", "0.25",
@@ -214,8 +222,11 @@ def test_components_scope_dtype_and_recipe(models, tmp_path, capsys):
     assert torch.equal(got[unet_key], (0.75 * wa[unet_key] + 0.25 * wb[unet_key]).half())
     with safe_open(str(out), "pt") as f:
         recipe = json.loads(f.metadata()["ckptkit.merge_recipe"])
-    assert recipe["method"] == "weighted-sum" and recipe["params"] == {"alpha": 0.25}
-    assert recipe["components"] == ["diffusion_model"]
+    assert recipe["steps"] == [{"name": "merge", "method": "weighted-sum",
+                                "models": ["A", "B"], "params": {"alpha": 0.25}}]
+    assert recipe["components"] == ["diffusion_model"] and recipe["dtype"] == "fp16"
+    assert recipe["inputs"] == {"A": {"file": "sd1_0.safetensors", "sha256": file_sha256(a)},
+                                "B": {"file": "sd1_1.safetensors", "sha256": file_sha256(b)}}
     again = tmp_path / "again.safetensors"
     merge("add-difference", [str(out), a, b], str(again), params={})
     with safe_open(str(again), "pt") as f:

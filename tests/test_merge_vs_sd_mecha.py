@@ -1,8 +1,9 @@
 """Our merge methods against sd-mecha 1.1.8's implementations of the same methods (called as
 plain functions through ``__wrapped__``, on the same tensors): weighted sum, add difference,
-SLERP, TIES (sign election by mass, as its ``vote_sgn=True`` and the TIES paper do; compared
-without trimming, since sd-mecha's top-k keeps one entry more than the fraction asked) and
-Model Stock (two fine-tunes; on 1-D tensors, where its per-row cosine is the whole one)."""
+SLERP, train difference (its mask, used with add difference as its recipes do), TIES (sign
+election by mass, as its ``vote_sgn=True`` and the TIES paper do; compared without trimming,
+since sd-mecha's top-k keeps one entry more than the fraction asked) and Model Stock (two
+fine-tunes; on 1-D tensors, where its per-row cosine is the whole one)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,13 @@ def test_model_stock_with_two_fine_tunes():
     m1, m2 = base + 0.1 * (m1 - base), base + 0.1 * (m2 + m1 - 2 * base)  # correlated tunes
     delta = ties.model_stock.__wrapped__(m1 - base, m2 - base)
     assert torch.allclose(ours.model_stock([base, m1, m2]), base + delta, atol=1e-5)
+
+
+def test_train_difference_is_add_difference_with_sd_mechas_mask():
+    a, b, c = _tensors(3, seed=3)
+    b[0] = c[0]  # a row where B equals C: nothing is added there
+    mask = linear.train_difference_mask.__wrapped__(a, b, c, alpha=torch.tensor(0.6))
+    theirs = linear.add_difference.__wrapped__({"k": a}, {"k": b - c}, alpha=mask, key="k")
+    got = ours.train_difference([a, b, c], 0.6)
+    assert torch.allclose(got, theirs, atol=1e-6)
+    assert torch.equal(got[0], a[0])

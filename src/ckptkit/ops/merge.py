@@ -1,13 +1,16 @@
 """``merge``: models combined key by key on the streaming engine, checked before anything is
-read, with the recipe in the output's metadata.
+read, with a recipe in the output's metadata that reproduces it.
 
 Every input is identified first: models of different families, or keys whose shapes differ,
 are refused before a tensor is read (an SDXL + SD 1.5 merge stops in milliseconds instead of
 allocating hundreds of GB). Integer and marker tensors (CLIP ``position_ids``, ``v_pred``)
-are copied from the first model, never interpolated; an inpainting (9-channel) or pix2pix
-(8-channel) input convolution merges the channels the models share and takes the extra ones
-from the model that has them, as AUTOMATIC1111 does. Each output tensor reads the same key
-of every input, computes in fp32 and is cast to the output dtype.
+are copied from the base model (A), never interpolated; an inpainting (9-channel) or
+pix2pix (8-channel) input convolution merges the channels the models share and takes the
+extra ones from the model that has them, as AUTOMATIC1111 does. Each output tensor reads the
+same key of every input once and runs every step of the recipe on it (a multi-step recipe
+needs no intermediate files), computing in fp32 and casting to the output dtype. The inputs
+are hashed while they are read, and the recipe names them by SHA-256, so ``from_metadata``
+can find and check them to make the same file again.
 """
 
 from __future__ import annotations
@@ -22,19 +25,33 @@ from typing import Any
 
 from .. import __version__
 from ..arch.detect import INPUT_CHANNEL_VARIANTS, MARKERS, Identification
+from ..arch.families import Family, families
 from ..engine.moves import copy_range
-from ..engine.writer import Planned, Progress, write_safetensors
+from ..engine.writer import Deferred, Planned, Progress, write_safetensors
 from ..errors import UsageError
 from ..formats import Checkpoint, LazyTensor, open_checkpoint
 from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
+from .hashing import BackgroundSha256, sha256
 from .inspect import identify_checkpoint
+from .merge_blocks import MBW_BLOCKS, PRESETS, block_names, describe, weights_for_keys
 from .merge_methods import METHODS, Method
-from .provenance import provenance
+from .merge_recipe import (
+    MISSING,
+    Recipe,
+    from_record,
+    one_step,
+    recorded_inputs,
+    to_record,
+    with_defaults,
+)
+from .parts import component_from
+from .provenance import provenance, source_hashes
 
 RECIPE_KEY = "ckptkit.merge_recipe"
 _LINEAGE_KEYS = (RECIPE_KEY, "sd_merge_recipe", "sd_merge_models", "mecha_recipe")
-MISSING = ("take-a", "skip", "error")
 SLICE_ELEMENTS = 1 << 22  # fp32 working set per slice of an element-wise merge: 16 MiB
+__all__ = ["MISSING", "RECIPE_KEY", "MergeReport", "from_metadata", "list_blocks", "merge",
+           "run_recipe"]
 
 
 @dataclass
@@ -42,71 +59,131 @@ class MergeReport:
     family: str | None
     merged: int = 0
     copied: int = 0
+    taken: int = 0  # tensors of components taken unchanged (--take)
     skipped: int = 0
     ignored: int = 0  # keys only the other models have
     notes: list[str] = field(default_factory=list)
 
 
-def _params(method: Method, given: dict[str, float | None]) -> dict[str, float]:
-    unknown = [k for k, v in given.items() if v is not None and k not in method.defaults]
-    if unknown:
-        raise UsageError(f"{method.name} takes no --{unknown[0]} (it takes "
-                         f"{', '.join('--' + p for p in method.defaults) or 'no parameters'})")
-    return {k: (given.get(k) if given.get(k) is not None else v)
-            for k, v in method.defaults.items()}
+@dataclass(frozen=True)
+class _StepPlan:
+    """One step of the recipe for one key: parameters resolved (per-block weights)."""
+
+    name: str
+    method: Method
+    models: tuple[str, ...]
+    params: dict[str, Any]
 
 
-def _identify_all(paths: list[str], checkpoints: list[Checkpoint]) -> Identification:
-    """Identifies every input, refuses any that is not a model of the first one's family;
-    returns the first one's identification."""
-    idents = [identify_checkpoint(ck) for ck in checkpoints]
-    for path, ident in zip(paths, idents, strict=True):
+@dataclass(frozen=True)
+class _KeyPlan:
+    key: str
+    leaves: dict[str, LazyTensor]  # input name -> its tensor of this key
+    steps: tuple[_StepPlan, ...]
+    output: str
+    out_dtype: DType
+    compute: str
+    device: str
+
+
+def merge(method_name: str, paths: list[str], out: str, *, params: dict[str, Any],
+          dtype: str | None = None, compute_dtype: str = "float32",
+          components: list[str] | None = None, missing: str = "take-a",
+          take: dict[str, str] | None = None, device: str = "cpu",
+          progress: Progress | None = None) -> MergeReport:
+    """``ckpt merge METHOD A B [C ...]``: a one-step recipe."""
+    recipe = one_step(method_name, paths, params, dtype=dtype, compute_dtype=compute_dtype,
+                      components=components, missing=missing, take=take, device=device)
+    return run_recipe(recipe, out, progress)
+
+
+def run_recipe(recipe: Recipe, out: str, progress: Progress | None = None) -> MergeReport:
+    recipe = with_defaults(recipe)
+    _check_device(recipe.device)
+    merged_names = recipe.used_inputs()
+    names = merged_names + [n for n in recipe.take.values() if n not in merged_names]
+    with ExitStack() as stack:
+        checkpoints = {n: stack.enter_context(open_checkpoint(recipe.inputs[n]))
+                       for n in names}
+        first = _identify_all(recipe, merged_names, checkpoints)
+        fam = families().get(first.family) if first.family else None
+        report = MergeReport(first.family)
+        taken = _taken(recipe, fam, first, checkpoints, report)
+        planned = _plan(recipe, fam, first, checkpoints, taken, report)
+        paths = [recipe.inputs[n] for n in names]
+        hashing = BackgroundSha256(paths)
+        base = checkpoints[recipe.base()]
+        metadata: dict[str, Any] = {
+            **base.metadata, **provenance("merge", paths, source_hashes(paths, job=hashing)),
+            RECIPE_KEY: _recorded(recipe, names, hashing)}
+        lineage = _lineage(recipe, merged_names, checkpoints)
+        if lineage:
+            metadata["ckptkit.merge_lineage"] = json.dumps(lineage)
+        write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress)
+    return report
+
+
+def _check_device(device: str) -> None:
+    if device == "cpu":
+        return
+    if not (device == "cuda" or device.startswith("cuda:")):
+        raise UsageError(f"--device must be cpu or cuda[:N], not {device!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: torch finds no CUDA device on this machine")
+
+
+def _identify_all(recipe: Recipe, names: list[str], checkpoints: dict[str, Checkpoint]
+                  ) -> Identification:
+    """Identifies every merged input, refuses any that is not a model of the base model's
+    family; returns the base model's identification."""
+    idents = {n: identify_checkpoint(checkpoints[n]) for n in names}
+    for name, ident in idents.items():
         if ident.kind in ("lora", "unknown"):
-            raise UsageError(f"{path} is a {ident.kind}, not a model to merge")
-    first = idents[0]
-    for path, ident in zip(paths[1:], idents[1:], strict=True):
+            raise UsageError(f"{recipe.inputs[name]} is a {ident.kind}, not a model to merge")
+    base = recipe.base()
+    first = idents[base]
+    for name, ident in idents.items():
         if (ident.family, ident.kind) != (first.family, first.kind):
-            raise UsageError(f"cannot merge {os.path.basename(paths[0])} ({first.family} "
-                             f"{first.kind}) with {os.path.basename(path)} ({ident.family} "
+            raise UsageError(f"cannot merge {os.path.basename(recipe.inputs[base])} "
+                             f"({first.family} {first.kind}) with "
+                             f"{os.path.basename(recipe.inputs[name])} ({ident.family} "
                              f"{ident.kind}): different models")
     return first
 
 
-def _compute(method: Method, params: dict[str, float], key: str, sources: list[LazyTensor],
-             out_dtype: DType, compute: str):
-    import torch
-
-    wide = getattr(torch, compute)
-    kwargs = dict(params)
-    if method.elementwise and len({s.shape for s in sources}) == 1 and sources[0].shape:
-        return _in_slices(method, kwargs, sources, wide, torch_dtype(out_dtype))
-    tensors = [s.read().to(wide) for s in sources]
-    if "seed" in kwargs:
-        kwargs["seed"] = int(kwargs["seed"])
-        kwargs["key_seed"] = zlib.crc32(key.encode())
-    shapes = {tuple(t.shape) for t in tensors}
-    if len(shapes) > 1:  # an input convolution with extra channels (inpaint, pix2pix)
-        shared = min(t.shape[1] for t in tensors)
-        widest = max(tensors, key=lambda t: t.shape[1]).clone()
-        widest[:, :shared] = method.func([t[:, :shared] for t in tensors], **kwargs)
-        result = widest
-    else:
-        result = method.func(tensors, **kwargs)
-    return result.to(torch_dtype(out_dtype))
+def _taken(recipe: Recipe, fam: Family | None, first: Identification,
+           checkpoints: dict[str, Checkpoint], report: MergeReport) -> dict[str, list[Planned]]:
+    """Component -> its tensors taken unchanged from the named input (``--take``)."""
+    if not recipe.take:
+        return {}
+    if fam is None or first.kind != "checkpoint" or first.layout != "ldm":
+        raise UsageError("--take puts a component into a monolithic checkpoint in the "
+                         f"original layout; these models are {first.kind}s in the "
+                         f"{first.layout} layout")
+    tiny = first.components[0].size == "tiny"
+    taken = {}
+    for component, name in recipe.take.items():
+        if component not in fam.component_names:
+            raise UsageError(f"--take {component}: {fam.name} has no such component; it has "
+                             f"{', '.join(fam.component_names)}")
+        taken[component] = component_from(fam, recipe.inputs[name], checkpoints[name],
+                                          component, tiny)
+        report.taken += len(taken[component])
+    return taken
 
 
-def _in_slices(method: Method, kwargs, sources: list[LazyTensor], wide, out_dtype):
-    """Element-wise methods on big tensors: computed a slice of rows at a time, so that
-    memory holds the inputs as stored plus one slice in fp32, not every input in fp32."""
-    import torch
-
-    stored = [s.read() for s in sources]
-    out = torch.empty(stored[0].shape, dtype=out_dtype)
-    rows = max(1, SLICE_ELEMENTS // max(1, stored[0][0].numel()))
-    for start in range(0, stored[0].shape[0], rows):
-        part = [t[start:start + rows].to(wide) for t in stored]
-        out[start:start + rows] = method.func(part, **kwargs).to(out_dtype)
-    return out
+def _prefixes(fam: Family | None, first: Identification, names: list[str] | None
+              ) -> tuple[str, ...] | None:
+    if not names:
+        return None
+    prefixes = {c.name: c.prefix for c in first.components}
+    unknown = [c for c in names if c not in prefixes]
+    if unknown:
+        raise UsageError(f"the models have no {unknown[0]} component; they have "
+                         f"{', '.join(prefixes)}")
+    return tuple(prefixes[c] for c in names)
 
 
 def _is_data(tensor: LazyTensor, key: str) -> bool:
@@ -115,78 +192,74 @@ def _is_data(tensor: LazyTensor, key: str) -> bool:
             and tensor.numel > 0)
 
 
-def merge(method_name: str, paths: list[str], out: str, *, params: dict[str, float | None],
-          dtype: str | None = None, compute_dtype: str = "float32",
-          components: list[str] | None = None, missing: str = "take-a",
-          progress: Progress | None = None) -> MergeReport:
-    method = METHODS.get(method_name)
-    if method is None:
-        raise UsageError(f"unknown merge method {method_name!r}; known: {', '.join(METHODS)}")
-    if not method.arity_ok(len(paths)):
-        raise UsageError(f"{method.name} takes {method.inputs.replace('+', ' or more')} models, "
-                         f"not {len(paths)}")
-    if missing not in MISSING:
-        raise UsageError(f"--missing must be one of {', '.join(MISSING)}")
-    if dtype is not None and dtype not in CLI_NAMES:
-        raise UsageError(f"--dtype must be one of {', '.join(CLI_NAMES)}")
-    values = _params(method, params)
-    with ExitStack() as stack:
-        checkpoints = [stack.enter_context(open_checkpoint(p)) for p in paths]
-        first = _identify_all(paths, checkpoints)
-        report = MergeReport(first.family)
-        selected = _component_prefixes(first, components)
-        planned = _plan(method, values, paths, checkpoints, dtype, compute_dtype, selected,
-                        missing, report)
-        metadata = {**checkpoints[0].metadata, **_recipe(method, values, paths, checkpoints,
-                                                        dtype, components)}
-        write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress)
-    return report
-
-
-def _component_prefixes(ident: Identification, components: list[str] | None
-                        ) -> tuple[str, ...] | None:
-    if not components:
-        return None
-    prefixes = {c.name: c.prefix for c in ident.components}
-    unknown = [c for c in components if c not in prefixes]
-    if unknown:
-        raise UsageError(f"the models have no {unknown[0]} component; they have "
-                         f"{', '.join(prefixes)}")
-    return tuple(prefixes[c] for c in components)
-
-
-def _plan(method: Method, values, paths, checkpoints, dtype, compute, selected, missing,
+def _plan(recipe: Recipe, fam: Family | None, first: Identification,
+          checkpoints: dict[str, Checkpoint], taken: dict[str, list[Planned]],
           report: MergeReport) -> list[Planned]:
-    first, others = checkpoints[0], checkpoints[1:]
-    planned = []
-    for key, tensor in first.items():
-        out_dtype = CLI_NAMES[dtype] if dtype and _is_data(tensor, key) else tensor.dtype
+    base_name = recipe.base()
+    base = checkpoints[base_name]
+    leaves = recipe.used_inputs()
+    others = [n for n in leaves if n != base_name]
+    selected = _prefixes(fam, first, recipe.components)
+    replaced = tuple(fam.component(c).ldm_prefix for c in taken) if fam else ()
+    params = _param_tables(recipe, first.family, [k for k in base])
+    planned: list[Planned] = []
+    for key, tensor in base.items():
+        if replaced and key.startswith(replaced):
+            continue
+        data = _is_data(tensor, key)
+        out_dtype = CLI_NAMES[recipe.dtype] if recipe.dtype and data else tensor.dtype
         in_scope = selected is None or key.startswith(selected)
-        absent = [p for p, ck in zip(paths[1:], others, strict=True) if key not in ck]
-        if absent and in_scope and _is_data(tensor, key):
-            if missing == "error":
-                raise UsageError(f"{absent[0]} has no {key} (use --missing take-a or skip)")
-            if missing == "skip":
+        absent = [n for n in others if key not in checkpoints[n]]
+        if absent and in_scope and data:
+            if recipe.missing == "error":
+                raise UsageError(f"{recipe.inputs[absent[0]]} has no {key} (use --missing "
+                                 "take-a or skip)")
+            if recipe.missing == "skip":
                 report.skipped += 1
                 continue
-        if not in_scope or absent or not _is_data(tensor, key):
+        outside_blocks = any(isinstance(t, dict) and key not in t for p in params.values()
+                             for t in p.values())  # block weights leave it alone (FLUX VAE)
+        if not in_scope or absent or not data or outside_blocks:
             report.copied += 1
             produce = (partial(copy_range, tensor) if tensor.is_contiguous
                        and out_dtype == tensor.dtype else partial(_cast, tensor, out_dtype))
             planned.append(Planned(key, out_dtype, tensor.shape, produce))
             continue
-        sources = [tensor, *(ck[key] for ck in others)]
-        shape = _merged_shape(key, sources, paths)
-        planned.append(Planned(key, out_dtype, shape,
-                               partial(_compute, method, values, key, sources, out_dtype,
-                                       compute)))
+        sources = {n: checkpoints[n][key] for n in leaves}
+        shape = _merged_shape(key, sources, recipe)
+        steps = tuple(_StepPlan(s.name, METHODS[s.method], s.models,
+                                {p: table[key] if isinstance(table, dict) else table
+                                 for p, table in params[s.name].items()})
+                      for s in recipe.steps)
+        plan = _KeyPlan(key, sources, steps, recipe.output, out_dtype, recipe.compute_dtype,
+                        recipe.device)
+        planned.append(Planned(key, out_dtype, shape, partial(_evaluate, plan)))
         report.merged += 1
-    report.ignored = len({k for ck in others for k in ck} - set(first))
+    for tensors in taken.values():
+        planned.extend(tensors)
+    report.ignored = len({k for n in others for k in checkpoints[n]} - set(base))
     return planned
 
 
-def _merged_shape(key: str, sources: list[LazyTensor], paths: list[str]) -> tuple[int, ...]:
-    shapes = [s.shape for s in sources]
+def _param_tables(recipe: Recipe, family_id: str | None, keys: list[str]
+                  ) -> dict[str, dict[str, Any]]:
+    """Step -> parameter -> a value, or key -> value where given per block."""
+    tables: dict[str, dict[str, Any]] = {}
+    for step in recipe.steps:
+        tables[step.name] = {}
+        for name, value in step.params.items():
+            if isinstance(value, str):
+                if family_id is None:
+                    raise UsageError(f"per-block {name} needs models of a known family")
+                default = METHODS[step.method].defaults[name]
+                value = weights_for_keys(family_id, keys, value, default)
+            tables[step.name][name] = value
+    return tables
+
+
+def _merged_shape(key: str, sources: dict[str, LazyTensor], recipe: Recipe
+                  ) -> tuple[int, ...]:
+    shapes = [s.shape for s in sources.values()]
     if len(set(shapes)) == 1:
         return shapes[0]
     channel_variant = key.endswith(tuple(INPUT_CHANNEL_VARIANTS)) and all(
@@ -194,28 +267,127 @@ def _merged_shape(key: str, sources: list[LazyTensor], paths: list[str]) -> tupl
         for s in shapes)
     if channel_variant:
         return max(shapes, key=lambda s: s[1])
+    names = list(sources)
     odd = next(i for i, s in enumerate(shapes) if s != shapes[0])
-    raise UsageError(f"{key} is {list(shapes[0])} in {os.path.basename(paths[0])} but "
-                     f"{list(shapes[odd])} in {os.path.basename(paths[odd])}: these models "
-                     "cannot be merged")
+    raise UsageError(f"{key} is {list(shapes[0])} in "
+                     f"{os.path.basename(recipe.inputs[names[0]])} but {list(shapes[odd])} in "
+                     f"{os.path.basename(recipe.inputs[names[odd]])}: these models cannot be "
+                     "merged")
+
+
+def _evaluate(plan: _KeyPlan):
+    """The merged tensor of one key: every step run on the inputs' tensors, a slice of rows
+    at a time when every step is element-wise (memory: the inputs as stored plus one slice
+    in fp32), else on whole tensors."""
+    import torch
+
+    wide = getattr(torch, plan.compute)
+    out_dtype = torch_dtype(plan.out_dtype)
+    stored = {n: t.read() for n, t in plan.leaves.items()}
+    shapes = {tuple(t.shape) for t in stored.values()}
+    shape = next(iter(shapes))
+    if all(s.method.elementwise for s in plan.steps) and len(shapes) == 1 and shape:
+        out = torch.empty(shape, dtype=out_dtype)
+        rows = max(1, SLICE_ELEMENTS // max(1, out[0].numel()))
+        for start in range(0, shape[0], rows):
+            part = {n: t[start:start + rows].to(plan.device, wide) for n, t in stored.items()}
+            out[start:start + rows] = _run_steps(plan, part).to("cpu", out_dtype)
+        return out
+    values = {n: t.to(plan.device, wide) for n, t in stored.items()}
+    return _run_steps(plan, values).to("cpu", out_dtype)
+
+
+def _run_steps(plan: _KeyPlan, values: dict[str, Any]):
+    for step in plan.steps:
+        tensors = [values[m] for m in step.models]
+        kwargs = dict(step.params)
+        if "seed" in kwargs:
+            kwargs["seed"] = int(kwargs["seed"])
+            kwargs["key_seed"] = zlib.crc32(plan.key.encode())
+        if len({tuple(t.shape) for t in tensors}) > 1:  # extra input channels
+            shared = min(t.shape[1] for t in tensors)
+            widest = max(tensors, key=lambda t: t.shape[1]).clone()
+            widest[:, :shared] = step.method.func([t[:, :shared] for t in tensors], **kwargs)
+            values[step.name] = widest
+        else:
+            values[step.name] = step.method.func(tensors, **kwargs)
+    return values[plan.output]
 
 
 def _cast(tensor: LazyTensor, dtype: DType):
     return tensor.read().to(torch_dtype(dtype))
 
 
-def _recipe(method: Method, values, paths, checkpoints, dtype, components) -> dict[str, str]:
-    recipe: dict[str, Any] = {"method": method.name, "params": values,
-                              "inputs": [os.path.basename(p) for p in paths],
-                              "dtype": dtype, "components": components,
-                              "ckptkit": __version__}
+def _recorded(recipe: Recipe, names: list[str], hashing: BackgroundSha256) -> Deferred:
+    """The recipe for the metadata; the inputs' SHA-256 are filled in once hashed."""
+    def render(hashes: dict[str, str | None]) -> str:
+        kept = Recipe({n: recipe.inputs[n] for n in names}, recipe.steps, recipe.output,
+                      recipe.dtype, recipe.compute_dtype, recipe.components, recipe.missing,
+                      recipe.take, recipe.device)
+        return json.dumps(to_record(kept, hashes, __version__))
+
+    def resolve() -> str:
+        found = hashing.result()
+        return render({n: found.get(recipe.inputs[n]) for n in names})
+
+    return Deferred(render({n: "0" * 64 for n in names}), resolve, hashing.cancel)
+
+
+def _lineage(recipe: Recipe, names: list[str], checkpoints: dict[str, Checkpoint]
+             ) -> dict[str, Any]:
+    """The merge recipes recorded in the inputs (merges of merges keep their history)."""
     lineage = {}
-    for path, ck in zip(paths, checkpoints, strict=True):
-        found = {k: ck.metadata[k] for k in _LINEAGE_KEYS if k in ck.metadata}
+    for name in names:
+        found = {k: checkpoints[name].metadata[k] for k in _LINEAGE_KEYS
+                 if k in checkpoints[name].metadata}
         if found:
-            lineage[os.path.basename(path)] = found
-    meta = provenance("merge", paths)
-    meta[RECIPE_KEY] = json.dumps(recipe)
-    if lineage:
-        meta["ckptkit.merge_lineage"] = json.dumps(lineage)
-    return meta
+            lineage[os.path.basename(recipe.inputs[name])] = found
+    return lineage
+
+
+def from_metadata(merged: str, out: str, *, search: list[str] | None = None,
+                  given: dict[str, str] | None = None, progress: Progress | None = None
+                  ) -> MergeReport:
+    """Re-runs the recipe recorded in ``merged``: each input is looked for by file name
+    beside ``merged``, in the working folder and in ``search`` (or given by name), and must
+    have the recorded SHA-256."""
+    with open_checkpoint(merged) as checkpoint:
+        text = checkpoint.metadata.get(RECIPE_KEY)
+    if text is None:
+        raise UsageError(f"{merged} holds no ckptkit merge recipe in its metadata")
+    folders = [os.path.dirname(os.path.abspath(merged)), os.getcwd(), *(search or [])]
+    paths = {}
+    for name, info in recorded_inputs(text).items():
+        if given and name in given:
+            paths[name] = given[name]
+            continue
+        file = os.path.basename(str(info.get("file", "")))
+        found = next((os.path.join(f, file) for f in folders
+                      if file and os.path.isfile(os.path.join(f, file))), None)
+        if found is None:
+            raise UsageError(f"input {name} ({file}) of {merged} is not in "
+                             f"{', '.join(dict.fromkeys(folders))}; give it with "
+                             f"--input {name}=PATH")
+        paths[name] = found
+    recipe, recorded = from_record(text, merged, paths)
+    for name, path in paths.items():
+        if recorded.get(name) and sha256(path) != recorded[name]:
+            raise UsageError(f"{path} is not the {name} that {os.path.basename(merged)} was "
+                             f"made from: its SHA-256 differs from the recorded "
+                             f"{recorded[name][:12]}...")
+    return run_recipe(recipe, out, progress)
+
+
+def list_blocks(path: str) -> dict[str, Any]:
+    """The block names of ``path``'s family, in the order a list of weights follows, with
+    what each covers in this file; and the presets that apply."""
+    with open_checkpoint(path) as checkpoint:
+        ident = identify_checkpoint(checkpoint)
+        keys = list(checkpoint)
+    if ident.family is None or ident.kind in ("lora", "unknown"):
+        raise UsageError(f"{path} is a {ident.kind}, not a model of a known family")
+    blocks = [{"name": b.block or "(not merged by blocks)", "tensors": b.n_keys,
+               "covers": ", ".join(b.prefixes[:3]) + (" ..." if len(b.prefixes) > 3 else "")}
+              for b in describe(ident.family, keys)]
+    presets = list(PRESETS) if set(block_names(ident.family)) <= set(MBW_BLOCKS) else []
+    return {"family": ident.family, "blocks": blocks, "presets": presets}

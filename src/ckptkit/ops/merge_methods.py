@@ -66,6 +66,21 @@ def slerp(t: Tensors, alpha: float) -> torch.Tensor:
     return direction * torch.lerp(na, nb, alpha)
 
 
+def train_difference(t: Tensors, alpha: float) -> torch.Tensor:
+    """supermerger's "train difference": add difference with each element's share of B - C
+    scaled by how far B moved from A, relative to how far B is from C (times 1.8, as
+    supermerger does): A + 1.8 alpha (B - C) |B - A| / (|B - A| + |B - C|), 0 where both
+    distances are 0."""
+    import torch
+
+    a, b, c = t
+    diff = b - c
+    moved = (b - a).abs()
+    total = moved + diff.abs()
+    share = torch.where(total != 0, moved / total, torch.zeros_like(total))
+    return a + (1.8 * alpha) * diff * share
+
+
 def add_perpendicular(t: Tensors, alpha: float) -> torch.Tensor:
     """A plus the part of (B - C) orthogonal to (A - C): what B learned that A did not."""
     a, b, c = t
@@ -121,7 +136,7 @@ def dare(t: Tensors, alpha: float, drop: float, seed: int, key_seed: int,
     gen = torch.Generator().manual_seed(seed * 1_000_003 + key_seed)
     deltas = []
     for m in models:
-        keep = torch.rand(m.shape, generator=gen) >= drop
+        keep = (torch.rand(m.shape, generator=gen) >= drop).to(m.device)  # CPU-seeded
         deltas.append((m - base) * keep / (1 - drop) if drop < 1 else torch.zeros_like(m))
     stacked = torch.stack(deltas)
     merged = _disjoint_mean(stacked) if ties_signs else stacked.mean(0)
@@ -177,6 +192,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("n-average", n_average, "2+", {}, "mean of all models", True),
     Method("slerp", slerp, "2", {"alpha": 0.5},
            "spherical interpolation of directions, linear of norms"),
+    Method("train-difference", train_difference, "3", {"alpha": 1.0},
+           "A + 1.8 alpha (B - C) |B - A| / (|B - A| + |B - C|)  (supermerger)", True),
     Method("add-perpendicular", add_perpendicular, "3", {"alpha": 1.0},
            "A + alpha (the part of B - C orthogonal to A - C)"),
     Method("ties", ties, "3+", {"alpha": 1.0, "density": 0.2},

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 
 from ..arch.detect import Identification
 from ..arch.families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
 from ..arch.layouts import Move, to_canonical, to_ldm
 from ..engine.moves import plan_moves
-from ..engine.writer import Progress, write_safetensors
+from ..engine.writer import Planned, Progress, write_safetensors
 from ..errors import UsageError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.dtypes import BY_NAME
@@ -103,8 +104,12 @@ def _moves_for(part: Checkpoint, ident: Identification, comp) -> list[Move]:
     keys = set(part)
     if ident.layout == "ldm":
         return [Move(k, (k,)) for k in sorted(keys) if k.startswith(comp.ldm_prefix)]
-    scalars = json.loads(part.metadata.get(SCALARS_KEY, "{}"))
-    return to_ldm(comp, keys, {n: v[0] for n, v in scalars.items()})
+    scalars = {n: v[0] for n, v in json.loads(part.metadata.get(SCALARS_KEY, "{}")).items()}
+    if ident.layout == "kohya":  # kohya's prefix before the canonical names
+        named = {k[len(comp.kohya_prefix):]: k for k in keys if k.startswith(comp.kohya_prefix)}
+        return [replace(m, sources=tuple(named[s] for s in m.sources))
+                for m in to_ldm(comp, set(named), scalars)]
+    return to_ldm(comp, keys, scalars)
 
 
 def _scalar_dtypes(part: Checkpoint, comp) -> dict[str, Any]:
@@ -118,9 +123,9 @@ def _check_fits(fam: Family, path: str, ident: Identification, name: str,
         wanted = ", ".join(c for c in fam.component_names if c != DIFFUSION_MODEL)
         raise UsageError(f"{path} is a {name}, which {fam.name} does not use (it takes "
                          f"{wanted})")
-    if ident.layout not in ("ldm", "comfyui"):
-        raise UsageError(f"{path} is in the {ident.layout} layout; assemble takes parts in "
-                         "the ComfyUI or original layouts")
+    if ident.layout not in ("ldm", "comfyui", "kohya"):
+        raise UsageError(f"{path} is in the {ident.layout} layout; parts are taken in the "
+                         "ComfyUI, kohya or original layouts")
     expected = fam.component(name).keys(tiny=tiny, layout=ident.layout)
     wrong = [k for k, shape in expected.items() if k in part and part[k].shape != shape]
     if wrong:
@@ -171,22 +176,45 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
             "tensors": len(planned)}
 
 
+def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, tiny: bool
+                   ) -> list[Planned]:
+    """Component ``name`` of ``fam`` under its monolithic names, from a file that holds it
+    alone (any supported layout) or from a monolithic checkpoint of the same family: what
+    ``vae bake`` and ``merge --take`` put into a checkpoint, checked to fit first."""
+    ident = identify_checkpoint(checkpoint)
+    comp = fam.component(name) if name in fam.component_names else None
+    if ident.kind == "checkpoint" and comp is not None:
+        if (ident.family, ident.layout) != (fam.id, "ldm"):
+            raise UsageError(f"{path} is a {ident.family or 'unknown'} checkpoint in the "
+                             f"{ident.layout} layout; a {name} for {fam.name} must come from "
+                             f"one of the same family in the original layout, or alone")
+        if name not in [c.name for c in ident.components]:
+            raise UsageError(f"{path} has no {name}")
+        moves = [Move(k, (k,)) for k in checkpoint if k.startswith(comp.ldm_prefix)]
+        return plan_moves(moves, checkpoint)
+    names = [c.name for c in ident.components]
+    if names != [name]:
+        raise UsageError(f"{path} is a {ident.kind}"
+                         f"{' with ' + ', '.join(names) if names else ''}, not a {name}")
+    _check_fits(fam, path, ident, name, checkpoint, tiny)
+    return plan_moves(_moves_for(checkpoint, ident, comp), checkpoint,
+                      _scalar_dtypes(checkpoint, comp))
+
+
 def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None
              ) -> dict[str, Any]:
-    """``src`` with its VAE replaced by ``vae`` (any layout), refused across latent widths."""
+    """``src`` with its VAE replaced by ``vae`` (a VAE file in any supported layout, or
+    another checkpoint of the family), refused across latent widths."""
     with ExitStack() as stack:
         checkpoint = stack.enter_context(open_checkpoint(src))
         fam, ident = _monolithic(src, checkpoint)
-        part, part_ident, name = _part(vae, stack)
-        if name != "vae":
-            raise UsageError(f"{vae} is a {name}, not a VAE")
+        part = stack.enter_context(open_checkpoint(vae))
         tiny = ident.components[0].size == "tiny"
-        _check_fits(fam, vae, part_ident, name, part, tiny)
+        taken = component_from(fam, vae, part, "vae", tiny)
         comp = fam.component("vae")
         old = {k for k in checkpoint if k.startswith(comp.ldm_prefix)}
         moves = [Move(k, (k,)) for k in checkpoint if k not in old]
-        planned = plan_moves(moves, checkpoint)
-        planned += plan_moves(_moves_for(part, part_ident, comp), part)
+        planned = plan_moves(moves, checkpoint) + taken
         metadata = {**checkpoint.metadata,
                     **provenance("vae bake", [src, vae], family=fam.id)}
         write_safetensors(out, planned, metadata, inputs=(src, vae), progress=progress)

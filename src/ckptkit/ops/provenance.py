@@ -19,10 +19,11 @@ from .hashing import BackgroundSha256
 _PENDING = "0" * 64  # a SHA-256 not known yet: the same length as the one that replaces it
 
 
-def source_hashes(sources: list[str], render=json.dumps) -> Deferred:
+def source_hashes(sources: list[str], render=json.dumps,
+                  job: BackgroundSha256 | None = None) -> Deferred:
     """A metadata value that becomes ``render([sha256 of each source])`` once the sources are
-    hashed (None for one that could not be read)."""
-    job = BackgroundSha256(sources)
+    hashed (None for one that could not be read); ``job`` shares hashing already started."""
+    job = job or BackgroundSha256(sources)
 
     def resolve() -> str:
         found = job.result()
