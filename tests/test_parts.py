@@ -198,3 +198,29 @@ def test_assemble_takes_parts_in_the_original_layout_too(tmp_path):
     out = tmp_path / "out.safetensors"
     assemble(model, [str(ldm_clip)], str(ldm_vae), str(out))
     _same(load_file(str(src)), load_file(str(out)))
+
+
+def test_assemble_takes_sdxl_parts_in_kohyas_layout(tmp_path):
+    """kohya sd-scripts names SDXL's parts unet.*, te1.*, te2.* (transformers names) and
+    first_stage_model.*; such parts, made here by prefixing the split's ComfyUI files with
+    the safetensors library, assemble into the original checkpoint (all but open_clip's
+    logit_scale, which kohya's layout has no place for)."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "sdxl.safetensors"
+    sample("sdxl", str(src), tiny=True)
+    written = split(str(src), str(tmp_path / "parts"))
+    roles = {"diffusion_models": "unet.", "_clip_l": "te1.", "_clip_g": "te2.",
+             "vae": "first_stage_model."}
+    kohya = {}
+    for path in written:
+        role = next(r for r in roles if r in path)
+        kohya[role] = str(tmp_path / f"kohya{role}.safetensors")
+        save_file({roles[role] + k: v for k, v in load_file(path).items()}, kohya[role])
+    model, vae = kohya["diffusion_models"], kohya["vae"]
+    encoders = [kohya["_clip_l"], kohya["_clip_g"]]
+    out = tmp_path / "out.safetensors"
+    assemble(model, encoders, vae, str(out))
+    original = load_file(str(src))
+    del original["conditioner.embedders.1.model.logit_scale"]
+    _same(original, load_file(str(out)))
