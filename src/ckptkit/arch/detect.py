@@ -18,7 +18,8 @@ from functools import cache
 from typing import Any
 
 from .diffusers import diffusers_component
-from .families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
+from .diffusers_layout import kohya_prefix, kohya_table
+from .families import COMPONENT_KINDS, DIFFUSION_MODEL, Component, Family, families
 from .keys import KeyTable, Shape
 from .lora import detect_lora
 from .releases import lookup
@@ -97,11 +98,17 @@ def _expectations() -> tuple[_Expected, ...]:
     for fam in families().values():
         for comp in fam.components:
             for layout in _LAYOUTS:
-                full = comp.keys(tiny=False, layout=layout)
-                tiny = comp.keys(tiny=True, layout=layout)
+                full = _layout_keys(fam, comp, False, layout)
+                tiny = _layout_keys(fam, comp, True, layout)
                 if full:
                     out.append(_Expected(fam, comp.name, layout, frozenset(full), full, tiny))
     return tuple(out)
+
+
+def _layout_keys(fam: Family, comp: Component, tiny: bool, layout: str) -> KeyTable:
+    """``comp``'s keys in ``layout``; kohya's SD 1.x files use diffusers names instead."""
+    return comp.keys(tiny=tiny, layout=layout) or (
+        kohya_table(fam, comp.name, tiny) if layout == "kohya" else {})
 
 
 def is_leftover(key: str) -> bool:
@@ -317,7 +324,8 @@ def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, ext
         if variant:
             variants.append(variant)
         missing = len(exp.keys - keys)
-        prefix = fam.component(exp.component).prefix(layout)
+        prefix = fam.component(exp.component).prefix(layout) or (
+            kohya_prefix(fam, exp.component) if layout == "kohya" else "")
         counts: dict[str, int] = {}
         for k in present:
             counts[dtypes[k]] = counts.get(dtypes[k], 0) + 1
@@ -360,7 +368,7 @@ def _same_component(fam: Family, exp: _Expected, shapes) -> bool:
     except KeyError:
         return False
     for tiny in (False, True):
-        table = comp.keys(tiny=tiny, layout=exp.layout)
+        table = _layout_keys(fam, comp, tiny, exp.layout)
         if set(table) == exp.keys and not _shape_mismatches(table, shapes):
             return True
     return False

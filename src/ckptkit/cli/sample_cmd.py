@@ -1,4 +1,5 @@
-"""``ckpt sample FAMILY -o FILE``: a synthetic model with a family's exact key names."""
+"""``ckpt sample FAMILY -o PATH``: a synthetic model with a family's exact key names (a
+diffusers pipeline folder with ``--layout diffusers``)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ def add_parser(commands) -> None:
                     "names, narrow widths) for tests.")
     parser.add_argument("family", choices=list(families()), metavar="FAMILY",
                         help=f"one of: {', '.join(families())}")
-    parser.add_argument("-o", "--output", required=True, metavar="FILE")
+    parser.add_argument("-o", "--output", required=True, metavar="PATH",
+                        help="the file to write (a new folder for a diffusers pipeline)")
     parser.add_argument("--layout", choices=LAYOUTS, default="ldm",
                         help="ldm: one monolithic file with the original prefixes (default); "
-                             "kohya: kohya sd-scripts' prefixes (sdxl); comfyui: one "
-                             "component with bare keys")
+                             "kohya: kohya sd-scripts' layout (sd1, sdxl); comfyui: one "
+                             "component with bare keys; diffusers: a pipeline folder "
+                             "(model_index.json, configs, scheduler), or one file of "
+                             "diffusers names with a single --components")
     parser.add_argument("--components", help="comma-separated subset, e.g. diffusion_model,vae")
     parser.add_argument("--variant", help="inpaint, pix2pix (SD UNets), fill, depth (FLUX)")
     parser.add_argument("--dtype", choices=list(CLI_NAMES), default="fp16")
