@@ -9,6 +9,10 @@ rounding) before figures are printed.
 
     .venv/bin/pip install sd-mecha==1.1.8   # bench-only (also a test extra)
     .venv/bin/python bench/merge_bench.py [--workdir bench/out] [--repeat 2]
+
+``--sdxl``: add difference of three full-size SDXL fp16 samples (6.9 GB each, random values
+from ``ckpt sample sdxl --seed N``), ckptkit only (the AUTOMATIC1111 way would hold 21 GB of
+inputs plus the fp32 work in RAM), for its time and peak private memory.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -56,10 +61,12 @@ def make(path: str, seed: int) -> None:
 
 
 def sample_run(cmd: list[str]) -> dict[str, float]:
-    """Wall seconds, peak RssAnon and peak VmRSS (bytes) of one child process."""
+    """Wall seconds, peak RssAnon and peak VmRSS (bytes) of one child process. ckptkit gets
+    an empty hash cache each time, so it hashes its inputs as on a first run."""
     os.sync()
+    env = dict(os.environ, CKPTKIT_CACHE_DIR=tempfile.mkdtemp(prefix="ckptkit-bench-cache-"))
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     anon = rss = 0
     while proc.poll() is None:
         try:
@@ -85,15 +92,38 @@ def close(a: str, b: str) -> bool:
                                   atol=2e-3) for k in keys)
 
 
+def sdxl(workdir: str, repeat: int) -> int:
+    ckpt = os.path.join(os.path.dirname(sys.executable), "ckpt")
+    inputs = [os.path.join(workdir, f"sdxl_{n}.safetensors") for n in range(3)]
+    for seed, path in enumerate(inputs):
+        if not os.path.exists(path):
+            subprocess.run([ckpt, "sample", "sdxl", "-o", path, "--seed", str(seed),
+                            "--quiet"], check=True)
+    out = os.path.join(workdir, "sdxl_merged.safetensors")
+    runs = [sample_run([ckpt, "merge", "add-difference", *inputs, "-o", out, "--alpha", "1",
+                        "--quiet"]) for _ in range(repeat)]
+    total = sum(os.path.getsize(p) for p in inputs)
+    print(f"inputs: 3 x {total / 3e9:.2f} GB SDXL fp16, add difference, median of {repeat}")
+    anon, rss = (max(r[k] for r in runs) / 1e6 for k in ("anon", "rss"))
+    print(f"ckptkit: {statistics.median(r['seconds'] for r in runs):.2f} s, RssAnon "
+          f"{anon:.0f} MB, RSS {rss:.0f} MB")
+    os.remove(out)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), "out"))
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--sdxl", action="store_true",
+                        help="three SDXL models, add difference (memory)")
     parser.add_argument("--sd-mecha", action="store_true",
                         help="also run sd-mecha (in our runs it took far longer than its "
                              "published 31 s; see the README)")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
+    if args.sdxl:
+        return sdxl(args.workdir, args.repeat)
     a, b = (os.path.join(args.workdir, f"sd15_{n}.safetensors") for n in ("a", "b"))
     make(a, 1)
     make(b, 2)

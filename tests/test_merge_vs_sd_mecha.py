@@ -54,3 +54,18 @@ def test_train_difference_is_add_difference_with_sd_mechas_mask():
     got = ours.train_difference([a, b, c], 0.6)
     assert torch.allclose(got, theirs, atol=1e-6)
     assert torch.equal(got[0], a[0])
+
+
+def test_narrow_weighted_sum_is_bit_identical_to_the_fp32_path():
+    """16-bit inputs are merged by torch.lerp on the stored values (fp32 inside the kernel):
+    the same bits as widening to fp32, lerp, and rounding back; odd lengths reach the
+    kernel's scalar tail."""
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float16, torch.bfloat16):
+        for n in (1, 7, 1_000_003):
+            a = (torch.randn(n, generator=gen) * 4).to(dtype)
+            b = torch.randn(n, generator=gen).to(dtype)
+            for alpha in (0.0, 0.123, 0.5, 0.77, 1.0):
+                wide = ours.weighted_sum([a.float(), b.float()], alpha).to(dtype)
+                narrow = ours.METHODS["weighted-sum"].narrow([a, b], alpha)
+                assert torch.equal(narrow.view(torch.int16), wide.view(torch.int16))

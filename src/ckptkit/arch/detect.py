@@ -18,8 +18,8 @@ from functools import cache
 from typing import Any
 
 from .diffusers import diffusers_component
-from .diffusers_layout import kohya_prefix, kohya_table
-from .families import COMPONENT_KINDS, DIFFUSION_MODEL, Component, Family, families
+from .diffusers_layout import kohya_prefix, layout_table
+from .families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
 from .keys import KeyTable, Shape
 from .lora import detect_lora
 from .releases import lookup
@@ -39,6 +39,9 @@ MARKERS = {"v_pred": "v-prediction", "ztsnr": "zero-terminal-snr",
 INPUT_CHANNEL_VARIANTS = {"input_blocks.0.0.weight": {4: None, 9: "inpaint", 8: "pix2pix"},
                "img_in.weight": {64: None, 384: "fill", 128: "depth"}}
 _LAYOUTS = ("ldm", "kohya", "comfyui")
+# The input convolution under its diffusers name (for the variants above).
+_DIFFUSERS_INPUTS = {"input_blocks.0.0.weight": "conv_in.weight",
+                     "img_in.weight": "x_embedder.weight"}
 # Older SD1 files lack the ``text_model.`` level that transformers added (sd-mecha lists them
 # as aliases); they are read as if it were there.
 _ALIASES = (("cond_stage_model.transformer.embeddings.",
@@ -93,22 +96,17 @@ class _Expected:
 
 
 @cache
-def _expectations() -> tuple[_Expected, ...]:
+def _expectations(layout: str) -> tuple[_Expected, ...]:
+    """Every family's components in ``layout``, built on first use (the diffusers tables
+    take longest and are only needed for files no other layout explains)."""
     out = []
     for fam in families().values():
         for comp in fam.components:
-            for layout in _LAYOUTS:
-                full = _layout_keys(fam, comp, False, layout)
-                tiny = _layout_keys(fam, comp, True, layout)
-                if full:
-                    out.append(_Expected(fam, comp.name, layout, frozenset(full), full, tiny))
+            full = layout_table(fam, comp.name, False, layout)
+            tiny = layout_table(fam, comp.name, True, layout)
+            if full:
+                out.append(_Expected(fam, comp.name, layout, frozenset(full), full, tiny))
     return tuple(out)
-
-
-def _layout_keys(fam: Family, comp: Component, tiny: bool, layout: str) -> KeyTable:
-    """``comp``'s keys in ``layout``; kohya's SD 1.x files use diffusers names instead."""
-    return comp.keys(tiny=tiny, layout=layout) or (
-        kohya_table(fam, comp.name, tiny) if layout == "kohya" else {})
 
 
 def is_leftover(key: str) -> bool:
@@ -161,17 +159,21 @@ def _size_and_variant(exp: _Expected, shapes: Mapping[str, Shape],
     best = None
     for size, table in (("full", exp.full), ("tiny", exp.tiny)):
         bad = _shape_mismatches(table, shapes)
-        variant = None
+        variant, why = None, []
         for key, variants in INPUT_CHANNEL_VARIANTS.items():
-            name = next((k for k in bad if k == key or k.endswith("." + key)), None)
+            if exp.layout == "diffusers":
+                name = next((k for k in bad if k == _DIFFUSERS_INPUTS[key]), None)
+            else:
+                name = next((k for k in bad if k == key or k.endswith("." + key)), None)
             if name and len(shapes[name]) >= 2 and shapes[name][1] in variants:
                 variant = variants[shapes[name][1]]
                 bad.remove(name)
-                reasons.append(f"{name} takes {shapes[name][1]} input channels: "
-                               f"{variant or 'the standard model'}")
+                why.append(f"{name} takes {shapes[name][1]} input channels: "
+                           f"{variant or 'the standard model'}")
         if best is None or len(bad) < len(best[2]):
-            best = (size, variant, bad)
-    size, variant, bad = best
+            best = (size, variant, bad, why)
+    size, variant, bad, why = best
+    reasons.extend(why)
     if bad:
         shown = ", ".join(f"{k} {list(shapes[k])} (expected {list(exp.full[k])})"
                           for k in bad[:3])
@@ -184,11 +186,10 @@ def _size_and_variant(exp: _Expected, shapes: Mapping[str, Shape],
 def _match(keys: set[str], layout: str) -> list[tuple[Family, list[_Expected], int]]:
     """Candidate families for ``keys`` in ``layout``, best first, with their components."""
     by_family: dict[str, list[_Expected]] = {}
-    for exp in _expectations():
-        if exp.layout == layout:
-            hits = len(exp.keys & keys)
-            if hits and hits >= len(exp.keys) // 2:
-                by_family.setdefault(exp.family.id, []).append(exp)
+    for exp in _expectations(layout):
+        hits = len(exp.keys & keys)
+        if hits and hits >= len(exp.keys) // 2:
+            by_family.setdefault(exp.family.id, []).append(exp)
     ranked = []
     for fid, exps in by_family.items():
         covered = set().union(*(e.keys for e in exps))
@@ -267,6 +268,8 @@ def _identify_keys(shapes, dtypes, metadata, values) -> Identification:
                                        "checkpoint or one of its components"])
     candidates = [(ranked[0][2], layout, ranked) for layout in _LAYOUTS
                   if (ranked := _match(keys, layout))]
+    if not candidates and (ranked := _match(keys, "diffusers")):  # its names are its own
+        candidates = [(ranked[0][2], "diffusers", ranked)]
     if candidates:
         # The layout that explains the file best: a kohya SDXL file's VAE also fits the
         # ldm layout, but its other components only fit kohya's.
@@ -368,7 +371,7 @@ def _same_component(fam: Family, exp: _Expected, shapes) -> bool:
     except KeyError:
         return False
     for tiny in (False, True):
-        table = _layout_keys(fam, comp, tiny, exp.layout)
+        table = layout_table(fam, comp.name, tiny, exp.layout)
         if set(table) == exp.keys and not _shape_mismatches(table, shapes):
             return True
     return False
@@ -425,7 +428,7 @@ def _apply_metadata(result: Identification, fam: Family, metadata: Mapping[str, 
 def _unknown(keys: set[str], extra: dict[str, int]) -> Identification:
     """No family fits: name the closest declaration and what differs."""
     best = None
-    for exp in _expectations():
+    for exp in (e for layout in (*_LAYOUTS, "diffusers") for e in _expectations(layout)):
         hits = len(exp.keys & keys)
         if hits and (best is None or hits > best[0]):
             best = (hits, exp)

@@ -223,6 +223,17 @@ def kohya_table(fam: Family, name: str, tiny: bool) -> KeyTable:
     return moved_table(moves, canonical) if moves is not None else {}
 
 
+def layout_table(fam: Family, name: str, tiny: bool, layout: str) -> KeyTable:
+    """Keys and shapes of component ``name`` of ``fam`` in ``layout``: the registry's own
+    layouts, kohya's diffusers-named SD 1.x files, or a diffusers component file."""
+    comp = fam.component(name)
+    if layout == "diffusers":
+        canonical = comp.keys(tiny=tiny)
+        return moved_table(to_diffusers(fam, name, tiny, set(canonical)), canonical)
+    return comp.keys(tiny=tiny, layout=layout) or (
+        kohya_table(fam, name, tiny) if layout == "kohya" else {})
+
+
 def moved_table(moves: Sequence[Move], table: KeyTable) -> KeyTable:
     """Keys and shapes that ``moves`` make from a component of keys and shapes ``table``."""
     out: KeyTable = {}

@@ -69,6 +69,22 @@ class LazyTensor:
         with _about(self.source.path):
             return self._read()
 
+    def read_rows(self, start: int, stop: int):
+        """Rows ``start:stop`` (along the first dimension) as a private torch tensor; only
+        those bytes are read when the tensor is contiguous, so a big tensor can be worked
+        on a slice at a time without all of it in memory."""
+        if not self.shape:
+            raise FormatError("a 0-d tensor has no rows", self.source.path)
+        stop = min(stop, self.shape[0])
+        if not self.is_contiguous or self.dtype.bits < 8 or self.numel == 0:
+            return self.read()[start:stop]
+        row = self.dtype.nbytes(self.numel // self.shape[0])
+        offset = self.byte_offset + self.dtype.nbytes(self.storage_offset) + start * row
+        with _about(self.source.path):
+            buf = self.source.read(offset, (stop - start) * row)
+            return _frombuffer(buf, self.dtype).view(
+                self.dtype.torch_shape((stop - start, *self.shape[1:])))
+
     def load(self):
         """A torch tensor viewing the memory-mapped file: no copy, pages read on first touch."""
         with _about(self.source.path):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ..engine.moves import copy_range
+from ..engine.slices import by_rows
 from ..engine.writer import Planned, Progress, write_safetensors
 from ..errors import UsageError
 from ..formats import LazyTensor, open_checkpoint
@@ -34,19 +35,20 @@ class ConvertReport:
 
 
 def _casting(key: str, tensor: LazyTensor, target: DType, report: ConvertReport):
-    def produce():
+    def cast(parts):
         import torch
 
-        data = tensor.read()
+        data = parts[0]
         out = data.to(torch_dtype(target))
         # isinf is not implemented for the fp8 types: count on an fp32 copy there.
         wide = data if data.element_size() > 1 else data.float()
         overflow = int(torch.isinf(out.float() if out.element_size() == 1 else out).sum()) \
             - int(torch.isinf(wide).sum())
         if overflow > 0:
-            report.overflowed[key] = overflow
+            report.overflowed[key] = report.overflowed.get(key, 0) + overflow
         return out
-    return produce
+
+    return partial(by_rows, [tensor], target, cast)
 
 
 def _source_metadata(checkpoint) -> dict[str, str]:

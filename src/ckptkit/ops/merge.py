@@ -27,6 +27,7 @@ from .. import __version__
 from ..arch.detect import INPUT_CHANNEL_VARIANTS, MARKERS, Identification
 from ..arch.families import Family, families
 from ..engine.moves import copy_range
+from ..engine.slices import by_rows
 from ..engine.writer import Deferred, Planned, Progress, write_safetensors
 from ..errors import UsageError
 from ..formats import Checkpoint, LazyTensor, open_checkpoint
@@ -49,7 +50,6 @@ from .provenance import provenance, source_hashes
 
 RECIPE_KEY = "ckptkit.merge_recipe"
 _LINEAGE_KEYS = (RECIPE_KEY, "sd_merge_recipe", "sd_merge_models", "mecha_recipe")
-SLICE_ELEMENTS = 1 << 22  # fp32 working set per slice of an element-wise merge: 16 MiB
 __all__ = ["MISSING", "RECIPE_KEY", "MergeReport", "from_metadata", "list_blocks", "merge",
            "run_recipe"]
 
@@ -277,23 +277,26 @@ def _merged_shape(key: str, sources: dict[str, LazyTensor], recipe: Recipe
 
 def _evaluate(plan: _KeyPlan):
     """The merged tensor of one key: every step run on the inputs' tensors, a slice of rows
-    at a time when every step is element-wise (memory: the inputs as stored plus one slice
-    in fp32), else on whole tensors."""
+    at a time when every step is element-wise and the shapes agree (memory: the output plus
+    one slice of each input in fp32), else on whole tensors."""
     import torch
 
     wide = getattr(torch, plan.compute)
     out_dtype = torch_dtype(plan.out_dtype)
-    stored = {n: t.read() for n, t in plan.leaves.items()}
-    shapes = {tuple(t.shape) for t in stored.values()}
-    shape = next(iter(shapes))
-    if all(s.method.elementwise for s in plan.steps) and len(shapes) == 1 and shape:
-        out = torch.empty(shape, dtype=out_dtype)
-        rows = max(1, SLICE_ELEMENTS // max(1, out[0].numel()))
-        for start in range(0, shape[0], rows):
-            part = {n: t[start:start + rows].to(plan.device, wide) for n, t in stored.items()}
-            out[start:start + rows] = _run_steps(plan, part).to("cpu", out_dtype)
-        return out
-    values = {n: t.to(plan.device, wide) for n, t in stored.items()}
+    names = list(plan.leaves)
+    tensors = list(plan.leaves.values())
+    step = plan.steps[0]
+    if (len(plan.steps) == 1 and step.method.narrow and plan.compute == "float32"
+            and plan.device == "cpu" and plan.out_dtype.name in ("F16", "BF16")
+            and all(t.dtype == plan.out_dtype for t in tensors)):
+        return step.method.narrow([t.load() for t in tensors], **step.params)
+    if all(s.method.elementwise for s in plan.steps) and len({t.shape for t in tensors}) == 1:
+        def compute(parts):
+            values = {n: p.to(plan.device, wide) for n, p in zip(names, parts, strict=True)}
+            return _run_steps(plan, values).cpu()
+
+        return by_rows(tensors, plan.out_dtype, compute, mapped=True)
+    values = {n: t.read().to(plan.device, wide) for n, t in plan.leaves.items()}
     return _run_steps(plan, values).to("cpu", out_dtype)
 
 

@@ -176,6 +176,10 @@ class Method:
     defaults: dict[str, float]  # the parameters it takes, with their defaults
     formula: str
     elementwise: bool = False  # each output element depends on the same element only
+    # The same result from 16-bit inputs into their own dtype, computed by one torch kernel
+    # that widens to fp32 internally and rounds once (bit-identical to the fp32 path; a test
+    # checks it), so the inputs are never copied into fp32.
+    narrow: Callable[..., torch.Tensor] | None = None
 
     def arity_ok(self, count: int) -> bool:
         need = int(self.inputs.rstrip("+"))
@@ -183,7 +187,8 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("weighted-sum", weighted_sum, "2", {"alpha": 0.5}, "(1 - alpha) A + alpha B", True),
+    Method("weighted-sum", weighted_sum, "2", {"alpha": 0.5}, "(1 - alpha) A + alpha B", True,
+           narrow=weighted_sum),
     Method("add-difference", add_difference, "3", {"alpha": 1.0}, "A + alpha (B - C)", True),
     Method("triple-sum", triple_sum, "3", {"alpha": 1 / 3, "beta": 1 / 3},
            "(1 - alpha - beta) A + alpha B + beta C", True),

@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
 
+from ..arch import diffusers_layout
 from ..arch.detect import Identification
 from ..arch.families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
 from ..arch.layouts import Move, to_canonical, to_ldm
@@ -99,17 +100,39 @@ def _part(path: str, stack: ExitStack) -> tuple[Checkpoint, Identification, str]
     return checkpoint, ident, names[0]
 
 
-def _moves_for(part: Checkpoint, ident: Identification, comp) -> list[Move]:
+def _moves_for(part: Checkpoint, ident: Identification, fam: Family, comp, tiny: bool
+               ) -> list[Move]:
     """A part's keys under the family's monolithic names, whatever layout it came in."""
     keys = set(part)
     if ident.layout == "ldm":
         return [Move(k, (k,)) for k in sorted(keys) if k.startswith(comp.ldm_prefix)]
     scalars = {n: v[0] for n, v in json.loads(part.metadata.get(SCALARS_KEY, "{}")).items()}
-    if ident.layout == "kohya":  # kohya's prefix before the canonical names
-        named = {k[len(comp.kohya_prefix):]: k for k in keys if k.startswith(comp.kohya_prefix)}
+    if ident.layout == "comfyui":
+        return to_ldm(comp, keys, scalars)
+    renamed = ident.layout == "diffusers" or diffusers_layout.kohya_renames(fam)
+    prefix = ("" if ident.layout == "diffusers" else
+              diffusers_layout.kohya_prefix(fam, comp.name) if renamed else comp.kohya_prefix)
+    named = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+    if not renamed:  # kohya's SDXL: its prefix before the canonical names
         return [replace(m, sources=tuple(named[s] for s in m.sources))
                 for m in to_ldm(comp, set(named), scalars)]
-    return to_ldm(comp, keys, scalars)
+    to_canonical_names = diffusers_layout.from_diffusers(fam, comp.name, tiny, set(named))
+    canonical = {m.target: replace(m, sources=tuple(named[s] for s in m.sources))
+                 for m in to_canonical_names}
+    return [_compose(canonical, m) for m in to_ldm(comp, set(canonical), scalars)]
+
+
+def _compose(first: dict[str, Move], second: Move) -> Move:
+    """``second`` (from canonical names) applied after ``first`` (to canonical names): one
+    of the two renames only, since no family reshapes a tensor on both legs."""
+    if second.op == "scalar":
+        return second
+    if second.op == "copy":
+        return replace(first[second.sources[0]], target=second.target)
+    inner = [first[s] for s in second.sources]
+    if any(m.op != "copy" for m in inner):
+        raise AssertionError(f"{second.target}: two reshaping moves in a row")
+    return replace(second, sources=tuple(m.sources[0] for m in inner))
 
 
 def _scalar_dtypes(part: Checkpoint, comp) -> dict[str, Any]:
@@ -123,10 +146,10 @@ def _check_fits(fam: Family, path: str, ident: Identification, name: str,
         wanted = ", ".join(c for c in fam.component_names if c != DIFFUSION_MODEL)
         raise UsageError(f"{path} is a {name}, which {fam.name} does not use (it takes "
                          f"{wanted})")
-    if ident.layout not in ("ldm", "comfyui", "kohya"):
+    if ident.layout not in ("ldm", "comfyui", "kohya", "diffusers"):
         raise UsageError(f"{path} is in the {ident.layout} layout; parts are taken in the "
-                         "ComfyUI, kohya or original layouts")
-    expected = fam.component(name).keys(tiny=tiny, layout=ident.layout)
+                         "ComfyUI, kohya, diffusers or original layouts")
+    expected = diffusers_layout.layout_table(fam, name, tiny, ident.layout)
     wrong = [k for k, shape in expected.items() if k in part and part[k].shape != shape]
     if wrong:
         key = wrong[0]
@@ -163,7 +186,7 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
         planned = []
         for _path, part, ident, name in parts:
             comp = fam.component(name)
-            planned += plan_moves(_moves_for(part, ident, comp), part,
+            planned += plan_moves(_moves_for(part, ident, fam, comp, tiny), part,
                                   _scalar_dtypes(part, comp))
         base = dict(parts[0][1].metadata)
         base.pop(SCALARS_KEY, None)
@@ -197,7 +220,7 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
         raise UsageError(f"{path} is a {ident.kind}"
                          f"{' with ' + ', '.join(names) if names else ''}, not a {name}")
     _check_fits(fam, path, ident, name, checkpoint, tiny)
-    return plan_moves(_moves_for(checkpoint, ident, comp), checkpoint,
+    return plan_moves(_moves_for(checkpoint, ident, fam, comp, tiny), checkpoint,
                       _scalar_dtypes(checkpoint, comp))
 
 

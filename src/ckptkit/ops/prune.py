@@ -14,6 +14,7 @@ from functools import partial
 
 from ..arch.detect import MARKERS, is_leftover
 from ..engine.moves import copy_range
+from ..engine.slices import by_rows
 from ..engine.writer import Planned, Progress, write_safetensors
 from ..errors import UsageError
 from ..formats import LazyTensor, open_checkpoint
@@ -39,16 +40,26 @@ class PruneReport:
 
 
 def _cast(tensor: LazyTensor, target: DType, key: str, report: PruneReport):
-
-    data = tensor.read()
+    """The tensor cast to ``target`` a slice at a time, values beyond its range clamped and
+    counted."""
     limit = LIMITS.get(target.name)
-    if limit is not None:
-        wide = data.float()
-        outside = int((wide.abs() > limit).sum())  # inf included; NaN compares false
-        if outside:
-            report.clamped[key] = outside
-            data = wide.clamp(-limit, limit)
-    return data.to(torch_dtype(target))
+    outside = 0
+
+    def cast(parts):
+        nonlocal outside
+        data = parts[0]
+        if limit is not None:
+            wide = data.float()
+            count = int((wide.abs() > limit).sum())  # inf included; NaN compares false
+            if count:
+                outside += count
+                data = wide.clamp(-limit, limit)
+        return data.to(torch_dtype(target))
+
+    out = by_rows([tensor], target, cast)
+    if outside:
+        report.clamped[key] = outside
+    return out
 
 
 def _dtype(name: str | None, option: str) -> DType | None:

@@ -1,0 +1,48 @@
+"""Element-wise work on big tensors a slice of rows at a time.
+
+Casting a 250 MB fp32 embedding to fp16, or merging it with two others, needs only one slice
+of each input at a time: each slice is read from the file on its own (``read_rows``), worked
+on in fp32, and written into the output tensor. Memory is the output plus a few slices, not
+every input whole plus their fp32 copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..formats import LazyTensor
+from ..formats.dtypes import DType, torch_dtype
+
+SLICE_ELEMENTS = 1 << 22  # elements per slice: 16 MiB in fp32
+
+
+def _reader(tensor: LazyTensor, mapped: bool) -> Callable[[int, int], Any]:
+    """Rows ``start:stop``: views of the memory-mapped file (``mapped``: no copy, the pages
+    count as file cache, not private memory), or private copies of just those rows; a
+    tensor that cannot be read by rows is read once."""
+    if mapped:
+        whole = tensor.load()
+    elif tensor.is_contiguous and tensor.dtype.bits >= 8:
+        return tensor.read_rows
+    else:
+        whole = tensor.read()
+    return lambda start, stop: whole[start:stop]
+
+
+def by_rows(sources: Sequence[LazyTensor], out_dtype: DType,
+            compute: Callable[[list[Any]], Any], mapped: bool = False) -> Any:
+    """``compute`` (inputs' slices -> output slice, any float dtype) over all rows of
+    ``sources``, which share one shape; the result in ``out_dtype``."""
+    import torch
+
+    shape = sources[0].shape
+    target = torch_dtype(out_dtype)
+    if not shape or sources[0].numel == 0:
+        return compute([s.read() for s in sources]).to(target)
+    out = torch.empty(shape, dtype=target)
+    step = max(1, SLICE_ELEMENTS // max(1, sources[0].numel // shape[0]))
+    readers = [_reader(s, mapped) for s in sources]
+    for start in range(0, shape[0], step):
+        out[start:start + step].copy_(compute([read(start, start + step) for read in readers]))
+    return out
