@@ -224,3 +224,41 @@ def test_assemble_takes_sdxl_parts_in_kohyas_layout(tmp_path):
     original = load_file(str(src))
     del original["conditioner.embedders.1.model.logit_scale"]
     _same(original, load_file(str(out)))
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_assemble_takes_sd1_parts_made_by_diffusers_converters(tmp_path, layout):
+    """SD1 parts under diffusers names, as diffusers saves them (bare) and as kohya sd-scripts
+    does (te./unet./vae. prefixes), made here by diffusers' own converters from the original
+    checkpoint, assemble back into it bit for bit (all but CLIP's position_ids where the
+    parts leave it out)."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+    from safetensors.torch import save_file
+
+    from ckptkit.arch.diffusers_layout import component_config
+
+    src = tmp_path / "sd1.safetensors"
+    sample("sd1", str(src), tiny=True, dtype="fp32")
+    ldm, fam = load_file(str(src)), families()["sd1"]
+    parts = {"unet": convert_ldm_unet_checkpoint(
+                 ldm, component_config(fam, "diffusion_model", True)),
+             "te": convert_ldm_clip_checkpoint(ldm),
+             "vae": convert_ldm_vae_checkpoint(ldm, component_config(fam, "vae", True))}
+    paths = {}
+    for name, state in parts.items():
+        prefix = f"{name}." if layout == "kohya" else ""
+        if layout == "kohya":
+            state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        paths[name] = str(tmp_path / f"{layout}_{name}.safetensors")
+        save_file({prefix + k: v.contiguous() for k, v in state.items()}, paths[name])
+    out = tmp_path / "out.safetensors"
+    assemble(paths["unet"], [paths["te"]], paths["vae"], str(out))
+    got = load_file(str(out))
+    ids = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    if ids not in got:
+        del ldm[ids]
+    _same(ldm, got)
