@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ckptkit.engine.writer import Deferred, Planned, write_safetensors
+from ckptkit.engine.writer import Deferred, OutputBatch, Planned, write_safetensors
 from ckptkit.errors import OutputError
 from ckptkit.formats.dtypes import BY_NAME
 from ckptkit.ops import hashing
@@ -87,3 +87,21 @@ def test_an_unwritable_cache_only_costs_the_shortcut(tmp_path, monkeypatch, file
     save_file({"x": torch.zeros(4)}, str(path))
     assert hashing.sha256(str(path)) == file_sha256(path)
     assert hashing.cached_sha256(str(path)) is None
+
+
+def test_a_batch_finishes_its_files_together_and_leaves_none_after_a_failure(tmp_path):
+    first, second, third = (tmp_path / f"{n}.safetensors" for n in ("a", "b", "c"))
+    with OutputBatch() as batch:
+        write_safetensors(str(first), _one(), {"h": Deferred("0" * 4, lambda: "abcd")},
+                          batch=batch)
+        assert not first.exists()  # written, not yet finished
+    assert _metadata(first) == {"h": "abcd"}
+
+    def fail():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError), OutputBatch() as batch:
+        write_safetensors(str(second), _one(), {}, batch=batch)
+        write_safetensors(str(third), [Planned("x", BY_NAME["F32"], (2,), fail)], {},
+                          batch=batch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]

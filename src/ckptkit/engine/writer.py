@@ -127,29 +127,86 @@ def _write_item(fd: int, item: Planned, data: Any) -> None:
 def write_safetensors(target: str, planned: Sequence[Planned],
                       metadata: dict[str, str | Deferred] | None = None, *,
                       inputs: tuple[str, ...] = (), progress: Progress | None = None,
-                      fsync: bool = True) -> None:
-    """Writes ``planned`` to ``target`` atomically, streaming one tensor at a time."""
-    deferred = {k: v for k, v in (metadata or {}).items() if isinstance(v, Deferred)}
+                      fsync: bool = True, batch: OutputBatch | None = None) -> None:
+    """Writes ``planned`` to ``target`` atomically, streaming one tensor at a time; with a
+    ``batch``, the file is finished (deferred metadata, check, rename) with the others."""
+    metadata = metadata or {}
+    header = build_header(planned, _placeholders(metadata))
+    if progress:
+        progress.start(sum(p.nbytes for p in planned), len(planned))
+    pending = _Pending(AtomicOutput(target, inputs, fsync=fsync), header, planned, metadata)
     try:
-        header = build_header(planned, _placeholders(metadata))
-        if progress:
-            progress.start(sum(p.nbytes for p in planned), len(planned))
-        with AtomicOutput(target, inputs, fsync=fsync) as out:
-            write_all(out.fd, header)
-            for item, data in _prefetched(planned):
-                _write_item(out.fd, item, data)
-                del data  # release the tensor before the next one is made
-                if progress:
-                    progress.update(item.nbytes, 1)
-            os.ftruncate(out.fd, len(header) + sum(p.nbytes for p in planned))  # trailing holes
-            if deferred:
-                _patch_header(out.fd, header, planned, metadata or {}, target)
-            _verify(out.tmp_path, planned, target)
-            out.commit()
+        out = pending.out.__enter__()
+        write_all(out.fd, header)
+        for item, data in _prefetched(planned):
+            _write_item(out.fd, item, data)
+            del data  # release the tensor before the next one is made
+            if progress:
+                progress.update(item.nbytes, 1)
+        os.ftruncate(out.fd, len(header) + sum(p.nbytes for p in planned))  # trailing holes
     except BaseException:
-        for value in deferred.values():
-            value.cancel()
+        pending.abandon()
         raise
+    if batch is None:
+        pending.finish()
+    else:
+        batch.pending.append(pending)
+
+
+@dataclass
+class _Pending:
+    """A written file not yet under its name: what finishing it needs."""
+
+    out: AtomicOutput
+    header: bytes
+    planned: Sequence[Planned]
+    metadata: dict[str, str | Deferred]
+
+    def finish(self) -> None:
+        try:
+            if any(isinstance(v, Deferred) for v in self.metadata.values()):
+                _patch_header(self.out.fd, self.header, self.planned, self.metadata,
+                              self.out.target)
+            _verify(self.out.tmp_path, self.planned, self.out.target)
+            self.out.commit()
+        except BaseException:
+            self.abandon()
+            raise
+        self.out.__exit__()
+
+    def abandon(self) -> None:
+        """Removes the temporary file and stops the work behind deferred values."""
+        self.out.__exit__()
+        for value in self.metadata.values():
+            if isinstance(value, Deferred):
+                value.cancel()
+
+
+class OutputBatch:
+    """The files of one operation (a split's components), each written in turn and all
+    finished at the end: the inputs' SHA-256 in their metadata are computed while every file
+    is written, not while the first one waits. Leaving with an error removes the files not
+    yet finished."""
+
+    def __init__(self) -> None:
+        self.pending: list[_Pending] = []
+
+    def __enter__(self) -> OutputBatch:
+        return self
+
+    def __exit__(self, kind, *_: object) -> None:
+        pending, self.pending = self.pending, []
+        if kind is not None:
+            for item in pending:
+                item.abandon()
+            return
+        for i, item in enumerate(pending):
+            try:
+                item.finish()
+            except BaseException:
+                for rest in pending[i + 1:]:
+                    rest.abandon()
+                raise
 
 
 def _placeholders(metadata: dict[str, str | Deferred] | None) -> dict[str, str] | None:

@@ -106,11 +106,12 @@ def sha256(path: str, stop: threading.Event | None = None) -> str | None:
     if known:
         return known
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+    buffer = memoryview(bytearray(CHUNK))  # one buffer for every chunk: no allocations
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
             if stop is not None and stop.is_set():
                 return None
-            digest.update(chunk)
+            digest.update(buffer[:n])
     sha = digest.hexdigest()
     _remember(path, sha)
     return sha

@@ -23,7 +23,7 @@ from ..arch.detect import Identification
 from ..arch.families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
 from ..arch.layouts import Move, to_canonical, to_ldm
 from ..engine.moves import plan_moves
-from ..engine.writer import Planned, Progress, write_safetensors
+from ..engine.writer import OutputBatch, Planned, Progress, write_safetensors
 from ..errors import UsageError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.dtypes import BY_NAME
@@ -55,7 +55,8 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
           progress: Progress | None = None) -> list[str]:
     """Writes the chosen components of ``src`` as standalone files; returns their paths."""
     written = []
-    with open_checkpoint(src) as checkpoint:
+    with ExitStack() as stack:
+        checkpoint = stack.enter_context(open_checkpoint(src))
         fam, ident = _monolithic(src, checkpoint)
         present = [c.name for c in ident.components]
         chosen = components or present
@@ -66,6 +67,7 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
         stem = os.path.splitext(os.path.basename(src))[0]
         keys = set(checkpoint)
         hashes = source_hashes([src])
+        batch = stack.enter_context(OutputBatch())
         for name in chosen:
             comp = fam.component(name)
             moves, dropped = to_canonical(comp, keys)
@@ -85,7 +87,7 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
             if scalars:
                 metadata[SCALARS_KEY] = json.dumps(scalars)
             write_safetensors(target, plan_moves(moves, checkpoint), metadata, inputs=(src,),
-                              progress=progress)
+                              progress=progress, batch=batch)
             written.append(target)
     return written
 
