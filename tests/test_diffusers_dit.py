@@ -2,9 +2,12 @@
 (``arch.diffusers_dit``) against sources we did not write.
 
 - Configs: the official ``transformer/config.json`` / ``text_encoder_3`` / ``text_encoder_2``
-  files, written out below (copied from the Hugging Face repositories, as vendored in
-  lllyasviel/stable-diffusion-webui-forge ``backend/huggingface/``; SD3.5 Medium from its
-  published config), without the keys that only record who wrote them.
+  files, written out below without the keys that only record who wrote them: as vendored in
+  lllyasviel/stable-diffusion-webui-forge ``backend/huggingface/`` (SD3.5 Large on its
+  ``sd35`` branch; FLUX's T5 as first uploaded there, commit 2d30eeed, since forge later
+  edited it). No copy of SD3.5 Medium's file was found: its values are those of diffusers'
+  ``scripts/convert_sd3_to_diffusers.py`` for "sd3.5 2b" and Stability's model card (dual
+  attention in the first 13 layers).
 - Names and shapes: the diffusers / transformers classes built from our configs on the meta
   device; byte totals: the official ``*.safetensors.index.json`` files.
 - Values: diffusers' own single-file converters, run on seeded tiny tensors, against our moves

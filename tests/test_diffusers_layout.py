@@ -4,7 +4,8 @@
   ``state_dict`` of the diffusers/transformers class built, on the meta device, from the
   config.json we write for it.
 - Configs: our full-size configs build the same models as the official repositories' configs
-  (written out below from the Hub files), as diffusers reads them.
+  (written out below from the Hub files, as vendored in the GitHub repositories named next to
+  each), as diffusers reads them; our schedulers and ``model_index.json`` are theirs too.
 - Values: our diffusers sample holds, bit for bit, what diffusers' own single-file converters
   make of the ldm sample of the same seed; canonical -> diffusers -> canonical is the identity.
 - Loading: the tiny folder loads component by component and as a pipeline, offline, with no
@@ -123,7 +124,13 @@ def test_sd2_text_encoder_is_cut_at_the_penultimate_layer():
 
 # --------------------------------------------------------------------------- official configs
 
-# The Hub's config.json files, as published (the _diffusers_version/_name_or_path lines out).
+# The Hub's files as published, less the keys that only record who wrote them
+# (_diffusers_version, _name_or_path, transformers_version, torch_dtype). Each was read from a
+# GitHub repository that vendors it, named next to it; "forge:" is
+# lllyasviel/stable-diffusion-webui-forge, backend/huggingface/<org>/<repo>/<path>, branch main
+# unless said. stabilityai/stable-diffusion-2-1-base (the sd2 default: 512, epsilon) and
+# stabilityai/stable-diffusion-3.5-medium are vendored nowhere we found: the sd2 entries say
+# what stands in for 2-1-base, and SD3.5 Medium has no entry here.
 _SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
             "DownBlock2D"]
 _SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
@@ -145,15 +152,16 @@ _SDXL_UNET = dict(_SD_UNET, addition_embed_type="text_time", addition_embed_type
                   time_embedding_type="positional", timestep_post_act=None,
                   upcast_attention=None, use_linear_projection=True)
 OFFICIAL_UNETS = {
-    # runwayml/stable-diffusion-v1-5
+    # forge: runwayml/stable-diffusion-v1-5/unet/config.json
     "sd1": dict(_SD_UNET, attention_head_dim=8, cross_attention_dim=768, sample_size=64),
-    # stabilityai/stable-diffusion-2-1 (the 768 v-prediction release) has sample_size 96 and
-    # upcast_attention true; the family's default, the 512 epsilon -base release, 64 and no
-    # upcasting (which changes no weight).
+    # forge: stabilityai/stable-diffusion-2-1/unet/config.json, the 768 v release, but for its
+    # sample_size 96 and upcast_attention true: the 512 line has 64 and no upcast_attention
+    # (forge: stabilityai/stable-diffusion-2-inpainting/unet/config.json: the same settings
+    # but for in_channels 9). Upcasting changes no weight.
     "sd2": dict(_SD_UNET, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
                 dual_cross_attention=False, num_class_embeds=None, only_cross_attention=False,
                 sample_size=64, use_linear_projection=True),
-    # stabilityai/stable-diffusion-xl-base-1.0
+    # forge: stabilityai/stable-diffusion-xl-base-1.0/unet/config.json
     "sdxl": dict(_SDXL_UNET, attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280],
                  cross_attention_dim=2048,
                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D",
@@ -161,7 +169,7 @@ OFFICIAL_UNETS = {
                  projection_class_embeddings_input_dim=2816,
                  transformer_layers_per_block=[1, 2, 10],
                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
-    # stabilityai/stable-diffusion-xl-refiner-1.0
+    # forge: stabilityai/stable-diffusion-xl-refiner-1.0/unet/config.json
     "sdxl-refiner": dict(_SDXL_UNET, attention_head_dim=[6, 12, 24, 24],
                          block_out_channels=[384, 768, 1536, 1536], cross_attention_dim=1280,
                          down_block_types=["DownBlock2D", "CrossAttnDownBlock2D",
@@ -175,16 +183,28 @@ _VAE = dict(act_fn="silu", block_out_channels=[128, 256, 512, 512],
             down_block_types=["DownEncoderBlock2D"] * 4, in_channels=3, latent_channels=4,
             layers_per_block=2, norm_num_groups=32, out_channels=3,
             up_block_types=["UpDecoderBlock2D"] * 4)
+_SDXL_VAE = dict(_VAE, force_upcast=True, sample_size=1024, scaling_factor=0.13025)
+_SD3_VAE = dict(_VAE, force_upcast=True, latent_channels=16, latents_mean=None,
+                latents_std=None, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+                use_post_quant_conv=False, use_quant_conv=False)
+_FLUX_VAE = dict(_SD3_VAE, mid_block_add_attention=True, scaling_factor=0.3611,
+                 shift_factor=0.1159)
 OFFICIAL_VAES = {
-    "sd1": dict(_VAE, sample_size=512),  # no scaling_factor: diffusers' default, 0.18215
-    "sdxl": dict(_VAE, force_upcast=True, sample_size=1024, scaling_factor=0.13025),
-    "sd3-medium": dict(_VAE, force_upcast=True, latent_channels=16, latents_mean=None,
-                       latents_std=None, sample_size=1024, scaling_factor=1.5305,
-                       shift_factor=0.0609, use_post_quant_conv=False, use_quant_conv=False),
-    "flux1-dev": dict(_VAE, force_upcast=True, latent_channels=16, latents_mean=None,
-                      latents_std=None, mid_block_add_attention=True, sample_size=1024,
-                      scaling_factor=0.3611, shift_factor=0.1159, use_post_quant_conv=False,
-                      use_quant_conv=False),
+    # forge: runwayml/stable-diffusion-v1-5/vae/config.json (no scaling_factor: diffusers'
+    # default, 0.18215)
+    "sd1": dict(_VAE, sample_size=512),
+    # forge: stabilityai/stable-diffusion-2-inpainting/vae/config.json (512; that of
+    # stable-diffusion-2-1 is the same with sample_size 768)
+    "sd2": dict(_VAE, sample_size=512),
+    "sdxl": _SDXL_VAE,  # forge: stabilityai/stable-diffusion-xl-base-1.0/vae/config.json
+    # forge: stabilityai/stable-diffusion-xl-refiner-1.0/vae/config.json
+    "sdxl-refiner": _SDXL_VAE,
+    # forge: stabilityai/stable-diffusion-3-medium-diffusers/vae/config.json
+    "sd3-medium": _SD3_VAE,
+    # forge, branch sd35: stabilityai/stable-diffusion-3.5-large/vae/config.json
+    "sd3.5-large": dict(_SD3_VAE, mid_block_add_attention=True),
+    "flux1-dev": _FLUX_VAE,  # forge: black-forest-labs/FLUX.1-dev/vae/config.json
+    "flux1-schnell": _FLUX_VAE,  # forge: black-forest-labs/FLUX.1-schnell/vae/config.json
 }
 _CLIP_L = dict(architectures=["CLIPTextModel"], attention_dropout=0.0, bos_token_id=0,
                dropout=0.0, eos_token_id=2, hidden_act="quick_gelu", hidden_size=768,
@@ -195,16 +215,32 @@ _CLIP_L = dict(architectures=["CLIPTextModel"], attention_dropout=0.0, bos_token
 _BIGG = dict(_CLIP_L, architectures=["CLIPTextModelWithProjection"], hidden_act="gelu",
              hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
              num_hidden_layers=32, projection_dim=1280)
+_SD3_CLIP_L = dict(_CLIP_L, architectures=["CLIPTextModelWithProjection"])
 OFFICIAL_TEXT = {
-    ("sd1", "clip_l"): _CLIP_L,
+    ("sd1", "clip_l"): _CLIP_L,  # forge: runwayml/stable-diffusion-v1-5/text_encoder/config.json
+    # forge: stabilityai/stable-diffusion-2-1/text_encoder/config.json (the same in
+    # stabilityai/stable-diffusion-2-inpainting)
     ("sd2", "openclip_h"): dict(_CLIP_L, hidden_act="gelu", hidden_size=1024,
                                 intermediate_size=4096, num_attention_heads=16,
                                 num_hidden_layers=23, projection_dim=512),
+    # forge: stabilityai/stable-diffusion-xl-base-1.0/text_encoder/config.json and
+    # text_encoder_2/config.json
     ("sdxl", "clip_l"): _CLIP_L,
     ("sdxl", "clip_g"): _BIGG,
-    ("sd3-medium", "clip_l"): dict(_CLIP_L, architectures=["CLIPTextModelWithProjection"]),
+    # forge: stabilityai/stable-diffusion-xl-refiner-1.0/text_encoder_2/config.json
+    ("sdxl-refiner", "clip_g"): _BIGG,
+    # forge: stabilityai/stable-diffusion-3-medium-diffusers/text_encoder/config.json and
+    # text_encoder_2/config.json
+    ("sd3-medium", "clip_l"): _SD3_CLIP_L,
     ("sd3-medium", "clip_g"): _BIGG,
+    # forge, branch sd35: stabilityai/stable-diffusion-3.5-large/text_encoder/config.json and
+    # text_encoder_2/config.json
+    ("sd3.5-large", "clip_l"): _SD3_CLIP_L,
+    ("sd3.5-large", "clip_g"): _BIGG,
+    # forge: black-forest-labs/FLUX.1-dev/text_encoder/config.json
     ("flux1-dev", "clip_l"): _CLIP_L,
+    # forge: black-forest-labs/FLUX.1-schnell/text_encoder/config.json
+    ("flux1-schnell", "clip_l"): _CLIP_L,
 }
 _SD_BETAS = dict(beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085,
                  clip_sample=False, num_train_timesteps=1000, set_alpha_to_one=False,
@@ -212,22 +248,87 @@ _SD_BETAS = dict(beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.000
 _EULER = dict(_SD_BETAS, _class_name="EulerDiscreteScheduler", interpolation_type="linear",
               prediction_type="epsilon", sample_max_value=1.0, timestep_spacing="leading",
               use_karras_sigmas=False)
+_SD3_FLOW = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000,
+                 shift=3.0)
 _FLUX = dict(_class_name="FlowMatchEulerDiscreteScheduler", base_image_seq_len=256,
              base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, num_train_timesteps=1000)
 OFFICIAL_SCHEDULERS = {
+    # forge: runwayml/stable-diffusion-v1-5/scheduler/scheduler_config.json
     "sd1": dict(_SD_BETAS, _class_name="PNDMScheduler"),
-    # stable-diffusion-2-1-base (2-1, the 768 release: DDIMScheduler and v_prediction)
-    "sd2": dict(_SD_BETAS, _class_name="PNDMScheduler", prediction_type="epsilon"),
+    # forge: stabilityai/stable-diffusion-2-inpainting/scheduler/scheduler_config.json, the 512
+    # epsilon line (no prediction_type: epsilon, the default), as the 2-1-base model card has
+    # it ("the default PNDM/PLMS scheduler"). stable-diffusion-2-1, the 768 release, has
+    # DDIMScheduler and v_prediction
+    # (forge: stabilityai/stable-diffusion-2-1/scheduler/scheduler_config.json).
+    "sd2": dict(_SD_BETAS, _class_name="PNDMScheduler"),
+    # forge: stabilityai/stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json
     "sdxl": _EULER,
+    # forge: stabilityai/stable-diffusion-xl-refiner-1.0/scheduler/scheduler_config.json
     "sdxl-refiner": _EULER,
-    "sd3-medium": dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000,
-                       shift=3.0),
-    "sd3.5-large": dict(_class_name="FlowMatchEulerDiscreteScheduler",
-                        num_train_timesteps=1000, shift=3.0),
+    # forge: stabilityai/stable-diffusion-3-medium-diffusers/scheduler/scheduler_config.json
+    "sd3-medium": _SD3_FLOW,
+    # forge, branch sd35: stabilityai/stable-diffusion-3.5-large/scheduler/scheduler_config.json
+    "sd3.5-large": _SD3_FLOW,
+    # forge: black-forest-labs/FLUX.1-dev/scheduler/scheduler_config.json
     "flux1-dev": dict(_FLUX, shift=3.0, use_dynamic_shifting=True),
+    # forge: black-forest-labs/FLUX.1-schnell/scheduler/scheduler_config.json
     "flux1-schnell": dict(_FLUX, shift=1.0, use_dynamic_shifting=False),
 }
+_LIB = {"unet": "diffusers", "vae": "diffusers", "scheduler": "diffusers",
+        "transformer": "diffusers", "safety_checker": "stable_diffusion"}
 
+
+def _index(cls: str, **parts) -> dict:
+    """A model_index.json: ``_class_name`` and entries; a class name becomes [library, class],
+    None stays null and a bool a pipeline flag."""
+    out: dict = {"_class_name": cls}
+    for sub, value in parts.items():
+        if isinstance(value, str):
+            value = [_LIB.get(sub, "transformers"), value]
+        out[sub] = value
+    return out
+
+
+_SD_PARTS = dict(feature_extractor="CLIPImageProcessor",
+                 safety_checker="StableDiffusionSafetyChecker", scheduler="PNDMScheduler",
+                 text_encoder="CLIPTextModel", tokenizer="CLIPTokenizer",
+                 unet="UNet2DConditionModel", vae="AutoencoderKL")
+_SDXL_PARTS = dict(add_watermarker=None, scheduler="EulerDiscreteScheduler",
+                   text_encoder_2="CLIPTextModelWithProjection", tokenizer_2="CLIPTokenizer",
+                   unet="UNet2DConditionModel", vae="AutoencoderKL")
+_SD3_INDEX = _index("StableDiffusion3Pipeline", scheduler="FlowMatchEulerDiscreteScheduler",
+                    text_encoder="CLIPTextModelWithProjection",
+                    text_encoder_2="CLIPTextModelWithProjection",
+                    text_encoder_3="T5EncoderModel", tokenizer="CLIPTokenizer",
+                    tokenizer_2="CLIPTokenizer", tokenizer_3="T5TokenizerFast",
+                    transformer="SD3Transformer2DModel", vae="AutoencoderKL")
+_FLUX_INDEX = _index("FluxPipeline", scheduler="FlowMatchEulerDiscreteScheduler",
+                     text_encoder="CLIPTextModel", text_encoder_2="T5EncoderModel",
+                     tokenizer="CLIPTokenizer", tokenizer_2="T5TokenizerFast",
+                     transformer="FluxTransformer2DModel", vae="AutoencoderKL")
+OFFICIAL_INDEX = {
+    # forge: runwayml/stable-diffusion-v1-5/model_index.json
+    "sd1": _index("StableDiffusionPipeline", **_SD_PARTS),
+    # forge: stabilityai/stable-diffusion-2-1/model_index.json with the 512 line's scheduler,
+    # PNDMScheduler (see OFFICIAL_SCHEDULERS; 2-1's is DDIMScheduler)
+    "sd2": _index("StableDiffusionPipeline",
+                  **dict(_SD_PARTS, requires_safety_checker=False, safety_checker=[None, None])),
+    # forge: stabilityai/stable-diffusion-xl-base-1.0/model_index.json
+    "sdxl": _index("StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True,
+                   text_encoder="CLIPTextModel", tokenizer="CLIPTokenizer", **_SDXL_PARTS),
+    # forge: stabilityai/stable-diffusion-xl-refiner-1.0/model_index.json
+    "sdxl-refiner": _index("StableDiffusionXLImg2ImgPipeline", force_zeros_for_empty_prompt=False,
+                           requires_aesthetics_score=True, text_encoder=[None, None],
+                           tokenizer=[None, None], **_SDXL_PARTS),
+    # forge: stabilityai/stable-diffusion-3-medium-diffusers/model_index.json
+    "sd3-medium": _SD3_INDEX,
+    # forge, branch sd35: stabilityai/stable-diffusion-3.5-large/model_index.json
+    "sd3.5-large": _SD3_INDEX,
+    "flux1-dev": _FLUX_INDEX,  # forge: black-forest-labs/FLUX.1-dev/model_index.json
+    "flux1-schnell": _FLUX_INDEX,  # forge: black-forest-labs/FLUX.1-schnell/model_index.json
+}
+# What a ckptkit folder leaves empty ([null, null]): no weights of the checkpoint.
+_LEFT_EMPTY = ("tokenizer", "feature_extractor", "safety_checker")
 
 def _effective(cls, config: dict) -> dict:
     """The config as the class reads it: every setting, defaults filled in (SDXL's
@@ -249,7 +350,7 @@ def test_unet_configs_are_the_official_ones(fid):
         _effective(UNet2DConditionModel, OFFICIAL_UNETS[fid])
 
 
-@pytest.mark.parametrize("fid", VAES)
+@pytest.mark.parametrize("fid", list(OFFICIAL_VAES))
 def test_vae_configs_are_the_official_ones(fid):
     from diffusers import AutoencoderKL
 
@@ -276,6 +377,18 @@ def test_scheduler_configs_are_the_official_ones(fid):
     assert ours["_class_name"] == official["_class_name"]
     cls = getattr(diffusers, official["_class_name"])
     assert _settings(cls.from_config(ours).config) == _settings(cls.from_config(official).config)
+
+
+@pytest.mark.parametrize("fid", list(OFFICIAL_INDEX))
+def test_model_index_is_the_official_one(fid):
+    """The same pipeline, classes and flags; what is no weight left empty."""
+    ours, _ = DL.folder(families()[fid])
+    official = OFFICIAL_INDEX[fid]
+    expected = {k: [None, None] if k.startswith(_LEFT_EMPTY) else v
+                for k, v in official.items() if v is not None}  # add_watermarker null: unset
+    if "safety_checker" in official:  # none in the folder, so none required
+        expected["requires_safety_checker"] = False
+    assert ours == expected
 
 
 def _settings(config) -> dict:
