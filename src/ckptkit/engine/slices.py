@@ -31,16 +31,19 @@ def _reader(tensor: LazyTensor, mapped: bool) -> Callable[[int, int], Any]:
 
 
 def by_rows(sources: Sequence[LazyTensor], out_dtype: DType,
-            compute: Callable[[list[Any]], Any], mapped: bool = False) -> Any:
+            compute: Callable[[list[Any]], Any], mapped: bool = False, out: Any = None) -> Any:
     """``compute`` (inputs' slices -> output slice, any float dtype) over all rows of
-    ``sources``, which share one shape; the result in ``out_dtype``."""
+    ``sources``, which share one shape; the result in ``out_dtype``, written into ``out``
+    when given (the output file's pages)."""
     import torch
 
     shape = sources[0].shape
     target = torch_dtype(out_dtype)
     if not shape or sources[0].numel == 0:
-        return compute([s.read() for s in sources]).to(target)
-    out = torch.empty(shape, dtype=target)
+        result = compute([s.read() for s in sources]).to(target)
+        return result if out is None else out.copy_(result)
+    if out is None:
+        out = torch.empty(shape, dtype=target)
     step = max(1, SLICE_ELEMENTS // max(1, sources[0].numel // shape[0]))
     readers = [_reader(s, mapped) for s in sources]
     for start in range(0, shape[0], step):

@@ -10,18 +10,22 @@ with the reader before it takes the target's name.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from ..errors import CkptError, OutputError
 from ..formats.checkpoint import tensor_bytes
-from ..formats.dtypes import DType, from_torch_tensor
+from ..formats.dtypes import DType, from_torch_tensor, torch_dtype
 from ..formats.safetensors import METADATA_KEY, open_safetensors
 from ..formats.source import Source, write_all
 from .atomic import AtomicOutput
@@ -44,6 +48,11 @@ class CopyRange:
     source: Source
     offset: int
     nbytes: int
+
+
+@dataclass(frozen=True)
+class InPlace:
+    """Data already in the output file's pages (``produce_into`` ran): nothing to write."""
 
 
 @dataclass(frozen=True)
@@ -71,13 +80,17 @@ class Planned:
     """One output tensor: its key, dtype and shape, and how to produce its data when due.
 
     ``produce`` returns a torch tensor of exactly this dtype and shape, a bytes-like object
-    of exactly ``nbytes``, a ``CopyRange`` or ``Zeros``.
+    of exactly ``nbytes``, a ``CopyRange`` or ``Zeros``. ``produce_into``, where given, fills
+    a torch tensor of this dtype and shape instead: the writer hands it the tensor's place
+    in the memory-mapped output file, so computed data goes straight to the file's pages
+    (no buffer of its own, no copy by ``write``).
     """
 
     key: str
     dtype: DType
     shape: tuple[int, ...]
     produce: Callable[[], Any]
+    produce_into: Callable[[Any], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -105,7 +118,7 @@ def build_header(planned: Sequence[Planned], metadata: dict[str, str] | None) ->
 
 
 def _write_item(fd: int, item: Planned, data: Any) -> None:
-    if isinstance(data, Zeros):
+    if isinstance(data, Zeros | InPlace):
         os.lseek(fd, item.nbytes, os.SEEK_CUR)
         return
     if isinstance(data, CopyRange):
@@ -135,15 +148,18 @@ def write_safetensors(target: str, planned: Sequence[Planned],
     if progress:
         progress.start(sum(p.nbytes for p in planned), len(planned))
     pending = _Pending(AtomicOutput(target, inputs, fsync=fsync), header, planned, metadata)
+    size = len(header) + sum(p.nbytes for p in planned)
     try:
         out = pending.out.__enter__()
         write_all(out.fd, header)
-        for item, data in _prefetched(planned):
-            _write_item(out.fd, item, data)
-            del data  # release the tensor before the next one is made
-            if progress:
-                progress.update(item.nbytes, 1)
-        os.ftruncate(out.fd, len(header) + sum(p.nbytes for p in planned))  # trailing holes
+        with _output_map(out.fd, size, planned, target) as mapped, \
+                closing(_prefetched(_producers(planned, mapped, len(header)))) as produced:
+            for item, data in produced:  # closed (worker done) before the map is
+                _write_item(out.fd, item, data)
+                del data  # release the tensor before the next one is made
+                if progress:
+                    progress.update(item.nbytes, 1)
+        os.ftruncate(out.fd, size)  # trailing holes
     except BaseException:
         pending.abandon()
         raise
@@ -239,22 +255,70 @@ def _tensor_buffer(tensor):
     return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
 
 
-def _prefetched(planned: Sequence[Planned], depth: int = PREFETCH):
+@contextmanager
+def _output_map(fd: int, size: int, planned: Sequence[Planned], target: str):
+    """The output file mapped for writing when some tensor can be produced into it, else
+    None. Its blocks are reserved first, so that a full disk is an error here rather than a
+    SIGBUS when a mapped page is first written; where the file system cannot reserve them,
+    tensors are written the usual way."""
+    if not any(p.produce_into and p.nbytes for p in planned):
+        yield None
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OutputError(f"no room for {size:,} bytes ({exc.strerror})", target) from None
+        yield None
+        return
+    mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        yield mapped
+    finally:
+        mapped.close()
+
+
+def _producers(planned: Sequence[Planned], mapped: mmap.mmap | None, offset: int):
+    """(item, the function that makes its data): into the mapped file where it can."""
+    for item in planned:
+        if mapped is not None and item.produce_into and item.nbytes:
+            yield item, partial(_into_file, mapped, offset, item)
+        else:
+            yield item, item.produce
+        offset += item.nbytes
+
+
+def _into_file(mapped: mmap.mmap, offset: int, item: Planned) -> InPlace:
+    """Runs ``item.produce_into`` on its place in the mapped file, then drops those pages
+    from this process's memory (they stay in the page cache, to be written to disk)."""
+    import torch
+
+    view = torch.frombuffer(mapped, dtype=torch.uint8, count=item.nbytes, offset=offset)
+    item.produce_into(view.view(torch_dtype(item.dtype)).view(item.dtype.torch_shape(item.shape)))
+    del view
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    stop = (offset + item.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop > start:
+        mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
+    return InPlace()
+
+
+def _prefetched(producers, depth: int = PREFETCH):
     """Yields (item, data), producing the next ``depth`` items in a worker thread while the
     current one is written: reading, casting and writing overlap (file reads and torch
     release the GIL), and at most ``depth + 1`` tensors are alive at once."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptkit-produce") as pool:
         pending: deque = deque()
-        items = iter(planned)
-        for item in items:
-            pending.append((item, pool.submit(item.produce)))
+        items = iter(producers)
+        for item, produce in items:
+            pending.append((item, pool.submit(produce)))
             if len(pending) > depth:
                 break
         while pending:
             item, future = pending.popleft()
             nxt = next(items, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(nxt.produce)))
+                pending.append((nxt[0], pool.submit(nxt[1])))
             yield item, future.result()
 
 

@@ -233,7 +233,8 @@ def _plan(recipe: Recipe, fam: Family | None, first: Identification,
                       for s in recipe.steps)
         plan = _KeyPlan(key, sources, steps, recipe.output, out_dtype, recipe.compute_dtype,
                         recipe.device)
-        planned.append(Planned(key, out_dtype, shape, partial(_evaluate, plan)))
+        planned.append(Planned(key, out_dtype, shape, partial(_evaluate, plan),
+                               partial(_evaluate, plan) if _streams(plan) else None))
         report.merged += 1
     for tensors in taken.values():
         planned.extend(tensors)
@@ -275,29 +276,42 @@ def _merged_shape(key: str, sources: dict[str, LazyTensor], recipe: Recipe
                      "merged")
 
 
-def _evaluate(plan: _KeyPlan):
-    """The merged tensor of one key: every step run on the inputs' tensors, a slice of rows
-    at a time when every step is element-wise and the shapes agree (memory: the output plus
-    one slice of each input in fp32), else on whole tensors."""
+def _narrow(plan: _KeyPlan) -> bool:
+    """One step whose method has a 16-bit kernel, on 16-bit inputs of the output's dtype."""
+    step = plan.steps[0]
+    return (len(plan.steps) == 1 and step.method.narrow is not None
+            and plan.compute == "float32" and plan.device == "cpu"
+            and plan.out_dtype.name in ("F16", "BF16")
+            and all(t.dtype == plan.out_dtype for t in plan.leaves.values()))
+
+
+def _streams(plan: _KeyPlan) -> bool:
+    """Whether the result can be made a slice at a time (or by one kernel) into a buffer."""
+    return _narrow(plan) or (all(s.method.elementwise for s in plan.steps)
+                             and len({t.shape for t in plan.leaves.values()}) == 1)
+
+
+def _evaluate(plan: _KeyPlan, out=None):
+    """The merged tensor of one key (written into ``out`` when given): every step run on the
+    inputs' tensors, a slice of rows at a time when every step is element-wise and the
+    shapes agree (memory: the output plus one slice of each input in fp32), else on whole
+    tensors."""
     import torch
 
     wide = getattr(torch, plan.compute)
-    out_dtype = torch_dtype(plan.out_dtype)
     names = list(plan.leaves)
     tensors = list(plan.leaves.values())
-    step = plan.steps[0]
-    if (len(plan.steps) == 1 and step.method.narrow and plan.compute == "float32"
-            and plan.device == "cpu" and plan.out_dtype.name in ("F16", "BF16")
-            and all(t.dtype == plan.out_dtype for t in tensors)):
-        return step.method.narrow([t.load() for t in tensors], **step.params)
-    if all(s.method.elementwise for s in plan.steps) and len({t.shape for t in tensors}) == 1:
+    if _narrow(plan):
+        step = plan.steps[0]
+        return step.method.narrow([t.load() for t in tensors], **step.params, out=out)
+    if _streams(plan):
         def compute(parts):
             values = {n: p.to(plan.device, wide) for n, p in zip(names, parts, strict=True)}
             return _run_steps(plan, values).cpu()
 
-        return by_rows(tensors, plan.out_dtype, compute, mapped=True)
+        return by_rows(tensors, plan.out_dtype, compute, mapped=True, out=out)
     values = {n: t.read().to(plan.device, wide) for n, t in plan.leaves.items()}
-    return _run_steps(plan, values).to("cpu", out_dtype)
+    return _run_steps(plan, values).to("cpu", torch_dtype(plan.out_dtype))
 
 
 def _run_steps(plan: _KeyPlan, values: dict[str, Any]):

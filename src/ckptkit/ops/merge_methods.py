@@ -17,11 +17,11 @@ if TYPE_CHECKING:
 Tensors = Sequence["torch.Tensor"]
 
 
-def weighted_sum(t: Tensors, alpha: float) -> torch.Tensor:
+def weighted_sum(t: Tensors, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
     import torch
 
     a, b = t
-    return torch.lerp(a, b, alpha)
+    return torch.lerp(a, b, alpha, out=out)
 
 
 def add_difference(t: Tensors, alpha: float) -> torch.Tensor:
@@ -176,9 +176,9 @@ class Method:
     defaults: dict[str, float]  # the parameters it takes, with their defaults
     formula: str
     elementwise: bool = False  # each output element depends on the same element only
-    # The same result from 16-bit inputs into their own dtype, computed by one torch kernel
-    # that widens to fp32 internally and rounds once (bit-identical to the fp32 path; a test
-    # checks it), so the inputs are never copied into fp32.
+    # The same result from 16-bit inputs into their own dtype (``out=`` a buffer to fill),
+    # computed by one torch kernel that widens to fp32 internally and rounds once
+    # (bit-identical to the fp32 path; a test checks it): no fp32 copies of the inputs.
     narrow: Callable[..., torch.Tensor] | None = None
 
     def arity_ok(self, count: int) -> bool:
