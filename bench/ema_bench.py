@@ -1,7 +1,8 @@
 """Benchmark: ``prune --dtype fp16 --ema drop`` of a full-size fp32 SDXL training checkpoint
 with EMA weights (about 24 GB: the model in fp32 plus an fp32 EMA copy of the UNet, named as
 LDM/SGM training saves it, ``model_ema.`` + the key without dots), against ``cp`` of the
-same file in the same run.
+same file in the same run, with and without a ``sync`` of the copy (ckptkit syncs its
+output before it takes its name).
 
 The input holds random values (real data on disk, not holes), written once by ckptkit's own
 streaming writer; it is as large as the machine's memory, so neither command finds all of it
@@ -80,6 +81,7 @@ def main() -> int:
     ckpt = os.path.join(os.path.dirname(sys.executable), "ckpt")
     copy, pruned = (os.path.join(work, n) for n in ("copy.safetensors", "pruned.safetensors"))
     commands = {"cp": ["cp", src, copy],
+                "cp + sync": ["sh", "-c", 'cp "$0" "$1" && sync "$1"', src, copy],
                 "prune --dtype fp16 --ema drop": [ckpt, "prune", src, "-o", pruned, "--dtype",
                                                   "fp16", "--ema", "drop", "--quiet"]}
     results: dict[str, list[dict[str, float]]] = {n: [] for n in commands}
@@ -91,13 +93,15 @@ def main() -> int:
             results[name].append(run(cmd))
     check(pruned)
     base = statistics.median(r["seconds"] for r in results["cp"])
+    durable = statistics.median(r["seconds"] for r in results["cp + sync"])
     print(f"input: {os.path.getsize(src) / 1e9:.2f} GB SDXL fp32 with EMA; output "
           f"{os.path.getsize(pruned) / 1e9:.2f} GB; median of {args.repeat}")
-    print(f"{'command':<32}{'seconds':>9}{'x cp':>7}{'peak RSS MB':>13}")
+    print(f"{'command':<32}{'seconds':>9}{'x cp':>7}{'x cp+sync':>11}{'peak RSS MB':>13}")
     for name, runs in results.items():
         seconds = statistics.median(r["seconds"] for r in runs)
         peak = max(r["peak_rss"] for r in runs) / 1e6
-        print(f"{name:<32}{seconds:>9.2f}{seconds / base:>7.2f}{peak:>13.0f}")
+        print(f"{name:<32}{seconds:>9.2f}{seconds / base:>7.2f}{seconds / durable:>11.2f}"
+              f"{peak:>13.0f}")
     for leftover in (copy, pruned, *(() if args.keep else (src,))):
         if os.path.exists(leftover):
             os.remove(leftover)

@@ -10,7 +10,9 @@ from safetensors.torch import load_file, save_file
 from ckptkit.engine import slices
 from ckptkit.errors import OutputError
 from ckptkit.formats import open_checkpoint
+from ckptkit.ops.merge import merge
 from ckptkit.ops.prune import prune
+from ckptkit.ops.sample import sample
 
 
 @pytest.fixture
@@ -43,34 +45,43 @@ def test_a_cast_in_many_slices_equals_the_whole_cast(weights, tmp_path, monkeypa
     assert report.clamped["big"] == int((state["big"].abs() > 65504).sum()) > 0
 
 
-def _cast_with(tmp_path, path, name):
+@pytest.fixture
+def models(tmp_path):
+    paths = [tmp_path / f"m{seed}.safetensors" for seed in (0, 1)]
+    for seed, path in enumerate(paths):
+        sample("sd1", str(path), tiny=True, dtype="fp32", seed=seed)
+    return paths
+
+
+def _merge(tmp_path, models, name):
     out = tmp_path / name
-    prune(str(path), str(out), dtype="bf16")
+    merge("weighted-sum", [str(p) for p in models], str(out), params={"alpha": 0.25},
+          dtype="fp16")
     return out
 
 
-def test_the_mapped_output_and_the_written_one_are_the_same_bytes(weights, tmp_path,
+def test_the_mapped_output_and_the_written_one_are_the_same_bytes(models, tmp_path,
                                                                    monkeypatch):
-    """Casts are produced straight into the mapped output file; where the file system
-    cannot reserve the blocks first, the same bytes are written the usual way."""
-    path, _ = weights
-    mapped = _cast_with(tmp_path, path, "mapped.safetensors")
+    """Merged tensors are produced straight into the mapped output file; where the file
+    system cannot reserve the blocks first, the same bytes are written the usual way."""
+    mapped = _merge(tmp_path, models, "mapped.safetensors")
 
     def unsupported(*_):
         raise OSError(errno.EOPNOTSUPP, "not supported")
 
     monkeypatch.setattr(os, "posix_fallocate", unsupported)
-    written = _cast_with(tmp_path, path, "written.safetensors")
+    written = _merge(tmp_path, models, "written.safetensors")
     assert mapped.read_bytes() == written.read_bytes()
+    got, a, b = (load_file(str(p)) for p in (mapped, *models))
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(got[key], torch.lerp(a[key], b[key], 0.25).half())
 
 
-def test_a_full_disk_is_an_error_before_anything_is_mapped(weights, tmp_path, monkeypatch):
-    path, _ = weights
-
+def test_a_full_disk_is_an_error_before_anything_is_mapped(models, tmp_path, monkeypatch):
     def full(*_):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(OutputError, match="no room for"):
-        _cast_with(tmp_path, path, "out.safetensors")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+        _merge(tmp_path, models, "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.safetensors", "m1.safetensors"]

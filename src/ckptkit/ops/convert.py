@@ -48,7 +48,7 @@ def _casting(key: str, tensor: LazyTensor, target: DType, report: ConvertReport)
             report.overflowed[key] = report.overflowed.get(key, 0) + overflow
         return out
 
-    return partial(by_rows, [tensor], target, cast, False)  # (out) fills the output file
+    return partial(by_rows, [tensor], target, cast)
 
 
 def _source_metadata(checkpoint) -> dict[str, str]:
@@ -73,15 +73,14 @@ def convert(src: str, dst: str, *, dtype: str | None = None, keep_metadata: bool
         for key, tensor in checkpoint.items():
             castable = tensor.dtype.is_float and tensor.dtype.bits >= 8
             out_dtype = target if target and castable else tensor.dtype
-            into = None
             if out_dtype != tensor.dtype:
-                produce = into = _casting(key, tensor, out_dtype, report)
+                produce = _casting(key, tensor, out_dtype, report)
                 report.cast += 1
             elif tensor.is_contiguous:
                 produce = partial(copy_range, tensor)
             else:
                 produce = tensor.read
-            planned.append(Planned(key, out_dtype, tensor.shape, produce, into))
+            planned.append(Planned(key, out_dtype, tensor.shape, produce))
         metadata = {"format": "pt"}
         if keep_metadata:
             metadata.update(_source_metadata(checkpoint))

@@ -39,9 +39,9 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _cast(tensor: LazyTensor, target: DType, key: str, report: PruneReport, out=None):
-    """The tensor cast to ``target`` a slice at a time (into ``out`` when given), values
-    beyond its range clamped and counted."""
+def _cast(tensor: LazyTensor, target: DType, key: str, report: PruneReport):
+    """The tensor cast to ``target`` a slice at a time, values beyond its range clamped and
+    counted."""
     limit = LIMITS.get(target.name)
     outside = 0
 
@@ -56,7 +56,7 @@ def _cast(tensor: LazyTensor, target: DType, key: str, report: PruneReport, out=
                 data = wide.clamp(-limit, limit)
         return data.to(torch_dtype(target))
 
-    out = by_rows([tensor], target, cast, out=out)
+    out = by_rows([tensor], target, cast)
     if outside:
         report.clamped[key] = outside
     return out
@@ -103,16 +103,15 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
                 None if in_vae and ident.family == "sdxl" else target)
             castable = (wanted is not None and source.dtype.is_float and source.dtype.bits >= 8
                         and key not in MARKERS and source.dtype != wanted)
-            into = None
-            if castable:  # cast(), or cast(out) into the output file
-                produce = into = partial(_cast, source, wanted, key, report)
+            if castable:
+                produce = partial(_cast, source, wanted, key, report)
                 report.cast += 1
             elif source.is_contiguous:
                 produce = partial(copy_range, source)
             else:
                 produce = source.read
             planned.append(Planned(key, wanted if castable else source.dtype, source.shape,
-                                   produce, into))
+                                   produce))
         report.kept = len(planned)
         metadata = {**checkpoint.metadata,
                     **provenance("prune", [src], dtype=dtype or "", vae_dtype=vae_dtype or "",
