@@ -84,6 +84,8 @@ def main() -> int:
                 "cp + sync": ["sh", "-c", 'cp "$0" "$1" && sync "$1"', src, copy],
                 "prune --dtype fp16 --ema drop": [ckpt, "prune", src, "-o", pruned, "--dtype",
                                                   "fp16", "--ema", "drop", "--quiet"]}
+    # With --hash it also computes the input's SHA-256 for the output's metadata.
+    commands["prune ... --hash"] = [*commands["prune --dtype fp16 --ema drop"], "--hash"]
     results: dict[str, list[dict[str, float]]] = {n: [] for n in commands}
     for _ in range(args.repeat):
         for name, cmd in commands.items():

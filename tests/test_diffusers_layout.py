@@ -609,3 +609,19 @@ def test_tiny_sd3_and_flux_folders_load_as_pipelines(fid, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(str(folder), **absent, **loaded)
     assert type(pipe).__name__ == index["_class_name"]
     assert pipe.vae.config.latent_channels == 16
+
+
+@pytest.mark.parametrize("fid", list(families()))
+def test_tiny_diffusers_samples_of_every_family_are_identified(fid, tmp_path):
+    """Tiny diffusers folders and single diffusion-model files are told apart by their full
+    key tables at any width (SD1 and SD2 by shapes, dev and schnell by the guidance
+    embedder, SD3 and SD3.5 Medium by structure)."""
+    folder = tmp_path / fid
+    sample(fid, str(folder), layout="diffusers", tiny=True)
+    assert inspect_diffusers_folder(str(folder))["identification"]["family"] == fid
+    single = tmp_path / "model.safetensors"
+    sample(fid, str(single), layout="diffusers", tiny=True, components=["diffusion_model"])
+    ident = inspect_file(str(single))["identification"]
+    assert (ident["kind"], ident["family"], ident["layout"]) == ("diffusion-model", fid,
+                                                                 "diffusers")
+    assert ident["components"][0]["size"] == "tiny"

@@ -57,15 +57,26 @@ def test_a_failed_write_cancels_the_work_behind_deferred_values(tmp_path):
 def test_split_and_prune_outputs_carry_the_source_sha256(tmp_path, file_sha256):
     src = tmp_path / "model.safetensors"
     sample("sd1", str(src), tiny=True)
-    written = split(str(src), str(tmp_path / "parts"))
+    written = split(str(src), str(tmp_path / "parts"), hash_sources=True)
     expected = [file_sha256(src)]
     for part in written:
         meta = _metadata(part)
         assert json.loads(meta["ckptkit.sources"]) == ["model.safetensors"]
         assert json.loads(meta["ckptkit.sources_sha256"]) == expected
     pruned = tmp_path / "pruned.safetensors"
-    prune(str(src), str(pruned), dtype="bf16")
+    prune(str(src), str(pruned), dtype="bf16", hash_sources=True)
     assert json.loads(_metadata(pruned)["ckptkit.sources_sha256"]) == expected
+
+
+def test_without_hash_only_known_hashes_are_recorded(tmp_path, file_sha256):
+    src = tmp_path / "model.safetensors"
+    sample("sd1", str(src), tiny=True)
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    prune(str(src), str(first))
+    assert json.loads(_metadata(first)["ckptkit.sources_sha256"]) == [None]
+    hashing.file_hashes(str(src))  # what ckpt inspect --hash does
+    prune(str(src), str(second))
+    assert json.loads(_metadata(second)["ckptkit.sources_sha256"]) == [file_sha256(src)]
 
 
 def test_hashes_are_remembered_until_the_file_changes(tmp_path, file_sha256):
@@ -105,3 +116,13 @@ def test_a_batch_finishes_its_files_together_and_leaves_none_after_a_failure(tmp
         write_safetensors(str(third), [Planned("x", BY_NAME["F32"], (2,), fail)], {},
                           batch=batch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_the_hash_option_of_the_commands(tmp_path, file_sha256):
+    from ckptkit.cli.main import main
+
+    src = tmp_path / "model.safetensors"
+    sample("sd1", str(src), tiny=True)
+    out = tmp_path / "out.safetensors"
+    assert main(["vae", "bake", str(src), str(src), "-o", str(out), "--hash", "--quiet"]) == 0
+    assert json.loads(_metadata(out)["ckptkit.sources_sha256"]) == [file_sha256(src)] * 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..ops.parts import assemble, bake_vae, split
-from .progress import add_output_options, progress_for
+from .progress import add_hash_option, add_output_options, progress_for
 
 
 def add_parser(commands) -> None:
@@ -45,6 +45,7 @@ def add_parser(commands) -> None:
 
 def _common(parser, run) -> None:
     add_output_options(parser)
+    add_hash_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -52,7 +53,8 @@ def run_split(args) -> int:
     bar = progress_for(args, "split")
     try:
         written = split(args.checkpoint, args.output,
-                        args.components.split(",") if args.components else None, progress=bar)
+                        args.components.split(",") if args.components else None, progress=bar,
+                        hash_sources=args.hash)
     finally:
         bar.close()
     if args.json:
@@ -67,7 +69,8 @@ def run_assemble(args) -> int:
     bar = progress_for(args, "assemble")
     try:
         result = assemble(args.diffusion_model, args.text_encoder, args.vae, args.output,
-                          allow_partial=args.allow_partial, progress=bar)
+                          allow_partial=args.allow_partial, progress=bar,
+                          hash_sources=args.hash)
     finally:
         bar.close()
     if args.json:
@@ -82,7 +85,8 @@ def run_assemble(args) -> int:
 def run_bake(args) -> int:
     bar = progress_for(args, "vae bake")
     try:
-        result = bake_vae(args.checkpoint, args.vae, args.output, progress=bar)
+        result = bake_vae(args.checkpoint, args.vae, args.output, progress=bar,
+                          hash_sources=args.hash)
     finally:
         bar.close()
     if args.json:

@@ -65,6 +65,14 @@ def add_output_options(parser, json_help: str = "print the result as JSON") -> N
     parser.add_argument("--json", action="store_true", help=json_help)
 
 
+def add_hash_option(parser) -> None:
+    """``--hash``: the inputs' SHA-256 in the output's provenance metadata."""
+    parser.add_argument("--hash", action="store_true",
+                        help="compute the SHA-256 of every input for the output's metadata "
+                             "(reads each input once more; without it, only the hashes "
+                             "ckptkit already knows are recorded)")
+
+
 def progress_for(args, label: str, unit: str = "tensors") -> ProgressBar:
     """A bar for a command's work, off when ``--quiet`` or ``--json`` asked for silence."""
     return ProgressBar(label, unit=unit, enabled=False if args.quiet or args.json else None)

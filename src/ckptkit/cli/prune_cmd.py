@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from ..formats.dtypes import CLI_NAMES
 from ..ops.prune import prune
-from .progress import add_output_options, progress_for
+from .progress import add_hash_option, add_output_options, progress_for
 
 
 def add_parser(commands) -> None:
@@ -28,6 +28,7 @@ def add_parser(commands) -> None:
     p.add_argument("--drop", nargs="+", default=[], metavar="COMPONENT",
                    help="components to leave out, e.g. clip_l vae")
     add_output_options(p)
+    add_hash_option(p)
     p.set_defaults(run=run)
 
 
@@ -35,7 +36,8 @@ def run(args) -> int:
     bar = progress_for(args, "prune")
     try:
         report = prune(args.checkpoint, args.output, dtype=args.dtype,
-                       vae_dtype=args.vae_dtype, ema=args.ema, drop=args.drop, progress=bar)
+                       vae_dtype=args.vae_dtype, ema=args.ema, drop=args.drop, progress=bar,
+                       hash_sources=args.hash)
     finally:
         bar.close()
     if args.json:

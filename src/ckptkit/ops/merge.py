@@ -114,7 +114,7 @@ def run_recipe(recipe: Recipe, out: str, progress: Progress | None = None) -> Me
         hashing = BackgroundSha256(paths)
         base = checkpoints[recipe.base()]
         metadata: dict[str, Any] = {
-            **base.metadata, **provenance("merge", paths, source_hashes(paths, job=hashing)),
+            **base.metadata, **provenance("merge", paths, source_hashes(paths, True, hashing)),
             RECIPE_KEY: _recorded(recipe, names, hashing)}
         lineage = _lineage(recipe, merged_names, checkpoints)
         if lineage:

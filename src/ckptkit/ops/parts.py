@@ -52,8 +52,9 @@ def _monolithic(path: str, checkpoint: Checkpoint) -> tuple[Family, Identificati
 
 
 def split(src: str, out_dir: str, components: list[str] | None = None,
-          progress: Progress | None = None) -> list[str]:
-    """Writes the chosen components of ``src`` as standalone files; returns their paths."""
+          progress: Progress | None = None, hash_sources: bool = False) -> list[str]:
+    """Writes the chosen components of ``src`` as standalone files; returns their paths.
+    ``hash_sources``: compute the source's SHA-256 for their metadata (else: if known)."""
     written = []
     with ExitStack() as stack:
         checkpoint = stack.enter_context(open_checkpoint(src))
@@ -66,7 +67,7 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
                              f"{', '.join(present)}")
         stem = os.path.splitext(os.path.basename(src))[0]
         keys = set(checkpoint)
-        hashes = source_hashes([src])
+        hashes = source_hashes([src], hash_sources)
         batch = stack.enter_context(OutputBatch())
         for name in chosen:
             comp = fam.component(name)
@@ -162,7 +163,8 @@ def _check_fits(fam: Family, path: str, ident: Identification, name: str,
 
 
 def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, out: str, *,
-             allow_partial: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+             allow_partial: bool = False, progress: Progress | None = None,
+             hash_sources: bool = False) -> dict[str, Any]:
     """Writes the parts as one monolithic checkpoint in the family's original layout."""
     paths = [diffusion_model, *text_encoders, *([vae] if vae else [])]
     with ExitStack() as stack:
@@ -194,8 +196,8 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
         base.pop(SCALARS_KEY, None)
         metadata = {**base, "modelspec.sai_model_spec": "1.0.1",
                     "modelspec.architecture": _architecture(fam, None),
-                    **provenance("assemble", paths, family=fam.id,
-                                  components=[p[3] for p in parts])}
+                    **provenance("assemble", paths, source_hashes(paths, hash_sources),
+                                 family=fam.id, components=[p[3] for p in parts])}
         write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress)
     return {"family": fam.id, "components": [p[3] for p in parts], "missing": missing,
             "tensors": len(planned)}
@@ -226,8 +228,8 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
                       _scalar_dtypes(checkpoint, comp))
 
 
-def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None
-             ) -> dict[str, Any]:
+def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None,
+             hash_sources: bool = False) -> dict[str, Any]:
     """``src`` with its VAE replaced by ``vae`` (a VAE file in any supported layout, or
     another checkpoint of the family), refused across latent widths."""
     with ExitStack() as stack:
@@ -241,6 +243,7 @@ def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None
         moves = [Move(k, (k,)) for k in checkpoint if k not in old]
         planned = plan_moves(moves, checkpoint) + taken
         metadata = {**checkpoint.metadata,
-                    **provenance("vae bake", [src, vae], family=fam.id)}
+                    **provenance("vae bake", [src, vae],
+                                 source_hashes([src, vae], hash_sources), family=fam.id)}
         write_safetensors(out, planned, metadata, inputs=(src, vae), progress=progress)
     return {"family": fam.id, "replaced": len(old), "tensors": len(planned)}

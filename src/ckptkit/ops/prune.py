@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
 from .inspect import identify_checkpoint
-from .provenance import provenance
+from .provenance import provenance, source_hashes
 
 # Largest finite value of each narrow float type: beyond it a cast gives inf (fp16) or NaN.
 LIMITS = {"F16": 65504.0, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
@@ -72,7 +72,7 @@ def _dtype(name: str | None, option: str) -> DType | None:
 
 def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None = None,
           ema: str = "drop", drop: list[str] | None = None,
-          progress: Progress | None = None) -> PruneReport:
+          progress: Progress | None = None, hash_sources: bool = False) -> PruneReport:
     if ema not in ("drop", "use", "keep"):
         raise UsageError(f"--ema must be drop, use or keep, not {ema!r}")
     target, vae_target = _dtype(dtype, "--dtype"), _dtype(vae_dtype, "--vae-dtype")
@@ -114,8 +114,9 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
                                    produce))
         report.kept = len(planned)
         metadata = {**checkpoint.metadata,
-                    **provenance("prune", [src], dtype=dtype or "", vae_dtype=vae_dtype or "",
-                                  ema=ema, drop=list(drop or ()))}
+                    **provenance("prune", [src], source_hashes([src], hash_sources),
+                                 dtype=dtype or "", vae_dtype=vae_dtype or "", ema=ema,
+                                 drop=list(drop or ()))}
         write_safetensors(out, planned, metadata, inputs=(src,), progress=progress)
     return report
 
