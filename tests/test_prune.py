@@ -153,3 +153,16 @@ def test_prune_peak_memory_does_not_grow_with_model_size(tmp_path):
     assert size > 2e9
     largest = 49408 * 768 * 2  # the token embedding, fp16
     assert peaks["full"] - peaks["tiny"] < 8 * largest, peaks  # ~600 MB for a 2.1 GB model
+
+
+def test_no_fsync_writes_the_same_file(tmp_path):
+    from ckptkit.cli.main import main
+    from ckptkit.ops.sample import sample
+
+    src = tmp_path / "model.safetensors"
+    sample("sd1", str(src), tiny=True)
+    synced, unsynced = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main(["prune", str(src), "-o", str(synced), "--dtype", "bf16", "--quiet"]) == 0
+    assert main(["prune", str(src), "-o", str(unsynced), "--dtype", "bf16", "--quiet",
+                 "--no-fsync"]) == 0
+    assert synced.read_bytes() == unsynced.read_bytes()

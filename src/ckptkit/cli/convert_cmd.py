@@ -7,7 +7,7 @@ import sys
 
 from ..ops.convert import CONVERT_DTYPES, convert
 from .fmt import human_bytes
-from .progress import add_output_options, progress_for
+from .progress import add_fsync_option, add_output_options, progress_for
 
 
 def add_parser(commands) -> None:
@@ -23,8 +23,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--keep-metadata", action="store_true",
                         help="carry the input's metadata (or a pickle's scalar entries such as "
                              "global_step) into the output")
-    parser.add_argument("--no-fsync", dest="fsync", action="store_false",
-                        help="do not wait for the data to reach the disk before renaming")
+    add_fsync_option(parser)
     add_output_options(parser)
     parser.set_defaults(run=run)
 

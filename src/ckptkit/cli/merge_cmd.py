@@ -12,7 +12,7 @@ from ..formats.dtypes import CLI_NAMES
 from ..ops.merge import MISSING, from_metadata, run_recipe
 from ..ops.merge_methods import METHODS
 from ..ops.merge_recipe import COMPUTE_DTYPES, from_toml, one_step
-from .progress import add_output_options, progress_for
+from .progress import add_fsync_option, add_output_options, progress_for
 
 _PARAMS = ("alpha", "beta", "density", "drop")
 _BLOCKS_HELP = ("a number, or weights per block: a list in block order, NAME=value items "
@@ -68,6 +68,7 @@ def add_parser(commands) -> None:
     p.add_argument("--list-blocks", metavar="MODEL",
                    help="show the block names (and presets) for MODEL's family")
     add_output_options(p)
+    add_fsync_option(p)
     p.set_defaults(run=run)
 
 
@@ -108,7 +109,7 @@ def run(args) -> int:
     if args.from_metadata:
         return _finish(args, lambda bar: from_metadata(
             args.from_metadata, args.output, search=args.search,
-            given=_pairs(args.input, "--input"), progress=bar))
+            given=_pairs(args.input, "--input"), progress=bar, fsync=args.fsync))
     options = {k: v for k, v in _options(args).items() if v is not None}
     if args.recipe:
         recipe = from_toml(args.recipe, **options)
@@ -122,7 +123,7 @@ def run(args) -> int:
         params["seed"] = args.seed
         recipe = one_step(args.method, args.models, params,
                           take=_pairs(args.take, "--take"), **options)
-    return _finish(args, lambda bar: run_recipe(recipe, args.output, bar))
+    return _finish(args, lambda bar: run_recipe(recipe, args.output, bar, args.fsync))
 
 
 def _finish(args, work) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..ops.parts import assemble, bake_vae, split
-from .progress import add_hash_option, add_output_options, progress_for
+from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 
 def add_parser(commands) -> None:
@@ -46,6 +46,7 @@ def add_parser(commands) -> None:
 def _common(parser, run) -> None:
     add_output_options(parser)
     add_hash_option(parser)
+    add_fsync_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -54,7 +55,7 @@ def run_split(args) -> int:
     try:
         written = split(args.checkpoint, args.output,
                         args.components.split(",") if args.components else None, progress=bar,
-                        hash_sources=args.hash)
+                        hash_sources=args.hash, fsync=args.fsync)
     finally:
         bar.close()
     if args.json:
@@ -70,7 +71,7 @@ def run_assemble(args) -> int:
     try:
         result = assemble(args.diffusion_model, args.text_encoder, args.vae, args.output,
                           allow_partial=args.allow_partial, progress=bar,
-                          hash_sources=args.hash)
+                          hash_sources=args.hash, fsync=args.fsync)
     finally:
         bar.close()
     if args.json:
@@ -86,7 +87,7 @@ def run_bake(args) -> int:
     bar = progress_for(args, "vae bake")
     try:
         result = bake_vae(args.checkpoint, args.vae, args.output, progress=bar,
-                          hash_sources=args.hash)
+                          hash_sources=args.hash, fsync=args.fsync)
     finally:
         bar.close()
     if args.json:

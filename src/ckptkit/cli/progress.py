@@ -65,6 +65,13 @@ def add_output_options(parser, json_help: str = "print the result as JSON") -> N
     parser.add_argument("--json", action="store_true", help=json_help)
 
 
+def add_fsync_option(parser) -> None:
+    """``--no-fsync``: outputs renamed without waiting for their data to reach the disk."""
+    parser.add_argument("--no-fsync", dest="fsync", action="store_false",
+                        help="do not wait for the data to reach the disk before renaming "
+                             "(faster; a crash soon after may leave an incomplete file)")
+
+
 def add_hash_option(parser) -> None:
     """``--hash``: the inputs' SHA-256 in the output's provenance metadata."""
     parser.add_argument("--hash", action="store_true",

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from ..formats.dtypes import CLI_NAMES
 from ..ops.prune import prune
-from .progress import add_hash_option, add_output_options, progress_for
+from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 
 def add_parser(commands) -> None:
@@ -29,6 +29,7 @@ def add_parser(commands) -> None:
                    help="components to leave out, e.g. clip_l vae")
     add_output_options(p)
     add_hash_option(p)
+    add_fsync_option(p)
     p.set_defaults(run=run)
 
 
@@ -37,7 +38,7 @@ def run(args) -> int:
     try:
         report = prune(args.checkpoint, args.output, dtype=args.dtype,
                        vae_dtype=args.vae_dtype, ema=args.ema, drop=args.drop, progress=bar,
-                       hash_sources=args.hash)
+                       hash_sources=args.hash, fsync=args.fsync)
     finally:
         bar.close()
     if args.json:

@@ -97,7 +97,8 @@ def merge(method_name: str, paths: list[str], out: str, *, params: dict[str, Any
     return run_recipe(recipe, out, progress)
 
 
-def run_recipe(recipe: Recipe, out: str, progress: Progress | None = None) -> MergeReport:
+def run_recipe(recipe: Recipe, out: str, progress: Progress | None = None,
+               fsync: bool = True) -> MergeReport:
     recipe = with_defaults(recipe)
     _check_device(recipe.device)
     merged_names = recipe.used_inputs()
@@ -119,7 +120,8 @@ def run_recipe(recipe: Recipe, out: str, progress: Progress | None = None) -> Me
         lineage = _lineage(recipe, merged_names, checkpoints)
         if lineage:
             metadata["ckptkit.merge_lineage"] = json.dumps(lineage)
-        write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress)
+        write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress,
+                          fsync=fsync)
     return report
 
 
@@ -363,8 +365,8 @@ def _lineage(recipe: Recipe, names: list[str], checkpoints: dict[str, Checkpoint
 
 
 def from_metadata(merged: str, out: str, *, search: list[str] | None = None,
-                  given: dict[str, str] | None = None, progress: Progress | None = None
-                  ) -> MergeReport:
+                  given: dict[str, str] | None = None, progress: Progress | None = None,
+                  fsync: bool = True) -> MergeReport:
     """Re-runs the recipe recorded in ``merged``: each input is looked for by file name
     beside ``merged``, in the working folder and in ``search`` (or given by name), and must
     have the recorded SHA-256."""
@@ -392,7 +394,7 @@ def from_metadata(merged: str, out: str, *, search: list[str] | None = None,
             raise UsageError(f"{path} is not the {name} that {os.path.basename(merged)} was "
                              f"made from: its SHA-256 differs from the recorded "
                              f"{recorded[name][:12]}...")
-    return run_recipe(recipe, out, progress)
+    return run_recipe(recipe, out, progress, fsync)
 
 
 def list_blocks(path: str) -> dict[str, Any]:

@@ -52,7 +52,8 @@ def _monolithic(path: str, checkpoint: Checkpoint) -> tuple[Family, Identificati
 
 
 def split(src: str, out_dir: str, components: list[str] | None = None,
-          progress: Progress | None = None, hash_sources: bool = False) -> list[str]:
+          progress: Progress | None = None, hash_sources: bool = False,
+          fsync: bool = True) -> list[str]:
     """Writes the chosen components of ``src`` as standalone files; returns their paths.
     ``hash_sources``: compute the source's SHA-256 for their metadata (else: if known)."""
     written = []
@@ -88,7 +89,7 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
             if scalars:
                 metadata[SCALARS_KEY] = json.dumps(scalars)
             write_safetensors(target, plan_moves(moves, checkpoint), metadata, inputs=(src,),
-                              progress=progress, batch=batch)
+                              progress=progress, fsync=fsync, batch=batch)
             written.append(target)
     return written
 
@@ -164,7 +165,7 @@ def _check_fits(fam: Family, path: str, ident: Identification, name: str,
 
 def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, out: str, *,
              allow_partial: bool = False, progress: Progress | None = None,
-             hash_sources: bool = False) -> dict[str, Any]:
+             hash_sources: bool = False, fsync: bool = True) -> dict[str, Any]:
     """Writes the parts as one monolithic checkpoint in the family's original layout."""
     paths = [diffusion_model, *text_encoders, *([vae] if vae else [])]
     with ExitStack() as stack:
@@ -198,7 +199,8 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
                     "modelspec.architecture": _architecture(fam, None),
                     **provenance("assemble", paths, source_hashes(paths, hash_sources),
                                  family=fam.id, components=[p[3] for p in parts])}
-        write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress)
+        write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress,
+                          fsync=fsync)
     return {"family": fam.id, "components": [p[3] for p in parts], "missing": missing,
             "tensors": len(planned)}
 
@@ -229,7 +231,7 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
 
 
 def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None,
-             hash_sources: bool = False) -> dict[str, Any]:
+             hash_sources: bool = False, fsync: bool = True) -> dict[str, Any]:
     """``src`` with its VAE replaced by ``vae`` (a VAE file in any supported layout, or
     another checkpoint of the family), refused across latent widths."""
     with ExitStack() as stack:
@@ -245,5 +247,6 @@ def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None,
         metadata = {**checkpoint.metadata,
                     **provenance("vae bake", [src, vae],
                                  source_hashes([src, vae], hash_sources), family=fam.id)}
-        write_safetensors(out, planned, metadata, inputs=(src, vae), progress=progress)
+        write_safetensors(out, planned, metadata, inputs=(src, vae), progress=progress,
+                          fsync=fsync)
     return {"family": fam.id, "replaced": len(old), "tensors": len(planned)}

@@ -72,7 +72,8 @@ def _dtype(name: str | None, option: str) -> DType | None:
 
 def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None = None,
           ema: str = "drop", drop: list[str] | None = None,
-          progress: Progress | None = None, hash_sources: bool = False) -> PruneReport:
+          progress: Progress | None = None, hash_sources: bool = False,
+          fsync: bool = True) -> PruneReport:
     if ema not in ("drop", "use", "keep"):
         raise UsageError(f"--ema must be drop, use or keep, not {ema!r}")
     target, vae_target = _dtype(dtype, "--dtype"), _dtype(vae_dtype, "--vae-dtype")
@@ -117,7 +118,8 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
                     **provenance("prune", [src], source_hashes([src], hash_sources),
                                  dtype=dtype or "", vae_dtype=vae_dtype or "", ema=ema,
                                  drop=list(drop or ()))}
-        write_safetensors(out, planned, metadata, inputs=(src,), progress=progress)
+        write_safetensors(out, planned, metadata, inputs=(src,), progress=progress,
+                          fsync=fsync)
     return report
 
 
