@@ -43,3 +43,17 @@ def test_uneven_rows_reshape_and_swapped_halves(tmp_path, source):
 def test_sizes_that_do_not_add_up_are_refused(tmp_path, source):
     with pytest.raises(ValueError, match="has 6 rows, not 5"):
         _run(tmp_path, source, [Move("q", ("w",), "rows", 0, sizes=(2, 3))])
+
+
+def test_row_blocks_and_stacks_of_contiguous_tensors_are_file_copies(tmp_path, source):
+    """No tensor is read into memory for them: the plan's producers give byte ranges."""
+    from ckptkit.engine.writer import CopyRange
+
+    with open_checkpoint(str(source)) as ck:
+        planned = plan_moves([Move("k", ("w",), "rows", 1, sizes=(1, 2, 3)),
+                              Move("both", ("w", "w"), "concat")], ck)
+        rows, stack = (p.produce() for p in planned)
+        assert isinstance(rows, CopyRange) and rows.nbytes == 2 * 4 * 4
+        assert isinstance(stack, tuple) and all(isinstance(r, CopyRange) for r in stack)
+    out, src = _run(tmp_path, source, [Move("both", ("w", "w"), "concat")])
+    assert torch.equal(out["both"], torch.cat([src["w"], src["w"]]))

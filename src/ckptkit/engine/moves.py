@@ -1,7 +1,9 @@
 """Turns layout moves (``arch.layouts.Move``) into planned output tensors for the writer.
 
 A plain copy of a contiguous tensor stays a file-to-file copy (bit-identical, no process
-memory); splitting, stacking and transposing read just the tensors of that one output.
+memory), and so do row blocks of one (open_clip's stacked q/k/v split for transformers) and
+stacks of several (the other way); transposing and swapping halves read just the tensors of
+that one output.
 """
 
 from __future__ import annotations
@@ -50,10 +52,19 @@ def _produce(move: Move, sources: Sequence[LazyTensor], dtype: DType):
     return tensor
 
 
-def copy_range(tensor: LazyTensor) -> CopyRange:
-    """A contiguous lazy tensor as a file-to-file copy of its bytes."""
-    return CopyRange(tensor.source, tensor.byte_offset + tensor.dtype.nbytes(
-        tensor.storage_offset), tensor.nbytes)
+def copy_range(tensor: LazyTensor, rows: tuple[int, int] | None = None) -> CopyRange:
+    """A contiguous lazy tensor (or its rows ``start, stop``) as a file-to-file copy of its
+    bytes."""
+    start = tensor.byte_offset + tensor.dtype.nbytes(tensor.storage_offset)
+    if rows is None:
+        return CopyRange(tensor.source, start, tensor.nbytes)
+    row = tensor.nbytes // tensor.shape[0]
+    return CopyRange(tensor.source, start + rows[0] * row, (rows[1] - rows[0]) * row)
+
+
+def _copyable(tensor: LazyTensor) -> bool:
+    """Whether rows of the tensor are whole byte ranges of its file."""
+    return tensor.is_contiguous and tensor.dtype.bits >= 8 and bool(tensor.shape)
 
 
 def plan_moves(moves: Sequence[Move], tensors: Mapping[str, LazyTensor],
@@ -71,6 +82,10 @@ def plan_moves(moves: Sequence[Move], tensors: Mapping[str, LazyTensor],
         dtype = sources[0].dtype
         if move.op in ("copy", "reshape") and sources[0].is_contiguous:  # same bytes
             produce = partial(copy_range, sources[0])
+        elif move.op == "rows" and _copyable(sources[0]):  # a slice of the same bytes
+            produce = partial(copy_range, sources[0], move.row_range(sources[0].shape[0]))
+        elif move.op == "concat" and all(_copyable(t) for t in sources):  # the same, in turn
+            produce = partial(tuple, (copy_range(t) for t in sources))
         else:
             produce = partial(_produce, move, sources, dtype)
         planned.append(Planned(move.target, dtype, _shape(move, sources), produce))

@@ -80,10 +80,10 @@ class Planned:
     """One output tensor: its key, dtype and shape, and how to produce its data when due.
 
     ``produce`` returns a torch tensor of exactly this dtype and shape, a bytes-like object
-    of exactly ``nbytes``, a ``CopyRange`` or ``Zeros``. ``produce_into``, where given, fills
-    a torch tensor of this dtype and shape instead: the writer hands it the tensor's place
-    in the memory-mapped output file, so computed data goes straight to the file's pages
-    (no buffer of its own, no copy by ``write``).
+    of exactly ``nbytes``, a ``CopyRange`` (or a tuple of them, copied in turn) or ``Zeros``.
+    ``produce_into``, where given, fills a torch tensor of this dtype and shape instead: the
+    writer hands it the tensor's place in the memory-mapped output file, so computed data
+    goes straight to the file's pages (no buffer of its own, no copy by ``write``).
     """
 
     key: str
@@ -122,10 +122,13 @@ def _write_item(fd: int, item: Planned, data: Any) -> None:
         os.lseek(fd, item.nbytes, os.SEEK_CUR)
         return
     if isinstance(data, CopyRange):
-        if data.nbytes != item.nbytes:
-            raise AssertionError(f"{item.key}: copy of {data.nbytes} bytes, planned "
-                                 f"{item.nbytes}")
-        data.source.copy_to(fd, data.offset, data.nbytes)
+        data = (data,)
+    if isinstance(data, tuple):  # ranges copied one after the other
+        total = sum(r.nbytes for r in data)
+        if total != item.nbytes:
+            raise AssertionError(f"{item.key}: copy of {total} bytes, planned {item.nbytes}")
+        for copy in data:
+            copy.source.copy_to(fd, copy.offset, copy.nbytes)
         return
     if hasattr(data, "dtype") and hasattr(data, "shape") and not isinstance(data, memoryview):
         if from_torch_tensor(data) != (item.dtype, item.shape):
