@@ -218,6 +218,8 @@ def kohya_moves(fam: Family, name: str, tiny: bool, present: set[str]) -> list[M
 
 def kohya_table(fam: Family, name: str, tiny: bool) -> KeyTable:
     """Keys and shapes of ``name`` in kohya's diffusers-named layout of ``fam`` ({} if none)."""
+    if not kohya_prefix(fam, name):
+        return {}
     canonical = fam.component(name).keys(tiny=tiny)
     moves = kohya_moves(fam, name, tiny, set(canonical))
     return moved_table(moves, canonical) if moves is not None else {}
