@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from functools import partial
 
 import torch
-from measure import run
+from measure import print_against_cp, run
 from safetensors import safe_open
 
 from ckptkit.arch.families import family
@@ -94,16 +93,9 @@ def main() -> int:
                     os.remove(leftover)
             results[name].append(run(cmd))
     check(pruned)
-    base = statistics.median(r["seconds"] for r in results["cp"])
-    durable = statistics.median(r["seconds"] for r in results["cp + sync"])
     print(f"input: {os.path.getsize(src) / 1e9:.2f} GB SDXL fp32 with EMA; output "
           f"{os.path.getsize(pruned) / 1e9:.2f} GB; median of {args.repeat}")
-    print(f"{'command':<32}{'seconds':>9}{'x cp':>7}{'x cp+sync':>11}{'peak RSS MB':>13}")
-    for name, runs in results.items():
-        seconds = statistics.median(r["seconds"] for r in runs)
-        peak = max(r["peak_rss"] for r in runs) / 1e6
-        print(f"{name:<32}{seconds:>9.2f}{seconds / base:>7.2f}{seconds / durable:>11.2f}"
-              f"{peak:>13.0f}")
+    print_against_cp(results)
     for leftover in (copy, pruned, *(() if args.keep else (src,))):
         if os.path.exists(leftover):
             os.remove(leftover)

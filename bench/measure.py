@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -33,3 +34,16 @@ def warm(path: str) -> None:
         while f.read(1 << 24):
             pass
 
+
+def print_against_cp(results: dict[str, list[dict[str, float]]]) -> None:
+    """Median seconds of each command, as a multiple of "cp" and of "cp + sync", and peak
+    RSS."""
+    def median(name: str) -> float:
+        return statistics.median(r["seconds"] for r in results[name])
+
+    base, durable = median("cp"), median("cp + sync")
+    print(f"{'command':<32}{'seconds':>9}{'x cp':>7}{'x cp+sync':>11}{'peak RSS MB':>13}")
+    for name, runs in results.items():
+        seconds, peak = median(name), max(r["peak_rss"] for r in runs) / 1e6
+        print(f"{name:<32}{seconds:>9.2f}{seconds / base:>7.2f}{seconds / durable:>11.2f}"
+              f"{peak:>13.0f}")

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 
-from measure import run, warm
+from measure import print_against_cp, run, warm
 
 
 def main() -> int:
@@ -58,15 +57,8 @@ def main() -> int:
                 warm(path)
             results[name].append(run(cmd))
     size = os.path.getsize(src)
-    base = statistics.median(r["seconds"] for r in results["cp"])
-    durable = statistics.median(r["seconds"] for r in results["cp + sync"])
     print(f"input: {size / 1e9:.2f} GB SDXL fp16, median of {args.repeat} runs")
-    print(f"{'command':<30}{'seconds':>9}{'x cp':>7}{'x cp+sync':>11}{'peak RSS MB':>13}")
-    for name, runs in results.items():
-        seconds = statistics.median(r["seconds"] for r in runs)
-        peak = max(r["peak_rss"] for r in runs) / 1e6
-        print(f"{name:<30}{seconds:>9.2f}{seconds / base:>7.2f}{seconds / durable:>11.2f}"
-              f"{peak:>13.0f}")
+    print_against_cp(results)
     shutil.rmtree(parts, ignore_errors=True)
     return 0
 

@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 from ..errors import UsageError
 from ..formats.dtypes import CLI_NAMES
-from ..ops.merge import MISSING, from_metadata, run_recipe
+from ..ops.merge import MISSING, from_metadata, list_blocks, run_recipe
 from ..ops.merge_methods import METHODS
 from ..ops.merge_recipe import COMPUTE_DTYPES, from_toml, one_step
 from .progress import add_fsync_option, add_output_options, progress_for
@@ -143,8 +143,6 @@ def _finish(args, work) -> int:
 
 
 def _list_blocks(args) -> int:
-    from ..ops.merge import list_blocks
-
     listing = list_blocks(args.list_blocks)
     if args.json:
         print(json.dumps(listing))

@@ -228,9 +228,7 @@ class OutputBatch:
                 raise
 
 
-def _placeholders(metadata: dict[str, str | Deferred] | None) -> dict[str, str] | None:
-    if metadata is None:
-        return None
+def _placeholders(metadata: dict[str, str | Deferred]) -> dict[str, str]:
     return {k: v.placeholder if isinstance(v, Deferred) else v for k, v in metadata.items()}
 
 

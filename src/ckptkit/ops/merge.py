@@ -106,10 +106,11 @@ def run_recipe(recipe: Recipe, out: str, progress: Progress | None = None,
     with ExitStack() as stack:
         checkpoints = {n: stack.enter_context(open_checkpoint(recipe.inputs[n]))
                        for n in names}
-        first = _identify_all(recipe, merged_names, checkpoints)
+        idents = _identify_all(recipe, merged_names, checkpoints)
+        first = idents[recipe.base()]
         fam = families().get(first.family) if first.family else None
         report = MergeReport(first.family)
-        taken = _taken(recipe, fam, first, checkpoints, report)
+        taken = _taken(recipe, fam, idents, checkpoints, report)
         planned = _plan(recipe, fam, first, checkpoints, taken, report)
         paths = [recipe.inputs[n] for n in names]
         hashing = BackgroundSha256(paths)
@@ -137,9 +138,9 @@ def _check_device(device: str) -> None:
 
 
 def _identify_all(recipe: Recipe, names: list[str], checkpoints: dict[str, Checkpoint]
-                  ) -> Identification:
+                  ) -> dict[str, Identification]:
     """Identifies every merged input, refuses any that is not a model of the base model's
-    family; returns the base model's identification."""
+    family; returns each one's identification."""
     idents = {n: identify_checkpoint(checkpoints[n]) for n in names}
     for name, ident in idents.items():
         if ident.kind in ("lora", "unknown"):
@@ -152,14 +153,15 @@ def _identify_all(recipe: Recipe, names: list[str], checkpoints: dict[str, Check
                              f"({first.family} {first.kind}) with "
                              f"{os.path.basename(recipe.inputs[name])} ({ident.family} "
                              f"{ident.kind}): different models")
-    return first
+    return idents
 
 
-def _taken(recipe: Recipe, fam: Family | None, first: Identification,
+def _taken(recipe: Recipe, fam: Family | None, idents: dict[str, Identification],
            checkpoints: dict[str, Checkpoint], report: MergeReport) -> dict[str, list[Planned]]:
     """Component -> its tensors taken unchanged from the named input (``--take``)."""
     if not recipe.take:
         return {}
+    first = idents[recipe.base()]
     if fam is None or first.kind != "checkpoint" or first.layout != "ldm":
         raise UsageError("--take puts a component into a monolithic checkpoint in the "
                          f"original layout; these models are {first.kind}s in the "
@@ -171,7 +173,7 @@ def _taken(recipe: Recipe, fam: Family | None, first: Identification,
             raise UsageError(f"--take {component}: {fam.name} has no such component; it has "
                              f"{', '.join(fam.component_names)}")
         taken[component] = component_from(fam, recipe.inputs[name], checkpoints[name],
-                                          component, tiny)
+                                          component, tiny, idents.get(name))
         report.taken += len(taken[component])
     return taken
 
@@ -334,7 +336,7 @@ def _run_steps(plan: _KeyPlan, values: dict[str, Any]):
 
 
 def _cast(tensor: LazyTensor, dtype: DType):
-    return tensor.read().to(torch_dtype(dtype))
+    return by_rows([tensor], dtype, lambda parts: parts[0])
 
 
 def _recorded(recipe: Recipe, names: list[str], hashing: BackgroundSha256) -> Deferred:

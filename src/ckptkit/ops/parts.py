@@ -190,9 +190,7 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
                              "--allow-partial for a checkpoint without them")
         planned = []
         for _path, part, ident, name in parts:
-            comp = fam.component(name)
-            planned += plan_moves(_moves_for(part, ident, fam, comp, tiny), part,
-                                  _scalar_dtypes(part, comp))
+            planned += _planned_part(part, ident, fam, name, tiny)
         base = dict(parts[0][1].metadata)
         base.pop(SCALARS_KEY, None)
         metadata = {**base, "modelspec.sai_model_spec": "1.0.1",
@@ -205,12 +203,20 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
             "tensors": len(planned)}
 
 
-def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, tiny: bool
-                   ) -> list[Planned]:
+def _planned_part(part: Checkpoint, ident: Identification, fam: Family, name: str,
+                  tiny: bool) -> list[Planned]:
+    """A part's tensors planned under the family's monolithic names."""
+    comp = fam.component(name)
+    return plan_moves(_moves_for(part, ident, fam, comp, tiny), part, _scalar_dtypes(part, comp))
+
+
+def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, tiny: bool,
+                   ident: Identification | None = None) -> list[Planned]:
     """Component ``name`` of ``fam`` under its monolithic names, from a file that holds it
     alone (any supported layout) or from a monolithic checkpoint of the same family: what
-    ``vae bake`` and ``merge --take`` put into a checkpoint, checked to fit first."""
-    ident = identify_checkpoint(checkpoint)
+    ``vae bake`` and ``merge --take`` put into a checkpoint, checked to fit first. ``ident``:
+    the file's identification where the caller has it already."""
+    ident = ident or identify_checkpoint(checkpoint)
     comp = fam.component(name) if name in fam.component_names else None
     if ident.kind == "checkpoint" and comp is not None:
         if (ident.family, ident.layout) != (fam.id, "ldm"):
@@ -226,8 +232,7 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
         raise UsageError(f"{path} is a {ident.kind}"
                          f"{' with ' + ', '.join(names) if names else ''}, not a {name}")
     _check_fits(fam, path, ident, name, checkpoint, tiny)
-    return plan_moves(_moves_for(checkpoint, ident, fam, comp, tiny), checkpoint,
-                      _scalar_dtypes(checkpoint, comp))
+    return _planned_part(checkpoint, ident, fam, name, tiny)
 
 
 def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None,
