@@ -219,3 +219,21 @@ def test_list_blocks(models, capsys):
     assert listing["family"] == "sd1" and len(names) == 26 and names[0] == "BASE"
     assert sum(b["tensors"] for b in listing["blocks"]) == 1131
     assert "GRAD_V" in listing["presets"]
+
+
+def test_a_step_the_result_does_not_use_is_not_run(models, tmp_path):
+    extra = CHAIN.format(m=models) + '''
+[[step]]
+name = "unused"
+method = "weighted-sum"
+models = ["c", "a"]
+'''
+    extra = extra.replace("[inputs]\n",
+                          f'output = "final"\n[inputs]\nc = "{models}/c.safetensors"\n')
+    out = tmp_path / "out.safetensors"
+    assert main(["merge", "--recipe", _toml(tmp_path / "r.toml", extra), "-o", str(out),
+                 "--quiet"]) == 0
+    with safe_open(str(out), "pt") as f:
+        recipe = json.loads(f.metadata()["ckptkit.merge_recipe"])
+    assert [s["name"] for s in recipe["steps"]] == ["mix", "final"]
+    assert set(recipe["inputs"]) == {"a", "b", "base"}

@@ -100,6 +100,7 @@ def merge(method_name: str, paths: list[str], out: str, *, params: dict[str, Any
 def run_recipe(recipe: Recipe, out: str, progress: Progress | None = None,
                fsync: bool = True) -> MergeReport:
     recipe = with_defaults(recipe)
+    recipe.steps = recipe.needed_steps()  # a step the result does not use is not run
     _check_device(recipe.device)
     merged_names = recipe.used_inputs()
     names = merged_names + [n for n in recipe.take.values() if n not in merged_names]
