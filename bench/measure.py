@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -26,6 +27,28 @@ def run(cmd: list[str], hash_cache: str | None = None) -> dict[str, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}: {proc.stderr}")
     return {"seconds": wall, "peak_rss": int(proc.stderr.strip().splitlines()[-1]) * 1024}
+
+
+def settle(inputs: list[str], leftovers: list[str]) -> bool:
+    """The same start for every contender: earlier outputs removed (so none writes beside
+    several GB of dead pages, or pays for freeing them), written data synced, the page cache
+    emptied where we may (root) and the inputs read back into it. Returns whether the cache
+    could be emptied."""
+    for path in leftovers:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1")
+        dropped = True
+    except OSError:
+        dropped = False
+    for path in inputs:
+        warm(path)
+    return dropped
 
 
 def warm(path: str) -> None:

@@ -57,3 +57,61 @@ def test_row_blocks_and_stacks_of_contiguous_tensors_are_file_copies(tmp_path, s
         assert isinstance(stack, tuple) and all(isinstance(r, CopyRange) for r in stack)
     out, src = _run(tmp_path, source, [Move("both", ("w", "w"), "concat")])
     assert torch.equal(out["both"], torch.cat([src["w"], src["w"]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16,
+                                   torch.float8_e4m3fn, torch.int64, torch.float64])
+def test_transpose_and_swapped_halves_without_torch_equal_torch(tmp_path, dtype):
+    """Both are byte reorderings done without torch; odd row counts swap uneven halves as
+    torch's slicing does."""
+    from ckptkit.engine.writer import CopyRange
+
+    path = tmp_path / "in.safetensors"
+    save_file({"m": torch.randn(5, 7).to(dtype), "odd": torch.randn(7, 3).to(dtype)},
+              str(path))
+    moves = [Move("t", ("m",), "transpose"), Move("s", ("odd",), "swap_halves")]
+    with open_checkpoint(str(path)) as ck:
+        made = [p.produce() for p in plan_moves(moves, ck)]
+    assert isinstance(made[0], bytes) and all(isinstance(r, CopyRange) for r in made[1])
+    out, src = _run(tmp_path, path, moves)
+    assert out["t"].dtype == dtype and torch.equal(out["t"].view(torch.uint8),
+                                                   src["m"].t().contiguous().view(torch.uint8))
+    assert torch.equal(out["s"].view(torch.uint8),
+                       torch.cat([src["odd"][3:], src["odd"][:3]]).view(torch.uint8))
+
+
+def test_a_strided_pickled_tensor_is_transposed_through_torch(tmp_path):
+    """A pickle may store a view with its own strides; its bytes in the file are not the
+    matrix in row order, so the byte path must not be taken."""
+    path = tmp_path / "in.pt"
+    base = torch.randn(4, 6)
+    torch.save({"m": base.t()}, str(path))  # stored as a transposed view of ``base``
+    out = tmp_path / "out.safetensors"
+    with open_checkpoint(str(path)) as ck:
+        assert not ck["m"].is_contiguous
+        write_safetensors(str(out), plan_moves([Move("t", ("m",), "transpose")], ck), {})
+    assert torch.equal(load_file(str(out))["t"], base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16,
+                                   torch.float64, torch.float8_e5m2])
+@pytest.mark.parametrize("value", [-0.0175018310546875, 4.6052, 1 / 3, 1e-8, 2.0 ** -133,
+                                   65519.0, 1e39, -1e300, float("inf"), float("nan"),
+                                   1.00390625, 1.01171875, 3.0000001])
+def test_scalars_are_rounded_as_torch_rounds_them(tmp_path, dtype, value):
+    """logit_scale recreated for a part that lacks it: the same bytes as torch.tensor()."""
+    from ckptkit.formats.dtypes import from_torch_tensor
+
+    scalar_dtype = from_torch_tensor(torch.zeros((), dtype=dtype))[0]
+    with open_checkpoint(str(_empty(tmp_path))) as ck:
+        (planned,) = plan_moves([Move("s", (), "scalar", value=value)], ck, {"s": scalar_dtype})
+        made = planned.produce()
+    expected = torch.tensor([value], dtype=dtype).view(torch.uint8).numpy().tobytes()
+    got = made if isinstance(made, bytes) else made.reshape(1).view(torch.uint8).numpy().tobytes()
+    assert got == expected
+
+
+def _empty(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    save_file({}, str(path))
+    return path
