@@ -11,7 +11,8 @@ import time
 
 
 def run(cmd: list[str], hash_cache: str | None = None) -> dict[str, float]:
-    """Wall seconds and peak RSS (bytes) of one command; raises if it fails.
+    """Wall seconds, CPU seconds (user, system) and peak RSS (bytes) of one command;
+    raises if it fails.
 
     The RSS comes from GNU time, which runs the command as its own child: a child forked
     straight from this (possibly large) process would count our pages in its peak. ckptkit
@@ -21,12 +22,14 @@ def run(cmd: list[str], hash_cache: str | None = None) -> dict[str, float]:
     os.sync()  # earlier outputs' write-back must not land in this command's time
     env = dict(os.environ, CKPTKIT_CACHE_DIR=hash_cache or tempfile.mkdtemp(prefix="ckptkit-"))
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL,
+    proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", *cmd], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}: {proc.stderr}")
-    return {"seconds": wall, "peak_rss": int(proc.stderr.strip().splitlines()[-1]) * 1024}
+    user, system, peak = proc.stderr.strip().splitlines()[-1].split()
+    return {"seconds": wall, "user": float(user), "system": float(system),
+            "peak_rss": int(peak) * 1024}
 
 
 def settle(inputs: list[str], leftovers: list[str]) -> bool:
@@ -59,14 +62,24 @@ def warm(path: str) -> None:
 
 
 def print_against_cp(results: dict[str, list[dict[str, float]]]) -> None:
-    """Median seconds of each command, as a multiple of "cp" and of "cp + sync", and peak
-    RSS."""
-    def median(name: str) -> float:
-        return statistics.median(r["seconds"] for r in results[name])
+    """Each command's median seconds; its time as a multiple of "cp" and of "cp + sync",
+    as the median of the ratios within each round (runs close in time: on a VM the same copy
+    can take 2x longer in a slow spell, and a ratio of overall medians would compare runs
+    from different spells); the best run; the median CPU seconds spent in the program itself
+    (user) and in the kernel (system); and peak RSS. Every command must have one run per
+    round, in the same rounds."""
+    def median(name: str, what: str = "seconds") -> float:
+        return statistics.median(r[what] for r in results[name])
 
-    base, durable = median("cp"), median("cp + sync")
-    print(f"{'command':<32}{'seconds':>9}{'x cp':>7}{'x cp+sync':>11}{'peak RSS MB':>13}")
+    def ratio(name: str, base: str) -> float:
+        return statistics.median(r["seconds"] / b["seconds"]
+                                 for r, b in zip(results[name], results[base], strict=True))
+
+    print(f"{'command':<32}{'seconds':>9}{'x cp':>7}{'x cp+sync':>11}{'best':>7}"
+          f"{'user':>7}{'system':>8}{'peak RSS MB':>13}")
     for name, runs in results.items():
-        seconds, peak = median(name), max(r["peak_rss"] for r in runs) / 1e6
-        print(f"{name:<32}{seconds:>9.2f}{seconds / base:>7.2f}{seconds / durable:>11.2f}"
-              f"{peak:>13.0f}")
+        peak = max(r["peak_rss"] for r in runs) / 1e6
+        best = min(r["seconds"] for r in runs)
+        print(f"{name:<32}{median(name):>9.2f}{ratio(name, 'cp'):>7.2f}"
+              f"{ratio(name, 'cp + sync'):>11.2f}{best:>7.2f}{median(name, 'user'):>7.2f}"
+              f"{median(name, 'system'):>8.2f}{peak:>13.0f}")

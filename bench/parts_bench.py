@@ -8,7 +8,10 @@ assemble's inputs are its parts, split once before the timed runs. Each command 
 child process under GNU time (wall seconds, peak RSS) from the same start
 (``measure.settle``): every earlier output removed, writes synced, the page cache dropped
 (when run as root) and the command's inputs read back into it. The commands take turns, so
-the disk's slow and fast spells fall on all of them.
+the disk's slow and fast spells fall on all of them, and each round starts one command later.
+On this machine (a VM) the kernel's time to fill the page cache varies up to 2x between
+spells of a few minutes, so each command is compared with the ``cp`` of its own round, and
+the table shows the best run and the CPU time beside the median.
 
     .venv/bin/python bench/parts_bench.py [--workdir bench/out] [--repeat 3]
 """
@@ -58,8 +61,10 @@ def main() -> int:
         commands[f"{name} --no-fsync"] = [*commands[name], "--no-fsync"]
     results: dict[str, list[dict[str, float]]] = {name: [] for name in commands}
     dropped = True
-    for _ in range(args.repeat):
-        for name, cmd in commands.items():
+    names = list(commands)
+    for turn in range(args.repeat):  # each round starts one command later: no fixed order
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            cmd = commands[name]
             dropped &= settle(part_files if name.startswith("assemble") else [src], [out])
             os.makedirs(out)
             results[name].append(run(cmd))

@@ -166,3 +166,27 @@ def test_no_fsync_writes_the_same_file(tmp_path):
     assert main(["prune", str(src), "-o", str(unsynced), "--dtype", "bf16", "--quiet",
                  "--no-fsync"]) == 0
     assert synced.read_bytes() == unsynced.read_bytes()
+
+
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
+def test_clamping_is_counted_in_every_slice_even_beside_nan(tmp_path, monkeypatch,
+                                                            source_dtype):
+    """Slices whose extremes are in range skip the counting pass; one holding NaN cannot
+    tell by its extremes, so it is counted too, and torch does the same cast the slow way."""
+    from safetensors.torch import save_file
+
+    import ckptkit.engine.slices
+
+    monkeypatch.setattr(ckptkit.engine.slices, "SLICE_ELEMENTS", 64)
+    values = torch.randn(40, 16) * 100
+    values[3, 2], values[3, 5] = float("nan"), 1e6  # one slice: NaN beside an overflow
+    values[30, 0], values[31, 1] = -7e4, float("-inf")  # another slice: two overflows
+    src = tmp_path / "m.safetensors"
+    save_file({"w": values.to(source_dtype)}, str(src))
+    out = tmp_path / "o.safetensors"
+    report = prune(str(src), str(out), dtype="fp16")
+    assert report.clamped == {"w": 3}
+    expected = values.to(source_dtype).float().clamp(-65504, 65504).half()
+    assert torch.equal(load_file(str(out))["w"].isnan(), expected.isnan())
+    got = load_file(str(out))["w"].nan_to_num(0.0)
+    assert torch.equal(got, expected.nan_to_num(0.0))

@@ -18,7 +18,7 @@ from ..engine.slices import by_rows
 from ..engine.writer import Planned, Progress, write_safetensors
 from ..errors import UsageError
 from ..formats import LazyTensor, open_checkpoint
-from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
+from ..formats.dtypes import CLI_NAMES, DType
 from .inspect import identify_checkpoint
 from .provenance import provenance, source_hashes
 
@@ -48,18 +48,32 @@ def _cast(tensor: LazyTensor, target: DType, key: str, report: PruneReport):
     def cast(parts):
         nonlocal outside
         data = parts[0]
-        if limit is not None:
+        if limit is not None and _may_exceed(data, limit):
             wide = data.float()
             count = int((wide.abs() > limit).sum())  # inf included; NaN compares false
             if count:
                 outside += count
                 data = wide.clamp(-limit, limit)
-        return data.to(torch_dtype(target))
+        # by_rows casts while copying into the output: torch's copy_ converts several times
+        # faster than .to() here (0.3 against 3 ns a value, fp16 to bf16)
+        return data
 
     out = by_rows([tensor], target, cast)
     if outside:
         report.clamped[key] = outside
     return out
+
+
+def _may_exceed(data, limit: float) -> bool:
+    """Whether a slice may hold values beyond ``limit``: one pass for its extremes, so the
+    counting pass runs only for the rare slice that needs it (or one with NaN, whose
+    extremes say nothing)."""
+    import torch
+
+    if data.element_size() == 1:  # no min/max kernels for fp8
+        return True
+    low, high = torch.aminmax(data)
+    return bool(high > limit or low < -limit or torch.isnan(high))
 
 
 def _dtype(name: str | None, option: str) -> DType | None:
