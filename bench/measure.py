@@ -61,13 +61,15 @@ def warm(path: str) -> None:
             pass
 
 
-def print_against_cp(results: dict[str, list[dict[str, float]]]) -> None:
+def print_against_cp(results: dict[str, list[dict[str, float]]],
+                     baselines: dict[str, tuple[str, str]] | None = None) -> None:
     """Each command's median seconds; its time as a multiple of "cp" and of "cp + sync",
     as the median of the ratios within each round (runs close in time: on a VM the same copy
     can take 2x longer in a slow spell, and a ratio of overall medians would compare runs
     from different spells); the best run; the median CPU seconds spent in the program itself
     (user) and in the kernel (system); and peak RSS. Every command must have one run per
-    round, in the same rounds."""
+    round, in the same rounds. A command named in ``baselines`` is compared with the two
+    given there (a copy of its own inputs) instead."""
     def median(name: str, what: str = "seconds") -> float:
         return statistics.median(r[what] for r in results[name])
 
@@ -80,6 +82,7 @@ def print_against_cp(results: dict[str, list[dict[str, float]]]) -> None:
     for name, runs in results.items():
         peak = max(r["peak_rss"] for r in runs) / 1e6
         best = min(r["seconds"] for r in runs)
-        print(f"{name:<32}{median(name):>9.2f}{ratio(name, 'cp'):>7.2f}"
-              f"{ratio(name, 'cp + sync'):>11.2f}{best:>7.2f}{median(name, 'user'):>7.2f}"
+        plain, synced = (baselines or {}).get(name, ("cp", "cp + sync"))
+        print(f"{name:<32}{median(name):>9.2f}{ratio(name, plain):>7.2f}"
+              f"{ratio(name, synced):>11.2f}{best:>7.2f}{median(name, 'user'):>7.2f}"
               f"{median(name, 'system'):>8.2f}{peak:>13.0f}")

@@ -4,7 +4,8 @@ the copy (ckptkit syncs its outputs to disk before they take their names; ``cp``
 and ``--no-fsync`` makes ckptkit do the same).
 
 The input is ``ckpt sample sdxl`` with random fp16 weights (real data on disk, not holes);
-assemble's inputs are its parts, split once before the timed runs. Each command runs as a
+assemble's inputs are its parts, split once before the timed runs, and assemble is compared
+with ``cp -r`` of those parts (the same bytes). Each command runs as a
 child process under GNU time (wall seconds, peak RSS) from the same start
 (``measure.settle``): every earlier output removed, writes synced, the page cache dropped
 (when run as root) and the command's inputs read back into it. The commands take turns, so
@@ -49,6 +50,10 @@ def main() -> int:
     commands = {
         "cp": ["cp", src, copy],
         "cp + sync": ["sh", "-c", 'cp "$0" "$1" && sync "$1"', src, copy],
+        # assemble copies the parts' bytes, not the monolithic file's: its own baseline
+        "cp parts": ["cp", "-r", parts, os.path.join(out, "parts")],
+        "cp parts + sync": ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*/*', parts,
+                            os.path.join(out, "parts")],
         "split": [ckpt, "split", src, "-o", os.path.join(out, "split"), "--quiet"],
         "assemble": [ckpt, "assemble", "--diffusion-model", part_files[0],
                      "--text-encoder", part_files[1], "--text-encoder", part_files[2],
@@ -65,13 +70,15 @@ def main() -> int:
     for turn in range(args.repeat):  # each round starts one command later: no fixed order
         for name in names[turn % len(names):] + names[:turn % len(names)]:
             cmd = commands[name]
-            dropped &= settle(part_files if name.startswith("assemble") else [src], [out])
+            on_parts = name.startswith(("assemble", "cp parts"))
+            dropped &= settle(part_files if on_parts else [src], [out])
             os.makedirs(out)
             results[name].append(run(cmd))
     size = os.path.getsize(src)
     print(f"input: {size / 1e9:.2f} GB SDXL fp16, median of {args.repeat} runs"
           + ("" if dropped else " (page cache not dropped between runs: not root)"))
-    print_against_cp(results)
+    print_against_cp(results, {name: ("cp parts", "cp parts + sync") for name in commands
+                               if name.startswith(("assemble", "cp parts"))})
     shutil.rmtree(out, ignore_errors=True)
     return 0
 
