@@ -37,7 +37,6 @@ def _shape(move: Move, sources: Sequence[LazyTensor]) -> tuple[int, ...]:
 def _produce(move: Move, sources: Sequence[LazyTensor], dtype: DType):
     import torch
 
-
     if move.op == "scalar":
         return torch.tensor(move.value, dtype=torch_dtype(dtype))
     if move.op == "concat":

@@ -39,7 +39,8 @@ def _casting(key: str, tensor: LazyTensor, target: DType, report: ConvertReport)
         import torch
 
         data = parts[0]
-        # copy_ converts several times faster than .to() (0.3 against 3 ns a value here)
+        # copy_ into a new tensor converts faster than .to() (measured here on 64 M fp16
+        # values to bf16: 0.8 against 3 ns a value)
         out = torch.empty(data.shape, dtype=torch_dtype(target)).copy_(data)
         # isinf is not implemented for the fp8 types: count on an fp32 copy there.
         wide = data if data.element_size() > 1 else data.float()
