@@ -2,7 +2,8 @@
 ckptkit against the AUTOMATIC1111 way (``load_file`` both, compute, ``save_file``) and
 sd-mecha 1.1.8's ``weighted_sum``, in the same run.
 
-Each runs as a child process on warm inputs, after a sync; a sampler reads the child's
+Each runs as a child process from the same start (``measure.settle``: its earlier output
+removed, writes synced, page cache dropped when root, inputs read back); a sampler reads the child's
 /proc status every 20 ms for its peak private memory (RssAnon: not the file-backed pages of
 memory-mapped inputs) and peak RSS. Outputs are checked against each other (within fp16
 rounding) before figures are printed.
@@ -26,7 +27,7 @@ import tempfile
 import time
 
 import torch
-from measure import warm
+from measure import settle
 from safetensors import safe_open
 from safetensors.torch import save_file
 from sd15_shapes import sd15
@@ -149,22 +150,27 @@ def main() -> int:
     results: dict[str, list[dict[str, float]]] = {n: [] for n in commands}
     for _ in range(args.repeat):
         for name, cmd in commands.items():
-            warm(a)
-            warm(b)
+            settle([a, b], [path for path in outs.values() if path in cmd])
             known = name == "ckptkit, hashes known"
             results[name].append(sample_run(cmd, remembered if known else None))
     for name in (n for n in commands if n in outs and n != "ckptkit"):
         if not close(outs["ckptkit"], outs[name]):
             print(f"FAIL: ckptkit's output differs from {name}'s", file=sys.stderr)
             return 1
-    base = statistics.median(r["seconds"] for r in results["a1111"])
+    def ratio(name: str, base: str) -> float:  # median of the ratios within each round
+        return statistics.median(r["seconds"] / b["seconds"]
+                                 for r, b in zip(results[name], results[base], strict=True))
+
+    bases = [n for n in ("a1111", "sd-mecha") if n in results]
     print(f"inputs: 2 x {os.path.getsize(a) / 1e9:.2f} GB SD 1.5 fp16, median of {args.repeat}")
-    print(f"{'method':<24}{'seconds':>9}{'x a1111':>9}{'RssAnon MB':>12}{'RSS MB':>9}")
+    print(f"{'method':<24}{'seconds':>9}" + "".join(f"{'x ' + n:>12}" for n in bases)
+          + f"{'RssAnon MB':>12}{'RSS MB':>9}")
     for name, runs in results.items():
         s = statistics.median(r["seconds"] for r in runs)
         anon = max(r["anon"] for r in runs) / 1e6
         rss = max(r["rss"] for r in runs) / 1e6
-        print(f"{name:<24}{s:>9.2f}{s / base:>9.2f}{anon:>12.0f}{rss:>9.0f}")
+        print(f"{name:<24}{s:>9.2f}" + "".join(f"{ratio(name, n):>12.2f}" for n in bases)
+              + f"{anon:>12.0f}{rss:>9.0f}")
     return 0
 
 
