@@ -262,3 +262,31 @@ def test_assemble_takes_sd1_parts_made_by_diffusers_converters(tmp_path, layout)
     if ids not in got:
         del ldm[ids]
     _same(ldm, got)
+
+
+def test_split_and_assemble_of_sdxl_never_import_torch(tmp_path):
+    """Every SDXL tensor is copied or reordered byte for byte (CLIP-G's projection is
+    transposed, its logit_scale recreated), so neither command pays torch's one-second
+    import; a fresh interpreter runs both and then looks at what was imported."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "xl.safetensors"
+    sample("sdxl", str(src), tiny=True)
+    parts, out = tmp_path / "parts", tmp_path / "back.safetensors"
+    te, unet = parts / "text_encoders", parts / "diffusion_models" / "xl.safetensors"
+    script = (
+        "import sys\nfrom ckptkit.cli.main import main\n"
+        f"main(['split', {str(src)!r}, '-o', {str(parts)!r}, '--quiet'])\n"
+        f"main(['assemble', '--diffusion-model', {str(unet)!r},"
+        f" '--text-encoder', {str(te / 'xl_clip_l.safetensors')!r},"
+        f" '--text-encoder', {str(te / 'xl_clip_g.safetensors')!r},"
+        f" '--vae', {str(parts / 'vae' / 'xl.safetensors')!r}, '-o', {str(out)!r}, '--quiet'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    back, original = load_file(str(out)), load_file(str(src))
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
