@@ -61,28 +61,31 @@ def warm(path: str) -> None:
             pass
 
 
+def paired_ratio(results: dict[str, list[dict[str, float]]], name: str, base: str) -> float:
+    """``name``'s time as a multiple of ``base``'s: the median of the ratios within each
+    round (runs close in time: on a VM the same copy can take 2x longer in a slow spell, and
+    a ratio of overall medians would compare runs from different spells). Both need one run
+    per round, in the same rounds."""
+    return statistics.median(r["seconds"] / b["seconds"]
+                             for r, b in zip(results[name], results[base], strict=True))
+
+
 def print_against_cp(results: dict[str, list[dict[str, float]]],
                      baselines: dict[str, tuple[str, str]] | None = None) -> None:
-    """Each command's median seconds; its time as a multiple of "cp" and of "cp + sync",
-    as the median of the ratios within each round (runs close in time: on a VM the same copy
-    can take 2x longer in a slow spell, and a ratio of overall medians would compare runs
-    from different spells); the best run; the median CPU seconds spent in the program itself
-    (user) and in the kernel (system); and peak RSS. Every command must have one run per
-    round, in the same rounds. A command named in ``baselines`` is compared with the two
-    given there (a copy of its own inputs) instead."""
+    """Each command's median seconds; its time as a multiple of "cp" and of "cp + sync"
+    (``paired_ratio``); the best run; the median CPU seconds spent in the program itself
+    (user) and in the kernel (system); and peak RSS. A command named in ``baselines`` is
+    compared with the two given there (a copy of its own inputs) instead."""
     def median(name: str, what: str = "seconds") -> float:
         return statistics.median(r[what] for r in results[name])
-
-    def ratio(name: str, base: str) -> float:
-        return statistics.median(r["seconds"] / b["seconds"]
-                                 for r, b in zip(results[name], results[base], strict=True))
 
     print(f"{'command':<32}{'seconds':>9}{'x cp':>7}{'x cp+sync':>11}{'best':>7}"
           f"{'user':>7}{'system':>8}{'peak RSS MB':>13}")
     for name, runs in results.items():
         peak = max(r["peak_rss"] for r in runs) / 1e6
         best = min(r["seconds"] for r in runs)
-        plain, synced = (baselines or {}).get(name, ("cp", "cp + sync"))
-        print(f"{name:<32}{median(name):>9.2f}{ratio(name, plain):>7.2f}"
-              f"{ratio(name, synced):>11.2f}{best:>7.2f}{median(name, 'user'):>7.2f}"
+        plain, synced = (paired_ratio(results, name, base) for base in
+                         (baselines or {}).get(name, ("cp", "cp + sync")))
+        print(f"{name:<32}{median(name):>9.2f}{plain:>7.2f}{synced:>11.2f}{best:>7.2f}"
+              f"{median(name, 'user'):>7.2f}"
               f"{median(name, 'system'):>8.2f}{peak:>13.0f}")

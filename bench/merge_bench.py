@@ -27,7 +27,7 @@ import tempfile
 import time
 
 import torch
-from measure import settle
+from measure import paired_ratio, settle
 from safetensors import safe_open
 from safetensors.torch import save_file
 from sd15_shapes import sd15
@@ -157,10 +157,6 @@ def main() -> int:
         if not close(outs["ckptkit"], outs[name]):
             print(f"FAIL: ckptkit's output differs from {name}'s", file=sys.stderr)
             return 1
-    def ratio(name: str, base: str) -> float:  # median of the ratios within each round
-        return statistics.median(r["seconds"] / b["seconds"]
-                                 for r, b in zip(results[name], results[base], strict=True))
-
     bases = [n for n in ("a1111", "sd-mecha") if n in results]
     print(f"inputs: 2 x {os.path.getsize(a) / 1e9:.2f} GB SD 1.5 fp16, median of {args.repeat}")
     print(f"{'method':<24}{'seconds':>9}" + "".join(f"{'x ' + n:>12}" for n in bases)
@@ -169,8 +165,8 @@ def main() -> int:
         s = statistics.median(r["seconds"] for r in runs)
         anon = max(r["anon"] for r in runs) / 1e6
         rss = max(r["rss"] for r in runs) / 1e6
-        print(f"{name:<24}{s:>9.2f}" + "".join(f"{ratio(name, n):>12.2f}" for n in bases)
-              + f"{anon:>12.0f}{rss:>9.0f}")
+        ratios = "".join(f"{paired_ratio(results, name, n):>12.2f}" for n in bases)
+        print(f"{name:<24}{s:>9.2f}{ratios}{anon:>12.0f}{rss:>9.0f}")
     return 0
 
 

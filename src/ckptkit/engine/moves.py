@@ -16,7 +16,7 @@ from functools import partial
 
 from ..arch.layouts import Move
 from ..formats import LazyTensor
-from ..formats.dtypes import DType, torch_dtype
+from ..formats.dtypes import STRUCT_CODES, DType, torch_dtype
 from .writer import CopyRange, Planned
 
 
@@ -63,14 +63,11 @@ def _scalar(move: Move, dtype: DType):
         if dtype.name == "BF16" and not math.isnan(move.value):
             bits = int.from_bytes(struct.pack("<f", move.value), "little")
             return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to_bytes(2, "little")
-        if dtype.name in _FLOAT_CODES:
-            return struct.pack("<" + _FLOAT_CODES[dtype.name], move.value)
+        if dtype.is_float and dtype.name in STRUCT_CODES:
+            return struct.pack("<" + STRUCT_CODES[dtype.name], move.value)
     except OverflowError:
         pass
     return _produce(move, (), dtype)
-
-
-_FLOAT_CODES = {"F16": "e", "F32": "f", "F64": "d"}
 
 
 def _transposed(tensor: LazyTensor) -> bytes:
@@ -87,16 +84,16 @@ _ITEM_FORMATS = {8: "B", 16: "H", 32: "I", 64: "Q"}  # an unsigned int of each e
 def copy_range(tensor: LazyTensor, rows: tuple[int, int] | None = None) -> CopyRange:
     """A contiguous lazy tensor (or its rows ``start, stop``) as a file-to-file copy of its
     bytes."""
-    start = tensor.byte_offset + tensor.dtype.nbytes(tensor.storage_offset)
     if rows is None:
-        return CopyRange(tensor.source, start, tensor.nbytes)
+        return CopyRange(tensor.source, tensor.data_offset, tensor.nbytes)
     row = tensor.nbytes // tensor.shape[0]
-    return CopyRange(tensor.source, start + rows[0] * row, (rows[1] - rows[0]) * row)
+    return CopyRange(tensor.source, tensor.data_offset + rows[0] * row,
+                     (rows[1] - rows[0]) * row)
 
 
 def _copyable(tensor: LazyTensor) -> bool:
-    """Whether rows of the tensor are whole byte ranges of its file."""
-    return tensor.is_contiguous and tensor.dtype.bits >= 8 and bool(tensor.shape)
+    """Whether the tensor has rows, each a whole byte range of its file."""
+    return tensor.byte_rows and bool(tensor.shape)
 
 
 def _swapped(tensor: LazyTensor) -> tuple[CopyRange, CopyRange]:
@@ -125,7 +122,7 @@ def plan_moves(moves: Sequence[Move], tensors: Mapping[str, LazyTensor],
             produce = partial(tuple, (copy_range(t) for t in sources))
         elif move.op == "swap_halves" and _copyable(sources[0]):
             produce = partial(_swapped, sources[0])
-        elif (move.op == "transpose" and len(sources[0].shape) == 2 and sources[0].is_contiguous
+        elif (move.op == "transpose" and len(sources[0].shape) == 2 and sources[0].byte_rows
               and sources[0].dtype.bits in _ITEM_FORMATS):
             produce = partial(_transposed, sources[0])
         else:

@@ -23,7 +23,7 @@ def _reader(tensor: LazyTensor, mapped: bool) -> Callable[[int, int], Any]:
     tensor that cannot be read by rows is read once."""
     if mapped:
         whole = tensor.load()
-    elif tensor.is_contiguous and tensor.dtype.bits >= 8:
+    elif tensor.byte_rows:
         return tensor.read_rows
     else:
         whole = tensor.read()

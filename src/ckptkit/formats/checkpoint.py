@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CkptError, FormatError
-from .dtypes import DType, torch_dtype
+from .dtypes import STRUCT_CODES, DType, torch_dtype
 from .source import Source
 
 
@@ -59,6 +59,17 @@ class LazyTensor:
             expected *= dim
         return True
 
+    @property
+    def data_offset(self) -> int:
+        """Where the first element's bytes are in the file."""
+        return self.byte_offset + self.dtype.nbytes(self.storage_offset)
+
+    @property
+    def byte_rows(self) -> bool:
+        """Whether its rows are consecutive whole-byte ranges of the file (contiguous, no
+        sub-byte elements): what can be read, or copied file to file, a row block at a time."""
+        return self.is_contiguous and self.dtype.bits >= 8
+
     def raw(self) -> bytearray:
         """The tensor's bytes, contiguous, read from the file (no torch needed)."""
         with _about(self.source.path):
@@ -76,10 +87,10 @@ class LazyTensor:
         if not self.shape:
             raise FormatError("a 0-d tensor has no rows", self.source.path)
         stop = min(stop, self.shape[0])
-        if not self.is_contiguous or self.dtype.bits < 8 or self.numel == 0:
+        if not self.byte_rows or self.numel == 0:
             return self.read()[start:stop]
         row = self.dtype.nbytes(self.numel // self.shape[0])
-        offset = self.byte_offset + self.dtype.nbytes(self.storage_offset) + start * row
+        offset = self.data_offset + start * row
         with _about(self.source.path):
             buf = self.source.read(offset, (stop - start) * row)
             return _frombuffer(buf, self.dtype).view(
@@ -98,7 +109,7 @@ class LazyTensor:
         raw = bytes(self.raw())
         if self.dtype.name == "BF16":
             return struct.unpack("<f", b"\x00\x00" + raw)[0]
-        code = _STRUCT_CODES.get(self.dtype.name)
+        code = STRUCT_CODES.get(self.dtype.name)
         if code is None:
             raise FormatError(f"cannot decode a {self.dtype} scalar", self.source.path)
         return float(struct.unpack("<" + code, raw)[0])
@@ -106,8 +117,7 @@ class LazyTensor:
     def _raw(self) -> bytearray:
         if not self.is_contiguous:
             return tensor_bytes(self._read())
-        item_offset = self.dtype.nbytes(self.storage_offset)
-        return self.source.read(self.byte_offset + item_offset, self.nbytes)
+        return self.source.read(self.data_offset, self.nbytes)
 
     def _read(self):
         torch = _torch()
@@ -139,10 +149,6 @@ class LazyTensor:
         typed = flat.view(torch_dtype(self.dtype))
         strides = self.strides if self.strides is not None else _contiguous_strides(shape)
         return typed.as_strided(shape, strides, self.storage_offset)
-
-
-_STRUCT_CODES = {"F16": "e", "F32": "f", "F64": "d", "I8": "b", "U8": "B", "I16": "h",
-                 "U16": "H", "I32": "i", "U32": "I", "I64": "q", "U64": "Q", "BOOL": "?"}
 
 
 @contextmanager

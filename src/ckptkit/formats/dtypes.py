@@ -44,6 +44,12 @@ class DType:
         return self.name
 
 
+# The ``struct`` format of each type that Python can pack and unpack itself (no bfloat16, no
+# fp8): scalars are read and written without torch.
+STRUCT_CODES = {"F16": "e", "F32": "f", "F64": "d", "I8": "b", "U8": "B", "I16": "h",
+                "U16": "H", "I32": "i", "U32": "I", "I64": "q", "U64": "Q", "BOOL": "?"}
+
+
 _TABLE = [
     DType("BOOL", 8, "bool", "bool"),
     DType("U8", 8, "uint", "uint8"),

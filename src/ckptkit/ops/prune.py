@@ -54,7 +54,7 @@ def _cast(tensor: LazyTensor, target: DType, key: str, report: PruneReport):
             if count:
                 outside += count
                 data = wide.clamp(-limit, limit)
-        return data  # by_rows casts it while copying it into the output: one pass, no copy
+        return data  # by_rows casts it as it copies it into the output
 
     out = by_rows([tensor], target, cast)
     if outside:

@@ -232,6 +232,7 @@ class _Generated:
     dtype: DType
     read: Callable[[], Any]
     is_contiguous: bool = False  # so that every move reads it (there are no file bytes)
+    byte_rows: bool = False
 
 
 def _plan_converted(part: _Conversion, floats: DType, seed: int, sparse: bool
