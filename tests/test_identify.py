@@ -172,6 +172,26 @@ def test_real_hashes_are_computed(tmp_path):
     assert report["hashes"]["autov3"] == hashlib.sha256(data[8 + n:]).hexdigest()
 
 
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_hashes_across_chunk_boundaries(tmp_path, monkeypatch, chunk):
+    """The header's end falls inside a chunk, and the file spans many chunks."""
+    import hashlib
+
+    from ckptkit.ops import hashing
+
+    monkeypatch.setattr(hashing, "CHUNK", chunk)
+    path = tmp_path / "a.safetensors"
+    sample("sd1", str(path), tiny=True, components=["vae"])
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert (8 + n) % chunk and len(data) > 10 * chunk
+    assert hashing.cached_sha256(str(path)) is None  # so that sha256 reads the file
+    assert hashing.sha256(str(path)) == hashlib.sha256(data).hexdigest()
+    found = hashing.file_hashes(str(path))
+    assert found["sha256"] == hashlib.sha256(data).hexdigest()
+    assert found["autov3"] == hashlib.sha256(data[8 + n:]).hexdigest()
+
+
 def test_training_leftovers_are_extras_not_components(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -25,24 +25,32 @@ from ..engine.writer import Progress
 CHUNK = 1 << 24
 
 
+def _chunks(path: str):
+    """The file's bytes in order, as views of one reused buffer (no allocation per chunk):
+    each view is valid until the next one is taken."""
+    buffer = memoryview(bytearray(CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            yield buffer[:n]
+
+
 def file_hashes(path: str, progress: Progress | None = None) -> dict[str, str]:
     size = os.path.getsize(path)
     whole, after_header = hashlib.sha256(), hashlib.sha256()
     with open(path, "rb") as f:
         head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 1 << 63
-        skip = 8 + n if n < 16 * 1024 * 1024 else 8
-        f.seek(0)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else 1 << 63
+    skip = 8 + n if n < 16 * 1024 * 1024 else 8
+    if progress:
+        progress.start(size, 1)
+    position = 0
+    for chunk in _chunks(path):
+        whole.update(chunk)
+        if position + len(chunk) > skip:
+            after_header.update(chunk[max(0, skip - position):])
+        position += len(chunk)
         if progress:
-            progress.start(size, 1)
-        position = 0
-        while chunk := f.read(CHUNK):
-            whole.update(chunk)
-            if position + len(chunk) > skip:
-                after_header.update(chunk[max(0, skip - position):])
-            position += len(chunk)
-            if progress:
-                progress.update(len(chunk), 0)
+            progress.update(len(chunk), 0)
     sha = whole.hexdigest()
     _remember(path, sha)
     return {"sha256": sha, "autov2": sha[:10], "autov3": after_header.hexdigest()}
@@ -106,12 +114,10 @@ def sha256(path: str, stop: threading.Event | None = None) -> str | None:
     if known:
         return known
     digest = hashlib.sha256()
-    buffer = memoryview(bytearray(CHUNK))  # one buffer for every chunk: no allocations
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            if stop is not None and stop.is_set():
-                return None
-            digest.update(buffer[:n])
+    for chunk in _chunks(path):
+        if stop is not None and stop.is_set():
+            return None
+        digest.update(chunk)
     sha = digest.hexdigest()
     _remember(path, sha)
     return sha
