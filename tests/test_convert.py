@@ -258,6 +258,29 @@ def test_overflow_count_reported_in_json(tmp_path: Path, capsys):
     assert json.loads(stdout)["overflowed"] == {"a": 2, "b": 1}
 
 
+@pytest.mark.parametrize("target", ["fp16", "bf16"])
+def test_overflow_counted_in_the_one_slice_that_has_it(tmp_path: Path, capsys, target):
+    """A tensor of three slices (``SLICE_ELEMENTS`` values each): values just inside and
+    just beyond the target's range in the second, NaN in the third; the count is torch's
+    (infinities the cast makes)."""
+    from ckptkit.engine.slices import SLICE_ELEMENTS
+
+    wide = torch.finfo(CAST[target]).max
+    values = torch.randn(3 * SLICE_ELEMENTS // 64, 64, generator=torch.Generator().manual_seed(0))
+    row = SLICE_ELEMENTS // 64 + 5  # the second slice
+    values[row, :4] = torch.tensor([wide * 1.003, -wide * 1.5, wide * 1.0001, wide])
+    values[-1, 0] = float("nan")  # the last slice: its extremes say nothing
+    src = tmp_path / "w.safetensors"
+    save_file({"w": values}, str(src))
+    code, stdout, _ = run_cli(capsys, "convert", src, "-o", tmp_path / "o.safetensors",
+                              "--dtype", target, "--json")
+    assert code == 0
+    expected = int(torch.isinf(values.to(CAST[target])).sum() - torch.isinf(values).sum())
+    assert expected >= 1
+    assert json.loads(stdout)["overflowed"] == {"w": expected}
+    assert_same(load_file(str(tmp_path / "o.safetensors"))["w"], values.to(CAST[target]))
+
+
 def _sub_byte_file(path: Path, dtype: str, nbytes: int) -> None:
     """A safetensors file with a packed sub-byte float tensor (4 values) and an F32 one,
     written by hand: the reader accepts these dtypes."""

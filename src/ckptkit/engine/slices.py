@@ -49,3 +49,17 @@ def by_rows(sources: Sequence[LazyTensor], out_dtype: DType,
     for start in range(0, shape[0], step):
         out[start:start + step].copy_(compute([read(start, start + step) for read in readers]))
     return out
+
+
+def may_exceed(data, limit: float) -> bool:
+    """Whether a slice may hold values beyond ``limit``: one pass for its extremes, so the
+    counting pass runs only for the rare slice that needs it (or one with NaN, whose
+    extremes say nothing)."""
+    import torch
+
+    if data.numel() == 0:
+        return False
+    if data.element_size() == 1:  # no min/max kernels for fp8
+        return True
+    low, high = torch.aminmax(data)
+    return bool(high > limit or low < -limit or torch.isnan(high))

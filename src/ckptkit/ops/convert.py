@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ..engine.moves import copy_range
-from ..engine.slices import by_rows
+from ..engine.slices import by_rows, may_exceed
 from ..engine.writer import Planned, Progress, write_safetensors
 from ..errors import UsageError
 from ..formats import LazyTensor, open_checkpoint
@@ -39,10 +39,11 @@ def _casting(key: str, tensor: LazyTensor, target: DType, report: ConvertReport)
         import torch
 
         data = parts[0]
-        # copy_ into a new tensor converts faster than .to() (measured here on 64 M fp16
-        # values to bf16: 0.8 against 3 ns a value)
-        out = torch.empty(data.shape, dtype=torch_dtype(target)).copy_(data)
-        # isinf is not implemented for the fp8 types: count on an fp32 copy there.
+        if not may_exceed(data, torch.finfo(torch_dtype(target)).max):
+            return data  # by_rows casts it as it copies it into the output: one pass
+        # Values near or beyond the target's range (or inf, NaN): count those the cast
+        # makes infinite. isinf is not implemented for the fp8 types: count on fp32 there.
+        out = data.to(torch_dtype(target))
         wide = data if data.element_size() > 1 else data.float()
         overflow = int(torch.isinf(out.float() if out.element_size() == 1 else out).sum()) \
             - int(torch.isinf(wide).sum())

@@ -14,7 +14,7 @@ from functools import partial
 
 from ..arch.detect import MARKERS, is_leftover
 from ..engine.moves import copy_range
-from ..engine.slices import by_rows
+from ..engine.slices import by_rows, may_exceed
 from ..engine.writer import Planned, Progress, write_safetensors
 from ..errors import UsageError
 from ..formats import LazyTensor, open_checkpoint
@@ -48,7 +48,7 @@ def _cast(tensor: LazyTensor, target: DType, key: str, report: PruneReport):
     def cast(parts):
         nonlocal outside
         data = parts[0]
-        if limit is not None and _may_exceed(data, limit):
+        if limit is not None and may_exceed(data, limit):
             wide = data.float()
             count = int((wide.abs() > limit).sum())  # inf included; NaN compares false
             if count:
@@ -60,18 +60,6 @@ def _cast(tensor: LazyTensor, target: DType, key: str, report: PruneReport):
     if outside:
         report.clamped[key] = outside
     return out
-
-
-def _may_exceed(data, limit: float) -> bool:
-    """Whether a slice may hold values beyond ``limit``: one pass for its extremes, so the
-    counting pass runs only for the rare slice that needs it (or one with NaN, whose
-    extremes say nothing)."""
-    import torch
-
-    if data.element_size() == 1:  # no min/max kernels for fp8
-        return True
-    low, high = torch.aminmax(data)
-    return bool(high > limit or low < -limit or torch.isnan(high))
 
 
 def _dtype(name: str | None, option: str) -> DType | None:
