@@ -232,3 +232,101 @@ def test_components_scope_dtype_and_recipe(models, tmp_path, capsys, file_sha256
     with safe_open(str(again), "pt") as f:
         lineage = json.loads(f.metadata()["ckptkit.merge_lineage"])
     assert "unet_only.safetensors" in lineage  # merges of merges keep their history
+
+
+@pytest.mark.parametrize(("variant", "channels"), [("inpaint", 9), ("pix2pix", 8)])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_extra_input_channels_in_any_precision(tmp_path, variant, channels, dtype):
+    """16-bit models take the fast path of the weighted sum unless shapes differ."""
+    wide, plain = tmp_path / "wide.safetensors", tmp_path / "plain.safetensors"
+    sample("sd1", str(wide), tiny=True, dtype=dtype, variant=variant, seed=9)
+    sample("sd1", str(plain), tiny=True, dtype=dtype, seed=1)
+    out = tmp_path / "out.safetensors"
+    merge("weighted-sum", [str(plain), str(wide)], str(out), params={"alpha": 0.25})
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    got, a, b = (_weights(str(p))[key] for p in (out, plain, wide))
+    assert got.shape[1] == channels and got.dtype == a.dtype
+    want = 0.75 * a.double() + 0.25 * b[:, :4].double()
+    ulp = 2.0 ** -10 if dtype == "fp16" else 2.0 ** -23  # roundings, relative to the inputs
+    bound = ulp * (a.double().abs() + b[:, :4].double().abs())
+    assert ((got[:, :4].double() - want).abs() <= bound).all()
+    assert torch.equal(got[:, 4:], b[:, 4:])  # the extra channels from the model that has them
+
+
+def test_markers_and_float_position_ids_come_from_a(models, tmp_path):
+    """Markers present in both models and position ids stored as floats are A's, unmixed."""
+    a, b = _weights(models[("sd1", 0)]), _weights(models[("sd1", 1)])
+    key = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    a[key], b[key] = a[key].float(), a[key].float() + 0.4
+    a["edm_vpred.sigma_max"], b["edm_vpred.sigma_max"] = torch.tensor(120.0), torch.tensor(80.0)
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for state, path in zip((a, b), paths, strict=True):
+        save_file(state, str(path))
+    out = tmp_path / "out.safetensors"
+    report = merge("weighted-sum", [str(p) for p in paths], str(out), params={"alpha": 0.5})
+    got = _weights(str(out))
+    assert torch.equal(got[key], a[key])
+    assert float(got["edm_vpred.sigma_max"]) == 120.0
+    assert report.copied == 2
+
+
+def test_metadata_describes_the_merge_not_model_a(models, tmp_path):
+    a = _weights(models[("sd1", 0)])
+    src = tmp_path / "a.safetensors"
+    a1111 = json.dumps({"type": "webui", "primary_model_hash": "abc", "method": "Weighted sum"})
+    save_file(a, str(src), metadata={
+        "modelspec.architecture": "stable-diffusion-v1", "modelspec.prediction_type": "v",
+        "modelspec.title": "Model A", "ss_learning_rate": "1e-5", "sd_merge_recipe": a1111,
+        "sd_merge_models": "{}"})
+    out = tmp_path / "out.safetensors"
+    merge("weighted-sum", [str(src), models[("sd1", 1)]], str(out), params={})
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1"
+    assert meta["modelspec.prediction_type"] == "v"
+    for key in ("modelspec.title", "ss_learning_rate", "sd_merge_recipe", "sd_merge_models"):
+        assert key not in meta, key
+    lineage = json.loads(meta["ckptkit.merge_lineage"])
+    assert lineage == {"a.safetensors": {"sd_merge_recipe": a1111, "sd_merge_models": "{}"}}
+
+
+def test_float64_computation_is_the_slow_way_in_double(models, tmp_path):
+    from ckptkit import __version__
+
+    paths = [models[("sd1", 0)], models[("sd1", 1)]]
+    out = tmp_path / "out.safetensors"
+    merge("weighted-sum", paths, str(out), params={"alpha": 0.3}, compute_dtype="float64")
+    got, wa, wb = _weights(str(out)), _weights(paths[0]), _weights(paths[1])
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(got[key], torch.lerp(wa[key].double(), wb[key].double(), 0.3).float())
+    with safe_open(str(out), "pt") as f:
+        recipe = json.loads(f.metadata()["ckptkit.merge_recipe"])
+    assert recipe["compute_dtype"] == "float64" and recipe["ckptkit"] == __version__
+
+
+def test_ties_of_one_fine_tune_and_dare_ties(models, tmp_path):
+    paths = [models[("sd1", i)] for i in range(3)]
+    inputs = [_weights(p) for p in paths]
+    keys = [k for k in inputs[0] if inputs[0][k].is_floating_point()
+            and 2 < inputs[0][k].numel() < 3000][:20]
+    ties2 = tmp_path / "ties2.safetensors"
+    merge("ties", paths[:2], str(ties2), params={"alpha": 0.8, "density": 0.4})
+    got = _weights(str(ties2))
+    for key in keys:
+        want = _ref_ties(inputs[0][key].double(), [inputs[1][key].double()], 0.8, 0.4)
+        assert torch.allclose(got[key], want.float(), atol=1e-6), key
+    # No drop: DARE-TIES is TIES without trimming.
+    no_drop = tmp_path / "dt0.safetensors"
+    merge("dare-ties", paths, str(no_drop), params={"alpha": 0.7, "drop": 0.0})
+    got = _weights(str(no_drop))
+    for key in keys:
+        want = _ref_ties(inputs[0][key].double(), [m[key].double() for m in inputs[1:]], 0.7,
+                         1.0)
+        assert torch.allclose(got[key], want.float(), atol=1e-6), key
+    # One fine-tune: the sign election has nothing to overrule, so DARE-TIES is DARE.
+    linear, elected = tmp_path / "d.safetensors", tmp_path / "dt.safetensors"
+    merge("dare", paths[:2], str(linear), params={"drop": 0.5, "seed": 7})
+    merge("dare-ties", paths[:2], str(elected), params={"drop": 0.5, "seed": 7})
+    d, dt = _weights(str(linear)), _weights(str(elected))
+    assert all(torch.equal(d[k], dt[k]) for k in d)
+    assert not torch.equal(d[keys[0]], inputs[0][keys[0]])

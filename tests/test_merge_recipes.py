@@ -152,6 +152,19 @@ def test_take_a_component_from_a_model_or_a_standalone_file(models, tmp_path):
     assert recipe["inputs"]["take.vae"]["file"] == "c.safetensors"
 
 
+def test_take_the_text_encoder_from_b(models, tmp_path):
+    a, b = str(models / "a.safetensors"), str(models / "b.safetensors")
+    out = tmp_path / "out.safetensors"
+    assert main(["merge", "weighted-sum", a, b, "-o", str(out), "--take", "clip_l=B",
+                 "--alpha", "0.5", "--quiet"]) == 0
+    got, wa, wb = load_file(str(out)), load_file(a), load_file(b)
+    clip = [k for k in wa if k.startswith("cond_stage_model.")]
+    assert len(clip) > 100 and got.keys() == wa.keys()
+    assert all(torch.equal(got[k], wb[k]) for k in clip)
+    assert torch.allclose(got[UNET], (wa[UNET] + wb[UNET]) / 2)
+    assert torch.allclose(got[VAE], (wa[VAE] + wb[VAE]) / 2)
+
+
 def test_take_refuses_what_does_not_fit(models, tmp_path):
     a, b = str(models / "a.safetensors"), str(models / "b.safetensors")
     flux_vae = tmp_path / "flux_vae.safetensors"
@@ -218,7 +231,24 @@ def test_list_blocks(models, capsys):
     names = [b["name"] for b in listing["blocks"]]
     assert listing["family"] == "sd1" and len(names) == 26 and names[0] == "BASE"
     assert sum(b["tensors"] for b in listing["blocks"]) == 1131
-    assert "GRAD_V" in listing["presets"]
+    assert "GRAD_V" in listing["presets"] and listing["unblocked"] is None
+
+
+def test_list_blocks_counts_only_blocks(tmp_path, capsys):
+    """FLUX's VAE has no block: listed apart, so the count is what a list of weights needs."""
+    from ckptkit.ops.merge_blocks import block_names
+
+    flux = tmp_path / "flux.safetensors"
+    sample("flux1-schnell", str(flux), sparse=True)
+    assert main(["merge", "--list-blocks", str(flux), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [b["name"] for b in listing["blocks"]] == block_names("flux1-schnell")
+    assert sum(n.startswith("D") for n in block_names("flux1-schnell")) == 19
+    assert sum(n.startswith("S") for n in block_names("flux1-schnell")) == 38
+    assert "vae" in listing["unblocked"]["covers"] and listing["unblocked"]["tensors"] > 200
+    assert main(["merge", "--list-blocks", str(flux)]) == 0
+    text = capsys.readouterr().out
+    assert f"{len(listing['blocks'])} blocks" in text and "not merged by blocks" in text
 
 
 def test_a_step_the_result_does_not_use_is_not_run(models, tmp_path):

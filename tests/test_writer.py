@@ -366,3 +366,40 @@ def test_saving_lazy_tensors_needs_memory_for_about_one_tensor(tmp_path: Path):
     assert peak < 4 * numel * 4, f"peak {peak} bytes for a {total}-byte model"
     loaded = load_file(str(out))
     assert all(torch.equal(loaded[f"t{i}"], torch.full((numel,), float(i))) for i in range(n))
+
+
+FAILING_FILL = """
+import sys, torch
+from ckptkit.engine.writer import Planned, write_safetensors
+from ckptkit.formats.dtypes import from_torch
+
+held = []
+
+def fill(out):
+    held.append(out)
+    out[:10] = 1.0
+    raise ValueError("the producer failed")
+
+plan = [Planned("w", from_torch(torch.float32), (1 << 20,), lambda: None, fill)]
+try:
+    write_safetensors(sys.argv[1], plan)
+except ValueError:
+    pass
+print(float(held[0][:20].sum()))  # the view outlives the failed write
+"""
+
+
+def test_a_failed_fill_into_the_mapped_file_does_not_pull_the_map_from_under_its_views(
+        tmp_path):
+    """A producer's error can leave tensors viewing the output map alive (in its traceback,
+    or kept by the caller): the writer must not unmap under them, which crashed the process
+    at their next use."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o.safetensors"
+    done = subprocess.run([sys.executable, "-c", FAILING_FILL, str(out)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip() == "10.0"
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary file

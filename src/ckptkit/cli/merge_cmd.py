@@ -151,6 +151,10 @@ def _list_blocks(args) -> int:
           "(weights are given in this order)")
     for block in listing["blocks"]:
         print(f"  {block['name']:<8} {block['tensors']:>5} tensors  {block['covers']}")
+    if listing["unblocked"]:
+        rest = listing["unblocked"]
+        print(f"  not merged by blocks (taken from model A when weights are per block): "
+              f"{rest['tensors']} tensors  {rest['covers']}")
     if listing["presets"]:
         print("presets: " + ", ".join(listing["presets"]))
     return 0

@@ -273,10 +273,11 @@ def _output_map(fd: int, size: int, planned: Sequence[Planned], target: str):
         yield None
         return
     mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    try:
-        yield mapped
-    finally:
-        mapped.close()
+    yield mapped
+    # Not on an error: the traceback may hold tensors viewing the map, and closing it under
+    # them would crash the process at their next use (torch.frombuffer keeps the mmap object
+    # alive but exports no buffer, so close() would not refuse); the map goes with them.
+    mapped.close()
 
 
 def _producers(planned: Sequence[Planned], mapped: mmap.mmap | None, offset: int):

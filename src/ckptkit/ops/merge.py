@@ -10,7 +10,9 @@ extra ones from the model that has them, as AUTOMATIC1111 does. Each output tens
 same key of every input once and runs every step of the recipe on it (a multi-step recipe
 needs no intermediate files), computing in fp32 and casting to the output dtype. The inputs
 are hashed while they are read, and the recipe names them by SHA-256, so ``from_metadata``
-can find and check them to make the same file again.
+can find and check them to make the same file again. The output's metadata describes the
+merge, not model A: of A's own it keeps only what says which kind of model it is (ModelSpec
+architecture, prediction type); the recipes found in the inputs go into a lineage key.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from .provenance import provenance, source_hashes
 
 RECIPE_KEY = "ckptkit.merge_recipe"
 _LINEAGE_KEYS = (RECIPE_KEY, "sd_merge_recipe", "sd_merge_models", "mecha_recipe")
+_MODEL_TYPE_KEYS = {f"modelspec.{k}" for k in ("sai_model_spec", "architecture", "implementation",
+                                              "prediction_type", "predict_key", "resolution")}
 __all__ = ["MISSING", "RECIPE_KEY", "MergeReport", "from_metadata", "list_blocks", "merge",
            "run_recipe"]
 
@@ -117,7 +121,8 @@ def run_recipe(recipe: Recipe, out: str, progress: Progress | None = None,
         hashing = BackgroundSha256(paths)
         base = checkpoints[recipe.base()]
         metadata: dict[str, Any] = {
-            **base.metadata, **provenance("merge", paths, source_hashes(paths, True, hashing)),
+            **_model_type(base.metadata),
+            **provenance("merge", paths, source_hashes(paths, True, hashing)),
             RECIPE_KEY: _recorded(recipe, names, hashing)}
         lineage = _lineage(recipe, merged_names, checkpoints)
         if lineage:
@@ -192,9 +197,11 @@ def _prefixes(fam: Family | None, first: Identification, names: list[str] | None
 
 
 def _is_data(tensor: LazyTensor, key: str) -> bool:
-    """Whether a key holds weights to interpolate (not integers, markers or empty)."""
+    """Whether a key holds weights to interpolate: not integers, markers or empty, and not
+    the text encoders' ``position_ids`` (indexes, even where a file stores them as floats;
+    AUTOMATIC1111 skips them by name too)."""
     return (tensor.dtype.is_float and tensor.dtype.bits >= 8 and key not in MARKERS
-            and tensor.numel > 0)
+            and not key.endswith("position_ids") and tensor.numel > 0)
 
 
 def _plan(recipe: Recipe, fam: Family | None, first: Identification,
@@ -287,7 +294,8 @@ def _narrow(plan: _KeyPlan) -> bool:
     return (len(plan.steps) == 1 and step.method.narrow is not None
             and plan.compute == "float32" and plan.device == "cpu"
             and plan.out_dtype.name in ("F16", "BF16")
-            and all(t.dtype == plan.out_dtype for t in plan.leaves.values()))
+            and all(t.dtype == plan.out_dtype for t in plan.leaves.values())
+            and len({t.shape for t in plan.leaves.values()}) == 1)  # not extra channels
 
 
 def _streams(plan: _KeyPlan) -> bool:
@@ -355,6 +363,14 @@ def _recorded(recipe: Recipe, names: list[str], hashing: BackgroundSha256) -> De
     return Deferred(render({n: "0" * 64 for n in names}), resolve, hashing.cancel)
 
 
+def _model_type(metadata: dict[str, str]) -> dict[str, str]:
+    """What the base model's metadata says about the kind of model, which the merge shares
+    (loaders read the architecture and prediction type); not its title, hashes, training
+    settings or merge recipe, which describe that file and not the merge (the recipes go
+    into ``ckptkit.merge_lineage``)."""
+    return {k: v for k, v in metadata.items() if k in _MODEL_TYPE_KEYS}
+
+
 def _lineage(recipe: Recipe, names: list[str], checkpoints: dict[str, Checkpoint]
              ) -> dict[str, Any]:
     """The merge recipes recorded in the inputs (merges of merges keep their history)."""
@@ -402,14 +418,19 @@ def from_metadata(merged: str, out: str, *, search: list[str] | None = None,
 
 def list_blocks(path: str) -> dict[str, Any]:
     """The block names of ``path``'s family, in the order a list of weights follows, with
-    what each covers in this file; and the presets that apply."""
+    what each covers in this file; the keys no block covers (``unblocked``: taken from model
+    A when weights are given per block), or None; and the presets that apply."""
     with open_checkpoint(path) as checkpoint:
         ident = identify_checkpoint(checkpoint)
         keys = list(checkpoint)
     if ident.family is None or ident.kind in ("lora", "unknown"):
         raise UsageError(f"{path} is a {ident.kind}, not a model of a known family")
-    blocks = [{"name": b.block or "(not merged by blocks)", "tensors": b.n_keys,
+    blocks = [{"name": b.block, "tensors": b.n_keys,
                "covers": ", ".join(b.prefixes[:3]) + (" ..." if len(b.prefixes) > 3 else "")}
               for b in describe(ident.family, keys)]
+    unblocked = next((b for b in blocks if b["name"] is None), None)
+    if unblocked:
+        del unblocked["name"]
     presets = list(PRESETS) if set(block_names(ident.family)) <= set(MBW_BLOCKS) else []
-    return {"family": ident.family, "blocks": blocks, "presets": presets}
+    return {"family": ident.family, "blocks": [b for b in blocks if "name" in b],
+            "unblocked": unblocked, "presets": presets}

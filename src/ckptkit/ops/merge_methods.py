@@ -82,7 +82,10 @@ def train_difference(t: Tensors, alpha: float) -> torch.Tensor:
 
 
 def add_perpendicular(t: Tensors, alpha: float) -> torch.Tensor:
-    """A plus the part of (B - C) orthogonal to (A - C): what B learned that A did not."""
+    """A plus the part of (B - C) orthogonal to (A - C): what B learned that A did not.
+    Where A equals C (A learned nothing in this tensor) all of B - C is new, so A + alpha
+    (B - C); sd-mecha adds nothing there (its projection divides by zero and it falls back
+    to zeros)."""
     a, b, c = t
     da, db = a - c, b - c
     norm2 = (da * da).sum()
@@ -201,7 +204,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "A + 1.8 alpha (B - C) |B - A| / (|B - A| + |B - C|)  (supermerger)", True),
     Method("add-perpendicular", add_perpendicular, "3", {"alpha": 1.0},
            "A + alpha (the part of B - C orthogonal to A - C)"),
-    Method("ties", ties, "3+", {"alpha": 1.0, "density": 0.2},
+    Method("ties", ties, "2+", {"alpha": 1.0, "density": 0.2},
            "A + alpha TIES(trim to density, elect sign, disjoint mean) of the others - A"),
     Method("dare", dare, "2+", {"alpha": 1.0, "drop": 0.9, "seed": 0},
            "A + alpha mean(drop with probability p, rescale 1/(1-p)) of the others - A"),
