@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ckptkit.cli.main import main
 from ckptkit.errors import OutputError, UsageError
@@ -22,6 +22,11 @@ from ckptkit.ops.sample import sample
 UNET = "model.diffusion_model."
 
 
+def _ema_name(key: str) -> str:
+    """The EMA copy's name the way diffusers' single-file loader looks it up."""
+    return "model_ema." + "".join(key.split(".")[1:])
+
+
 @pytest.fixture
 def training_ckpt(tmp_path):
     """A Lightning-style fp32 SD1 .ckpt with EMA copies, schedule buffers and a marker."""
@@ -29,7 +34,8 @@ def training_ckpt(tmp_path):
     sample("sd1", str(src), tiny=True, dtype="fp32")
     state = load_file(str(src))
     for key in [k for k in state if k.startswith(UNET)]:
-        state["model_ema." + key[len(UNET):].replace(".", "")] = state[key] * 2 + 1
+        state[_ema_name(key)] = state[key] * 2 + 1
+    assert "model_ema.diffusion_modelinput_blocks00weight" in state  # as LDM names them
     state["model_ema.decay"] = torch.tensor(0.9999)
     state["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
     state["alphas_cumprod"] = torch.linspace(0.99, 0.01, 1000)
@@ -70,7 +76,7 @@ def test_prune_can_use_the_ema_weights(training_ckpt, tmp_path):
     assert prune(str(src), str(out), ema="use").ema == "used"
     got = load_file(str(out))
     for key in [k for k in state if k.startswith(UNET)]:
-        assert torch.equal(got[key], state["model_ema." + key[len(UNET):].replace(".", "")])
+        assert torch.equal(got[key], state[_ema_name(key)])
     assert not [k for k in got if k.startswith("model_ema.")]
     plain = tmp_path / "plain.safetensors"
     sample("sd1", str(plain), tiny=True)
@@ -98,9 +104,10 @@ def test_fp8_casts_clamp(tmp_path, dtype, limit):
         assert torch.equal(got[key].float(), state[key].clamp(-limit, limit).to(target).float())
 
 
-def test_sdxl_vae_stays_fp32_unless_asked(tmp_path):
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])  # the refiner has SDXL's VAE
+def test_sdxl_vae_stays_fp32_unless_asked(tmp_path, family):
     src = tmp_path / "xl.safetensors"
-    sample("sdxl", str(src), tiny=True, dtype="fp32")
+    sample(family, str(src), tiny=True, dtype="fp32")
     kept = tmp_path / "kept.safetensors"
     report = prune(str(src), str(kept), dtype="fp16")
     assert report.notes and "VAE" in report.notes[0]
@@ -112,6 +119,19 @@ def test_sdxl_vae_stays_fp32_unless_asked(tmp_path):
     prune(str(src), str(cast), dtype="fp16", vae_dtype="bf16")
     assert {v.dtype for k, v in load_file(str(cast)).items()
             if k.startswith("first_stage_model.")} == {torch.bfloat16}
+
+
+def test_clamp_warning_names_the_vae_dtype(tmp_path, capsys):
+    src = tmp_path / "xl.safetensors"
+    sample("sdxl", str(src), tiny=True, dtype="fp32")
+    state = load_file(str(src))
+    state["first_stage_model.decoder.conv_in.bias"][0] = 1e6
+    save_file(state, str(src))
+    capsys.readouterr()
+    assert main(["prune", str(src), "-o", str(tmp_path / "o.safetensors"), "--vae-dtype",
+                 "fp16", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "1 values in 1 tensors were beyond fp16's range" in err and "None" not in err
 
 
 def test_drop_components_and_refusals(tmp_path, capsys):

@@ -22,7 +22,8 @@ def add_parser(commands) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
     p.add_argument("--dtype", choices=list(CLI_NAMES), help="cast floating tensors")
     p.add_argument("--vae-dtype", choices=list(CLI_NAMES),
-                   help="the VAE's precision (default: --dtype, but SDXL's VAE stays as is)")
+                   help="the VAE's precision (default: --dtype, but SDXL's VAE, in base and "
+                   "refiner checkpoints, stays as is)")
     p.add_argument("--ema", choices=("drop", "use", "keep"), default="drop",
                    help="drop EMA copies (default), use them as the weights, or keep them")
     p.add_argument("--drop", nargs="+", default=[], metavar="COMPONENT",
@@ -50,6 +51,7 @@ def run(args) -> int:
     for note in report.notes:
         print(f"note: {note}")
     if report.clamped:
+        targets = " or ".join(dict.fromkeys(d for d in (args.dtype, args.vae_dtype) if d))
         print(f"warning: {sum(report.clamped.values()):,} values in {len(report.clamped)} "
-              f"tensors were beyond {args.dtype}'s range and were clamped", file=sys.stderr)
+              f"tensors were beyond {targets}'s range and were clamped", file=sys.stderr)
     return 0

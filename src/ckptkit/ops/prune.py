@@ -25,6 +25,9 @@ from .provenance import provenance, source_hashes
 # Largest finite value of each narrow float type: beyond it a cast gives inf (fp16) or NaN.
 LIMITS = {"F16": 65504.0, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
 EMA_PREFIX = "model_ema."
+# Families whose checkpoints hold SDXL's VAE (the refiner has the same one), which overflows
+# in fp16 (black images): kept in its precision unless --vae-dtype says otherwise.
+SDXL_VAE_FAMILIES = ("sdxl", "sdxl-refiner")
 _DIFFUSION_PREFIX = "model.diffusion_model."
 
 
@@ -86,7 +89,8 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
             raise UsageError(f"{src} has no {unknown[0]} component to drop; it has "
                              f"{', '.join(prefixes) or 'no prefixed components'}")
         vae_prefix = prefixes.get("vae")
-        if vae_target is None and ident.family == "sdxl" and target is not None and vae_prefix:
+        fp16_unsafe_vae = ident.family in SDXL_VAE_FAMILIES
+        if vae_target is None and fp16_unsafe_vae and target is not None and vae_prefix:
             report.notes.append("the SDXL VAE keeps its precision (it overflows in fp16); "
                                 "--vae-dtype casts it")
         ema_for = _ema_sources(checkpoint) if ema == "use" else {}
@@ -101,7 +105,7 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
             source = checkpoint[ema_for[key]] if key in ema_for else tensor
             in_vae = vae_prefix is not None and key.startswith(vae_prefix)
             wanted = vae_target if in_vae and vae_target else (
-                None if in_vae and ident.family == "sdxl" else target)
+                None if in_vae and fp16_unsafe_vae else target)
             castable = (wanted is not None and source.dtype.is_float and source.dtype.bits >= 8
                         and key not in MARKERS and source.dtype != wanted)
             if castable:
@@ -135,10 +139,13 @@ def _drop_group(key: str, ema: str, drop, prefixes: dict[str, str]) -> str | Non
 
 
 def _ema_sources(checkpoint) -> dict[str, str]:
-    """Diffusion-model key -> its EMA copy (LDM flattens the names: ``model_ema.`` + the key
-    without its prefix and dots); refuses unless every weight has one of the same shape."""
+    """Diffusion-model key -> its EMA copy; refuses unless every weight has one of the same
+    shape. LDM's EMA names the weights of its wrapped model without dots, after ``model.``:
+    ``model.diffusion_model.input_blocks.0.0.weight`` has the copy
+    ``model_ema.diffusion_modelinput_blocks00weight`` (as diffusers' single-file loader
+    reads it with ``extract_ema``)."""
     weights = [k for k in checkpoint if k.startswith(_DIFFUSION_PREFIX)]
-    pairs = {k: EMA_PREFIX + k[len(_DIFFUSION_PREFIX):].replace(".", "") for k in weights}
+    pairs = {k: EMA_PREFIX + "".join(k.split(".")[1:]) for k in weights}
     found = {k: e for k, e in pairs.items()
              if e in checkpoint and checkpoint[e].shape == checkpoint[k].shape}
     if not weights or len(found) != len(weights):

@@ -38,7 +38,8 @@ def build(seed: int = 0) -> dict:
     for i, name in enumerate(("q", "k", "v")):
         state[f"{unet}middle_block.1.transformer_blocks.0.attn1.to_{name}.weight"] = \
             qkv[32 * i:32 * (i + 1)]
-    state.update({"model_ema." + k[len(unet):].replace(".", ""): v.clone()
+    # LDM's EMA names: model.diffusion_model.x.0.w -> model_ema.diffusion_modelx0w
+    state.update({"model_ema." + "".join(k.split(".")[1:]): v.clone()
                   for k, v in state.items() if k.startswith(unet)})
     state["model_ema.decay"] = torch.tensor(0.9999)
     state["model_ema.num_updates"] = torch.tensor(470000, dtype=torch.int32)
