@@ -19,17 +19,22 @@ class ProgressBar:
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.label = label
         self.unit = unit
-        self.total_bytes = 1
+        self.total_bytes = 0
         self.total_items = 0
         self.bytes = 0
         self.items = 0
         self.started = time.monotonic()
+        self._begun = False
         self._last_draw = 0.0
 
     def start(self, total_bytes: int, total_items: int) -> None:
-        self.total_bytes = max(total_bytes, 1)
-        self.total_items = total_items
-        self.started = time.monotonic()
+        """Adds a piece of work to the totals: a job that writes several files (a split)
+        starts each one on the same bar."""
+        if not self._begun:
+            self._begun = True
+            self.started = time.monotonic()
+        self.total_bytes += total_bytes
+        self.total_items += total_items
 
     def update(self, nbytes: int, items: int = 0) -> None:
         self.bytes += nbytes
@@ -40,7 +45,7 @@ class ProgressBar:
             self._draw(now)
 
     def _draw(self, now: float) -> None:
-        fraction = min(self.bytes / self.total_bytes, 1.0)
+        fraction = min(self.bytes / max(self.total_bytes, 1), 1.0)
         elapsed = max(now - self.started, 1e-6)
         speed = self.bytes / elapsed
         left = (self.total_bytes - self.bytes) / speed if speed > 0 else 0.0
