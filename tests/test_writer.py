@@ -403,3 +403,39 @@ def test_a_failed_fill_into_the_mapped_file_does_not_pull_the_map_from_under_its
     assert done.returncode == 0, done.stderr[-500:]
     assert done.stdout.strip() == "10.0"
     assert list(tmp_path.iterdir()) == []  # no output, no temporary file
+
+
+def _planned_bytes(n: int = 4096) -> list[Planned]:
+    return [Planned("w", from_torch(torch.uint8), (n,), lambda: bytes(n))]
+
+
+def test_a_full_disk_is_the_outputs_error_and_leaves_nothing(tmp_path: Path, monkeypatch):
+    import errno
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer, "write_all", full)
+    target = tmp_path / "o.safetensors"
+    with pytest.raises(OutputError) as err:
+        write_safetensors(str(target), _planned_bytes())
+    assert str(target) in str(err.value) and "No space left" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_refuses_files_is_said_as_such(tmp_path: Path, monkeypatch):
+    """On a read-only file system the temporary file is never made: the error is that, not a
+    failed clean-up of a file that does not exist."""
+    import errno
+
+    from ckptkit.engine import atomic
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), args[0])
+
+    monkeypatch.setattr(atomic.os, "open", refuse)
+    monkeypatch.setattr(atomic.os, "unlink", refuse)
+    target = tmp_path / "o.safetensors"
+    with pytest.raises(OutputError) as err:
+        write_safetensors(str(target), _planned_bytes())
+    assert "cannot create a file" in str(err.value) and str(target) in str(err.value)

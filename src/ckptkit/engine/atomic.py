@@ -48,12 +48,13 @@ class AtomicOutput:
     def __enter__(self) -> AtomicOutput:
         check_output_path(self.target, self.inputs)
         folder, name = os.path.split(os.path.abspath(self.target))
-        self.tmp_path = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.ckptkit-tmp")
+        tmp_path = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.ckptkit-tmp")
         try:
-            self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            self.fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except OSError as exc:
             raise OutputError(f"cannot create a file in {folder} ({exc.strerror})",
                               self.target) from None
+        self.tmp_path = tmp_path  # only once it exists: nothing to remove before
         return self
 
     def commit(self) -> None:

@@ -163,6 +163,9 @@ def write_safetensors(target: str, planned: Sequence[Planned],
                 if progress:
                     progress.update(item.nbytes, 1)
         os.ftruncate(out.fd, size)  # trailing holes
+    except OSError as exc:
+        pending.abandon()
+        raise _output_error(exc, target) from None
     except BaseException:
         pending.abandon()
         raise
@@ -188,6 +191,9 @@ class _Pending:
                               self.out.target)
             _verify(self.out.tmp_path, self.planned, self.out.target)
             self.out.commit()
+        except OSError as exc:
+            self.abandon()
+            raise _output_error(exc, self.out.target) from None
         except BaseException:
             self.abandon()
             raise
@@ -226,6 +232,17 @@ class OutputBatch:
                 for rest in pending[i + 1:]:
                     rest.abandon()
                 raise
+
+
+# Errors that can only be the output's (its disk, quota, size limit or file system), not an
+# input's: said as the output's, in one line, rather than as a bare system message.
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _output_error(exc: OSError, target: str) -> OSError | OutputError:
+    if exc.errno in _OUTPUT_ERRNOS:
+        return OutputError(f"cannot write it ({exc.strerror})", target)
+    return exc
 
 
 def _placeholders(metadata: dict[str, str | Deferred]) -> dict[str, str]:
