@@ -352,3 +352,42 @@ def test_kohya_sdxl_keys_match_sd_mecha_table(tmp_path):
     optional = {k for comp in published.values() for k, v in comp.items() if v.get("optional")}
     assert set(required) <= set(ours) <= set(required) | optional
     assert all(ours[k] == shape for k, shape in required.items())
+
+
+def _clip_shapes(with_projection: bool, hidden: int, layers: int, heads: int):
+    """The state dict shapes of transformers' own CLIP text model (not ours), built on the
+    meta device: no weights are made."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=4 * hidden,
+                            num_hidden_layers=layers, num_attention_heads=heads,
+                            max_position_embeddings=77, vocab_size=49408,
+                            projection_dim=hidden, hidden_act="quick_gelu" if hidden == 768
+                            else "gelu")
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    with torch.device("meta"):
+        model = cls(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("position_ids", [True, False])
+def test_clip_l_from_transformers_fits_the_same_families_however_saved(position_ids):
+    """transformers 5 saves CLIPTextModel without the ``text_model.`` level, and whether
+    ``position_ids`` is written varies: neither may change what the encoder is said to fit."""
+    from ckptkit.arch.detect import identify
+
+    shapes = _clip_shapes(False, 768, 12, 12)
+    bare = not any(k.startswith("text_model.") for k in shapes)
+    if not bare:  # an older transformers: what transformers 5 writes, made here
+        shapes = {k.removeprefix("text_model."): v for k, v in shapes.items()}
+    ids = [k for k in shapes if k.endswith("position_ids")]
+    if position_ids and not ids:
+        shapes["embeddings.position_ids"] = (1, 77)
+    for key in ids if not position_ids else ():
+        del shapes[key]
+    ident = identify(shapes, dict.fromkeys(shapes, "F32"), {})
+    assert ident.kind == "text-encoder" and ident.components[0].name == "clip_l"
+    assert {"sd1", "sdxl", "flux1-dev", "flux1-schnell"} <= set(ident.compatible_families)
+    named = {"text_model." + k: v for k, v in shapes.items()}
+    prefixed = identify(named, dict.fromkeys(named, "F32"), {})
+    assert prefixed.compatible_families == ident.compatible_families

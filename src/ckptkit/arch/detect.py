@@ -51,6 +51,9 @@ _ALIASES = (("cond_stage_model.transformer.embeddings.",
             ("cond_stage_model.transformer.final_layer_norm.",
              "cond_stage_model.transformer.text_model.final_layer_norm."))
 
+_BARE_CLIP = "embeddings.token_embedding.weight"
+_BARE_CLIP_PREFIXES = ("embeddings.", "encoder.", "final_layer_norm.")
+
 
 @dataclass
 class ComponentReport:
@@ -231,10 +234,19 @@ def _apply_release(result: Identification, sha256: str) -> None:
 
 
 def _unalias(shapes, dtypes):
-    """Old key spellings renamed to current ones (with a reason), else the inputs as they are."""
+    """Old key spellings renamed to current ones (with a reason), else the inputs as they are.
+
+    Two spellings lack the ``text_model.`` level: older SD1 checkpoints, and a CLIP text
+    encoder saved alone by transformers 5, whose ``CLIPTextModel`` dropped that level from
+    its own state dict (``embeddings.*``, ``encoder.layers.*``, ``final_layer_norm.*``). The
+    bare names are read as CLIP's only when the token embedding says CLIP: ``encoder.*``
+    alone is also a VAE's or T5's."""
+    aliases = _ALIASES
+    if _BARE_CLIP in shapes and "text_model." + _BARE_CLIP not in shapes:
+        aliases += tuple((old, "text_model." + old) for old in _BARE_CLIP_PREFIXES)
     renamed = {}
     for key in shapes:
-        for old, new in _ALIASES:
+        for old, new in aliases:
             if key.startswith(old):
                 renamed[key] = new + key[len(old):]
     if not renamed:
@@ -242,8 +254,8 @@ def _unalias(shapes, dtypes):
     rename = renamed.get
     return ({rename(k, k): v for k, v in shapes.items()},
             {rename(k, k): v for k, v in dtypes.items()},
-            [f"{len(renamed)} text encoder keys lack the 'text_model.' level of current files "
-             "(an older SD1 layout); read as if it were there"])
+            [f"{len(renamed)} text encoder keys lack the 'text_model.' level (an older SD1 "
+             "layout, or transformers 5's own names); read as if it were there"])
 
 
 def _identify(shapes, dtypes, metadata, values) -> Identification:
@@ -354,7 +366,8 @@ def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, ext
     if result.kind in ("text-encoder", "vae"):
         result.compatible_families = shared
         reasons.append(f"this {names[0]} is the one of {', '.join(shared)}: a part alone does "
-                       "not tell which model it was trained with")
+                       "not tell which model it was trained with" if shared else
+                       f"this {names[0]} has the shapes of no family's {names[0]}")
     else:
         result.family = fam.id
         result.missing = [c for c in fam.component_names if c not in names]
@@ -372,9 +385,16 @@ def _same_component(fam: Family, exp: _Expected, shapes) -> bool:
         return False
     for tiny in (False, True):
         table = layout_table(fam, comp.name, tiny, exp.layout)
-        if set(table) == exp.keys and not _shape_mismatches(table, shapes):
+        if _essential(set(table)) == _essential(exp.keys) and not _shape_mismatches(
+                table, shapes):
             return True
     return False
+
+
+def _essential(keys: set[str]) -> set[str]:
+    """Keys without CLIP's ``position_ids`` (a buffer some savers write and some do not):
+    whether a text encoder fits a family must not depend on it."""
+    return {k for k in keys if not k.endswith("position_ids")}
 
 
 def _sampling(fam: Family, variants: list[str]):
