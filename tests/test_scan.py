@@ -142,3 +142,156 @@ def test_benign_files_convert_bit_identically(benign, tmp_path):
             assert tensor.dtype == want.dtype and tensor.shape == want.shape, key
             assert torch.equal(tensor.view(-1).view(torch.uint8),
                                want.view(-1).view(torch.uint8)), (name, key)
+
+
+# Folders: nothing may be left out without a word (unreadable folders, links, loops, typos).
+
+def _hostile_file(path) -> None:
+    corpus.torch_zip(str(path), b"\x80\x02" + corpus._call("posix", "system", corpus._u("true"))
+                     + b".")
+
+
+def test_symlinked_model_folder_is_followed(tmp_path, capsys):
+    real = tmp_path / "shared_models"
+    real.mkdir()
+    _hostile_file(real / "evil.ckpt")
+    webui = tmp_path / "webui"
+    webui.mkdir()
+    (webui / "Stable-diffusion").symlink_to(real, target_is_directory=True)
+    assert main(["scan", "--quiet", "--json", str(webui)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [(f["path"], f["verdict"]) for f in report["files"]] == [
+        (str(webui / "Stable-diffusion" / "evil.ckpt"), "unsafe")]
+
+
+def test_unreadable_folder_is_an_error_not_a_pass(tmp_path, monkeypatch, capsys):
+    # Made unreadable by refusing to list it, so that the test holds when run as root too.
+    (tmp_path / "ok.txt").write_text("a config")
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    _hostile_file(hidden / "evil.ckpt")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if path == str(hidden):  # (other callers pass a file descriptor)
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert main(["scan", "--quiet", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert f"ERROR  {hidden}\n" in out
+    assert "cannot list the folder (Permission denied)" in out
+    assert "1 error" in out
+    assert main(["scan", "--quiet", "--json", str(tmp_path)]) == 2
+    report = json.loads(capsys.readouterr().out)
+    entry = next(f for f in report["files"] if f["path"] == str(hidden))
+    assert entry["verdict"] == "error" and "Permission denied" in entry["reasons"][0]["message"]
+
+
+def test_symlink_loops_end_and_are_reported(tmp_path, capsys):
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    _hostile_file(models / "sub" / "evil.ckpt")
+    (models / "sub" / "back").symlink_to(models, target_is_directory=True)
+    (models / "via_link").symlink_to(models / "sub", target_is_directory=True)
+    (models / "self").symlink_to(models / "self")
+    assert main(["scan", "--quiet", "--json", str(models)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    by_path = {f["path"]: f for f in report["files"]}
+    assert by_path[str(models / "sub" / "evil.ckpt")]["verdict"] == "unsafe"
+    assert str(models / "via_link" / "evil.ckpt") not in by_path  # each real folder once
+    back = by_path[str(models / "sub" / "back")]
+    assert back["verdict"] == "skipped" and "symbolic link loop" in back["reasons"][0]["message"]
+    again = by_path[str(models / "via_link")]
+    assert again["verdict"] == "skipped" and str(models / "sub") in again["reasons"][0]["message"]
+    assert "symbolic link loop" in by_path[str(models / "self")]["reasons"][0]["message"]
+    assert len(report["files"]) == 4
+
+
+def test_missing_path_or_link_loop_on_the_command_line_is_an_error(tmp_path, capsys):
+    missing = tmp_path / "typo"
+    assert main(["scan", "--quiet", str(missing)]) == 2
+    out = capsys.readouterr().out
+    assert f"ERROR  {missing}\n" in out and "no such file or folder" in out
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert main(["scan", "--quiet", str(loop)]) == 2
+    out = capsys.readouterr().out
+    assert f"ERROR  {loop}\n" in out and "symbolic link loop" in out
+    assert "no such file" not in out
+    dangling = tmp_path / "model.safetensors"
+    dangling.symlink_to(tmp_path / "gone")
+    assert main(["scan", "--quiet", "--json", str(dangling)]) == 2
+    reason = json.loads(capsys.readouterr().out)["files"][0]["reasons"][0]["message"]
+    assert "symbolic link to a file or folder that does not exist" in reason
+
+
+def test_sniff_names_a_symlink_loop(tmp_path):
+    from ckptkit.errors import FormatError
+    from ckptkit.formats import detect_format
+
+    loop = tmp_path / "loop.ckpt"
+    loop.symlink_to(loop)
+    with pytest.raises(FormatError, match="symbolic link loop"):
+        detect_format(str(loop))
+
+
+# Text from a file reaches the terminal escaped, and JSON stays strict.
+
+_FAKE = "\x1b[2A\r\x1b[J" + "SAFE   esc/evil.ckpt" + "\x1b[8m"
+
+
+def _no_control_characters(text: str) -> bool:
+    return all(ch == "\n" or (ch >= " " and ch != "\x7f" and not "\x80" <= ch <= "\x9f")
+               for ch in text)
+
+
+def test_escape_sequences_from_a_file_are_shown_not_obeyed(tmp_path, capsys):
+    folder = tmp_path / "esc"
+    folder.mkdir()
+    corpus.torch_zip(str(folder / "evil.ckpt"), b"\x80\x02" + corpus._call(
+        "posix", "system" + _FAKE, corpus._u("true")) + b".")
+    named = folder / "name\x1b]0;pwned\x07\u202e.ckpt"
+    _hostile_file(named)
+    assert main(["scan", "--quiet", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert _no_control_characters(out) and "\u202e" not in out
+    assert "global posix.system\\x1b[2A\\r\\x1b[JSAFE   esc/evil.ckpt\\x1b[8m" in out
+    assert "UNSAFE " + str(folder) + "/name\\x1b]0;pwned\\x07\\u202e.ckpt\n" in out
+    assert main(["scan", "--quiet", "--json", str(folder)]) == 1
+    raw = capsys.readouterr().out
+    assert _no_control_characters(raw)
+    report = json.loads(raw)  # json.dumps escapes them; the parsed values are the originals
+    messages = {r["message"] for f in report["files"] for r in f["reasons"]}
+    assert "global posix.system" + _FAKE in messages
+    assert str(named) in {f["path"] for f in report["files"]}
+
+
+def test_file_names_that_are_not_utf8(tmp_path, capsys):
+    folder = os.fsencode(tmp_path)
+    raw_name = os.path.join(folder, b"caf\xff\x1b.ckpt")
+    try:
+        with open(raw_name, "wb") as f:
+            f.write(b"\x80\x02" + corpus._call("posix", "system", corpus._u("true")) + b".")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    assert main(["scan", "--quiet", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"UNSAFE {tmp_path}/caf\\xff\\x1b.ckpt\n" in out
+    assert main(["scan", "--quiet", "--json", str(tmp_path)]) == 1
+    text = capsys.readouterr().out
+    text.encode("utf-8")  # no lone surrogate reaches the output...
+    assert "\\ud" not in text  # ...not even escaped, which strict JSON readers refuse
+    entry = json.loads(text)["files"][0]
+    assert entry["path"] == f"{tmp_path}/caf\\xff\x1b.ckpt"
+    assert bytes.fromhex(entry["path_bytes"]) == raw_name
+    assert "path_bytes" not in json.loads(_json_of_benign(tmp_path, capsys))["files"][0]
+
+
+def _json_of_benign(tmp_path, capsys) -> str:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    main(["scan", "--quiet", "--json", str(plain)])
+    return capsys.readouterr().out

@@ -1,12 +1,21 @@
-"""``ckpt scan PATH...``: safe / unsafe / error for every file, with the reasons."""
+"""``ckpt scan PATH...``: safe / unsafe / error for every file, with the reasons.
+
+Every string that comes from a file (its name, a global it names, a ZIP member's name, a
+reason quoting it) is printed through ``printable``, so a hostile file cannot send escape
+sequences to the terminal. ``--json`` prints strict JSON: control characters are escaped by
+``json.dumps``, and a file name that is not valid UTF-8 has each such byte written as the four
+characters ``\\xNN`` in ``path`` (see ``json_text``), plus ``path_bytes``, the name's exact bytes
+in hex, for a consumer that needs to open the file.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 
-from ..ops.scan import exit_code, iter_files, scan_file
+from ..ops.scan import ScanResult, exit_code, scan_file, walk
 from .progress import add_output_options, progress_for
+from .safe_text import has_surrogates, json_safe, printable
 
 _LABELS = {"safe": "SAFE", "unsafe": "UNSAFE", "error": "ERROR", "skipped": "SKIP"}
 
@@ -15,8 +24,10 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "scan", help="check files or folders for pickles that would run code",
         description="Check every file under the given paths (folders recursively, whatever "
-                    "the extension) with the same restricted reader that loads them. Exit "
-                    "code 0: all safe; 1: something unsafe; 2: something unreadable.")
+                    "the extension; symbolic links to folders are followed) with the same "
+                    "restricted reader that loads them. Exit code 0: all safe; 1: something "
+                    "unsafe; 2: something unreadable (a file, a folder, a path that does not "
+                    "exist).")
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--verify-data", action="store_true",
                         help="also check the CRC of every tensor record (reads all data)")
@@ -25,24 +36,35 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    files = list(iter_files(args.paths))
+    items = list(walk(args.paths))
+    files = [item for item in items if isinstance(item, str)]
     bar = progress_for(args, "scan", unit="files")
     bar.start(sum(_size(f) for f in files), len(files))
     results = []
-    for path in files:
-        result = scan_file(path, verify_data=args.verify_data)
+    for item in items:
+        if isinstance(item, ScanResult):
+            result = item  # a path that could not be walked: already decided
+        else:
+            result = scan_file(item, verify_data=args.verify_data)
+            bar.update(_size(item), 1)
         results.append(result)
-        bar.update(_size(path), 1)
         if not args.json:
             _print_result(result, bar)
     bar.close()
     counts = {v: sum(r.verdict == v for r in results) for v in _LABELS}
     if args.json:
-        print(json.dumps({"files": [r.to_dict() for r in results],
+        print(json.dumps({"files": [_json_entry(r) for r in results],
                           "summary": {"files": len(results), **counts}}))
     else:
         print(f"{len(results)} files: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     return exit_code(results)
+
+
+def _json_entry(result: ScanResult) -> dict:
+    entry = json_safe(result.to_dict())
+    if has_surrogates(result.path):
+        entry["path_bytes"] = os.fsencode(result.path).hex()
+    return entry
 
 
 def _size(path: str) -> int:
@@ -56,8 +78,8 @@ def _print_result(result, bar) -> None:
     if bar.enabled:
         bar.stream.write("\r\033[K")
     detail = f" ({result.format}, {result.tensors} tensors)" if result.tensors is not None else ""
-    print(f"{_LABELS[result.verdict]:<7}{result.path}{detail}")
+    print(f"{_LABELS[result.verdict]:<7}{printable(result.path)}{printable(detail)}")
     for reason in result.reasons:
         where = f" [{reason['where']} byte {reason['offset']}]" if reason["where"] else ""
         why = f": {reason['why']}" if reason["why"] else ""
-        print(f"         - {reason['message']}{where}{why}")
+        print(f"         - {printable(reason['message'] + where + why)}")

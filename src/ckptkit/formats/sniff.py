@@ -7,7 +7,9 @@ instead of surfacing later as a baffling ``HeaderTooLarge``.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 from ..errors import FormatError, UnsafeFileError
 
@@ -27,11 +29,13 @@ _SNIFF = 512
 
 def detect_format(path: str) -> str:
     """The format of ``path`` by content, or a ``FormatError`` that says what the file is."""
-    if os.path.isdir(path):
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise FormatError(path_problem(path, exc), path) from None
+    if stat.S_ISDIR(info.st_mode):
         raise FormatError("is a directory, not a checkpoint file", path)
-    if not os.path.exists(path):
-        raise FormatError("no such file", path)
-    size = os.path.getsize(path)
+    size = info.st_size
     if size == 0:
         raise FormatError("the file is empty (a failed download?)", path)
     try:
@@ -52,6 +56,18 @@ def detect_format(path: str) -> str:
     except UnsafeFileError as exc:
         raise UnsafeFileError(exc.reason, path) from None
     raise FormatError(what, path)
+
+
+def path_problem(path: str, exc: OSError) -> str:
+    """Why ``os.stat(path)`` failed, in words: a symbolic link loop or a link to nothing is
+    named as such rather than reported as a missing file."""
+    if exc.errno == errno.ELOOP:
+        return "a symbolic link loop (following the links leads back to them), not a file"
+    if exc.errno == errno.ENOENT:
+        if os.path.islink(path):
+            return "a symbolic link to a file or folder that does not exist"
+        return "no such file or folder"
+    return f"cannot read the file ({exc.strerror or exc})"
 
 
 def _describe_other(head: bytes, tail: bytes, size: int) -> str:

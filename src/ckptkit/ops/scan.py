@@ -7,11 +7,14 @@ opened and every tensor record was checked; ``unsafe`` means it names code, uses
 archive tricks a data file never needs; ``error`` means it could not be read as a checkpoint.
 Files that are not model files at all (a config, a preview image) are ``skipped`` unless
 their bytes would be run by ``torch.load``'s legacy path, which unpickles any file it is given.
+A folder that cannot be listed, or a path given that does not exist, is an ``error`` too: a scan
+never passes because it did not look (see ``walk``).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 from ..errors import CkptError, UnsafeFileError
 from ..formats import detect_format, open_checkpoint
 from ..formats.pickle_vm import Finding, PickleVM, RefusedGlobals
-from ..formats.sniff import EXTENSIONS
+from ..formats.sniff import EXTENSIONS, path_problem
 from ..formats.torch_globals import find_global
 from ..formats.torch_zip import verify_crc
 
@@ -110,17 +113,78 @@ def _unrecognised(path: str, reason: str) -> ScanResult:
     return ScanResult(path, SKIPPED, reasons=[_reason("format", reason)])
 
 
-def iter_files(paths: Iterable[str]) -> Iterator[str]:
-    """Every regular file under ``paths`` (directories recursively, in sorted order), whatever
-    its extension; symbolic links to folders are not followed, so loops cannot hang a scan."""
+def walk(paths: Iterable[str]) -> Iterator[str | ScanResult]:
+    """Every file under ``paths`` to scan (a ``str``), whatever its extension, and a finished
+    ``ScanResult`` for each path that cannot be walked, in order: folders recursively, the
+    files of a folder (sorted) before its subfolders (sorted).
+
+    Nothing is left out silently. A path given that does not exist (or is a symbolic link
+    loop, or a link to nothing) is an ``error``; so is a folder that cannot be listed, whose
+    files are then unknown. Symbolic links to folders are followed, as model folders often are
+    links (A1111, ComfyUI); each real folder is listed once, so a link back to a folder being
+    walked (a loop), or to one already walked, is a ``skipped`` entry that names it."""
+    seen: dict[tuple[int, int], str] = {}
     for path in paths:
-        if os.path.isdir(path):
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    yield os.path.join(root, name)
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            yield ScanResult(path, ERROR, reasons=[_reason("path", path_problem(path, exc))])
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            yield from _walk_folder(path, info, seen)
         else:
             yield path
+
+
+def _walk_folder(top: str, info: os.stat_result,
+                 seen: dict[tuple[int, int], str]) -> Iterator[str | ScanResult]:
+    # Depth first with a stack of its own: no recursion limit on deep trees.
+    stack: list[tuple[str, os.stat_result, frozenset[tuple[int, int]]]] = [
+        (top, info, frozenset())]
+    while stack:
+        folder, info, above = stack.pop()
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            what = ("a symbolic link loop: it leads back to" if key in above
+                    else "the same folder (through a symbolic link) as")
+            yield ScanResult(folder, SKIPPED, reasons=[_reason(
+                "loop", f"{what} {seen[key]}, which is scanned once; not followed")])
+            continue
+        seen[key] = folder
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            yield ScanResult(folder, ERROR, reasons=[_reason(
+                "folder", f"cannot list the folder ({exc.strerror or exc}): the files in it "
+                          "were not scanned")])
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                sub = entry.stat() if entry.is_dir() else None  # follows symbolic links
+            except OSError:
+                sub = None  # a link that cannot be followed: scanned as a file, which says why
+            if sub is None:
+                yield entry.path
+            else:
+                subfolders.append((entry.path, sub, above | {key}))
+        stack.extend(reversed(subfolders))
+
+
+def iter_files(paths: Iterable[str]) -> Iterator[str]:
+    """The files of ``walk(paths)``, without its entries for paths that cannot be walked (a
+    missing path, an unreadable folder, a loop): for finding model files, not for a verdict."""
+    for item in walk(paths):
+        if isinstance(item, str):
+            yield item
+
+
+def scan_paths(paths: Iterable[str], verify_data: bool = False) -> Iterator[ScanResult]:
+    """A result for every file under ``paths`` and for every path that could not be walked:
+    what ``ckpt scan`` reports."""
+    for item in walk(paths):
+        yield scan_file(item, verify_data) if isinstance(item, str) else item
 
 
 def exit_code(results: Iterable[ScanResult]) -> int:

@@ -1,0 +1,46 @@
+"""``printable`` and ``json_text``: text from a file, made safe for a terminal and for JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ckptkit.cli.safe_text import has_surrogates, json_safe, json_text, printable
+
+
+def test_printable_keeps_ordinary_text():
+    for text in ("", "model.safetensors", "posix.system", "café 模型 🙂", r"C:\models\x.ckpt"):
+        assert printable(text) == text
+
+
+def test_printable_escapes_every_control_character():
+    assert printable("a\x1b[2Ab") == "a\\x1b[2Ab"
+    assert printable("\r\n\t") == "\\r\\n\\t"
+    assert printable("\x00\x07\x08\x7f") == "\\x00\\x07\\x08\\x7f"
+    assert printable("\x9b2J") == "\\x9b2J"  # C1 CSI, obeyed by some terminals
+    assert printable("\u202etxt.exe") == "\\u202etxt.exe"  # right-to-left override
+    assert printable("a\u2028b") == "a\\u2028b"
+    assert printable("\U000e0041") == "\\U000e0041"  # a tag character (invisible)
+    for code in range(0x110000):
+        out = printable(chr(code))
+        assert (out.isprintable() and out.isascii()) or out == chr(code)
+        assert all(ch >= " " and ch != "\x7f" and not "\x80" <= ch <= "\x9f" for ch in out)
+
+
+def test_bytes_of_names_that_are_not_utf8_show_as_bytes():
+    name = os.fsdecode(b"caf\xff\xc3.ckpt") if os.name != "nt" else "caf\udcff\udcc3.ckpt"
+    assert printable(name) == "caf\\xff\\xc3.ckpt"
+    assert printable("\ud800") == "\\ud800"
+    printable(name).encode("utf-8")
+
+
+def test_json_text_only_replaces_surrogates():
+    assert json_text("a\x1bb\u202e") == "a\x1bb\u202e"  # json.dumps escapes these itself
+    assert json_text("caf\udcff.ckpt") == "caf\\xff.ckpt"
+    assert json_text("x\udabcy") == "x\\udabcy"
+    assert has_surrogates("caf\udcff") and not has_surrogates("café")
+    value = json_safe({"caf\udcff": ["\udc80", ("t", 1, None)], "n": 2.5})
+    assert value == {"caf\\xff": ["\\x80", ["t", 1, None]], "n": 2.5}
+    dumped = json.dumps(value)
+    assert "\\ud" not in dumped
+    dumped.encode("utf-8")
