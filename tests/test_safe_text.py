@@ -44,3 +44,14 @@ def test_json_text_only_replaces_surrogates():
     dumped = json.dumps(value)
     assert "\\ud" not in dumped
     dumped.encode("utf-8")
+
+
+def test_error_lines_show_escape_sequences_instead_of_obeying_them(tmp_path, capsys):
+    from ckptkit.cli.main import main
+
+    bad = tmp_path / "x\x1b[2K\rSAFE.safetensors"
+    bad.write_bytes(b"x")
+    assert main(["convert", str(bad), "-o", str(tmp_path / "o.safetensors"), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err
+    assert "x\\x1b[2K\\rSAFE.safetensors" in err

@@ -15,6 +15,7 @@ import sys
 from .. import __version__
 from ..errors import CkptError
 from . import convert_cmd, inspect_cmd, merge_cmd, parts_cmd, prune_cmd, sample_cmd, scan_cmd
+from .safe_text import printable
 
 COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd)
 
@@ -56,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # so that temporary outputs are cleaned up
     try:
         return args.run(args)
-    except CkptError as exc:
-        print(f"ckpt: error: {exc}", file=sys.stderr)
+    except CkptError as exc:  # file names and reasons can quote a file's own text
+        print(f"ckpt: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("ckpt: interrupted; no output was written", file=sys.stderr)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"ckpt: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"ckpt: error: {printable(where + str(exc.strerror or exc))}", file=sys.stderr)
         return 5
     except Exception as exc:
         if os.environ.get("CKPT_DEBUG"):
