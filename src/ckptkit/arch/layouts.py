@@ -7,14 +7,18 @@ declaration: text encoders that SD2 and SDXL store in the open_clip naming (one 
 ``text_projection``, a ``logit_scale`` transformers has no place for), and the SD3/FLUX
 all-in-one text encoders, whose keys sit under ``transformer.`` beside a ``logit_scale``.
 Scalars that the standalone naming cannot hold are returned as "dropped" so that a split can
-record them and an assemble put them back: a split then assemble is bit-identical.
+record them and an assemble put them back: a split then assemble is bit-identical. Older SD1
+files name their CLIP-L without the ``text_model.`` level of current files; they are read under
+the current names (``current_names``), as A1111 and ComfyUI load them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .families import Component
+from .keys import clip as clip_keys
 
 # open_clip -> transformers, per layer; the stacked in_proj is handled apart.
 _OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
@@ -24,6 +28,9 @@ _OPENCLIP_TOP = {"positional_embedding": "text_model.embeddings.position_embeddi
                  "ln_final.weight": "text_model.final_layer_norm.weight",
                  "ln_final.bias": "text_model.final_layer_norm.bias"}
 QKV = ("q", "k", "v")
+# The top-level modules of transformers' CLIP text model, which older SD1 files store
+# without their ``text_model.`` parent (read as if it were there, as detection does).
+_TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
 @dataclass(frozen=True)
@@ -110,17 +117,39 @@ def _hf_to_openclip(src_prefix: str, dst_prefix: str, keys: set[str]) -> list[Mo
     return moves
 
 
+def _inner(comp: Component) -> str:
+    """The prefix of ``comp``'s canonical names inside a monolithic file (not openclip)."""
+    return comp.ldm_prefix + "transformer." if comp.ldm_naming == "transformer" \
+        else comp.ldm_prefix
+
+
+def current_names(comp: Component, keys: Iterable[str]) -> dict[str, str]:
+    """``comp``'s monolithic keys among ``keys`` -> their names in current files: the same,
+    but for a transformers-named CLIP stored without the ``text_model.`` level (older SD1
+    files: ``cond_stage_model.transformer.encoder.layers...``), which gains it. Loaders insert
+    it when they read such files; a part or checkpoint written from them has it."""
+    prefix = comp.ldm_prefix
+    mine = [k for k in keys if k.startswith(prefix)]
+    if comp.build is not clip_keys.clip_keys or comp.ldm_naming == "openclip":
+        return {k: k for k in mine}
+    inner = _inner(comp)
+    return {k: inner + "text_model." + k[len(inner):]
+            if k.startswith(inner) and k[len(inner):].startswith(_TEXT_MODEL_CHILDREN) else k
+            for k in mine}
+
+
 def to_canonical(comp: Component, present: set[str]) -> tuple[list[Move], dict[str, str]]:
     """Moves from ``comp``'s monolithic keys (those in ``present``) to its standalone names,
     and the keys left out (key -> name) because the standalone naming has no place for them."""
     prefix = comp.ldm_prefix
-    mine = {k for k in present if k.startswith(prefix)}
+    mine = current_names(comp, present)
     dropped = {k: k[len(prefix):] for k in mine if k == prefix + "logit_scale"}
-    keys = mine - set(dropped)
+    keys = set(mine) - set(dropped)
     if comp.ldm_naming == "openclip":
         return _openclip_to_hf(prefix, "", keys), dropped
-    inner = prefix + "transformer." if comp.ldm_naming == "transformer" else prefix
-    return [Move(k[len(inner):], (k,)) for k in sorted(keys)], dropped
+    inner = _inner(comp)
+    moves = [Move(mine[k][len(inner):], (k,)) for k in sorted(keys, key=mine.__getitem__)]
+    return moves, dropped
 
 
 def to_ldm(comp: Component, present: set[str], scalars: dict[str, float]
@@ -132,7 +161,7 @@ def to_ldm(comp: Component, present: set[str], scalars: dict[str, float]
     if comp.ldm_naming == "openclip":
         moves = _hf_to_openclip("", prefix, present)
     else:
-        inner = prefix + "transformer." if comp.ldm_naming == "transformer" else prefix
+        inner = _inner(comp)
         moves = [Move(inner + k, (k,)) for k in sorted(present)
                  if not k.endswith("position_ids") or inner + k in expected]
     for name, value in scalars.items():

@@ -59,11 +59,21 @@ def run_split(args) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({"input": args.checkpoint, "written": written}))
+        print(json.dumps({"input": args.checkpoint, "written": written,
+                          "left_out": written.left_out}))
     else:
         for path in written:
             print(f"wrote {path}")
+        _note_left_out(written.left_out)
     return 0
+
+
+def _note_left_out(left_out: dict[str, int], where: str = "") -> None:
+    """One line for the keys no output took (EMA copies, training leftovers, markers,
+    unexplained keys): they are left out on purpose, and said so."""
+    if left_out:
+        counts = ", ".join(f"{n:,} {why}" for why, n in left_out.items())
+        print(f"note: left out {counts}{where}")
 
 
 def run_assemble(args) -> int:
@@ -80,6 +90,8 @@ def run_assemble(args) -> int:
         print(f"wrote {args.output}: {result['family']} with "
               f"{', '.join(result['components'])}"
               + (f" (missing {', '.join(result['missing'])})" if result["missing"] else ""))
+        for path, left_out in result.get("left_out", {}).items():
+            _note_left_out(left_out, f" of {path}")
     return 0
 
 
@@ -94,4 +106,5 @@ def run_bake(args) -> int:
         print(json.dumps({"output": args.output, **result}))
     else:
         print(f"wrote {args.output}: {result['family']} with the VAE of {args.vae}")
+        _note_left_out(result.get("left_out", {}))
     return 0

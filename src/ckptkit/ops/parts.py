@@ -7,21 +7,29 @@ assemble identifies each part from its header, checks that the parts belong toge
 same size), and writes them under the family's monolithic prefixes. Scalars that a
 standalone file has no place for (open_clip's ``logit_scale``) travel in the part's
 metadata, so split then assemble gives back the same tensors bit for bit. Every output
-says where it came from in its metadata, merged into the source's.
+says where it came from in its metadata, merged into the source's less what describes that
+file and not the output (its SHA-256, which part it is).
+
+Only a component's own keys go into an output: EMA copies, training leftovers (a VAE's
+``loss.*`` discriminator, as A1111's VAE loader ignores them), marker keys and keys no
+component has are left out and counted by why; a part that lacks keys its component needs
+is refused before anything is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
 
 from ..arch import diffusers_layout
-from ..arch.detect import Identification
+from ..arch.detect import MARKERS, Identification, is_leftover
 from ..arch.families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
-from ..arch.layouts import Move, to_canonical, to_ldm
+from ..arch.keys import KeyTable
+from ..arch.layouts import Move, current_names, to_canonical, to_ldm
 from ..engine.moves import plan_moves
 from ..engine.writer import OutputBatch, Planned, Progress, write_safetensors
 from ..errors import UsageError
@@ -33,6 +41,51 @@ from .provenance import provenance, source_hashes
 SCALARS_KEY = "ckptkit.scalars"  # JSON: {name: [value, dtype]} of keys a part cannot hold
 FOLDERS = {"diffusion-model": "diffusion_models", "text-encoder": "text_encoders",
            "vae": "vae"}
+# Metadata that describes the file it is in, not an output made from it: hashes of its bytes
+# (ModelSpec's, kohya's), which part it is, the scalars only a part holds.
+_OWN_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash",
+                 "ckptkit.component", "ckptkit.components", SCALARS_KEY)
+# Kept beside a component's keys: ComfyUI's scaled-fp8 scales (one per weight, and a marker),
+# without which the fp8 weights are wrong, and CLIP's position_ids, a buffer files hold or not.
+_KEPT_SUFFIXES = (".scale_weight", ".scale_input", "scaled_fp8", "position_ids")
+
+
+class SplitResult(list):
+    """The paths ``split`` wrote (a list of them, as it always returned) and ``left_out``:
+    the source's keys that none of its components has, counted by why."""
+
+    def __init__(self, paths: Iterable[str] = (), left_out: dict[str, int] | None = None):
+        super().__init__(paths)
+        self.left_out = left_out or {}
+
+
+def _inherited(metadata: Mapping[str, str]) -> dict[str, str]:
+    """A source's metadata less what is true of that file only (``_OWN_METADATA``)."""
+    return {k: v for k, v in metadata.items() if k not in _OWN_METADATA}
+
+
+def _why_left_out(key: str) -> str:
+    """What a key that no output holds is, as the report counts it."""
+    if key.startswith("model_ema.") or ".model_ema." in key:
+        return "ema weights"
+    if is_leftover(key):
+        return "training leftovers"
+    return "markers" if key in MARKERS else "unexplained keys"
+
+
+def _count(left_out: dict[str, int], keys: Iterable[str]) -> None:
+    for key in keys:
+        why = _why_left_out(key)
+        left_out[why] = left_out.get(why, 0) + 1
+
+
+def _sort_out(keys: Mapping[str, str], names: Collection[str], left_out: dict[str, int]
+              ) -> set[str]:
+    """The keys (key -> its current name) that go into an output whose component has the
+    keys ``names``; those that do not are counted into ``left_out`` by why."""
+    kept = {k for k, name in keys.items() if name in names or name.endswith(_KEPT_SUFFIXES)}
+    _count(left_out, (name for k, name in keys.items() if k not in kept))
+    return kept
 
 
 def _architecture(fam: Family, component: str | None) -> str:
@@ -51,12 +104,28 @@ def _monolithic(path: str, checkpoint: Checkpoint) -> tuple[Family, Identificati
     return families()[ident.family], ident
 
 
+def _claimed(fam: Family, names: list[str], keys: set[str]
+             ) -> tuple[dict[str, set[str]], dict[str, int]]:
+    """The keys of each component ``names`` of a monolithic checkpoint, and the checkpoint's
+    keys that none of them has (leftovers, markers, EMA copies...) counted by why."""
+    claimed, left_out, rest = {}, {}, set(keys)
+    for name in names:
+        comp = fam.component(name)
+        mine = current_names(comp, keys)
+        rest -= set(mine)
+        table = set(comp.keys(layout="ldm")) | set(comp.keys(tiny=True, layout="ldm"))
+        claimed[name] = _sort_out(mine, table, left_out)
+    _count(left_out, rest)
+    return claimed, left_out
+
+
 def split(src: str, out_dir: str, components: list[str] | None = None,
           progress: Progress | None = None, hash_sources: bool = False,
-          fsync: bool = True) -> list[str]:
-    """Writes the chosen components of ``src`` as standalone files; returns their paths.
-    ``hash_sources``: compute the source's SHA-256 for their metadata (else: if known)."""
-    written = []
+          fsync: bool = True) -> SplitResult:
+    """Writes the chosen components of ``src`` as standalone files; returns their paths, with
+    what none of the components has (``left_out``). ``hash_sources``: compute the source's
+    SHA-256 for their metadata (else: if known)."""
+    written = SplitResult()
     with ExitStack() as stack:
         checkpoint = stack.enter_context(open_checkpoint(src))
         fam, ident = _monolithic(src, checkpoint)
@@ -67,12 +136,12 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
             raise UsageError(f"{src} has no {unknown[0]} component; it has "
                              f"{', '.join(present)}")
         stem = os.path.splitext(os.path.basename(src))[0]
-        keys = set(checkpoint)
+        claimed, written.left_out = _claimed(fam, present, set(checkpoint))
         hashes = source_hashes([src], hash_sources)
         batch = stack.enter_context(OutputBatch())
         for name in chosen:
             comp = fam.component(name)
-            moves, dropped = to_canonical(comp, keys)
+            moves, dropped = to_canonical(comp, claimed[name])
             scalars = {n: [checkpoint[k].scalar(), checkpoint[k].dtype.name]
                        for k, n in dropped.items()}
             kind = COMPONENT_KINDS[name]
@@ -80,7 +149,7 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
             folder = os.path.join(out_dir, FOLDERS[kind])
             os.makedirs(folder, exist_ok=True)
             target = os.path.join(folder, f"{stem}{suffix}.safetensors")
-            metadata = {**checkpoint.metadata,
+            metadata = {**_inherited(checkpoint.metadata),
                         "modelspec.sai_model_spec": "1.0.1",
                         "modelspec.architecture": _architecture(fam, name),
                         "modelspec.title": f"{stem} {name}",
@@ -104,12 +173,12 @@ def _part(path: str, stack: ExitStack) -> tuple[Checkpoint, Identification, str]
     return checkpoint, ident, names[0]
 
 
-def _moves_for(part: Checkpoint, ident: Identification, fam: Family, comp, tiny: bool
-               ) -> list[Move]:
-    """A part's keys under the family's monolithic names, whatever layout it came in."""
-    keys = set(part)
+def _moves_for(part: Checkpoint, keys: set[str], ident: Identification, fam: Family, comp,
+               tiny: bool) -> list[Move]:
+    """A part's ``keys`` under the family's monolithic names, whatever layout it came in."""
     if ident.layout == "ldm":
-        return [Move(k, (k,)) for k in sorted(keys) if k.startswith(comp.ldm_prefix)]
+        names = current_names(comp, keys)
+        return [Move(names[k], (k,)) for k in sorted(names, key=names.__getitem__)]
     scalars = {n: v[0] for n, v in json.loads(part.metadata.get(SCALARS_KEY, "{}")).items()}
     if ident.layout == "comfyui":
         return to_ldm(comp, keys, scalars)
@@ -144,6 +213,35 @@ def _scalar_dtypes(part: Checkpoint, comp) -> dict[str, Any]:
     return {comp.ldm_prefix + n: BY_NAME[v[1]] for n, v in scalars.items()}
 
 
+def _optional(name: str, key: str) -> bool:
+    """Keys of a component that files hold or not: CLIP's position_ids (a buffer transformers
+    stopped saving), open_clip's and ComfyUI's logit_scale (recreated from a split's scalars,
+    unused by diffusion), and CLIP-L's text_projection, which many CLIP-L files lack and
+    ComfyUI loads without (Comfy-Org/ComfyUI#5222)."""
+    return key.endswith(("position_ids", "logit_scale")) or (
+        name == "clip_l" and key.endswith("text_projection.weight"))
+
+
+def _refuse_incomplete(fam: Family, path: str, name: str, expected: KeyTable,
+                       present: Collection[str]) -> None:
+    """Refuses a part that lacks keys of ``expected`` (in its own layout) that ``fam``'s
+    component needs: a shape check cannot see what is not there."""
+    missing = [k for k in expected if k not in present and not _optional(name, k)]
+    if missing:
+        raise UsageError(f"{path} is an incomplete {name}: it lacks {len(missing)} of the "
+                         f"{len(expected)} keys of {fam.name}'s {name}, e.g. {missing[0]}")
+
+
+def _part_names(fam: Family, ident: Identification, name: str, part: Checkpoint
+                ) -> dict[str, str]:
+    """The part's keys -> their names in current files (an older SD1 text encoder in the
+    original layout gains its ``text_model.`` level)."""
+    names = {k: k for k in part}
+    if ident.layout == "ldm":
+        names.update(current_names(fam.component(name), part))
+    return names
+
+
 def _check_fits(fam: Family, path: str, ident: Identification, name: str,
                 part: Checkpoint, tiny: bool) -> None:
     if name not in fam.component_names:
@@ -154,19 +252,25 @@ def _check_fits(fam: Family, path: str, ident: Identification, name: str,
         raise UsageError(f"{path} is in the {ident.layout} layout; parts are taken in the "
                          "ComfyUI, kohya, diffusers or original layouts")
     expected = diffusers_layout.layout_table(fam, name, tiny, ident.layout)
-    wrong = [k for k, shape in expected.items() if k in part and part[k].shape != shape]
-    if wrong:
-        key = wrong[0]
-        raise UsageError(f"{path} does not fit {fam.name}: {key} is {list(part[key].shape)}, "
-                         f"the model needs {list(expected[key])}"
-                         + (" (a 16-channel VAE for a 4-channel model, or the other way)"
-                            if name == "vae" else ""))
+    present = {v: k for k, v in _part_names(fam, ident, name, part).items()}
+    if name != DIFFUSION_MODEL:  # whose variants (inpainting...) have shapes of their own
+        wrong = [k for k, shape in expected.items() if k in present and
+                 part[present[k]].shape != shape]
+        if wrong:
+            key = wrong[0]
+            raise UsageError(f"{path} does not fit {fam.name}: {key} is "
+                             f"{list(part[present[key]].shape)}, the model needs "
+                             f"{list(expected[key])}"
+                             + (" (a 16-channel VAE for a 4-channel model, or the other way)"
+                                if name == "vae" else ""))
+    _refuse_incomplete(fam, path, name, expected, present)
 
 
 def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, out: str, *,
              allow_partial: bool = False, progress: Progress | None = None,
              hash_sources: bool = False, fsync: bool = True) -> dict[str, Any]:
-    """Writes the parts as one monolithic checkpoint in the family's original layout."""
+    """Writes the parts as one monolithic checkpoint in the family's original layout; says
+    what it holds, which components are missing, and what of each part it left out."""
     paths = [diffusion_model, *text_encoders, *([vae] if vae else [])]
     with ExitStack() as stack:
         parts = [(p, *_part(p, stack)) for p in paths]
@@ -188,35 +292,46 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
         if missing and not allow_partial:
             raise UsageError(f"{fam.name} also needs {', '.join(missing)}; give them, or "
                              "--allow-partial for a checkpoint without them")
-        planned = []
-        for _path, part, ident, name in parts:
-            planned += _planned_part(part, ident, fam, name, tiny)
-        base = dict(parts[0][1].metadata)
-        base.pop(SCALARS_KEY, None)
-        metadata = {**base, "modelspec.sai_model_spec": "1.0.1",
+        _check_fits(fam, diffusion_model, model_ident, model_name, parts[0][1], tiny)
+        planned, left_out = [], {}
+        for path, part, ident, name in parts:
+            taken, left = _planned_part(part, ident, fam, name, tiny)
+            planned += taken
+            if left:
+                left_out[path] = left
+        metadata = {**_inherited(parts[0][1].metadata), "modelspec.sai_model_spec": "1.0.1",
                     "modelspec.architecture": _architecture(fam, None),
+                    "modelspec.title": os.path.splitext(os.path.basename(out))[0],
                     **provenance("assemble", paths, source_hashes(paths, hash_sources),
                                  family=fam.id, components=[p[3] for p in parts])}
         write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress,
                           fsync=fsync)
     return {"family": fam.id, "components": [p[3] for p in parts], "missing": missing,
-            "tensors": len(planned)}
+            "tensors": len(planned), "left_out": left_out}
 
 
 def _planned_part(part: Checkpoint, ident: Identification, fam: Family, name: str,
-                  tiny: bool) -> list[Planned]:
-    """A part's tensors planned under the family's monolithic names."""
+                  tiny: bool) -> tuple[list[Planned], dict[str, int]]:
+    """A part's tensors planned under the family's monolithic names, and its keys left out
+    (counted by why)."""
     comp = fam.component(name)
-    return plan_moves(_moves_for(part, ident, fam, comp, tiny), part, _scalar_dtypes(part, comp))
+    expected = diffusers_layout.layout_table(fam, name, tiny, ident.layout)
+    left_out: dict[str, int] = {}
+    keys = _sort_out(_part_names(fam, ident, name, part), expected, left_out)
+    moves = _moves_for(part, keys, ident, fam, comp, tiny)
+    return plan_moves(moves, part, _scalar_dtypes(part, comp)), left_out
 
 
 def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, tiny: bool,
-                   ident: Identification | None = None) -> list[Planned]:
+                   ident: Identification | None = None,
+                   left_out: dict[str, int] | None = None) -> list[Planned]:
     """Component ``name`` of ``fam`` under its monolithic names, from a file that holds it
     alone (any supported layout) or from a monolithic checkpoint of the same family: what
     ``vae bake`` and ``merge --take`` put into a checkpoint, checked to fit first. ``ident``:
-    the file's identification where the caller has it already."""
+    the file's identification where the caller has it already; ``left_out``: counts (by why)
+    of the file's keys not taken are added to it."""
     ident = ident or identify_checkpoint(checkpoint)
+    left_out = {} if left_out is None else left_out
     comp = fam.component(name) if name in fam.component_names else None
     if ident.kind == "checkpoint" and comp is not None:
         if (ident.family, ident.layout) != (fam.id, "ldm"):
@@ -225,33 +340,43 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
                              f"one of the same family in the original layout, or alone")
         if name not in [c.name for c in ident.components]:
             raise UsageError(f"{path} has no {name}")
-        moves = [Move(k, (k,)) for k in checkpoint if k.startswith(comp.ldm_prefix)]
-        return plan_moves(moves, checkpoint)
+        expected = comp.keys(tiny=tiny, layout="ldm")
+        names = current_names(comp, checkpoint)
+        _refuse_incomplete(fam, path, name, expected, set(names.values()))
+        kept = _sort_out(names, expected, left_out)
+        return plan_moves(sorted((Move(names[k], (k,)) for k in kept), key=lambda m: m.target),
+                          checkpoint)
     names = [c.name for c in ident.components]
     if names != [name]:
         raise UsageError(f"{path} is a {ident.kind}"
                          f"{' with ' + ', '.join(names) if names else ''}, not a {name}")
     _check_fits(fam, path, ident, name, checkpoint, tiny)
-    return _planned_part(checkpoint, ident, fam, name, tiny)
+    planned, left = _planned_part(checkpoint, ident, fam, name, tiny)
+    for why, count in left.items():
+        left_out[why] = left_out.get(why, 0) + count
+    return planned
 
 
 def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None,
              hash_sources: bool = False, fsync: bool = True) -> dict[str, Any]:
     """``src`` with its VAE replaced by ``vae`` (a VAE file in any supported layout, or
-    another checkpoint of the family), refused across latent widths."""
+    another checkpoint of the family), refused across latent widths or when incomplete; says
+    how many tensors were replaced and what of ``vae`` was left out."""
     with ExitStack() as stack:
         checkpoint = stack.enter_context(open_checkpoint(src))
         fam, ident = _monolithic(src, checkpoint)
         part = stack.enter_context(open_checkpoint(vae))
         tiny = ident.components[0].size == "tiny"
-        taken = component_from(fam, vae, part, "vae", tiny)
+        left_out: dict[str, int] = {}
+        taken = component_from(fam, vae, part, "vae", tiny, left_out=left_out)
         comp = fam.component("vae")
         old = {k for k in checkpoint if k.startswith(comp.ldm_prefix)}
         moves = [Move(k, (k,)) for k in checkpoint if k not in old]
         planned = plan_moves(moves, checkpoint) + taken
-        metadata = {**checkpoint.metadata,
+        metadata = {**_inherited(checkpoint.metadata),
                     **provenance("vae bake", [src, vae],
                                  source_hashes([src, vae], hash_sources), family=fam.id)}
         write_safetensors(out, planned, metadata, inputs=(src, vae), progress=progress,
                           fsync=fsync)
-    return {"family": fam.id, "replaced": len(old), "tensors": len(planned)}
+    return {"family": fam.id, "replaced": len(old), "tensors": len(planned),
+            "left_out": left_out}
