@@ -221,3 +221,14 @@ def test_the_commands_say_what_they_left_out(tmp_path, sd1, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["left_out"] == {"ema weights": 1, "training leftovers": 1}
     assert len(report["written"]) == 3
+
+
+def test_a_clip_saved_by_transformers_5_assembles(tmp_path, sd1):
+    """transformers 5's CLIPTextModel has no ``text_model.`` level in its state dict."""
+    src, model, clip, vae = sd1
+    bare = _rewritten(clip, tmp_path / "bare_clip.safetensors", lambda t: t.update(
+        {k.removeprefix("text_model."): t.pop(k) for k in list(t)}))
+    assert not any(k.startswith("text_model.") for k in load_file(bare))
+    out = tmp_path / "out.safetensors"
+    assemble(model, [bare], vae, str(out))
+    _same(load_file(str(out)), load_file(src))

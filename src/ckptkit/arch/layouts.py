@@ -138,6 +138,17 @@ def current_names(comp: Component, keys: Iterable[str]) -> dict[str, str]:
             for k in mine}
 
 
+def standalone_current_names(comp: Component, keys: Iterable[str]) -> dict[str, str]:
+    """A standalone part's ``keys`` -> their names in current files: the same, but for a
+    CLIP saved by transformers 5, whose ``CLIPTextModel`` has no ``text_model.`` level
+    (``embeddings.*``, ``encoder.layers.*``), which gains it (identification reads such a
+    file the same way)."""
+    bare = comp.build is clip_keys.clip_keys and "text_model.embeddings.token_embedding.weight" \
+        not in keys and "embeddings.token_embedding.weight" in keys
+    return {k: "text_model." + k if bare and k.startswith(_TEXT_MODEL_CHILDREN) else k
+            for k in keys}
+
+
 def to_canonical(comp: Component, present: set[str]) -> tuple[list[Move], dict[str, str]]:
     """Moves from ``comp``'s monolithic keys (those in ``present``) to its standalone names,
     and the keys left out (key -> name) because the standalone naming has no place for them."""

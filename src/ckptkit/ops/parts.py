@@ -29,7 +29,13 @@ from ..arch import diffusers_layout
 from ..arch.detect import MARKERS, Identification, is_leftover
 from ..arch.families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
 from ..arch.keys import KeyTable
-from ..arch.layouts import Move, current_names, to_canonical, to_ldm
+from ..arch.layouts import (
+    Move,
+    current_names,
+    standalone_current_names,
+    to_canonical,
+    to_ldm,
+)
 from ..engine.moves import plan_moves
 from ..engine.writer import OutputBatch, Planned, Progress, write_safetensors
 from ..errors import UsageError
@@ -181,7 +187,10 @@ def _moves_for(part: Checkpoint, keys: set[str], ident: Identification, fam: Fam
         return [Move(names[k], (k,)) for k in sorted(names, key=names.__getitem__)]
     scalars = {n: v[0] for n, v in json.loads(part.metadata.get(SCALARS_KEY, "{}")).items()}
     if ident.layout == "comfyui":
-        return to_ldm(comp, keys, scalars)
+        names = standalone_current_names(comp, keys)
+        source = {v: k for k, v in names.items()}
+        return [replace(m, sources=tuple(source[s] for s in m.sources))
+                for m in to_ldm(comp, set(names.values()), scalars)]
     renamed = ident.layout == "diffusers" or diffusers_layout.kohya_renames(fam)
     prefix = ("" if ident.layout == "diffusers" else
               diffusers_layout.kohya_prefix(fam, comp.name) if renamed else comp.kohya_prefix)
@@ -239,6 +248,8 @@ def _part_names(fam: Family, ident: Identification, name: str, part: Checkpoint
     names = {k: k for k in part}
     if ident.layout == "ldm":
         names.update(current_names(fam.component(name), part))
+    elif ident.layout == "comfyui":
+        names.update(standalone_current_names(fam.component(name), names))
     return names
 
 
