@@ -232,3 +232,21 @@ def test_a_clip_saved_by_transformers_5_assembles(tmp_path, sd1):
     out = tmp_path / "out.safetensors"
     assemble(model, [bare], vae, str(out))
     _same(load_file(str(out)), load_file(src))
+
+
+def test_a_failed_split_leaves_no_folders_it_made(tmp_path, sd1, monkeypatch):
+    import errno
+    import os
+
+    from ckptkit.engine import writer
+    from ckptkit.errors import OutputError
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer, "write_all", full)
+    existing = tmp_path / "models"
+    existing.mkdir()
+    with pytest.raises(OutputError, match="No space left"):
+        split(sd1[0], str(existing / "new" / "parts"))
+    assert list(existing.iterdir()) == []  # "new" and everything under it gone; "models" kept

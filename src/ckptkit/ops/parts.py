@@ -18,6 +18,7 @@ is refused before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Collection, Iterable, Mapping
@@ -144,6 +145,8 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
         stem = os.path.splitext(os.path.basename(src))[0]
         claimed, written.left_out = _claimed(fam, present, set(checkpoint))
         hashes = source_hashes([src], hash_sources)
+        created: list[str] = []
+        stack.callback(_remove_if_empty, created)  # after the batch: a failed split's folders
         batch = stack.enter_context(OutputBatch())
         for name in chosen:
             comp = fam.component(name)
@@ -153,7 +156,7 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
             kind = COMPONENT_KINDS[name]
             suffix = f"_{name}" if kind == "text-encoder" else ""
             folder = os.path.join(out_dir, FOLDERS[kind])
-            os.makedirs(folder, exist_ok=True)
+            _make_folder(folder, created)
             target = os.path.join(folder, f"{stem}{suffix}.safetensors")
             metadata = {**_inherited(checkpoint.metadata),
                         "modelspec.sai_model_spec": "1.0.1",
@@ -229,6 +232,24 @@ def _optional(name: str, key: str) -> bool:
     ComfyUI loads without (Comfy-Org/ComfyUI#5222)."""
     return key.endswith(("position_ids", "logit_scale")) or (
         name == "clip_l" and key.endswith("text_projection.weight"))
+
+
+def _make_folder(folder: str, created: list[str]) -> None:
+    """``os.makedirs``, noting in ``created`` the folders it made (outermost first)."""
+    missing, path = [], os.path.abspath(folder)
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    created.extend(reversed(missing))
+
+
+def _remove_if_empty(created: list[str]) -> None:
+    """Removes the folders a split made that hold nothing (it failed before writing there),
+    innermost first; folders that hold its files stay."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def _refuse_incomplete(fam: Family, path: str, name: str, expected: KeyTable,
