@@ -72,7 +72,7 @@ def _note_left_out(left_out: dict[str, int], where: str = "") -> None:
     """One line for the keys no output took (EMA copies, training leftovers, markers,
     unexplained keys): they are left out on purpose, and said so."""
     if left_out:
-        counts = ", ".join(f"{n:,} {why}" for why, n in left_out.items())
+        counts = ", ".join(f"{n:,} {why}" for why, n in sorted(left_out.items()))
         print(f"note: left out {counts}{where}")
 
 
