@@ -324,8 +324,10 @@ def test_non_tensor_entries_are_dropped_and_listed(tmp_path: Path, capsys):
     assert code == 0, err
     dropped = ["epoch", "global_step", "pytorch-lightning_version", "optimizer_states",
                "lr_schedulers", "callbacks"]
-    (line,) = [ln for ln in stdout.splitlines() if "dropped" in ln]
-    assert line.startswith("note: dropped 7 non-tensor entries: ")
+    (line, holding) = [ln for ln in stdout.splitlines() if "dropped" in ln]
+    assert line.startswith("note: dropped 7 entries that are not weights: ")
+    assert holding.startswith("note: 1 of the dropped entries hold ")
+    assert holding.endswith(" tensors, not written: optimizer_states")
     listed = line.split(": ", 2)[2].split(", ")
     assert set(listed) == {*dropped, "state_dict.not_a_tensor"}
     tensors = {k for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
@@ -586,3 +588,116 @@ def test_installed_ckpt_console_script(demo_ckpt: Path, tmp_path: Path):
     assert done.returncode == 3
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"ckpt: error: {bad}")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# --- weights under keys other than state_dict; files without tensors ----------------------
+
+
+def _nested_cases(gen: torch.Generator) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:
+    """name -> (object to save, the tensors the output must hold, by key)."""
+    sd = {"conv.weight": torch.randn(3, 3, generator=gen), "conv.bias": torch.randn(3)}
+    ema = {k: v + 1 for k, v in sd.items()}
+    vectors = torch.randn(2, 8, generator=gen)
+    return {
+        "embedding": ({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors},
+                       "name": "style", "step": 500}, {"string_to_param.*": vectors}),
+        "esrgan": ({"params": sd, "params_ema": ema}, ema),
+        "net": ({"net": sd, "epoch": 1}, sd),
+        "root-and-state_dict": ({"w": torch.ones(2), "state_dict": sd},
+                                {"w": torch.ones(2),
+                                 **{f"state_dict.{k}": v for k, v in sd.items()}}),
+    }
+
+
+@pytest.mark.parametrize("case", ["embedding", "esrgan", "net", "root-and-state_dict"])
+def test_weights_nested_under_other_keys_are_converted(case: str, tmp_path: Path, capsys):
+    obj, expected = _nested_cases(torch.Generator().manual_seed(3))[case]
+    src = tmp_path / "in.pt"
+    torch.save(obj, src)
+    out = tmp_path / "out.safetensors"
+    code, stdout, err = run_cli(capsys, "convert", src, "-o", out)
+    assert code == 0, err
+    got = load_file(str(out))
+    assert list(got) == list(expected)
+    for key, tensor in expected.items():
+        assert_same(got[key], tensor, key)
+    assert f"{len(expected)} tensors" in stdout.splitlines()[0]
+    if case == "esrgan":  # the other copy of the weights is listed with its tensors
+        assert "note: 1 of the dropped entries hold 2 tensors, not written: params" in stdout
+        code, stdout, _ = run_cli(capsys, "convert", src, "-o", tmp_path / "j.safetensors",
+                                  "--json")
+        assert json.loads(stdout)["dropped_tensors"] == {"params": 2}
+    else:
+        assert "hold" not in stdout
+
+
+@pytest.mark.parametrize("case", ["scalars", "list-of-tensors", "empty-state_dict", "tensor",
+                                  "list", "safetensors"])
+def test_file_without_tensors_is_refused_and_nothing_written(case: str, tmp_path: Path,
+                                                             capsys):
+    src = tmp_path / ("in.safetensors" if case == "safetensors" else "in.pt")
+    if case == "safetensors":
+        save_file({}, str(src))
+    else:
+        torch.save({"scalars": {"name": "x", "step": 3},
+                    "list-of-tensors": {"hyper": [torch.ones(2)], "step": 3},
+                    "empty-state_dict": {"state_dict": {}},
+                    "tensor": torch.ones(2),
+                    "list": [{"w": torch.ones(2)}]}[case], src)
+    out = tmp_path / "out.safetensors"
+    for json_flag in ([], ["--json"]):
+        code, stdout, err = run_cli(capsys, "convert", src, "-o", out, *json_flag)
+        assert code == 3, err
+        assert err.startswith(f"ckpt: error: {src}: ") and err.count("\n") == 1, err
+        assert "Pickled" not in err and "Summary" not in err
+        assert not out.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
+        if json_flag:
+            report = json.loads(stdout)
+            assert report["input"] == str(src) and report["output"] == str(out)
+            assert report["error"] in err
+        else:
+            assert stdout == ""
+    if case == "list-of-tensors":
+        assert "hyper (list of 1 holding 1 tensor" in err
+
+
+@pytest.mark.parametrize("name", ["out.ckpt", "out.pt", "out.PTH", "out.bin", "out.gguf"])
+def test_output_named_as_another_format_is_refused(name: str, demo_ckpt: Path,
+                                                   tmp_path: Path, capsys):
+    """A loader picks its reader by the name: safetensors bytes under .ckpt would be handed
+    to torch.load, which fails on them."""
+    out = tmp_path / name
+    code, _, err = run_cli(capsys, "convert", demo_ckpt, "-o", out)
+    assert code == 2, err
+    assert err.startswith("ckpt: error: ") and err.count("\n") == 1 and ".safetensors" in err
+    assert not out.exists()
+    for fine in ("out.sft", "out"):
+        assert run_cli(capsys, "convert", demo_ckpt, "-o", tmp_path / fine)[0] == 0
+
+
+def test_entries_kept_as_metadata_are_not_listed_as_dropped(demo_ckpt: Path, tmp_path: Path,
+                                                            capsys):
+    code, stdout, err = run_cli(capsys, "convert", demo_ckpt, "-o", tmp_path / "o.safetensors",
+                                "--keep-metadata", "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    with safe_open(str(tmp_path / "o.safetensors"), framework="pt") as f:
+        kept = set(f.metadata()) - {"format"}
+    assert kept == {"epoch", "global_step", "pytorch-lightning_version"}
+    assert not kept & set(report["dropped"])
+    assert {"optimizer_states", "lr_schedulers", "callbacks"} <= set(report["dropped"])
+
+
+def test_json_failure_prints_an_error_object(tmp_path: Path, capsys):
+    """Like inspect --json: an object with the error on stdout, the error line on stderr."""
+    out = tmp_path / "o.safetensors"
+    missing = tmp_path / "nope.ckpt"
+    code, stdout, err = run_cli(capsys, "convert", missing, "-o", out, "--json")
+    assert code == 3
+    assert json.loads(stdout) == {"input": str(missing), "output": str(out),
+                                  "error": json.loads(stdout)["error"]}
+    assert json.loads(stdout)["error"] in err
+    code, stdout, err = run_cli(capsys, "convert", missing, "-o", out, "--json", "--dtype",
+                                "fp16")
+    assert code == 3 and "error" in json.loads(stdout)

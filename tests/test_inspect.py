@@ -229,7 +229,7 @@ def test_inspect_json_pickles_lightning_wrapped(name: str, container: str, tmp_p
     assert set(extras) == {"epoch", "global_step", "optimizer_states", "hparams"}
     assert extras["epoch"] == 3 and extras["global_step"] == 12345
     assert extras["hparams"] == {"lr": 0.5, "name": "run"}
-    assert "1 tensors" in str(extras["optimizer_states"])
+    assert "holding 1 tensor (" in str(extras["optimizer_states"])
 
 
 def _section(text: str, title: str) -> list[str]:
@@ -513,5 +513,116 @@ def test_inspect_matches_demo_module(tmp_path: Path):
     torch.save(demo.build(), path)
     report = inspect_file(str(path))
     assert report["tensor_count"] == 24
-    assert re.fullmatch(r"list of 1 holding \d+ tensors \(\d+ bytes\)",
+    assert re.fullmatch(r"list of 1 holding \d+ tensors? \(\d+ bytes\)",
                         report["extras"]["optimizer_states"])
+
+
+# --- metadata and values that JSON cannot hold ------------------------------------------------
+
+_DEEP = "[" * 3000 + "]" * 3000  # deeper than Python's JSON parser can recurse
+
+
+def _kohya_lora(alphas: list[float]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, alpha in zip(("to_q", "to_k", "to_v"), alphas, strict=True):
+        module = f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_{name}"
+        out[f"{module}.lora_down.weight"] = torch.ones(4, 320)
+        out[f"{module}.lora_up.weight"] = torch.ones(320, 4)
+        out[f"{module}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def test_bad_metadata_is_shown_as_text_and_every_file_is_inspected(tmp_path: Path, capsys):
+    lora = _kohya_lora([4.0, 4.0, 4.0])
+    files = {
+        "deep.safetensors": ({"w": torch.ones(2)}, {"x": _DEEP}),
+        "inf.safetensors": ({"w": torch.ones(2)}, {"x": "[1e999]", "y": '{"a": -1e400}'}),
+        "wide.safetensors": ({"w": torch.ones(2)}, {"x": "[" * 65 + "]" * 65,
+                                                     "ok": "[" * 64 + "]" * 64}),
+        "lora_deep.safetensors": (lora, {"lora_adapter_metadata": _DEEP,
+                                         "ss_network_args": _DEEP}),
+        "lora_nan.safetensors": (lora, {"lora_adapter_metadata": '{"unet.r": NaN}'}),
+        "lora_big.safetensors": (lora, {"lora_adapter_metadata": '{"unet.r": 1e400}',
+                                        "ss_network_dim": "nan"}),
+    }
+    paths = []
+    for name, (tensors, metadata) in files.items():
+        save_file(tensors, str(tmp_path / name), metadata=metadata)
+        paths.append(tmp_path / name)
+    code, stdout, err = run_cli(capsys, "inspect", "--json", *paths)
+    assert code == 0, err
+    assert err == ""
+    reports = [_strict_json(line) for line in stdout.splitlines()]
+    assert [r["path"] for r in reports] == [str(p) for p in paths]
+    assert reports[0]["metadata"] == {"x": _DEEP}
+    assert reports[1]["metadata"] == {"x": "[1e999]", "y": '{"a": -1e400}'}
+    assert reports[2]["metadata"]["x"] == "[" * 65 + "]" * 65  # deeper than 64: as text
+    assert isinstance(reports[2]["metadata"]["ok"], list)
+    for report in reports[3:]:
+        assert report["identification"]["lora"]["alphas"] == [4.0]
+    reasons = [" ".join(r["identification"]["reasons"]) for r in reports[3:]]
+    assert "lora_adapter_metadata is not valid JSON" in reasons[0]
+    assert "not finite numbers (unet.r)" in reasons[1] and "(unet.r)" in reasons[2]
+    assert "ss_network_dim=nan is not a finite number" in reasons[2]
+    code, stdout, err = run_cli(capsys, "inspect", *paths)  # the text report too
+    assert code == 0 and err == ""
+    assert all(f"{p}" in stdout.splitlines() for p in paths)
+
+
+def test_json_alphas_that_are_nan_or_infinite_are_strings(tmp_path: Path, capsys):
+    path = tmp_path / "lora.safetensors"
+    save_file(_kohya_lora([4.0, float("nan"), float("inf")]), str(path))
+    code, stdout, err = run_cli(capsys, "inspect", "--json", path)
+    assert code == 0, err
+    lora = _strict_json(stdout)["identification"]["lora"]
+    assert lora["alphas"] == [4.0, "inf", "nan"]
+    code, stdout, _ = run_cli(capsys, "inspect", path)
+    assert "alphas [4.0, inf, nan]" in stdout
+    assert "2 .alpha tensors hold inf or nan" in stdout
+
+
+def test_json_of_names_and_text_that_are_not_utf8_is_valid_utf8(tmp_path: Path, capsys):
+    """A file name with a byte that is not UTF-8 (os.fsdecode keeps it as a surrogate) and a
+    header whose JSON escapes a lone surrogate: the output is still valid UTF-8, the odd
+    characters written as backslash escapes."""
+    odd = tmp_path / os.fsdecode(b"bad\xffname.safetensors")
+    save_file({"w": torch.ones(2)}, str(odd), metadata={"plain": "ok"})
+    header = b'{"__metadata__": {"k\\ud800": "v\\udfff"}, "w": {"dtype": "F32", ' \
+             b'"shape": [1], "data_offsets": [0, 4]}}'
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes(struct.pack("<Q", len(header)) + header + struct.pack("<f", 1.0))
+    code, stdout, err = run_cli(capsys, "inspect", "--json", odd, lone)
+    assert code == 0, err
+    stdout.encode("utf-8")  # strict: a lone surrogate here would raise
+    first, second = (_strict_json(line) for line in stdout.splitlines())
+    assert first["path"] == str(tmp_path / "bad\\xffname.safetensors")
+    assert second["metadata"] == {"k\\ud800": "v\\udfff"}
+    code, stdout, _ = run_cli(capsys, "inspect", odd)
+    stdout.encode("utf-8")
+    assert stdout.splitlines()[0] == str(tmp_path / "bad\\xffname.safetensors")
+
+
+def test_a_bug_on_one_file_does_not_stop_the_others(tmp_path: Path, capsys, monkeypatch):
+    from ckptkit.cli import inspect_cmd
+
+    good = [tmp_path / f"{n}.safetensors" for n in ("a", "b", "c")]
+    for path in good:
+        save_file({"w": torch.ones(2)}, str(path))
+    real = inspect_cmd.inspect_file
+
+    def flaky(path, **kwargs):
+        if path.endswith("b.safetensors"):
+            raise RecursionError("simulated")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(inspect_cmd, "inspect_file", flaky)
+    monkeypatch.delenv("CKPT_DEBUG", raising=False)
+    code, stdout, err = run_cli(capsys, "inspect", "--json", *good)
+    assert code == 70
+    reports = [_strict_json(line) for line in stdout.splitlines()]
+    assert [r["path"] for r in reports] == [str(p) for p in good]
+    assert reports[1] == {"path": str(good[1]), "error": "internal error: RecursionError: "
+                                                         "simulated"}
+    assert reports[2]["tensor_count"] == 1
+    (line,) = err.splitlines()
+    assert line.startswith("ckpt: internal error: RecursionError") and str(good[1]) in line

@@ -889,3 +889,50 @@ def test_real_files(tmp_path):
                if re.match(r"(img_in|(double|single)_blocks\.0\.)", k)}
     check(write_and_detect(tmp_path, "control", control, {}), "bfl-control-lora", "flux1",
           ["diffusion_model"], [1], None)
+
+
+# --------------------------------------------------------------------------- unreadable metadata
+
+_DEEP = "[" * 3000 + "]" * 3000  # parses only by recursing deeper than Python allows
+
+
+@pytest.mark.parametrize(("metadata", "said"), [
+    ({"lora_adapter_metadata": _DEEP}, "lora_adapter_metadata is not valid JSON"),
+    ({"lora_adapter_metadata": '{"unet.r": NaN, "unet.lora_alpha": 4}'}, "numbers (unet.r)"),
+    ({"lora_adapter_metadata": '{"unet.r": 1e400}'}, "numbers (unet.r)"),
+    ({"lora_adapter_metadata": '{"unet.r": ' + "9" * 400 + "}"}, "numbers (unet.r)"),
+    ({"lora_adapter_metadata": '{"unet.rank_pattern": {"a": Infinity}}'},
+     "numbers (unet.rank_pattern)"),
+    ({"lora_adapter_metadata": '{"unet.lora_alpha": -Infinity}'}, "numbers (unet.lora_alpha)"),
+    ({"ss_network_args": _DEEP, "ss_network_dim": "8"}, "ss_network_dim=8 agrees"),
+    ({"ss_network_dim": "nan"}, "ss_network_dim=nan is not a finite number"),
+    ({"ss_network_dim": "1e400"}, "ss_network_dim=1e400 is not a finite number"),
+    ({"ss_network_dim": "8", "ss_network_args": '{"conv_dim": NaN}'}, "agrees"),
+    ({"ss_network_alpha": "inf"}, "ss_network_alpha=inf is not a number"),
+], ids=["deep-json", "nan-rank", "1e400-rank", "huge-int-rank", "inf-pattern", "-inf-alpha",
+        "deep-args", "nan-dim", "1e400-dim", "nan-conv-dim", "inf-alpha"])
+def test_unreadable_metadata_is_reported_not_raised(metadata, said):
+    """Values that are no finite number (or JSON too deep to parse) are not used and said so;
+    the weights still decide everything."""
+    header = kohya(kohya_named(sd1_unet(), "lora_unet"), rank=8)
+    alpha_keys = [k for k in header if k.endswith(".alpha")]
+    values = {k: 8.0 for k in alpha_keys} if "ss_network_alpha" not in metadata else {}
+    info = detect_lora(header, metadata, values)
+    assert info is not None and (info.format, info.family, info.ranks) == (
+        "kohya-lora", "sd1", [8])
+    assert any(said in r for r in info.reasons), info.reasons
+    if not metadata.get("ss_network_alpha"):
+        assert info.alphas == [8.0]
+    else:
+        assert info.alphas is None
+
+
+def test_non_finite_alpha_tensors_are_kept_once_and_reported():
+    header = kohya(kohya_named(sd1_unet(), "lora_unet"), rank=4)
+    alpha_keys = sorted(k for k in header if k.endswith(".alpha"))
+    odd = [float("nan"), float("inf"), -float("inf"), float("nan")]
+    values = {k: (odd[i] if i < len(odd) else 4.0) for i, k in enumerate(alpha_keys)}
+    info = detect_lora(header, {"ss_network_alpha": "4"}, values)
+    assert info is not None and info.alphas[0] == 4.0
+    assert [repr(a) for a in info.alphas[1:]] == ["-inf", "inf", "nan"]
+    assert any("4 .alpha tensors hold -inf or inf or nan" in r for r in info.reasons)

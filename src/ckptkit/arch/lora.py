@@ -41,6 +41,7 @@ weights leave open and is checked against them; the weights decide when they dis
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -678,44 +679,68 @@ def _diffusers_config(metadata: Mapping[str, str], reasons: list[str]) -> dict |
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None
-    try:
-        config = json.loads(raw)
-    except ValueError:
+    config = _json_metadata(raw)
+    if config is None:
         reasons.append("metadata lora_adapter_metadata is not valid JSON: not used")
         return None
     if not isinstance(config, dict):
         return None
     out: dict = {"ranks": set(), "alphas": set(), "dora": False, "rslora": False}
+    unreadable: set[str] = set()
 
-    def numbers(value) -> list[float]:
+    def numbers(key: str, value) -> list[float]:
         items = value.values() if isinstance(value, dict) else [value]
-        return [float(v) for v in items if isinstance(v, int | float) and not isinstance(v, bool)]
+        found = [_as_float(v) for v in items if isinstance(v, int | float)
+                 and not isinstance(v, bool)]
+        if None in found:  # NaN, infinity or an integer beyond any float
+            unreadable.add(key)
+        return [v for v in found if v is not None]
 
     for key, value in config.items():
         leaf = key.rsplit(".", 1)[-1]
         if leaf in ("r", "rank_pattern"):
-            out["ranks"].update(int(v) for v in numbers(value))
+            out["ranks"].update(int(v) for v in numbers(key, value))
         elif leaf in ("lora_alpha", "alpha_pattern"):
-            out["alphas"].update(numbers(value))
+            out["alphas"].update(numbers(key, value))
         elif leaf == "use_dora" and value is True:
             out["dora"] = True
         elif leaf == "use_rslora" and value is True:
             out["rslora"] = True
+    if unreadable:
+        reasons.append(f"metadata lora_adapter_metadata holds values that are not finite "
+                       f"numbers ({', '.join(sorted(unreadable))}): those are not used")
     return out
 
 
 def _as_float(text: object) -> float | None:
+    """A finite number from metadata, or None (not a number, NaN, infinite, too large)."""
     try:
-        return float(text) if text is not None else None  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        value = float(text) if text is not None else None  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _is_number_text(text: str) -> bool:
+    """Whether ``float`` reads ``text`` at all (``nan``, ``1e400`` included)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _json_metadata(text: str) -> object | None:
+    """A metadata value's JSON, or None when it is not JSON a reader can take: malformed, or
+    nested too deep for the parser (a RecursionError, not a ValueError)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
         return None
 
 
 def _network_args(metadata: Mapping[str, str]) -> dict:
-    try:
-        args = json.loads(metadata.get("ss_network_args") or "{}")
-    except ValueError:
-        return {}
+    args = _json_metadata(metadata.get("ss_network_args") or "{}")
     return args if isinstance(args, dict) else {}
 
 
@@ -859,12 +884,21 @@ def _alphas(adapters: list[_Module], fmt: str, values: Mapping[str, float],
             reasons: list[str]) -> list[float] | None:
     """The alphas the file stores (or its metadata gives), checked against the metadata."""
     alpha_keys = [m.roles["alpha"] for m in adapters if "alpha" in m.roles]
-    read = sorted({float(values[k]) for k in alpha_keys if k in values})
+    stored = [float(values[k]) for k in alpha_keys if k in values]
+    # NaN and infinities are kept, once each, after the numbers: they are what the file holds
+    # (and make the adapter unusable); a JSON report writes them as strings.
+    odd = sorted({repr(a) for a in stored if not math.isfinite(a)})
+    read = sorted({a for a in stored if math.isfinite(a)}) + [float(a) for a in odd]
     alphas: list[float] | None = read or None
     if alpha_keys:
         got = sum(1 for k in alpha_keys if k in values)
         reasons.append(f"alphas read from {got} of {len(alpha_keys)} .alpha tensors" if got
                        else f"{len(alpha_keys)} .alpha tensors, whose values were not read")
+    if odd:
+        count = sum(1 for a in stored if not math.isfinite(a))
+        reasons.append(f"{count} .alpha tensor{'s hold' if count > 1 else ' holds'} "
+                       f"{' or '.join(odd)}: applying this adapter would give NaN or infinite "
+                       "weights")
     elif fmt in ("kohya-lora", "lycoris-loha", "lycoris-lokr", "lycoris-glora"):
         reasons.append("no .alpha tensors: kohya and ComfyUI then use alpha = rank (scale 1)")
 
@@ -873,7 +907,10 @@ def _alphas(adapters: list[_Module], fmt: str, values: Mapping[str, float],
     dim_text = metadata.get("ss_network_dim")
     if dim_text is not None and ranks:
         dims = {d for d in (_as_float(dim_text), _as_float(args.get("conv_dim"))) if d}
-        if not dims:
+        if not dims and _is_number_text(dim_text):
+            reasons.append(f"metadata ss_network_dim={dim_text} is not a finite number: not "
+                           "used")
+        elif not dims:
             reasons.append(f"metadata ss_network_dim={dim_text}: no single rank (resized?)")
         elif {int(d) for d in dims} & set(ranks):
             reasons.append(f"metadata ss_network_dim={dim_text} agrees with the weights")

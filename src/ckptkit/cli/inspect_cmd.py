@@ -1,4 +1,10 @@
-"""``ckpt inspect FILE...``: what each file holds, read from its header, as text or JSON."""
+"""``ckpt inspect FILE...``: what each file holds, read from its header, as text or JSON.
+
+Each file is reported on its own: one that cannot be read (or trips a bug) gets its error
+line (and with ``--json`` an ``{"path", "error"}`` object) and the next files are still
+inspected; the exit code is the first failure's. ``--json`` prints strict JSON in valid
+UTF-8 (see ``ops.inspect.json_safe``: non-finite numbers as "nan"/"inf"/"-inf" strings).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from typing import Any
 
 from ..errors import CkptError
 from ..formats import detect_format
-from ..ops.inspect import inspect_diffusers_folder, inspect_file, is_diffusers_folder
+from ..ops.inspect import inspect_diffusers_folder, inspect_file, is_diffusers_folder, json_safe
 from ..ops.scan import iter_files
 from .fmt import human_bytes, human_count
 from .progress import ProgressBar
@@ -63,20 +69,40 @@ def run(args) -> int:
             bar.update(report.get("file_size", 0), 1)
         except CkptError as exc:
             print(f"ckpt: error: {exc}", file=sys.stderr)
-            if args.json:
-                print(json.dumps({"path": path, "error": exc.reason}))
+            _print_error(args, path, exc.reason)
             status = status or exc.exit_code
+            continue
+        except OSError:
+            raise  # a closed stdout, a full disk: nothing more can be reported
+        except Exception as exc:  # a bug on one file must not hide the report of the others
+            if os.environ.get("CKPT_DEBUG"):
+                raise
+            what = f"internal error: {type(exc).__name__}: {exc}"
+            print(f"ckpt: {what} while inspecting {path} (a bug in ckptkit; CKPT_DEBUG=1 "
+                  "shows the traceback, please report it)", file=sys.stderr)
+            _print_error(args, path, what)
+            status = status or 70
             continue
         if bar.enabled:
             bar.stream.write("\r\033[K")
+        report = json_safe(report)
         if args.json:
-            print(json.dumps(report, ensure_ascii=False))
+            print(_dumps(report))
         else:
             if index:
                 print()
             print_report(report)
     bar.close()
     return status
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+
+
+def _print_error(args, path: str, reason: str) -> None:
+    if args.json:
+        print(_dumps(json_safe({"path": path, "error": reason})))
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -155,7 +181,10 @@ def _print_identification(ident: dict[str, Any], out) -> None:
         out(f"  {'extra':<11}{count:,} {group}\n")
     lora = ident.get("lora")
     if lora:
-        out(f"  {'lora':<11}{lora['format']}, ranks {lora['ranks']}, alphas {lora['alphas']}, "
+        alphas = lora["alphas"]
+        if alphas is not None:  # "nan" and "inf" (json_safe) shown like the numbers
+            alphas = f"[{', '.join(str(a) for a in alphas)}]"
+        out(f"  {'lora':<11}{lora['format']}, ranks {lora['ranks']}, alphas {alphas}, "
             f"{lora['modules']} modules in {', '.join(lora['components'])}\n")
     sampling = ident.get("sampling")
     if sampling:

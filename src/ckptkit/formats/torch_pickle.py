@@ -6,7 +6,7 @@ by ``PickleVM`` with the emulated allow-list of ``torch_globals``, which yields 
 this module then finds where each storage's bytes lie in the file, turns tensor records into
 lazy tensors (zero-copy, with views, offsets, strides and shared storages kept as stored),
 locates the weights inside wrappers (``state_dict``, Lightning's entries) and describes the
-rest as extras.
+rest as extras (see ``locate_weights`` for the rule).
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ from .torch_zip import read_torch_zip
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
-_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+# Entries that wrap the weights, in order of preference: torch/Lightning's, then BasicSR's
+# (ESRGAN and other upscalers: ``params_ema`` is what their inference loads) and ``net``, as
+# the upscaler loaders (spandrel, chaiNNer) unwrap them.
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "params_ema",
+                 "params-ema", "params", "net")
 
 
 class _Storages:
@@ -135,16 +139,16 @@ def open_torch_legacy(source: Source, findings: list[Finding] | None = None) -> 
 
 
 def _checkpoint(source: Source, fmt: str, root: Any) -> Checkpoint:
-    weights, weights_at, extras = locate_weights(root)
-    tensors: dict[str, LazyTensor] = {}
-    for key, value in weights.items():
-        if isinstance(key, str) and isinstance(value, PickledTensor):
-            tensors[key] = _lazy(source, value)
-        else:
-            name = key if isinstance(key, str) else safe_repr(key)
-            extras[f"{weights_at + '.' if weights_at else ''}{name}"] = describe(value)
+    weights, weights_at, extras, nested = locate_weights(root)
+    tensors = {key: _lazy(source, value) for key, value in weights.items()}
+    notes = []
+    if nested:
+        shown = ", ".join(f"{name}.*" for name in nested[:4]) + (", ..." if nested[4:] else "")
+        entries = f"{len(nested)} entr{'ies' if len(nested) > 1 else 'y'}"
+        notes.append(f"the tensors nested in {entries} of {weights_at or 'the top level'} are "
+                     f"kept as weights under dotted names: {shown}")
     return Checkpoint(path=source.path, format=fmt, tensors=tensors, source=source,
-                      extras=extras, weights_at=weights_at)
+                      extras=extras, weights_at=weights_at, notes=notes)
 
 
 def _lazy(source: Source, record: PickledTensor) -> LazyTensor:
@@ -158,43 +162,137 @@ def _is_weights(node: dict) -> bool:
     return any(isinstance(v, PickledTensor) for v in node.values())
 
 
-def locate_weights(root: Any) -> tuple[dict, str, dict[str, Any]]:
-    """Finds the dict of tensors inside wrappers; returns it, its path and the other entries."""
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _tensor_holders(root: Any) -> set[int]:
+    """The ids of the containers from which a tensor can be reached, found in one pass over
+    the object graph (which a pickle's memo can make cyclic, or a DAG exponentially wide if
+    walked as a tree)."""
+    parents: dict[int, list[int]] = {}
+    holders: set[int] = set()
+    stack, seen = [root], {id(root)}
+    while stack:
+        item = stack.pop()
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, PickledTensor):
+                holders.add(id(item))
+            elif isinstance(child, _CONTAINERS):
+                parents.setdefault(id(child), []).append(id(item))
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append(child)
+    todo = list(holders)
+    while todo:
+        for parent in parents.get(todo.pop(), ()):
+            if parent not in holders:
+                holders.add(parent)
+                todo.append(parent)
+    return holders
+
+
+def _label(key: Any) -> str:
+    return key if isinstance(key, str) else safe_repr(key)
+
+
+def _kind(value: Any) -> str:
+    """What a pickled object is, in a user's words (never one of our record classes)."""
+    if isinstance(value, PickledTensor):
+        return "single tensor"
+    if isinstance(value, StorageHandle):
+        return "bare storage"
+    if isinstance(value, OpaqueObject):
+        return f"{value.qualname} object"
+    if value is None:
+        return "None"
+    return type(value).__name__
+
+
+def locate_weights(root: Any) -> tuple[dict[str, PickledTensor], str, dict[str, Any],
+                                        list[str]]:
+    """Finds the weights in a pickle's object; returns them by key, their path, the rest and
+    the entries of the weights' node whose nested tensors were taken.
+
+    The rule: from the root, while a dict holds no tensor itself, descend into its wrapper:
+    the first of ``_WRAPPER_KEYS`` whose dict holds tensors, else its only entry if that is a
+    dict. That dict is the weights' node (``weights_at`` its dotted path); its other siblings
+    on the way are extras. In the weights' node, every tensor reachable through dicts with
+    string keys is a weight, named by its dotted path (``string_to_param.*`` of a textual
+    inversion embedding; ``state_dict.*`` beside tensors at the top level): weights are never
+    dropped because of how they were nested. Everything else (scalars, lists, entries with
+    non-string keys, a name taken twice, a dict met a second time) is an extra, described by
+    ``describe``, which counts the tensors a container holds so that none goes unlisted.
+    """
     extras: dict[str, Any] = {}
     path: list[str] = []
     node = root
     if not isinstance(node, dict):
-        raise FormatError(f"the checkpoint holds a {type(node).__name__}, not a dict of tensors")
+        raise FormatError(f"the checkpoint holds a {_kind(node)}, not a dict of tensors")
+    holders = _tensor_holders(root)
     seen = {id(node)}
     while not _is_weights(node):
-        inner = next((k for k in _WRAPPER_KEYS if isinstance(node.get(k), dict)), None)
+        inner = next((k for k in _WRAPPER_KEYS if isinstance(node.get(k), dict)
+                      and id(node[k]) in holders), None)
         if inner is None and len(node) == 1:
             only = next(iter(node))
             inner = only if isinstance(node[only], dict) else None
         if inner is None:
             break
-        label = inner if isinstance(inner, str) else safe_repr(inner)
+        label = _label(inner)
         if id(node[inner]) in seen:
             raise FormatError(f"the entry {label!r} contains itself (a cyclic wrapper)")
         prefix = ".".join(path)
         for key, value in node.items():
             if key != inner:
-                name = key if isinstance(key, str) else safe_repr(key)
-                extras[f"{prefix + '.' if prefix else ''}{name}"] = describe(value)
+                extras[f"{prefix + '.' if prefix else ''}{_label(key)}"] = describe(value)
         path.append(label)
         node = node[inner]
         seen.add(id(node))
-    return node, ".".join(path), extras
+    weights_at = ".".join(path)
+    outer = f"{weights_at}." if weights_at else ""
+    weights: dict[str, PickledTensor] = {}
+    nested: list[str] = []
+    # Depth first, in the file's order. Each item: its dotted name, its value, whether its
+    # key was a string (else it can only be an extra) and whether it is the node's own entry.
+    # Each dict is expanded once: one met again (shared, or containing itself) is an extra.
+    expanded = set(seen)
+    stack: list[tuple[str, Any, bool, bool]] = [
+        (_label(k), v, isinstance(k, str), True) for k, v in reversed(node.items())]
+    while stack:
+        name, value, named, top = stack.pop()
+        if named and isinstance(value, PickledTensor) and name not in weights:
+            weights[name] = value
+        elif (named and isinstance(value, dict) and id(value) in holders
+              and id(value) not in expanded):
+            expanded.add(id(value))
+            if top:
+                nested.append(name)
+            stack.extend((f"{name}.{_label(k)}", v, isinstance(k, str), False)
+                         for k, v in reversed(value.items()))
+        else:
+            extras[outer + name] = describe(value)
+    return weights, weights_at, extras, nested
 
 
 class Summary(str):
-    """A description standing in for an entry too big or too odd to show as it is."""
+    """A description standing in for an entry too big or too odd to show as it is;
+    ``tensors`` and ``tensor_bytes`` count the tensors the entry holds (0 for most)."""
+
+    tensors: int = 0
+    tensor_bytes: int = 0
+
+
+def _holding(text: str, count: int, nbytes: int) -> Summary:
+    summary = Summary(text)
+    summary.tensors, summary.tensor_bytes = count, nbytes
+    return summary
 
 
 def describe(value: Any, depth: int = 0) -> Any:
     """A JSON-friendly summary of a non-weight entry: scalars as they are, containers counted."""
     if isinstance(value, PickledTensor):
-        return Summary(f"tensor {value.dtype} {list(value.shape)}")
+        return _holding(f"tensor {value.dtype} {list(value.shape)}", 1,
+                        _nbytes(value.dtype, value.shape))
     if isinstance(value, float) and not math.isfinite(value):
         return Summary(repr(value))  # JSON has no inf or nan
     if value is None or isinstance(value, (bool, int, float)):
@@ -205,17 +303,19 @@ def describe(value: Any, depth: int = 0) -> Any:
         return Summary(f"{len(value)} bytes")
     if isinstance(value, OpaqueObject):
         return Summary(f"<{value.qualname}>")
+    if isinstance(value, StorageHandle):
+        return Summary(f"storage of {value.nbytes} bytes")
     if isinstance(value, (dict, list, tuple, set, frozenset)):
         count, nbytes = _count_tensors(value)
         kind = type(value).__name__ if not isinstance(value, dict) else "dict"
         text = f"{kind} of {len(value)}"
         if count:
-            text += f" holding {count} tensors ({nbytes} bytes)"
+            text += f" holding {count} tensor{'s' if count > 1 else ''} ({nbytes} bytes)"
         if depth == 0 and isinstance(value, (list, tuple)) and not count and len(value) <= 8:
             return [describe(v, depth + 1) for v in value]
         if depth == 0 and isinstance(value, dict) and not count and len(value) <= 16:
             return {str(k): describe(v, depth + 1) for k, v in value.items()}
-        return Summary(text)
+        return _holding(text, count, nbytes)
     return Summary(f"<{type(value).__name__}>")
 
 

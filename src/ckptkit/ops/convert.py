@@ -3,24 +3,31 @@
 Each output tensor is planned from the input's header: a contiguous tensor kept in its dtype
 is a ``CopyRange`` (copied file to file by the kernel, bit-identical by construction); a view
 into a shared storage is read and written as its own contiguous data; a cast reads one tensor,
-casts it with torch and writes it. Non-tensor entries of pickles are dropped and listed.
+casts it with torch and writes it. Entries of pickles that are not weights (see
+``formats.torch_pickle.locate_weights``) are dropped and listed, with the tensors they hold
+counted. A file with no tensors is refused rather than written empty, and so is an output
+name that says pickle or GGUF: loaders pick their reader by extension.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from functools import partial
 
 from ..engine.moves import copy_range
 from ..engine.slices import by_rows, may_exceed
 from ..engine.writer import Planned, Progress, write_safetensors
-from ..errors import UsageError
+from ..errors import FormatError, UsageError
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
 from ..formats.torch_pickle import Summary
 
 CONVERT_DTYPES = ("fp16", "bf16", "fp32")
+# Names that tell a loader to read something other than safetensors: A1111, ComfyUI,
+# diffusers and transformers choose torch.load for these, which fails on safetensors bytes.
+_OTHER_FORMATS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".gguf")
 
 
 @dataclass
@@ -30,7 +37,8 @@ class ConvertReport:
     bytes: int = 0
     cast: int = 0
     overflowed: dict[str, int] = field(default_factory=dict)  # key -> values that became inf
-    dropped: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # entries not written (nor kept as metadata)
+    dropped_tensors: dict[str, int] = field(default_factory=dict)  # dropped entry -> its tensors
     notes: list[str] = field(default_factory=list)
 
 
@@ -69,9 +77,19 @@ def convert(src: str, dst: str, *, dtype: str | None = None, keep_metadata: bool
     if dtype is not None and dtype not in CONVERT_DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(CONVERT_DTYPES)}, not {dtype!r}")
     target = CLI_NAMES[dtype] if dtype else None
+    suffix = os.path.splitext(os.fspath(dst))[1].lower()
+    if suffix in _OTHER_FORMATS and not _same_file(src, dst):  # else the writer refuses it
+        raise UsageError(f"the output is safetensors, but its name ends in {suffix}, which "
+                         "makes loaders read it as another format: name it .safetensors")
     with open_checkpoint(src) as checkpoint:
+        if not checkpoint.tensors:
+            raise FormatError(f"no tensors to convert: {_contents(checkpoint)}", src)
         report = ConvertReport(checkpoint.format, notes=list(checkpoint.notes))
-        report.dropped = list(checkpoint.extras)
+        kept = _source_metadata(checkpoint) if keep_metadata else {}
+        metadata = {"format": "pt", **kept}
+        report.dropped = [k for k in checkpoint.extras if k not in kept]
+        report.dropped_tensors = {k: v.tensors for k, v in checkpoint.extras.items()
+                                  if isinstance(v, Summary) and v.tensors}
         planned = []
         for key, tensor in checkpoint.items():
             castable = tensor.dtype.is_float and tensor.dtype.bits >= 8
@@ -84,10 +102,28 @@ def convert(src: str, dst: str, *, dtype: str | None = None, keep_metadata: bool
             else:
                 produce = tensor.read
             planned.append(Planned(key, out_dtype, tensor.shape, produce))
-        metadata = {"format": "pt"}
-        if keep_metadata:
-            metadata.update(_source_metadata(checkpoint))
         write_safetensors(dst, planned, metadata, inputs=(src,), progress=progress, fsync=fsync)
         report.tensors = len(planned)
         report.bytes = sum(p.nbytes for p in planned)
     return report
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _contents(checkpoint) -> str:
+    """What a checkpoint without tensors holds instead, in a few words."""
+    if not checkpoint.extras:
+        if checkpoint.format == "safetensors":
+            return "the file holds no entries"
+        where = f" at {checkpoint.weights_at}" if checkpoint.weights_at else ""
+        return f"the pickle holds an empty dict{where}"
+    names = [f"{k} ({v})" if isinstance(v, Summary) else k
+             for k, v in list(checkpoint.extras.items())[:6]]
+    more = len(checkpoint.extras) - len(names)
+    listed = ", ".join(names) + (f", and {more} more" if more else "")
+    return f"the pickle holds only entries that are not weights: {listed}"

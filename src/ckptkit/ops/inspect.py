@@ -3,12 +3,22 @@
 The report is a plain dict (the ``--json`` output): format, sizes, counts, dtypes, the key
 prefixes that group the tensors, decoded metadata and, for pickles, the non-weight entries.
 No tensor data is read, so a 24 GB file is inspected in the time it takes to read its header.
+
+``json_safe`` makes a report printable as strict JSON (what ``inspect --json`` prints): JSON
+has no NaN or infinity, so non-finite numbers (a LoRA's ``.alpha`` tensor holding NaN) become
+the strings ``"nan"``, ``"inf"`` and ``"-inf"``, as Python spells them and as pickle extras
+already are; text that is not valid Unicode (a file name with bytes that are not UTF-8, a
+lone surrogate escaped in a header) has those bytes written as ``\\xNN`` escapes, so the output
+is always valid UTF-8. Metadata values are decoded as JSON only when that JSON is plain data:
+NaN, infinity (``1e999``) or nesting deeper than ``MAX_METADATA_DEPTH`` keep the value as its
+original string.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from typing import Any
 
@@ -71,19 +81,77 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
     return report
 
 
+MAX_METADATA_DEPTH = 64  # real metadata nests a few levels; a report must stay printable
+
+
 def decode_metadata_value(value: str) -> Any:
-    """Metadata values that hold JSON (kohya's tag frequencies, recipes) decoded; else as is."""
+    """Metadata values that hold JSON (kohya's tag frequencies, recipes) decoded; else as is.
+
+    A value whose JSON has NaN or infinite numbers, nests deeper than ``MAX_METADATA_DEPTH``
+    or is too deep for the parser itself stays the string it was."""
     text = value.strip()
     if text[:1] in ("{", "["):
         try:
-            return json.loads(text, parse_constant=_no_constants)
-        except ValueError:
-            pass
+            decoded = json.loads(text, parse_constant=_no_constants, parse_float=_finite)
+        except (ValueError, RecursionError):
+            return value
+        if _depth(decoded) <= MAX_METADATA_DEPTH:
+            return decoded
     return value
 
 
 def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not JSON")  # NaN/Infinity would make --json output invalid
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is beyond a float")  # 1e999 would decode to infinity
+    return number
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and dicts nest in decoded JSON (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_METADATA_DEPTH:
+                break
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict)
+                                                   else item))
+    return deepest
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` (a report) with non-finite floats as ``"nan"``/``"inf"``/``"-inf"`` and text
+    made valid UTF-8 (undecodable bytes and lone surrogates as ``\\xNN``/``\\udNNN``
+    escapes), so that ``json.dumps(..., allow_nan=False)`` accepts it and writes valid UTF-8.
+    Containers are rebuilt (lists for tuples); everything else is returned as it is."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, str):
+        return _valid_text(value)
+    if isinstance(value, dict):
+        return {json_safe(k) if isinstance(k, str) else k: json_safe(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _valid_text(text: str) -> str:
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:  # a file name's undecodable bytes (surrogateescape) as \xNN
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # other lone surrogates (a JSON header's "\ud800") as \udNNN
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def key_prefixes(sizes: dict[str, int]) -> list[dict[str, Any]]:
