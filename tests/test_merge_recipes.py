@@ -113,6 +113,27 @@ def test_rerun_from_metadata_gives_the_same_bytes(models, tmp_path):
     assert recipe["steps"][0]["params"] == {"alpha": 0.8, "drop": 0.5, "seed": 7}
 
 
+@pytest.mark.parametrize("edit", [lambda r: r.pop("steps"), lambda r: r.update(steps=[1]),
+                                  lambda r: r.update(inputs=[])])
+def test_a_recipe_edited_into_nonsense_is_refused(models, tmp_path, capsys, edit):
+    merged = tmp_path / "merged.safetensors"
+    merge("weighted-sum", [str(models / "a.safetensors"), str(models / "b.safetensors")],
+          str(merged), params={})
+    with safe_open(str(merged), "pt") as f:
+        metadata = f.metadata()
+    recipe = json.loads(metadata["ckptkit.merge_recipe"])
+    edit(recipe)
+    from safetensors.torch import save_file
+
+    save_file(load_file(str(merged)), str(merged),
+              metadata={**metadata, "ckptkit.merge_recipe": json.dumps(recipe)})
+    out = tmp_path / "again.safetensors"
+    assert main(["merge", "--from-metadata", str(merged), "-o", str(out), "--quiet",
+                 "--input", f"A={models / 'a.safetensors'}",
+                 "--input", f"B={models / 'b.safetensors'}"]) == 2
+    assert "merge recipe" in capsys.readouterr().err and not out.exists()
+
+
 def test_rerun_finds_moved_inputs_and_refuses_different_ones(models, tmp_path):
     first = tmp_path / "merged.safetensors"
     a, b = str(models / "a.safetensors"), str(models / "b.safetensors")

@@ -250,3 +250,20 @@ def test_a_failed_split_leaves_no_folders_it_made(tmp_path, sd1, monkeypatch):
     with pytest.raises(OutputError, match="No space left"):
         split(sd1[0], str(existing / "new" / "parts"))
     assert list(existing.iterdir()) == []  # "new" and everything under it gone; "models" kept
+
+
+@pytest.mark.parametrize("scalars", ["not json", '{"logit_scale": 4.6}', "[" * 5000 + "]" * 5000,
+                                     '{"logit_scale": [4.6, "F99"]}'])
+def test_a_part_with_broken_scalars_metadata_is_the_files_error(tmp_path, scalars, capsys):
+    xl = tmp_path / "xl.safetensors"
+    sample("sdxl", str(xl), tiny=True, dtype="fp32", seed=0)
+    model, clip_l, clip_g, vae = split(str(xl), str(tmp_path / "parts"))
+    tensors = load_file(clip_g)
+    with safe_open(clip_g, "pt") as f:
+        metadata = {**f.metadata(), "ckptkit.scalars": scalars}
+    save_file(tensors, clip_g, metadata=metadata)
+    out = tmp_path / "out.safetensors"
+    code = main(["assemble", "--diffusion-model", model, "--text-encoder", clip_l,
+                 "--text-encoder", clip_g, "--vae", vae, "-o", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 3 and "ckptkit.scalars" in err and clip_g in err and not out.exists()

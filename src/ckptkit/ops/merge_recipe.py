@@ -285,22 +285,27 @@ def from_record(text: str, where: str, paths: dict[str, str]) -> tuple[Recipe, d
     the recorded SHA-256 of each input, for the caller to check the files against."""
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UsageError(f"{where}: the recorded merge recipe is not JSON") from None
     if not isinstance(data, dict) or data.get("format") != RECIPE_FORMAT:
         raise UsageError(f"{where}: the merge recipe was recorded in a form this ckptkit "
                          "cannot re-run (no input hashes)")
-    steps = [Step(s["name"], s["method"], tuple(s["models"]), s["params"])
-             for s in data["steps"]]
-    recipe = Recipe(dict(paths), steps, data["output"], take=dict(data.get("take") or {}),
-                    **{k: data[k] for k in _OPTIONS if k in data})
-    return checked(recipe), {n: i.get("sha256") for n, i in data["inputs"].items()}
+    try:
+        steps = [Step(s["name"], s["method"], tuple(s["models"]), s["params"])
+                 for s in data["steps"]]
+        recipe = Recipe(dict(paths), steps, data["output"], take=dict(data.get("take") or {}),
+                        **{k: data[k] for k in _OPTIONS if k in data})
+        hashes = {n: i.get("sha256") for n, i in data["inputs"].items()}
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise UsageError(f"{where}: the recorded merge recipe is incomplete or malformed "
+                         "(edited by hand?)") from None
+    return checked(recipe), hashes
 
 
 def recorded_inputs(text: str) -> dict[str, dict[str, Any]]:
     """Input name -> {file, sha256} of a recorded recipe (to look for the files)."""
     try:
         inputs = json.loads(text).get("inputs", {})
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return {}
     return inputs if isinstance(inputs, dict) else {}

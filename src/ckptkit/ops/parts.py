@@ -39,7 +39,7 @@ from ..arch.layouts import (
 )
 from ..engine.moves import plan_moves
 from ..engine.writer import OutputBatch, Planned, Progress, write_safetensors
-from ..errors import UsageError
+from ..errors import FormatError, UsageError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.dtypes import BY_NAME
 from .inspect import identify_checkpoint
@@ -188,7 +188,7 @@ def _moves_for(part: Checkpoint, keys: set[str], ident: Identification, fam: Fam
     if ident.layout == "ldm":
         names = current_names(comp, keys)
         return [Move(names[k], (k,)) for k in sorted(names, key=names.__getitem__)]
-    scalars = {n: v[0] for n, v in json.loads(part.metadata.get(SCALARS_KEY, "{}")).items()}
+    scalars = {n: v[0] for n, v in _scalars(part).items()}
     if ident.layout == "comfyui":
         names = standalone_current_names(comp, keys)
         source = {v: k for k, v in names.items()}
@@ -221,8 +221,22 @@ def _compose(first: dict[str, Move], second: Move) -> Move:
 
 
 def _scalar_dtypes(part: Checkpoint, comp) -> dict[str, Any]:
-    scalars = json.loads(part.metadata.get(SCALARS_KEY, "{}"))
-    return {comp.ldm_prefix + n: BY_NAME[v[1]] for n, v in scalars.items()}
+    return {comp.ldm_prefix + n: BY_NAME[v[1]] for n, v in _scalars(part).items()}
+
+
+def _scalars(part: Checkpoint) -> dict[str, list]:
+    """The scalars a split part records (``SCALARS_KEY``: name -> [value, dtype]); a value
+    that is not what split writes is the file's error, not a crash."""
+    try:
+        found = json.loads(part.metadata.get(SCALARS_KEY, "{}"))
+        if isinstance(found, dict) and all(
+                isinstance(v, list) and len(v) == 2 and isinstance(v[0], int | float)
+                and v[1] in BY_NAME for v in found.values()):
+            return found
+    except (ValueError, RecursionError):
+        pass
+    raise FormatError(f"its {SCALARS_KEY} metadata is not what ckptkit's split writes "
+                      "(name: [number, dtype])", part.path)
 
 
 def _optional(name: str, key: str) -> bool:
