@@ -19,6 +19,7 @@ from ..ops.inspect import inspect_diffusers_folder, inspect_file, is_diffusers_f
 from ..ops.scan import iter_files
 from .fmt import human_bytes, human_count
 from .progress import ProgressBar
+from .safe_text import printable
 
 
 def add_parser(commands) -> None:
@@ -68,7 +69,7 @@ def run(args) -> int:
                 report = inspect_file(path, hashes=args.hash)
             bar.update(report.get("file_size", 0), 1)
         except CkptError as exc:
-            print(f"ckpt: error: {exc}", file=sys.stderr)
+            print(f"ckpt: error: {printable(str(exc))}", file=sys.stderr)
             _print_error(args, path, exc.reason)
             status = status or exc.exit_code
             continue
@@ -105,8 +106,15 @@ def _print_error(args, path: str, reason: str) -> None:
         print(_dumps(json_safe({"path": path, "error": reason})))
 
 
+def _write_safely(text: str) -> None:
+    """Writes report lines with control characters escaped (names, metadata and reasons are
+    the file's own text: an escape sequence in them must be shown, not obeyed); line breaks
+    stay, so that indented JSON keeps its shape."""
+    sys.stdout.write("\n".join(printable(line) for line in text.split("\n")))
+
+
 def print_report(report: dict[str, Any]) -> None:
-    out = sys.stdout.write
+    out = _write_safely
     out(f"{report['path']}\n")
     if report["format"] == "diffusers-folder":
         ident = report["identification"]
