@@ -58,14 +58,14 @@ def test_error_lines_show_escape_sequences_instead_of_obeying_them(tmp_path, cap
 
 
 def test_inspect_shows_escape_sequences_in_metadata_instead_of_obeying_them(tmp_path, capsys):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     from ckptkit.cli.main import main
 
     path = tmp_path / "m.safetensors"
     save_file({"w": torch.zeros(2)}, str(path),
-              metadata={"title": "a\x1b[2J\rb", "k\x1b[1A": "{\\"x\\": 1}"})
+              metadata={"title": "a\x1b[2J\rb", "k\x1b[1A": '{"x": 1}'})
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\r" not in out
