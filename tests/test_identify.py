@@ -391,3 +391,23 @@ def test_clip_l_from_transformers_fits_the_same_families_however_saved(position_
     named = {"text_model." + k: v for k, v in shapes.items()}
     prefixed = identify(named, dict.fromkeys(named, "F32"), {})
     assert prefixed.compatible_families == ident.compatible_families
+
+
+@pytest.mark.parametrize(("layers", "expected"), [(2, "sd1"), (1, None)])
+def test_a_unet_of_other_depth_is_not_named_after_the_family(layers, expected):
+    """diffusers' own UNet2DConditionModel with SD 1.x's widths: two layers per block is
+    SD 1.x; one layer per block shares most key names but is another model."""
+    from diffusers import UNet2DConditionModel
+
+    from ckptkit.arch.detect import identify
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(layers_per_block=layers, cross_attention_dim=768,
+                                    attention_head_dim=8, sample_size=64)
+    shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    ident = identify(shapes, dict.fromkeys(shapes, "F16"), {})
+    assert ident.family == expected
+    if expected is None:
+        assert ident.kind == "unknown" and ident.closest.startswith("sd1 diffusion_model")
+    else:
+        assert ident.kind == "diffusion-model"

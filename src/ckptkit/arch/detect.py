@@ -39,6 +39,8 @@ MARKERS = {"v_pred": "v-prediction", "ztsnr": "zero-terminal-snr",
 INPUT_CHANNEL_VARIANTS = {"input_blocks.0.0.weight": {4: None, 9: "inpaint", 8: "pix2pix"},
                "img_in.weight": {64: None, 384: "fill", 128: "depth"}}
 _LAYOUTS = ("ldm", "kohya", "comfyui")
+# A diffusion model lacking more than this share of a family's keys is not that family's.
+MISSING_LIMIT = 0.1
 # The input convolution under its diffusers name (for the variants above).
 _DIFFUSERS_INPUTS = {"input_blocks.0.0.weight": "conv_in.weight",
                      "img_in.weight": "x_embedder.weight"}
@@ -351,6 +353,9 @@ def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, ext
                        f"{'under ' + repr(prefix) if prefix else '(bare names)'}"
                        + (f"; {missing} missing" if missing else ""))
     names = [c.name for c in components]
+    model = next((c for c in components if c.name == DIFFUSION_MODEL), None)
+    if model and model.missing_keys > MISSING_LIMIT * (model.tensors + model.missing_keys):
+        return _not_quite(fam, layout, model, components, extra, reasons)
     unexplained = keys - covered
     if unexplained:
         extra["unexplained keys"] = len(unexplained)
@@ -375,6 +380,21 @@ def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, ext
     _apply_metadata(result, fam, metadata, markers)
     if result.family:
         result.sampling = asdict(_sampling(fam, result.variants))
+    return result
+
+
+def _not_quite(fam: Family, layout: str, model: ComponentReport,
+               components: list[ComponentReport], extra: dict[str, int], reasons: list[str]
+               ) -> Identification:
+    """A diffusion model that lacks much of the closest family's: another architecture
+    built from the same blocks (fewer layers per block, a research variant) or a damaged
+    file; either way not a model of that family to load, merge or sample with."""
+    why = (f"it lacks {model.missing_keys} of the {model.tensors + model.missing_keys} keys "
+           f"of {fam.id}'s diffusion model: another architecture or a damaged file, not "
+           "that model")
+    result = Identification("unknown", layout=layout, components=components, extra=extra,
+                            reasons=[*reasons, why])
+    result.closest = f"{fam.id} {DIFFUSION_MODEL} ({layout})"
     return result
 
 
