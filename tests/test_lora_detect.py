@@ -531,6 +531,47 @@ def test_comfyui_lora_save_layout():
     assert any("alpha = rank" in r for r in info.reasons)
 
 
+def test_comfyui_lora_save_with_bias_differences():
+    """ComfyUI's LoraSave with bias_diff (its default now): a .diff_b beside each LoRA'd
+    module, .diff and .diff_b for 1-D weights (norms, including the UNet's last, out.0), in
+    sorted key order, where a .diff_b comes before its module's .lora_down."""
+    unet = {f"diffusion_model.{p[len('unet.'):] if p.startswith('unet.') else p}": s
+            for p, s in sdxl_unet().items()}
+    header = kohya(unet, alpha=False)
+    for key, shape in list(header.items()):
+        if key.endswith(".lora_up.weight"):
+            header[key[:-len(".lora_up.weight")] + ".diff_b"] = (shape[0],)
+    for norm in ("diffusion_model.out.0", "diffusion_model.input_blocks.1.0.in_layers.0"):
+        header[norm + ".diff"], header[norm + ".diff_b"] = (320,), (320,)
+    info = check(detect_lora(dict(sorted(header.items())), {}), "kohya-lora", "sdxl",
+                 ["diffusion_model"], [4], None)
+    assert any("LyCORIS full" in r for r in info.reasons)
+
+
+@pytest.mark.parametrize("header", [
+    {"lora_unet_x.lokr_w1": (4,), "lora_unet_x.lokr_w2": (4, 4)},
+    {"lora_unet_x.lokr_w1_a": (), "lora_unet_x.lokr_w1_b": (2, 4), "lora_unet_x.lokr_w2": (4, 4)},
+    {"lora_unet_x.a1.weight": (4, 4), "lora_unet_x.a2.weight": (4,),
+     "lora_unet_x.b1.weight": (4, 4), "lora_unet_x.b2.weight": (4, 4)},
+])
+def test_malformed_adapter_shapes_are_not_an_error(header):
+    assert detect_lora(header, {}) is None
+
+
+def test_alpha_reasons_follow_what_the_file_holds():
+    header = kohya(kohya_named(sd1_te(), "lora_te"))
+    values = values_for(header, 4.0)
+    info = detect_lora(header, {}, values)
+    assert not any("no .alpha tensors" in r for r in info.reasons)
+    first = next(k for k in values)
+    zero = detect_lora(header, {}, {**values, first: 0.0})
+    assert any("alpha of 0 means alpha = rank" in r for r in zero.reasons)
+    fewer = dict(header)
+    del fewer[first]
+    partial = detect_lora(fewer, {}, {k: v for k, v in values.items() if k != first})
+    assert any("1 adapted module has no .alpha tensor" in r for r in partial.reasons)
+
+
 def test_text_encoder_only():
     header = kohya(kohya_named(sd1_te(), "lora_te"))
     check(detect_lora(header, {}, values_for(header, 1.0)), "kohya-lora", "sd1", ["clip_l"],

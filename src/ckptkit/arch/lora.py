@@ -91,9 +91,9 @@ _SUFFIXES: tuple[tuple[str, str | None, str], ...] = tuple(sorted((
     (".lokr_w2_b", "lycoris-lokr", "w2_b"),
     (".lokr_t2", "lycoris-lokr", "t2"),
     (".diff", "lycoris-full", "diff"),
-    (".diff_b", "lycoris-full", "diff_b"),
+    (".diff_b", None, "diff_b"),  # beside a LoRA too (ComfyUI's LoraSave, bias_diff)
     (".w_norm", "lycoris-full", "diff"),
-    (".b_norm", "lycoris-full", "diff_b"),
+    (".b_norm", None, "diff_b"),
     (".a1.weight", "lycoris-glora", "a1"),
     (".a2.weight", "lycoris-glora", "a2"),
     (".b1.weight", "lycoris-glora", "b1"),
@@ -173,10 +173,10 @@ _CONTEXT_NAMES = {"sd1": "SD1 (CLIP-L)", "sd2": "SD2 (OpenCLIP-H)", "sdxl": "SDX
 _UNET_DIFFUSERS = re.compile(
     r"^(?:(down|up)_blocks_(\d+)_(attentions|resnets|downsamplers|upsamplers)_(\d+)_(.+)"
     r"|mid_block_(?:attentions|resnets)_\d+_(.+)"
-    r"|conv_in|conv_out|time_embedding_linear_[12]|add_embedding_linear_[12])$")
+    r"|conv_in|conv_out|conv_norm_out|time_embedding_linear_[12]|add_embedding_linear_[12])$")
 _UNET_LDM = re.compile(
     r"^(?:(input|output)_blocks_(\d+)_(\d+)(?:_(.+))?|middle_block_[0-2]_(.+)"
-    r"|time_embed_[02]|label_emb_0_[02]|out_2)$")
+    r"|time_embed_[02]|label_emb_0_[02]|out_[02])$")
 _UNET_ATTN_PART = re.compile(r"^(transformer_blocks_\d+_|proj_in$|proj_out$|norm$)")
 _TB_INDEX = re.compile(r"transformer_blocks_(\d+)_")
 _ADD_EMBEDDING = re.compile(r"^(add_embedding_|label_emb_)")
@@ -339,6 +339,9 @@ def _split(keys: Iterable[str]) -> tuple[dict[str, _Module], list[str], list[str
                 break
         else:
             (scales if _BFL_NORM_SCALE.search(key) else others).append(key)
+    for mod in modules.values():  # a bias difference alone: a full difference of the bias
+        if mod.fmt is None and "diff_b" in mod.roles:
+            mod.fmt = "lycoris-full"
     # (IA)^3 stores its vector as "<module>.weight" next to "<module>.on_input".
     rest = []
     for key in others:
@@ -348,6 +351,15 @@ def _split(keys: Iterable[str]) -> tuple[dict[str, _Module], list[str], list[str
         else:
             rest.append(key)
     return modules, bundles, scales, rest
+
+
+def _measured(mod: _Module, shapes: Mapping[str, Shape]) -> bool:
+    """``_measure``, with tensors of too few dimensions for their role (a malformed or
+    hostile file) counting as not an adapter rather than an error."""
+    try:
+        return _measure(mod, shapes)
+    except (ValueError, IndexError):
+        return False
 
 
 def _measure(mod: _Module, shapes: Mapping[str, Shape]) -> bool:
@@ -404,7 +416,7 @@ def _measure(mod: _Module, shapes: Mapping[str, Shape]) -> bool:
         return "weight" in roles
     elif fmt == "lycoris-full":
         if "diff" not in roles:
-            return False
+            return "diff_b" in roles  # a bias only
         diff = shape("diff")
         if len(diff) >= 2:
             mod.width_out, mod.width_in, mod.evidence = diff[0], diff[1], note("diff")
@@ -763,7 +775,7 @@ def detect_lora(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, st
     adapters: list[_Module] = []
     unexplained = len(others)
     for mod in modules.values():
-        if mod.fmt is not None and _measure(mod, shapes):
+        if mod.fmt is not None and _measured(mod, shapes):
             adapters.append(mod)
         else:
             unexplained += len(mod.roles)
@@ -890,17 +902,25 @@ def _alphas(adapters: list[_Module], fmt: str, values: Mapping[str, float],
     odd = sorted({repr(a) for a in stored if not math.isfinite(a)})
     read = sorted({a for a in stored if math.isfinite(a)}) + [float(a) for a in odd]
     alphas: list[float] | None = read or None
+    kohya_like = fmt in ("kohya-lora", "lycoris-loha", "lycoris-lokr", "lycoris-glora")
     if alpha_keys:
         got = sum(1 for k in alpha_keys if k in values)
         reasons.append(f"alphas read from {got} of {len(alpha_keys)} .alpha tensors" if got
                        else f"{len(alpha_keys)} .alpha tensors, whose values were not read")
+        without = len(adapters) - len(alpha_keys)
+        if without and kohya_like:
+            reasons.append(f"{without} adapted module{'s have' if without > 1 else ' has'} no "
+                           ".alpha tensor: alpha = rank there (scale 1)")
+        if 0.0 in read and kohya_like:
+            reasons.append("an alpha of 0 means alpha = rank (scale 1) to kohya and ComfyUI, "
+                           "not a scale of 0")
+    elif kohya_like:
+        reasons.append("no .alpha tensors: kohya and ComfyUI then use alpha = rank (scale 1)")
     if odd:
         count = sum(1 for a in stored if not math.isfinite(a))
         reasons.append(f"{count} .alpha tensor{'s hold' if count > 1 else ' holds'} "
                        f"{' or '.join(odd)}: applying this adapter would give NaN or infinite "
                        "weights")
-    elif fmt in ("kohya-lora", "lycoris-loha", "lycoris-lokr", "lycoris-glora"):
-        reasons.append("no .alpha tensors: kohya and ComfyUI then use alpha = rank (scale 1)")
 
     # kohya sd-scripts' training metadata (train_util.py, ss_*).
     args = _network_args(metadata)
