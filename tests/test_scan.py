@@ -295,3 +295,33 @@ def _json_of_benign(tmp_path, capsys) -> str:
     (plain / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     main(["scan", "--quiet", "--json", str(plain)])
     return capsys.readouterr().out
+
+
+class _Shell:
+    """Calls os.system when unpickled (the payload of a plain pickle.dumps file)."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("name", ["model.pkl", "preview.png", "model.pt", "data"])
+def test_plain_pickles_of_every_protocol_are_unsafe(tmp_path, protocol, name):
+    """pickle.dumps writes protocol 4 or 5 by default; the reader refuses their opcodes before
+    any global, so the file cannot be verified: unsafe, never skipped."""
+    import pickle
+
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps(_Shell(), protocol=protocol))
+    result = scan_file(str(path))
+    assert result.verdict == "unsafe", result
+    if protocol < 4:
+        assert "global posix.system" in [r["message"] for r in result.to_dict()["reasons"]]
+
+
+def test_files_that_are_not_pickles_stay_skipped(tmp_path):
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    (tmp_path / "notes.txt").write_text("(an opening parenthesis, then words\n")
+    (tmp_path / "almost").write_bytes(b"\x80\x09" + bytes(16))  # no pickle has protocol 9
+    for name in ("image.png", "notes.txt", "almost"):
+        assert scan_file(str(tmp_path / name)).verdict == "skipped", name

@@ -97,20 +97,34 @@ def _unrecognised(path: str, reason: str) -> ScanResult:
         with open(path, "rb") as f:
             head = f.read(_PROBE_BYTES)
         findings: list[Finding] = []
-        stopped = None
+        stopped = refused = None
         try:
             PickleVM(head, 0, find_global=find_global, persistent_load=None,
                      where="file", findings=findings).run()
         except CkptError as exc:
             stopped = exc.reason
+            refused = isinstance(exc, UnsafeFileError)
         if findings:
             reasons = [_finding_reason(f) for f in findings]
             if stopped:
                 reasons.append(_reason("structure", f"parsing stopped: {stopped}"))
             return ScanResult(path, UNSAFE, "pickle", reasons=reasons)
+        if refused and _declares_pickle(head):
+            # A pickle of protocol 4 or 5 (pickle.dumps' default): the reader refuses its
+            # opcodes before reaching any global, but torch.load would unpickle it and run
+            # whatever it calls. Not verifiable is not safe.
+            return ScanResult(path, UNSAFE, "pickle", reasons=[_reason(
+                "structure", f"{stopped}; a pickle this scanner cannot verify, which "
+                "torch.load would run")])
     if os.path.splitext(path)[1].lower() in _MODEL_EXTENSIONS:
         return ScanResult(path, ERROR, reasons=[_reason("read", reason)])
     return ScanResult(path, SKIPPED, reasons=[_reason("format", reason)])
+
+
+def _declares_pickle(head: bytes) -> bool:
+    """Whether the bytes open with a pickle's PROTO opcode and a protocol pickle knows (2 to
+    5): what pickle.dumps and torch.save write, and not what other files begin with."""
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def walk(paths: Iterable[str]) -> Iterator[str | ScanResult]:
