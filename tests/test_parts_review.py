@@ -267,3 +267,11 @@ def test_a_part_with_broken_scalars_metadata_is_the_files_error(tmp_path, scalar
                  "--text-encoder", clip_g, "--vae", vae, "-o", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 3 and "ckptkit.scalars" in err and clip_g in err and not out.exists()
+
+
+def test_a_full_size_vae_for_a_tiny_model_is_said_so(tmp_path, sd1):
+    model, clip = sd1[1], sd1[2]
+    full = tmp_path / "full_vae.safetensors"
+    sample("sd1", str(full), sparse=True, components=["vae"])
+    with pytest.raises(UsageError, match=r"a full-size part for a tiny model\)$"):
+        assemble(model, [clip], str(full), str(tmp_path / "o.safetensors"))

@@ -184,7 +184,7 @@ def _print_identification(ident: dict[str, Any], out) -> None:
     if ident["missing"]:
         out(f"  {'missing':<11}{', '.join(ident['missing'])}\n")
     if ident["ambiguous"]:
-        out(f"  {'cannot tell':<11}{', '.join(ident['ambiguous'])} (from weights alone)\n")
+        out(f"  cannot tell {', '.join(ident['ambiguous'])} (from weights alone)\n")
     for group, count in ident["extra"].items():
         out(f"  {'extra':<11}{count:,} {group}\n")
     lora = ident.get("lora")

@@ -307,9 +307,18 @@ def _check_fits(fam: Family, path: str, ident: Identification, name: str,
             raise UsageError(f"{path} does not fit {fam.name}: {key} is "
                              f"{list(part[present[key]].shape)}, the model needs "
                              f"{list(expected[key])}"
-                             + (" (a 16-channel VAE for a 4-channel model, or the other way)"
-                                if name == "vae" else ""))
+                             + _mismatch_hint(ident, name, tiny))
     _refuse_incomplete(fam, path, name, expected, present)
+
+
+def _mismatch_hint(ident: Identification, name: str, tiny: bool) -> str:
+    """The likely cause of a part's odd shapes: a tiny test part with a full-size model (or
+    the reverse), else for a VAE its latent channels."""
+    size = ident.components[0].size if ident.components else "other"
+    if size in ("tiny", "full") and (size == "tiny") != tiny:
+        return (f" (a {size} part for a {'tiny' if tiny else 'full-size'} model)"
+                .replace("full part", "full-size part"))
+    return " (a 16-channel VAE for a 4-channel model, or the other way)" if name == "vae" else ""
 
 
 def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, out: str, *,
