@@ -626,3 +626,19 @@ def test_a_bug_on_one_file_does_not_stop_the_others(tmp_path: Path, capsys, monk
     assert reports[2]["tensor_count"] == 1
     (line,) = err.splitlines()
     assert line.startswith("ckpt: internal error: RecursionError") and str(good[1]) in line
+
+
+def test_a_diffusers_folder_inside_a_searched_folder_is_reported_as_one(tmp_path, capsys):
+    from ckptkit.cli.main import main
+    from ckptkit.ops.sample import sample
+
+    (tmp_path / "models").mkdir()
+    sample("sd1", str(tmp_path / "models" / "diff-sd1"), tiny=True, layout="diffusers")
+    sample("sd1", str(tmp_path / "models" / "single.safetensors"), tiny=True)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "models"), "--json", "--quiet"]) == 0
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(os.path.basename(r["path"]) for r in reports) == ["diff-sd1",
+                                                                     "single.safetensors"]
+    folder = next(r for r in reports if r["path"].endswith("diff-sd1"))
+    assert folder["format"] == "diffusers-folder"

@@ -47,12 +47,29 @@ def _expand(paths: list[str]) -> tuple[list[str], bool]:
             continue
         folders = True
         for found in iter_files([path]):
+            pipeline = _pipeline_of(found, path)
+            if pipeline:  # its files are reported as the one folder they make
+                if pipeline not in files:
+                    files.append(pipeline)
+                continue
             try:
                 detect_format(found)
             except CkptError:
                 continue  # configs, images, text: not model files
             files.append(found)
     return files, folders
+
+
+def _pipeline_of(found: str, top: str) -> str | None:
+    """The diffusers folder (below ``top``) that ``found`` belongs to: its folder, or that
+    folder's parent (a component's folder), where it holds a ``model_index.json``."""
+    parent = os.path.dirname(found)
+    for folder in (parent, os.path.dirname(parent)):
+        inside = os.path.commonpath([os.path.abspath(folder), os.path.abspath(top)]) == \
+            os.path.abspath(top)
+        if inside and is_diffusers_folder(folder):
+            return folder
+    return None
 
 
 def run(args) -> int:
