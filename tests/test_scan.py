@@ -315,8 +315,41 @@ def test_plain_pickles_of_every_protocol_are_unsafe(tmp_path, protocol, name):
     path.write_bytes(pickle.dumps(_Shell(), protocol=protocol))
     result = scan_file(str(path))
     assert result.verdict == "unsafe", result
-    if protocol < 4:
-        assert "global posix.system" in [r["message"] for r in result.to_dict()["reasons"]]
+    messages = [r["message"] for r in result.to_dict()["reasons"]]
+    assert "global posix.system" in messages and "call posix.system" in messages
+    assert (f"structure pickle protocol {protocol}" in messages) == (protocol > 3)
+
+
+def test_a_protocol_4_opcode_in_a_protocol_2_pickle_is_named():
+    """FRAME and STACK_GLOBAL where torch.save writes neither: named once, then read on."""
+    import pickletools
+
+    from ckptkit.formats.pickle_vm import PickleVM
+    from ckptkit.formats.torch_globals import find_global
+
+    body = pickletools.optimize(pickle_bytes := __import__("pickle").dumps(
+        _Shell(), protocol=4))
+    assert body[:2] == b"\x80\x04" and pickle_bytes
+    data = b"\x80\x02" + body[2:]  # the same opcodes, declared as protocol 2
+    findings = []
+    PickleVM(data, 0, find_global=find_global, persistent_load=None, where="file",
+             findings=findings).run()
+    kinds = [(f.kind, f.name) for f in findings]
+    assert kinds[0][0] == "structure" and "protocol 4" in kinds[0][1]
+    assert ("global", "posix.system") in kinds and len(
+        [k for k in kinds if k[0] == "structure"]) == 1
+
+
+def test_loading_still_refuses_protocol_4():
+    import pickle
+
+    from ckptkit.errors import UnsafeFileError
+    from ckptkit.formats.pickle_vm import PickleVM
+    from ckptkit.formats.torch_globals import find_global
+
+    with pytest.raises(UnsafeFileError, match="protocol 4"):
+        PickleVM(pickle.dumps({"a": 1}, protocol=4), 0, find_global=find_global,
+                 persistent_load=None, where="file").run()
 
 
 def test_files_that_are_not_pickles_stay_skipped(tmp_path):

@@ -154,6 +154,7 @@ class PickleVM:
         self.memo: dict[int, Any] = {}
         self.op_pos = start
         self.findings = findings
+        self._beyond_torch = False  # a scan has noted protocol 4 or 5 (see op_proto)
         # Nesting depth of every tuple and frozenset built (they are immutable, so the depth
         # at creation is final); the objects are kept so that their ids stay theirs.
         self._depth: dict[int, tuple[Any, int]] = {}
@@ -254,6 +255,13 @@ class PickleVM:
             code = self.data[self.pos]
             self.pos += 1
             handler = ops.get(code)
+            if handler is None and self.findings is not None:
+                handler = _SCAN_OPS.get(code)
+                if handler is not None and not self._beyond_torch:
+                    self._beyond_torch = True  # said once, with the first such opcode
+                    self.findings.append(Finding(
+                        "structure", f"opcode {_REFUSED[code]}", self.where, self.op_pos,
+                        "torch.save never writes it; torch.load would read it"))
             if handler is None:
                 name = _REFUSED.get(code)
                 if name:
@@ -274,7 +282,63 @@ class PickleVM:
     def op_proto(self) -> None:
         version = self._u8()
         if version > 3:
-            self._fail(f"pickle protocol {version}: torch.save writes protocol 2", unsafe=True)
+            if self.findings is None or version > 5:
+                self._fail(f"pickle protocol {version}: torch.save writes protocol 2",
+                           unsafe=True)
+            self._beyond_torch = True
+            self.findings.append(Finding(
+                "structure", f"pickle protocol {version}", self.where, self.op_pos,
+                "torch.save writes protocol 2; ckptkit does not load this pickle, but "
+                "torch.load would, running every global it names"))
+
+    # -- protocols 4 and 5, read only while collecting findings (``ckpt scan``), so that a
+    # scan names the globals of a pickle.dumps file; loading still refuses them (above).
+
+    def op_frame(self) -> None:
+        self._unpack("<Q", 8)  # a frame's length: the opcodes inside are read as they come
+
+    def op_short_binunicode(self) -> None:
+        self.stack.append(self._string(self._u8()))
+
+    def op_binunicode8(self) -> None:
+        self.stack.append(self._string(self._length8()))
+
+    def op_binbytes8(self) -> None:
+        self.stack.append(bytes(self._take(self._length8())))
+
+    def op_bytearray8(self) -> None:
+        self.stack.append(bytes(self._take(self._length8())))
+
+    def _length8(self) -> int:
+        n = self._unpack("<Q", 8)
+        if n > len(self.data) - self.pos:
+            self._fail("a length runs past the end of the pickle")
+        return n
+
+    def op_memoize(self) -> None:
+        self._memo_put(len(self.memo))
+
+    def op_empty_set(self) -> None:
+        self.stack.append([])  # a set's items matter to a scan only as what they hold
+
+    def op_additems(self) -> None:
+        items = self._pop_mark()
+        self._top(list, "ADDITEMS").extend(items)
+
+    def op_frozenset(self) -> None:
+        self.stack.append(tuple(self._pop_mark()))
+
+    def op_stack_global(self) -> None:
+        name = self._pop()
+        module = self._pop()
+        if not (isinstance(module, str) and isinstance(name, str)):
+            self._fail("STACK_GLOBAL names a global with values that are not strings",
+                       unsafe=True)
+        self._resolve(module, name)
+
+    def op_newobj_ex(self) -> None:
+        self._pop()  # keyword arguments
+        self.op_newobj()
 
     def op_stop(self) -> bool:
         return True
@@ -380,8 +444,9 @@ class PickleVM:
         self.stack.append(self._unpack(">d", 8))
 
     def op_global(self) -> None:
-        module = self._line()
-        name = self._line()
+        self._resolve(self._line(), self._line())
+
+    def _resolve(self, module: str, name: str) -> None:
         try:
             self.stack.append(self.find_global(module, name))
         except UnsafeFileError as exc:
@@ -515,6 +580,21 @@ _OPS: dict[int, Callable[[PickleVM], Any]] = {
     ord("u"): PickleVM.op_setitems,
     ord("a"): PickleVM.op_append,
     ord("e"): PickleVM.op_appends,
+}
+
+# Protocol 4 and 5 opcodes, understood only while collecting findings (a scan).
+_SCAN_OPS: dict[int, Callable[[PickleVM], Any]] = {
+    0x8C: PickleVM.op_short_binunicode,
+    0x8D: PickleVM.op_binunicode8,
+    0x8E: PickleVM.op_binbytes8,
+    0x8F: PickleVM.op_empty_set,
+    0x90: PickleVM.op_additems,
+    0x91: PickleVM.op_frozenset,
+    0x92: PickleVM.op_newobj_ex,
+    0x93: PickleVM.op_stack_global,
+    0x94: PickleVM.op_memoize,
+    0x95: PickleVM.op_frame,
+    0x96: PickleVM.op_bytearray8,
 }
 
 # Real opcodes that torch.save never writes, named so that the refusal says which one it was.
