@@ -9,6 +9,11 @@ object the name points at. Anything else (an unknown global, an opcode torch nev
 an integer spelt in text, a container used the wrong way) stops the parse with
 ``UnsafeFileError`` or ``FormatError``: the parse fails closed.
 
+A scan (``findings`` given) reads on past what loading refuses, to name everything a file
+would do under ``torch.load``: refused globals become findings, and the opcodes of protocols
+4 and 5 (what ``pickle.dumps`` writes by default) are understood, each such file or opcode
+itself a finding. Loading never accepts them.
+
 Sizes are bounded: lengths are checked against the bytes left before anything is allocated,
 and the memo, the mark depth and container sizes have caps, so a hostile pickle cannot make
 the reader allocate more than a small multiple of its own size.
