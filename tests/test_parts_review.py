@@ -275,3 +275,14 @@ def test_a_full_size_vae_for_a_tiny_model_is_said_so(tmp_path, sd1):
     sample("sd1", str(full), sparse=True, components=["vae"])
     with pytest.raises(UsageError, match=r"a full-size part for a tiny model\)$"):
         assemble(model, [clip], str(full), str(tmp_path / "o.safetensors"))
+
+
+def test_merge_take_says_what_it_left_out(tmp_path, sd1, capsys):
+    src, _, _, vae = sd1
+    junk = _rewritten(vae, tmp_path / "junk_vae.safetensors", lambda t: t.update(_JUNK))
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "weighted-sum", src, src, "-o", str(out), "--take", f"vae={junk}",
+                 "--quiet"]) == 0
+    assert ("note: left out of the --take components: 2 ema weights, 2 training leftovers"
+            in capsys.readouterr().out)
+    _same(load_file(src), load_file(str(out)))

@@ -139,6 +139,9 @@ def _finish(args, work) -> int:
                          f", {report.skipped:,} left out" if report.skipped else ""])
         print(f"wrote {args.output}: {report.merged:,} tensors merged, {report.copied:,} "
               f"copied from the base model{extra}")
+        if report.take_left_out:
+            counts = ", ".join(f"{n:,} {why}" for why, n in sorted(report.take_left_out.items()))
+            print(f"note: left out of the --take components: {counts}")
     return 0
 
 

@@ -67,6 +67,8 @@ class MergeReport:
     skipped: int = 0
     ignored: int = 0  # keys only the other models have
     notes: list[str] = field(default_factory=list)
+    # Keys of the --take files not taken (EMA copies, training leftovers...), by why.
+    take_left_out: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,8 @@ def _taken(recipe: Recipe, fam: Family | None, idents: dict[str, Identification]
             raise UsageError(f"--take {component}: {fam.name} has no such component; it has "
                              f"{', '.join(fam.component_names)}")
         taken[component] = component_from(fam, recipe.inputs[name], checkpoints[name],
-                                          component, tiny, idents.get(name))
+                                          component, tiny, idents.get(name),
+                                          left_out=report.take_left_out)
         report.taken += len(taken[component])
     return taken
 
