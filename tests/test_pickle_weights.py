@@ -9,6 +9,8 @@ tensors come from ``torch.load(weights_only=True)``, walked here independently.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -154,3 +156,32 @@ def test_shared_and_cyclic_dicts_are_walked_once(tmp_path, container):
     extras, _ = _check(path, {"w": ref["w"], first: torch.ones(1), "loop.t": ref["loop"]["t"]})
     assert extras["loop.self"].tensors == 1
     assert len(extras) == 41 and all(v.tensors == 1 for v in extras.values())
+
+
+def test_hostile_nesting_and_sharing_open_quickly(tmp_path):
+    """A chain of 3,000 dicts under one long key (names that grow with the square of the
+    depth) and 10,000 entries sharing one list of 10,000 (counted once each, not walked anew):
+    both opened in seconds, with the tensors still accounted for."""
+    from helpers import time_limit
+
+    deep: dict = {"w": torch.zeros(1)}
+    key = "k" * 10_000
+    for _ in range(3000):
+        deep = {key: deep}
+    wide: dict = {"t": torch.zeros(1)}
+    shared = list(range(10_000))
+    for i in range(10_000):
+        wide[f"e{i}"] = shared
+    for name, obj in (("deep", {"a": deep, "b": torch.ones(1)}), ("wide", wide)):
+        path = tmp_path / f"{name}.pt"
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(50_000)  # torch.save recurses once per level
+        try:
+            torch.save(obj, path)
+        finally:
+            sys.setrecursionlimit(limit)
+        with time_limit(10), open_checkpoint(str(path)) as checkpoint:
+            assert len(checkpoint.tensors) >= 1
+            if name == "deep":
+                held = [v for v in checkpoint.extras.values() if getattr(v, "tensors", 0)]
+                assert held and all(len(k) < 20_000 for k in checkpoint.extras)

@@ -307,8 +307,8 @@ class _Shell:
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 @pytest.mark.parametrize("name", ["model.pkl", "preview.png", "model.pt", "data"])
 def test_plain_pickles_of_every_protocol_are_unsafe(tmp_path, protocol, name):
-    """pickle.dumps writes protocol 4 or 5 by default; the reader refuses their opcodes before
-    any global, so the file cannot be verified: unsafe, never skipped."""
+    """pickle.dumps writes protocol 4 or 5 by default: loading refuses them, the scan reads
+    them far enough to name the globals; unsafe, never skipped."""
     import pickle
 
     path = tmp_path / name
@@ -358,3 +358,37 @@ def test_files_that_are_not_pickles_stay_skipped(tmp_path):
     (tmp_path / "almost").write_bytes(b"\x80\x09" + bytes(16))  # no pickle has protocol 9
     for name in ("image.png", "notes.txt", "almost"):
         assert scan_file(str(tmp_path / name)).verdict == "skipped", name
+
+
+@pytest.mark.parametrize("data", [
+    b"S'x'\n0cos\nsystem\n(S'true'\ntR.",  # protocol 0: a STRING and a POP before the global
+    b"I1\n0cos\nsystem\n(S'true'\ntR.",  # an INT first
+    b"\x80\x02K\x012cos\nsystem\n(X\x04\x00\x00\x00truetR.",  # DUP, which torch never writes
+])
+def test_a_refused_opcode_before_the_first_global_does_not_hide_it(tmp_path, data):
+    import pickletools
+
+    assert any(op.name == "GLOBAL" for op, _, _ in pickletools.genops(data))
+    path = tmp_path / "x.pkl"
+    path.write_bytes(data)
+    result = scan_file(str(path))
+    assert result.verdict == "unsafe"
+    assert "global os.system" in [r["message"] for r in result.to_dict()["reasons"]]
+
+
+def test_text_files_are_not_called_pickles(tmp_path):
+    for name, text in (("notes.txt", "Some notes\nmore\n"), ("ints.txt", "I am text\n"),
+                       ("readme.md", "# Title\n\nwords\n")):
+        (tmp_path / name).write_text(text)
+        assert scan_file(str(tmp_path / name)).verdict == "skipped", name
+
+
+def test_sets_in_a_protocol_4_pickle_do_not_hide_what_follows(tmp_path):
+    """EMPTY_SET, ADDITEMS and FROZENSET (protocol 4), read by the scan only."""
+    import pickle
+
+    path = tmp_path / "sets.pkl"
+    path.write_bytes(pickle.dumps([frozenset({1, 2}), {3, 4}, _Shell()], protocol=4))
+    messages = [r["message"] for r in scan_file(str(path)).to_dict()["reasons"]]
+    assert "global posix.system" in messages and "call posix.system" in messages
+    assert not any(m.startswith("parsing stopped") for m in messages)

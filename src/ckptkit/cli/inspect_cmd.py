@@ -96,8 +96,9 @@ def run(args) -> int:
             if os.environ.get("CKPT_DEBUG"):
                 raise
             what = f"internal error: {type(exc).__name__}: {exc}"
-            print(f"ckpt: {what} while inspecting {path} (a bug in ckptkit; CKPT_DEBUG=1 "
-                  "shows the traceback, please report it)", file=sys.stderr)
+            print(f"ckpt: {printable(what)} while inspecting {printable(path)} (a bug in "
+                  "ckptkit; CKPT_DEBUG=1 shows the traceback, please report it)",
+                  file=sys.stderr)
             _print_error(args, path, what)
             status = status or 70
             continue

@@ -75,8 +75,8 @@ class PickledDict(dict, Buildable):
 class Finding:
     """Something a pickle asks for that a data-only reader refuses, and where it asked."""
 
-    kind: str  # "global" or "call"
-    name: str  # the dotted name of the global
+    kind: str  # "global", "call" or (a scan only) "structure": a protocol or opcode
+    name: str  # the dotted name of the global, or what the structure is
     where: str  # which pickle ("data.pkl")
     offset: int  # byte offset of the opcode in that pickle
     why: str
@@ -328,10 +328,14 @@ class PickleVM:
 
     def op_additems(self) -> None:
         items = self._pop_mark()
-        self._top(list, "ADDITEMS").extend(items)
+        target = self._top(list, "ADDITEMS")
+        target.extend(items)
+        if len(target) > MAX_CONTAINER:
+            self._fail(f"a set holds more than {MAX_CONTAINER} items")
 
     def op_frozenset(self) -> None:
-        self.stack.append(tuple(self._pop_mark()))
+        items = tuple(self._pop_mark())  # before the append: the stack is the outer one now
+        self.stack.append(self._nested(items))
 
     def op_stack_global(self) -> None:
         name = self._pop()

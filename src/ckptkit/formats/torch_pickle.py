@@ -68,6 +68,9 @@ def _run(data: bytes | memoryview, start: int, where: str, storages: _Storages |
                       where=where, findings=findings).run()
     if findings:
         names = sorted({f.name for f in findings if f.kind == "global"})
+        if not names:  # only the pickle's form is refused (protocol 4 or 5)
+            raise RefusedGlobals(f"{where} is a pickle ckptkit does not load "
+                                 f"({findings[0].name})")
         raise RefusedGlobals(f"{where} asks for {len(names)} global"
                               f"{'s' if len(names) > 1 else ''} outside the allow-list "
                               f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
@@ -163,6 +166,11 @@ def _is_weights(node: dict) -> bool:
 
 
 _CONTAINERS = (dict, list, tuple, set, frozenset)
+# Nested weights are named by their dotted path: a hostile chain of dicts sharing one long key
+# would make the names grow with the square of the depth. Deeper or longer, an entry is an
+# extra (described, its tensors counted), not a weight. Real files nest two or three levels.
+MAX_NAME_DEPTH = 64
+MAX_NAME_LENGTH = 1024
 
 
 def _tensor_holders(root: Any) -> set[int]:
@@ -229,6 +237,7 @@ def locate_weights(root: Any) -> tuple[dict[str, PickledTensor], str, dict[str, 
     if not isinstance(node, dict):
         raise FormatError(f"the checkpoint holds a {_kind(node)}, not a dict of tensors")
     holders = _tensor_holders(root)
+    counter = _Counter()
     seen = {id(node)}
     while not _is_weights(node):
         inner = next((k for k in _WRAPPER_KEYS if isinstance(node.get(k), dict)
@@ -238,13 +247,16 @@ def locate_weights(root: Any) -> tuple[dict[str, PickledTensor], str, dict[str, 
             inner = only if isinstance(node[only], dict) else None
         if inner is None:
             break
+        if len(path) >= MAX_NAME_DEPTH:
+            raise FormatError(f"the weights are wrapped more than {MAX_NAME_DEPTH} levels deep")
         label = _label(inner)
         if id(node[inner]) in seen:
             raise FormatError(f"the entry {label!r} contains itself (a cyclic wrapper)")
         prefix = ".".join(path)
         for key, value in node.items():
             if key != inner:
-                extras[f"{prefix + '.' if prefix else ''}{_label(key)}"] = describe(value)
+                extras[f"{prefix + '.' if prefix else ''}{_label(key)}"] = describe(
+                    value, counter=counter)
         path.append(label)
         node = node[inner]
         seen.add(id(node))
@@ -263,14 +275,15 @@ def locate_weights(root: Any) -> tuple[dict[str, PickledTensor], str, dict[str, 
         if named and isinstance(value, PickledTensor) and name not in weights:
             weights[name] = value
         elif (named and isinstance(value, dict) and id(value) in holders
-              and id(value) not in expanded):
+              and id(value) not in expanded and name.count(".") < MAX_NAME_DEPTH
+              and len(name) <= MAX_NAME_LENGTH):
             expanded.add(id(value))
             if top:
                 nested.append(name)
             stack.extend((f"{name}.{_label(k)}", v, isinstance(k, str), False)
                          for k, v in reversed(value.items()))
         else:
-            extras[outer + name] = describe(value)
+            extras[outer + name] = describe(value, counter=counter)
     return weights, weights_at, extras, nested
 
 
@@ -288,8 +301,10 @@ def _holding(text: str, count: int, nbytes: int) -> Summary:
     return summary
 
 
-def describe(value: Any, depth: int = 0) -> Any:
-    """A JSON-friendly summary of a non-weight entry: scalars as they are, containers counted."""
+def describe(value: Any, depth: int = 0, counter: _Counter | None = None) -> Any:
+    """A JSON-friendly summary of a non-weight entry: scalars as they are, containers counted
+    (``counter``: shared by the entries of one file)."""
+    counter = counter or _Counter()
     if isinstance(value, PickledTensor):
         return _holding(f"tensor {value.dtype} {list(value.shape)}", 1,
                         _nbytes(value.dtype, value.shape))
@@ -306,22 +321,48 @@ def describe(value: Any, depth: int = 0) -> Any:
     if isinstance(value, StorageHandle):
         return Summary(f"storage of {value.nbytes} bytes")
     if isinstance(value, (dict, list, tuple, set, frozenset)):
-        count, nbytes = _count_tensors(value)
+        count, nbytes, complete = counter.count(value)
         kind = type(value).__name__ if not isinstance(value, dict) else "dict"
         text = f"{kind} of {len(value)}"
         if count:
-            text += f" holding {count} tensor{'s' if count > 1 else ''} ({nbytes} bytes)"
+            text += (f" holding {'at least ' if not complete else ''}{count} "
+                     f"tensor{'s' if count > 1 else ''} ({nbytes} bytes)")
+        if not complete:
+            text += " (too entangled to count all its tensors)"
         if depth == 0 and isinstance(value, (list, tuple)) and not count and len(value) <= 8:
-            return [describe(v, depth + 1) for v in value]
+            return [describe(v, depth + 1, counter) for v in value]
         if depth == 0 and isinstance(value, dict) and not count and len(value) <= 16:
-            return {str(k): describe(v, depth + 1) for k, v in value.items()}
+            return {str(k): describe(v, depth + 1, counter) for k, v in value.items()}
         return _holding(text, count, nbytes)
     return Summary(f"<{type(value).__name__}>")
 
 
-def _count_tensors(value: Any) -> tuple[int, int]:
+class _Counter:
+    """Counts the tensors each described entry holds, within one budget of items walked for
+    the whole file: a hostile pickle can point thousands of entries at one big container,
+    and walking it anew for each would take their product (10,000 entries sharing a list of
+    10,000 took 20 s). An entry met again is counted from memory; past the budget, counts
+    stop and the description says so."""
+
+    BUDGET = 1 << 21
+
+    def __init__(self) -> None:
+        self.left = self.BUDGET
+        self.known: dict[int, tuple[int, int, bool]] = {}
+
+    def count(self, value: Any) -> tuple[int, int, bool]:
+        """(tensors, their bytes, whether every item was walked)."""
+        if id(value) not in self.known:
+            self.known[id(value)] = _count_tensors(value, self)
+        return self.known[id(value)]
+
+
+def _count_tensors(value: Any, counter: _Counter) -> tuple[int, int, bool]:
     count, nbytes, stack, seen = 0, 0, [value], set()
     while stack:
+        if counter.left <= 0:
+            return count, nbytes, False
+        counter.left -= 1
         item = stack.pop()
         if id(item) in seen:
             continue
@@ -333,7 +374,7 @@ def _count_tensors(value: Any) -> tuple[int, int]:
             stack.extend(item.values())
         elif isinstance(item, (list, tuple, set, frozenset)):
             stack.extend(item)
-    return count, nbytes
+    return count, nbytes, True
 
 
 def _nbytes(dtype: DType, shape: tuple[int, ...]) -> int:

@@ -14,6 +14,7 @@ never passes because it did not look (see ``walk``).
 from __future__ import annotations
 
 import os
+import pickletools
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 
 from ..errors import CkptError, UnsafeFileError
 from ..formats import detect_format, open_checkpoint
-from ..formats.pickle_vm import Finding, PickleVM, RefusedGlobals
+from ..formats.pickle_vm import Finding, PickleVM, RefusedGlobals, why_refused
 from ..formats.sniff import EXTENSIONS, path_problem
 from ..formats.torch_globals import find_global
 from ..formats.torch_zip import verify_crc
@@ -104,21 +105,45 @@ def _unrecognised(path: str, reason: str) -> ScanResult:
         except CkptError as exc:
             stopped = exc.reason
             refused = isinstance(exc, UnsafeFileError)
+        if refused and not findings:
+            findings = _named_globals(head)
         if findings:
             reasons = [_finding_reason(f) for f in findings]
             if stopped:
                 reasons.append(_reason("structure", f"parsing stopped: {stopped}"))
             return ScanResult(path, UNSAFE, "pickle", reasons=reasons)
         if refused and _declares_pickle(head):
-            # A pickle of protocol 4 or 5 (pickle.dumps' default): the reader refuses its
-            # opcodes before reaching any global, but torch.load would unpickle it and run
-            # whatever it calls. Not verifiable is not safe.
+            # It declares a pickle protocol, but stopped on something the reader refuses:
+            # torch.load would unpickle it. Not verifiable is not safe.
             return ScanResult(path, UNSAFE, "pickle", reasons=[_reason(
                 "structure", f"{stopped}; a pickle this scanner cannot verify, which "
                 "torch.load would run")])
     if os.path.splitext(path)[1].lower() in _MODEL_EXTENSIONS:
         return ScanResult(path, ERROR, reasons=[_reason("read", reason)])
     return ScanResult(path, SKIPPED, reasons=[_reason("format", reason)])
+
+
+def _named_globals(head: bytes) -> list[Finding]:
+    """The globals outside the allow-list that a pickle names (GLOBAL, INST) before it would
+    stop, for pickles the reader refuses before its first global (older protocols' text
+    opcodes, which torch.save never writes, ahead of a GLOBAL). ``pickletools.genops`` decodes
+    each opcode and its argument as ``pickle.load`` reads them and runs nothing; where it stops,
+    ``pickle.load`` stops too."""
+    found = []
+    try:
+        for op, arg, pos in pickletools.genops(head):
+            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                module, _, name = arg.partition(" ")
+                try:
+                    find_global(module, name)
+                except UnsafeFileError:
+                    found.append(Finding("global", f"{module}.{name}", "file", pos or 0,
+                                         why_refused(module)))
+            elif op.name == "STOP":
+                break
+    except Exception:  # any malformed opcode ends the pickle for pickle.load too
+        pass
+    return found
 
 
 def _declares_pickle(head: bytes) -> bool:
