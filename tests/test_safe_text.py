@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from ckptkit.cli.safe_text import has_surrogates, json_safe, json_text, printable
+from ckptkit.safe_text import has_surrogates, json_safe, json_text, printable
 
 
 def test_printable_keeps_ordinary_text():

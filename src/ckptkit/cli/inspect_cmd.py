@@ -3,7 +3,7 @@
 Each file is reported on its own: one that cannot be read (or trips a bug) gets its error
 line (and with ``--json`` an ``{"path", "error"}`` object) and the next files are still
 inspected; the exit code is the first failure's. ``--json`` prints strict JSON in valid
-UTF-8 (see ``ops.inspect.json_safe``: non-finite numbers as "nan"/"inf"/"-inf" strings).
+UTF-8 (see ``safe_text.json_safe``: non-finite numbers as "nan"/"inf"/"-inf" strings).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 
 from ..errors import CkptError
 from ..formats import detect_format
-from ..ops.inspect import inspect_diffusers_folder, inspect_file, is_diffusers_folder, json_safe
+from ..ops.inspect import inspect_diffusers_folder, inspect_file, is_diffusers_folder
 from ..ops.scan import iter_files
+from ..safe_text import json_safe, printable
 from .fmt import human_bytes, human_count
 from .progress import ProgressBar
-from .safe_text import printable
 
 
 def add_parser(commands) -> None:

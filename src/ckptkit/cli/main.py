@@ -14,8 +14,8 @@ import sys
 
 from .. import __version__
 from ..errors import CkptError
+from ..safe_text import printable
 from . import convert_cmd, inspect_cmd, merge_cmd, parts_cmd, prune_cmd, sample_cmd, scan_cmd
-from .safe_text import printable
 
 COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd)
 

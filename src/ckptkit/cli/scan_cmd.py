@@ -14,8 +14,8 @@ import json
 import os
 
 from ..ops.scan import ScanResult, exit_code, scan_file, walk
+from ..safe_text import has_surrogates, json_safe, printable
 from .progress import add_output_options, progress_for
-from .safe_text import has_surrogates, json_safe, printable
 
 _LABELS = {"safe": "SAFE", "unsafe": "UNSAFE", "error": "ERROR", "skipped": "SKIP"}
 

@@ -4,7 +4,7 @@ The report is a plain dict (the ``--json`` output): format, sizes, counts, dtype
 prefixes that group the tensors, decoded metadata and, for pickles, the non-weight entries.
 No tensor data is read, so a 24 GB file is inspected in the time it takes to read its header.
 
-``json_safe`` makes a report printable as strict JSON (what ``inspect --json`` prints): JSON
+``safe_text.json_safe`` makes a report printable as strict JSON (``inspect --json``): JSON
 has no NaN or infinity, so non-finite numbers (a LoRA's ``.alpha`` tensor holding NaN) become
 the strings ``"nan"``, ``"inf"`` and ``"-inf"``, as Python spells them and as pickle extras
 already are; text that is not valid Unicode (a file name with bytes that are not UTF-8, a
@@ -123,35 +123,6 @@ def _depth(value: Any) -> int:
             stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict)
                                                    else item))
     return deepest
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` (a report) with non-finite floats as ``"nan"``/``"inf"``/``"-inf"`` and text
-    made valid UTF-8 (undecodable bytes and lone surrogates as ``\\xNN``/``\\udNNN``
-    escapes), so that ``json.dumps(..., allow_nan=False)`` accepts it and writes valid UTF-8.
-    Containers are rebuilt (lists for tuples); everything else is returned as it is."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, str):
-        return _valid_text(value)
-    if isinstance(value, dict):
-        return {json_safe(k) if isinstance(k, str) else k: json_safe(v)
-                for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def _valid_text(text: str) -> str:
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:  # a file name's undecodable bytes (surrogateescape) as \xNN
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # other lone surrogates (a JSON header's "\ud800") as \udNNN
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def key_prefixes(sizes: dict[str, int]) -> list[dict[str, Any]]:

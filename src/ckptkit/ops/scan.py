@@ -219,13 +219,6 @@ def iter_files(paths: Iterable[str]) -> Iterator[str]:
             yield item
 
 
-def scan_paths(paths: Iterable[str], verify_data: bool = False) -> Iterator[ScanResult]:
-    """A result for every file under ``paths`` and for every path that could not be walked:
-    what ``ckpt scan`` reports."""
-    for item in walk(paths):
-        yield scan_file(item, verify_data) if isinstance(item, str) else item
-
-
 def exit_code(results: Iterable[ScanResult]) -> int:
     """0 when every file is safe (or skipped), 1 when any is unsafe, else 2 on errors."""
     verdicts = {r.verdict for r in results}

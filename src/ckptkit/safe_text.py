@@ -11,6 +11,7 @@ surrogates, which is how Python hands over file names that are not valid UTF-8.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -58,8 +59,13 @@ def json_text(text: str) -> str:
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` (dicts, lists, tuples, strings, numbers) with ``json_text`` applied to every
-    string in it, keys included."""
+    """``value`` (a report: dicts, lists, tuples, strings, numbers) as strict JSON takes it:
+    ``json_text`` applied to every string, keys included, and non-finite floats written as
+    the strings ``"nan"``, ``"inf"`` and ``"-inf"`` (JSON has no such numbers), so that
+    ``json.dumps(..., allow_nan=False)`` accepts it and writes valid UTF-8. Tuples become
+    lists; anything else is returned as it is."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
     if isinstance(value, str):
         return json_text(value)
     if isinstance(value, dict):
