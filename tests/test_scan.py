@@ -392,3 +392,14 @@ def test_sets_in_a_protocol_4_pickle_do_not_hide_what_follows(tmp_path):
     messages = [r["message"] for r in scan_file(str(path)).to_dict()["reasons"]]
     assert "global posix.system" in messages and "call posix.system" in messages
     assert not any(m.startswith("parsing stopped") for m in messages)
+
+
+def test_a_yaml_file_that_opens_with_c_is_not_a_pickle(tmp_path):
+    """ComfyUI's extra_model_paths.yaml opens with "comfyui:", which reads as a GLOBAL of a
+    module named "omfyui:" that no import can find: not a danger, not unsafe."""
+    path = tmp_path / "extra_model_paths.yaml"
+    path.write_text("comfyui:\n    base_path: path/to/comfyui/\n    checkpoints: models/\n")
+    assert scan_file(str(path)).verdict == "skipped"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("cos\nsystem\n(S'true'\ntR.")
+    assert scan_file(str(evil)).verdict == "unsafe"

@@ -107,6 +107,7 @@ def _unrecognised(path: str, reason: str) -> ScanResult:
             refused = isinstance(exc, UnsafeFileError)
         if refused and not findings:
             findings = _named_globals(head)
+        findings = [f for f in findings if f.kind == "structure" or _importable(f.name)]
         if findings:
             reasons = [_finding_reason(f) for f in findings]
             if stopped:
@@ -144,6 +145,13 @@ def _named_globals(head: bytes) -> list[Finding]:
     except Exception:  # any malformed opcode ends the pickle for pickle.load too
         pass
     return found
+
+
+def _importable(dotted: str) -> bool:
+    """Whether a global's name could import anything: dotted identifiers. A text file that
+    happens to open with ``c`` (``comfyui:`` in ComfyUI's ``extra_model_paths.yaml``) reads as a
+    GLOBAL of ``omfyui:``, which no import can find, so pickle.load stops there harmlessly."""
+    return all(part.isidentifier() for part in dotted.removesuffix("()").split("."))
 
 
 def _declares_pickle(head: bytes) -> bool:
