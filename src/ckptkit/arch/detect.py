@@ -21,6 +21,7 @@ from .diffusers import diffusers_component
 from .diffusers_layout import kohya_prefix, layout_table
 from .families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
 from .keys import KeyTable, Shape
+from .layouts import TEXT_MODEL_CHILDREN, lacks_text_model_level
 from .lora import detect_lora
 from .releases import lookup
 
@@ -46,15 +47,10 @@ _DIFFUSERS_INPUTS = {"input_blocks.0.0.weight": "conv_in.weight",
                      "img_in.weight": "x_embedder.weight"}
 # Older SD1 files lack the ``text_model.`` level that transformers added (sd-mecha lists them
 # as aliases); they are read as if it were there.
-_ALIASES = (("cond_stage_model.transformer.embeddings.",
-             "cond_stage_model.transformer.text_model.embeddings."),
-            ("cond_stage_model.transformer.encoder.",
-             "cond_stage_model.transformer.text_model.encoder."),
-            ("cond_stage_model.transformer.final_layer_norm.",
-             "cond_stage_model.transformer.text_model.final_layer_norm."))
+_SD1_TEXT = "cond_stage_model.transformer."
+_ALIASES = tuple((_SD1_TEXT + child, _SD1_TEXT + "text_model." + child)
+                 for child in TEXT_MODEL_CHILDREN)
 
-_BARE_CLIP = "embeddings.token_embedding.weight"
-_BARE_CLIP_PREFIXES = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
 @dataclass
@@ -121,25 +117,37 @@ def is_leftover(key: str) -> bool:
             or ".loss." in key)
 
 
+def extra_kind(key: str) -> str | None:
+    """What a key that belongs to no component is: ``marker``, ``ema`` (LDM's EMA copies),
+    ``loss`` or ``schedule`` (training leftovers), ``scaled-fp8`` (ComfyUI's scales); None
+    for any other key. Identification, split/assemble and prune all sort keys by it."""
+    if key in MARKERS:
+        return "marker"
+    if key.startswith("model_ema."):
+        return "ema"
+    if is_leftover(key):
+        return "loss" if "loss." in key else "schedule"
+    if key.endswith((".scale_weight", ".scale_input", "scaled_fp8")):
+        return "scaled-fp8"
+    return None
+
+
+_EXTRA_GROUPS = {"marker": "markers", "ema": "ema weights (model_ema.*)",
+                 "loss": "training loss weights", "schedule": "noise schedule buffers",
+                 "scaled-fp8": "scaled-fp8 scales"}
+
+
 def _split_extras(keys: set[str]) -> tuple[set[str], dict[str, int], list[str]]:
     """Removes training leftovers and marker keys; returns (rest, extra groups, markers)."""
     extra: dict[str, int] = {}
-    markers = []
     rest = set()
     for key in keys:
-        if key in MARKERS:
-            markers.append(key)
-            extra["markers"] = extra.get("markers", 0) + 1
-        elif key.startswith("model_ema."):
-            extra["ema weights (model_ema.*)"] = extra.get("ema weights (model_ema.*)", 0) + 1
-        elif is_leftover(key):
-            group = "training loss weights" if "loss." in key else "noise schedule buffers"
-            extra[group] = extra.get(group, 0) + 1
-        elif key.endswith((".scale_weight", ".scale_input")) or key.endswith("scaled_fp8"):
-            extra["scaled-fp8 scales"] = extra.get("scaled-fp8 scales", 0) + 1
-        else:
+        kind = extra_kind(key)
+        if kind is None:
             rest.add(key)
-    return rest, extra, sorted(markers)
+        else:
+            extra[_EXTRA_GROUPS[kind]] = extra.get(_EXTRA_GROUPS[kind], 0) + 1
+    return rest, extra, sorted(k for k in keys if k in MARKERS)
 
 
 def _other_kind(keys: set[str], shapes: Mapping[str, Shape]) -> str | None:
@@ -244,8 +252,8 @@ def _unalias(shapes, dtypes):
     bare names are read as CLIP's only when the token embedding says CLIP: ``encoder.*``
     alone is also a VAE's or T5's."""
     aliases = _ALIASES
-    if _BARE_CLIP in shapes and "text_model." + _BARE_CLIP not in shapes:
-        aliases += tuple((old, "text_model." + old) for old in _BARE_CLIP_PREFIXES)
+    if lacks_text_model_level(shapes):
+        aliases += tuple((child, "text_model." + child) for child in TEXT_MODEL_CHILDREN)
     renamed = {}
     for key in shapes:
         for old, new in aliases:

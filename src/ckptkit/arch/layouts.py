@@ -28,9 +28,18 @@ _OPENCLIP_TOP = {"positional_embedding": "text_model.embeddings.position_embeddi
                  "ln_final.weight": "text_model.final_layer_norm.weight",
                  "ln_final.bias": "text_model.final_layer_norm.bias"}
 QKV = ("q", "k", "v")
-# The top-level modules of transformers' CLIP text model, which older SD1 files store
-# without their ``text_model.`` parent (read as if it were there, as detection does).
-_TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm.")
+# The top-level modules of transformers' CLIP text model, which older SD1 files and
+# transformers 5's own state dicts store without their ``text_model.`` parent (read as if it
+# were there, by detection as by the parts code).
+TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm.")
+_TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
+
+
+def lacks_text_model_level(keys) -> bool:
+    """Whether ``keys`` (a container) are a CLIP text model's without the ``text_model.``
+    level, as transformers 5 saves one: the token embedding says CLIP, where ``encoder.*``
+    alone could be a VAE's or T5's."""
+    return _TOKEN_EMBEDDING in keys and "text_model." + _TOKEN_EMBEDDING not in keys
 
 
 @dataclass(frozen=True)
@@ -134,7 +143,7 @@ def current_names(comp: Component, keys: Iterable[str]) -> dict[str, str]:
         return {k: k for k in mine}
     inner = _inner(comp)
     return {k: inner + "text_model." + k[len(inner):]
-            if k.startswith(inner) and k[len(inner):].startswith(_TEXT_MODEL_CHILDREN) else k
+            if k.startswith(inner) and k[len(inner):].startswith(TEXT_MODEL_CHILDREN) else k
             for k in mine}
 
 
@@ -143,9 +152,8 @@ def standalone_current_names(comp: Component, keys: Iterable[str]) -> dict[str, 
     CLIP saved by transformers 5, whose ``CLIPTextModel`` has no ``text_model.`` level
     (``embeddings.*``, ``encoder.layers.*``), which gains it (identification reads such a
     file the same way)."""
-    bare = comp.build is clip_keys.clip_keys and "text_model.embeddings.token_embedding.weight" \
-        not in keys and "embeddings.token_embedding.weight" in keys
-    return {k: "text_model." + k if bare and k.startswith(_TEXT_MODEL_CHILDREN) else k
+    bare = comp.build is clip_keys.clip_keys and lacks_text_model_level(keys)
+    return {k: "text_model." + k if bare and k.startswith(TEXT_MODEL_CHILDREN) else k
             for k in keys}
 
 

@@ -37,16 +37,16 @@ def add_parser(commands) -> None:
 
 def run(args) -> int:
     items = list(walk(args.paths))
-    files = [item for item in items if isinstance(item, str)]
+    sizes = {item: _size(item) for item in items if isinstance(item, str)}
     bar = progress_for(args, "scan", unit="files")
-    bar.start(sum(_size(f) for f in files), len(files))
+    bar.start(sum(sizes.values()), len(sizes))
     results = []
     for item in items:
         if isinstance(item, ScanResult):
             result = item  # a path that could not be walked: already decided
         else:
             result = scan_file(item, verify_data=args.verify_data)
-            bar.update(_size(item), 1)
+            bar.update(sizes[item], 1)
         results.append(result)
         if not args.json:
             _print_result(result, bar)

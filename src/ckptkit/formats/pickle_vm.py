@@ -308,10 +308,7 @@ class PickleVM:
     def op_binunicode8(self) -> None:
         self.stack.append(self._string(self._length8()))
 
-    def op_binbytes8(self) -> None:
-        self.stack.append(bytes(self._take(self._length8())))
-
-    def op_bytearray8(self) -> None:
+    def op_binbytes8(self) -> None:  # and BYTEARRAY8: to a scan, bytes either way
         self.stack.append(bytes(self._take(self._length8())))
 
     def _length8(self) -> int:
@@ -327,11 +324,7 @@ class PickleVM:
         self.stack.append([])  # a set's items matter to a scan only as what they hold
 
     def op_additems(self) -> None:
-        items = self._pop_mark()
-        target = self._top(list, "ADDITEMS")
-        target.extend(items)
-        if len(target) > MAX_CONTAINER:
-            self._fail(f"a set holds more than {MAX_CONTAINER} items")
+        self._extend("ADDITEMS", "set")  # onto a set's stand-in, a list
 
     def op_frozenset(self) -> None:
         items = tuple(self._pop_mark())  # before the append: the stack is the outer one now
@@ -546,11 +539,14 @@ class PickleVM:
         self._top(list, "APPEND").append(value)
 
     def op_appends(self) -> None:
+        self._extend("APPENDS", "list")
+
+    def _extend(self, opcode: str, kind: str) -> None:
         items = self._pop_mark()
-        target = self._top(list, "APPENDS")
+        target = self._top(list, opcode)
         target.extend(items)
         if len(target) > MAX_CONTAINER:
-            self._fail(f"a list holds more than {MAX_CONTAINER} items")
+            self._fail(f"a {kind} holds more than {MAX_CONTAINER} items")
 
 
 _OPS: dict[int, Callable[[PickleVM], Any]] = {
@@ -603,7 +599,7 @@ _SCAN_OPS: dict[int, Callable[[PickleVM], Any]] = {
     0x93: PickleVM.op_stack_global,
     0x94: PickleVM.op_memoize,
     0x95: PickleVM.op_frame,
-    0x96: PickleVM.op_bytearray8,
+    0x96: PickleVM.op_binbytes8,
 }
 
 # Real opcodes that torch.save never writes, named so that the refusal says which one it was.

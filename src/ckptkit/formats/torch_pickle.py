@@ -320,7 +320,7 @@ def describe(value: Any, depth: int = 0, counter: _Counter | None = None) -> Any
         return Summary(f"<{value.qualname}>")
     if isinstance(value, StorageHandle):
         return Summary(f"storage of {value.nbytes} bytes")
-    if isinstance(value, (dict, list, tuple, set, frozenset)):
+    if isinstance(value, _CONTAINERS):
         count, nbytes, complete = counter.count(value)
         kind = type(value).__name__ if not isinstance(value, dict) else "dict"
         text = f"{kind} of {len(value)}"

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from functools import partial
 
+from ..engine.atomic import check_output_path
 from ..engine.moves import copy_range
 from ..engine.slices import by_rows, may_exceed
 from ..engine.writer import Planned, Progress, write_safetensors
@@ -78,7 +79,8 @@ def convert(src: str, dst: str, *, dtype: str | None = None, keep_metadata: bool
         raise UsageError(f"--dtype must be one of {', '.join(CONVERT_DTYPES)}, not {dtype!r}")
     target = CLI_NAMES[dtype] if dtype else None
     suffix = os.path.splitext(os.fspath(dst))[1].lower()
-    if suffix in _OTHER_FORMATS and not _same_file(src, dst):  # else the writer refuses it
+    check_output_path(dst, (src,))  # an output over the input is that error first
+    if suffix in _OTHER_FORMATS:
         raise UsageError(f"the output is safetensors, but its name ends in {suffix}, which "
                          "makes loaders read it as another format: name it .safetensors")
     with open_checkpoint(src) as checkpoint:
@@ -106,13 +108,6 @@ def convert(src: str, dst: str, *, dtype: str | None = None, keep_metadata: bool
         report.tensors = len(planned)
         report.bytes = sum(p.nbytes for p in planned)
     return report
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _contents(checkpoint) -> str:

@@ -298,13 +298,17 @@ def _narrow(plan: _KeyPlan) -> bool:
             and plan.compute == "float32" and plan.device == "cpu"
             and plan.out_dtype.name in ("F16", "BF16")
             and all(t.dtype == plan.out_dtype for t in plan.leaves.values())
-            and len({t.shape for t in plan.leaves.values()}) == 1)  # not extra channels
+            and _same_shapes(plan))  # not extra input channels
 
 
 def _streams(plan: _KeyPlan) -> bool:
     """Whether the result can be made a slice at a time (or by one kernel) into a buffer."""
     return _narrow(plan) or (all(s.method.elementwise for s in plan.steps)
-                             and len({t.shape for t in plan.leaves.values()}) == 1)
+                             and _same_shapes(plan))
+
+
+def _same_shapes(plan: _KeyPlan) -> bool:
+    return len({t.shape for t in plan.leaves.values()}) == 1
 
 
 def _evaluate(plan: _KeyPlan, out=None):

@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..arch import diffusers_layout
-from ..arch.detect import MARKERS, Identification, is_leftover
+from ..arch.detect import Identification, extra_kind
 from ..arch.families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
 from ..arch.keys import KeyTable
 from ..arch.layouts import (
@@ -52,9 +52,6 @@ FOLDERS = {"diffusion-model": "diffusion_models", "text-encoder": "text_encoders
 # (ModelSpec's, kohya's), which part it is, the scalars only a part holds.
 _OWN_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash",
                  "ckptkit.component", "ckptkit.components", SCALARS_KEY)
-# Kept beside a component's keys: ComfyUI's scaled-fp8 scales (one per weight, and a marker),
-# without which the fp8 weights are wrong, and CLIP's position_ids, a buffer files hold or not.
-_KEPT_SUFFIXES = (".scale_weight", ".scale_input", "scaled_fp8", "position_ids")
 
 
 class SplitResult(list):
@@ -73,11 +70,16 @@ def _inherited(metadata: Mapping[str, str]) -> dict[str, str]:
 
 def _why_left_out(key: str) -> str:
     """What a key that no output holds is, as the report counts it."""
-    if key.startswith("model_ema.") or ".model_ema." in key:
-        return "ema weights"
-    if is_leftover(key):
-        return "training leftovers"
-    return "markers" if key in MARKERS else "unexplained keys"
+    kind = "ema" if ".model_ema." in key else extra_kind(key)  # a VAE's own EMA too
+    return {"ema": "ema weights", "loss": "training leftovers", "schedule": "training leftovers",
+            "marker": "markers"}.get(kind, "unexplained keys")
+
+
+def _kept_beside(name: str) -> bool:
+    """Keys kept beside a component's own: ComfyUI's scaled-fp8 scales (one per weight, and
+    a marker), without which the fp8 weights are wrong, and CLIP's position_ids, a buffer
+    files hold or not."""
+    return extra_kind(name) == "scaled-fp8" or name.endswith("position_ids")
 
 
 def _count(left_out: dict[str, int], keys: Iterable[str]) -> None:
@@ -90,7 +92,7 @@ def _sort_out(keys: Mapping[str, str], names: Collection[str], left_out: dict[st
               ) -> set[str]:
     """The keys (key -> its current name) that go into an output whose component has the
     keys ``names``; those that do not are counted into ``left_out`` by why."""
-    kept = {k for k, name in keys.items() if name in names or name.endswith(_KEPT_SUFFIXES)}
+    kept = {k for k, name in keys.items() if name in names or _kept_beside(name)}
     _count(left_out, (name for k, name in keys.items() if k not in kept))
     return kept
 
@@ -316,8 +318,8 @@ def _mismatch_hint(ident: Identification, name: str, tiny: bool) -> str:
     the reverse), else for a VAE its latent channels."""
     size = ident.components[0].size if ident.components else "other"
     if size in ("tiny", "full") and (size == "tiny") != tiny:
-        return (f" (a {size} part for a {'tiny' if tiny else 'full-size'} model)"
-                .replace("full part", "full-size part"))
+        named = {True: "tiny", False: "full-size"}
+        return f" (a {named[size == 'tiny']} part for a {named[tiny]} model)"
     return " (a 16-channel VAE for a 4-channel model, or the other way)" if name == "vae" else ""
 
 
@@ -350,8 +352,8 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
         _check_fits(fam, diffusion_model, model_ident, model_name, parts[0][1], tiny)
         planned, left_out = [], {}
         for path, part, ident, name in parts:
-            taken, left = _planned_part(part, ident, fam, name, tiny)
-            planned += taken
+            left: dict[str, int] = {}
+            planned += _planned_part(part, ident, fam, name, tiny, left)
             if left:
                 left_out[path] = left
         metadata = {**_inherited(parts[0][1].metadata), "modelspec.sai_model_spec": "1.0.1",
@@ -366,15 +368,14 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
 
 
 def _planned_part(part: Checkpoint, ident: Identification, fam: Family, name: str,
-                  tiny: bool) -> tuple[list[Planned], dict[str, int]]:
-    """A part's tensors planned under the family's monolithic names, and its keys left out
-    (counted by why)."""
+                  tiny: bool, left_out: dict[str, int]) -> list[Planned]:
+    """A part's tensors planned under the family's monolithic names; its keys left out are
+    counted by why into ``left_out``."""
     comp = fam.component(name)
     expected = diffusers_layout.layout_table(fam, name, tiny, ident.layout)
-    left_out: dict[str, int] = {}
     keys = _sort_out(_part_names(fam, ident, name, part), expected, left_out)
     moves = _moves_for(part, keys, ident, fam, comp, tiny)
-    return plan_moves(moves, part, _scalar_dtypes(part, comp)), left_out
+    return plan_moves(moves, part, _scalar_dtypes(part, comp))
 
 
 def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, tiny: bool,
@@ -406,10 +407,7 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
         raise UsageError(f"{path} is a {ident.kind}"
                          f"{' with ' + ', '.join(names) if names else ''}, not a {name}")
     _check_fits(fam, path, ident, name, checkpoint, tiny)
-    planned, left = _planned_part(checkpoint, ident, fam, name, tiny)
-    for why, count in left.items():
-        left_out[why] = left_out.get(why, 0) + count
-    return planned
+    return _planned_part(checkpoint, ident, fam, name, tiny, left_out)
 
 
 def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 
-from ..arch.detect import MARKERS, is_leftover
+from ..arch.detect import MARKERS, extra_kind
 from ..engine.moves import copy_range
 from ..engine.slices import by_rows, may_exceed
 from ..engine.writer import Planned, Progress, write_safetensors
@@ -128,9 +128,10 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
 
 
 def _drop_group(key: str, ema: str, drop, prefixes: dict[str, str]) -> str | None:
-    if key.startswith(EMA_PREFIX):
+    kind = extra_kind(key)
+    if kind == "ema":
         return None if ema == "keep" else "ema weights"
-    if is_leftover(key):
+    if kind in ("loss", "schedule"):
         return "training leftovers"
     for name in drop:
         if key.startswith(prefixes[name]):
