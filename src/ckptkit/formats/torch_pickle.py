@@ -18,9 +18,17 @@ from typing import Any
 from ..errors import FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor
 from .dtypes import DType
-from .pickle_vm import Finding, PickleVM, RefusedGlobals, safe_repr
+from .pickle_vm import EmulatedClass, Finding, PickleVM, RefusedGlobals, safe_repr
 from .source import Source
-from .torch_globals import OpaqueObject, PickledTensor, StorageHandle, Token, find_global
+from .torch_globals import (
+    NumpyArray,
+    NumpyDType,
+    OpaqueObject,
+    PickledTensor,
+    StorageHandle,
+    Token,
+    find_global,
+)
 from .torch_zip import read_torch_zip
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -40,7 +48,12 @@ class _Storages:
         self.legacy = legacy
         self.handles: dict[str, StorageHandle] = {}
 
-    def __call__(self, pid: Any) -> StorageHandle:
+    def __call__(self, pid: Any) -> StorageHandle | EmulatedClass:
+        if (self.legacy and isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module"
+                and isinstance(pid[1], EmulatedClass)):
+            # The legacy format names a module's class (a ParameterDict) with its source code,
+            # which torch.load only compares with the installed one: the class is what it gives.
+            return pid[1]
         if not (isinstance(pid, tuple) and len(pid) == (6 if self.legacy else 5)
                 and pid[0] == "storage"):
             raise UnsafeFileError(f"persistent id {safe_repr(pid)} is not a torch storage record")
@@ -211,6 +224,8 @@ def _kind(value: Any) -> str:
         return "bare storage"
     if isinstance(value, OpaqueObject):
         return f"{value.qualname} object"
+    if isinstance(value, (NumpyArray, NumpyDType)):
+        return str(value)
     if value is None:
         return "None"
     return type(value).__name__
@@ -320,6 +335,10 @@ def describe(value: Any, depth: int = 0, counter: _Counter | None = None) -> Any
         return Summary(f"<{value.qualname}>")
     if isinstance(value, StorageHandle):
         return Summary(f"storage of {value.nbytes} bytes")
+    if isinstance(value, NumpyArray):
+        return Summary(str(value))
+    if isinstance(value, NumpyDType):
+        return Summary(f"numpy dtype {value}")
     if isinstance(value, _CONTAINERS):
         count, nbytes, complete = counter.count(value)
         kind = type(value).__name__ if not isinstance(value, dict) else "dict"
