@@ -162,3 +162,50 @@ def test_numpy_values_that_are_not_plain_arrays_are_refused(case: str, tmp_path:
     code, _, err = run_cli(capsys, "convert", src, "-o", out_path)
     assert code in (3, 4) and err.startswith("ckpt: error: ") and err.count("\n") == 1, err
     assert not out_path.exists()
+
+
+# --- item 3: output amplification --------------------------------------------------------
+
+
+def _amplifying(kind: str) -> dict[str, torch.Tensor]:
+    if kind == "zero-stride":  # 64 views of one stored byte, 16 MiB each (1 GiB in all)
+        one = torch.zeros(1, dtype=torch.uint8)
+        return {f"v{i}": one.expand(1 << 24) for i in range(64)}
+    base = torch.arange(1 << 18, dtype=torch.float32)  # 1 MiB, seen through 100 windows
+    return {f"w{i}": base[i:] for i in range(100)}
+
+
+@pytest.mark.parametrize("kind", ["zero-stride", "overlapping"])
+def test_views_repeating_stored_bytes_are_refused_before_writing(kind: str, tmp_path: Path,
+                                                                 capsys):
+    src = tmp_path / "views.pt"
+    torch.save(_amplifying(kind), src)
+    assert src.stat().st_size < (1 << 21)
+    for command in (["convert", src, "-o", tmp_path / "out.safetensors"],
+                    ["prune", src, "-o", tmp_path / "out.safetensors"], ["inspect", src]):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 4, err
+        assert err.startswith(f"ckpt: error: {src}: ") and err.count("\n") == 1, err
+        assert "amplification" in err
+    code, out, _ = run_cli(capsys, "scan", src)
+    assert code != 0 and out.startswith("UNSAFE") and "amplification" in out
+    assert [p.name for p in tmp_path.iterdir()] == [src.name]
+
+
+def test_tied_weights_and_views_of_real_files_pass(tmp_path: Path, capsys):
+    """One tensor under several names (tied embeddings), views that partition a storage,
+    and a zero-stride buffer, in a file well past the floor of the cap."""
+    gen = torch.Generator().manual_seed(5)
+    embed = torch.randn(6144, 1024, generator=gen)  # 24 MiB, under three names
+    qkv = torch.randn(3 * 512, 512, generator=gen)
+    state = {"shared.weight": embed, "encoder.embed_tokens.weight": embed,
+             "decoder.embed_tokens.weight": embed,
+             **{f"attn.{n}.weight": qkv[i * 512:(i + 1) * 512] for i, n in enumerate("qkv")},
+             "position_ids": torch.arange(77).expand(1, -1)}
+    src = tmp_path / "tied.pt"
+    torch.save({"state_dict": state}, src)
+    out = tmp_path / "out.safetensors"
+    code, _, err = run_cli(capsys, "convert", src, "-o", out)
+    assert code == 0, err
+    got = load_file(str(out))
+    assert all(torch.equal(got[k], v) for k, v in state.items())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -171,7 +172,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any,
     item = dtype.bits // 8
     if item == 0:
         raise FormatError(f"{dtype} tensors cannot be read from a torch pickle")
-    if numel * item > max(storage.nbytes, 1 << 24):
+    if numel * item > max(storage.nbytes, MAX_REPEATED):
         raise UnsafeFileError(f"a tensor of {numel * item} bytes expands a storage of "
                               f"{storage.nbytes} bytes (repeated elements: a memory bomb)")
     if numel:
@@ -180,6 +181,28 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any,
             raise UnsafeFileError(f"tensor of shape {list(shape)} reaches past the end of "
                                   f"storage {storage.key} ({storage.nbytes} bytes)")
     return PickledTensor(storage, dtype, offset, shape, strides)
+
+
+# A view may repeat its storage's elements (stride 0, overlapping windows): each view up to this
+# many bytes, or its storage's size if larger, and all the weights of a file together up to
+# ``AMPLIFICATION`` times the file's size or ``MAX_REPEATED_TOTAL`` bytes if larger. Real files
+# stay far below: their views partition their storages, and tied weights (one tensor under two
+# names) at most double a part of them.
+MAX_REPEATED = 1 << 24
+MAX_REPEATED_TOTAL = 1 << 26
+AMPLIFICATION = 4
+
+
+def check_amplification(tensors: Iterable[PickledTensor], file_size: int) -> None:
+    """Refuses weights that, written out tensor by tensor (as every command that writes does),
+    would take far more bytes than the whole file: many views repeating the same few stored
+    bytes, each within the per-view cap, make a 9 KB file write a gigabyte. Checked from the
+    pickle alone, before anything is read or written."""
+    total = sum(t.dtype.nbytes(math.prod(t.shape)) for t in tensors)
+    if total > max(AMPLIFICATION * file_size, MAX_REPEATED_TOTAL):
+        raise UnsafeFileError(f"its tensors written out would take {total:,} bytes, more than "
+                              f"{AMPLIFICATION} times the file's {file_size:,} (views repeating "
+                              "the same stored bytes: an amplification bomb)")
 
 
 def _rebuild_tensor(args: tuple) -> PickledTensor:

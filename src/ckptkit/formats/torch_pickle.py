@@ -27,6 +27,7 @@ from .torch_globals import (
     PickledTensor,
     StorageHandle,
     Token,
+    check_amplification,
     find_global,
 )
 from .torch_zip import read_torch_zip
@@ -156,6 +157,7 @@ def open_torch_legacy(source: Source, findings: list[Finding] | None = None) -> 
 
 def _checkpoint(source: Source, fmt: str, root: Any) -> Checkpoint:
     weights, weights_at, extras, nested = locate_weights(root)
+    check_amplification(weights.values(), source.size)
     tensors = {key: _lazy(source, value) for key, value in weights.items()}
     notes = []
     if nested:
