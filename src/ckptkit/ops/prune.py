@@ -9,10 +9,11 @@ unless ``vae_dtype`` says otherwise, because it overflows in fp16 (black images)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from ..arch.detect import MARKERS, extra_kind
+from ..arch.detect import MARKERS, Identification, extra_kind
 from ..engine.moves import copy_range
 from ..engine.slices import by_rows, may_exceed
 from ..engine.writer import Planned, Progress, write_safetensors
@@ -42,9 +43,9 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _cast(tensor: LazyTensor, target: DType, key: str, report: PruneReport):
+def clamped_cast(tensor: LazyTensor, target: DType, key: str, clamped: dict[str, int]):
     """The tensor cast to ``target`` a slice at a time, values beyond its range clamped and
-    counted."""
+    counted in ``clamped`` under ``key``."""
     limit = LIMITS.get(target.name)
     outside = 0
 
@@ -61,8 +62,30 @@ def _cast(tensor: LazyTensor, target: DType, key: str, report: PruneReport):
 
     out = by_rows([tensor], target, cast)
     if outside:
-        report.clamped[key] = outside
+        clamped[key] = outside
     return out
+
+
+def cast_targets(ident: Identification, target: DType | None, vae_target: DType | None
+                 ) -> tuple[Callable[[str], DType | None], str | None]:
+    """Which dtype each key is cast to (None: kept as it is), and the note to show when the
+    SDXL VAE keeps its precision: ``vae_target`` for the VAE where given, else ``target``,
+    except that SDXL's VAE (base and refiner checkpoints) is kept, since it overflows in fp16.
+    What prune and convert both follow."""
+    vae_prefix = next((c.prefix for c in ident.components if c.name == "vae" and c.prefix),
+                      None)
+    fp16_unsafe_vae = ident.family in SDXL_VAE_FAMILIES
+    note = None
+    if vae_target is None and fp16_unsafe_vae and target is not None and vae_prefix:
+        note = "the SDXL VAE keeps its precision (it overflows in fp16); --vae-dtype casts it"
+
+    def wanted(key: str) -> DType | None:
+        in_vae = vae_prefix is not None and key.startswith(vae_prefix)
+        if in_vae and vae_target:
+            return vae_target
+        return None if in_vae and fp16_unsafe_vae else target
+
+    return wanted, note
 
 
 def _dtype(name: str | None, option: str) -> DType | None:
@@ -88,11 +111,9 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
         if unknown:
             raise UsageError(f"{src} has no {unknown[0]} component to drop; it has "
                              f"{', '.join(prefixes) or 'no prefixed components'}")
-        vae_prefix = prefixes.get("vae")
-        fp16_unsafe_vae = ident.family in SDXL_VAE_FAMILIES
-        if vae_target is None and fp16_unsafe_vae and target is not None and vae_prefix:
-            report.notes.append("the SDXL VAE keeps its precision (it overflows in fp16); "
-                                "--vae-dtype casts it")
+        wanted_for, note = cast_targets(ident, target, vae_target)
+        if note:
+            report.notes.append(note)
         ema_for = _ema_sources(checkpoint) if ema == "use" else {}
         report.ema = "used" if ema_for else ema if any(
             k.startswith(EMA_PREFIX) for k in checkpoint) else "none"
@@ -103,13 +124,11 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
                 report.dropped[group] = report.dropped.get(group, 0) + 1
                 continue
             source = checkpoint[ema_for[key]] if key in ema_for else tensor
-            in_vae = vae_prefix is not None and key.startswith(vae_prefix)
-            wanted = vae_target if in_vae and vae_target else (
-                None if in_vae and fp16_unsafe_vae else target)
+            wanted = wanted_for(key)
             castable = (wanted is not None and source.dtype.is_float and source.dtype.bits >= 8
                         and key not in MARKERS and source.dtype != wanted)
             if castable:
-                produce = partial(_cast, source, wanted, key, report)
+                produce = partial(clamped_cast, source, wanted, key, report.clamped)
                 report.cast += 1
             elif source.is_contiguous:
                 produce = partial(copy_range, source)
