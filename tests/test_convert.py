@@ -106,8 +106,9 @@ def test_pickle_converts_bit_identical_to_torch_load(pickle_ckpt: Path, tmp_path
     assert report.source_format == ("torch-legacy" if "legacy" in pickle_ckpt.name
                                     else "torch-zip")
     assert report.cast == 0
-    with safe_open(str(out), framework="pt") as f:
-        assert f.metadata() == {"format": "pt"}
+    with safe_open(str(out), framework="pt") as f:  # the pickle's scalars, kept by default
+        assert f.metadata() == {"format": "pt", "epoch": "6", "global_step": "470000",
+                                "pytorch-lightning_version": "1.4.2"}
 
 
 def test_cli_convert_pickle_bit_identical(pickle_ckpt: Path, tmp_path: Path, capsys,
@@ -219,7 +220,7 @@ def test_values_out_of_fp16_range_warn_with_a_count(tmp_path: Path, capsys):
     code, _, err = run_cli(capsys, "convert", src, "-o", out, "--dtype", "fp16")
     assert code == 0
     (line,) = _warning_lines(err)
-    assert "3 values in 1 tensors" in line and "fp16" in line
+    assert "3 values in 1 tensor were" in line and "fp16" in line
     got = load_file(str(out))
     assert_same(got["a"], values.half())
     assert got["i"].tolist() == [10**9]
@@ -246,7 +247,7 @@ def test_overflow_from_bf16_to_fp16_is_counted(tmp_path: Path, capsys):
     assert_same(load_file(str(out))["w"], values.half())
     assert torch.isinf(values.half()).sum() == 2
     lines = _warning_lines(err)
-    assert len(lines) == 1 and "2 values in 1 tensors" in lines[0], err
+    assert len(lines) == 1 and "2 values in 1 tensor were" in lines[0], err
 
 
 def test_overflow_count_reported_in_json(tmp_path: Path, capsys):
@@ -320,13 +321,13 @@ def test_non_tensor_entries_are_dropped_and_listed(tmp_path: Path, capsys):
     src = tmp_path / "m.ckpt"
     torch.save(ckpt, src)
     out = tmp_path / "o.safetensors"
-    code, stdout, err = run_cli(capsys, "convert", src, "-o", out)
+    code, stdout, err = run_cli(capsys, "convert", src, "-o", out, "--drop-metadata")
     assert code == 0, err
     dropped = ["epoch", "global_step", "pytorch-lightning_version", "optimizer_states",
                "lr_schedulers", "callbacks"]
     (line, holding) = [ln for ln in stdout.splitlines() if "dropped" in ln]
     assert line.startswith("note: dropped 7 entries that are not weights: ")
-    assert holding.startswith("note: 1 of the dropped entries hold ")
+    assert holding.startswith("note: 1 of the dropped entries holds ")
     assert holding.endswith(" tensors, not written: optimizer_states")
     listed = line.split(": ", 2)[2].split(", ")
     assert set(listed) == {*dropped, "state_dict.not_a_tensor"}
@@ -335,13 +336,16 @@ def test_non_tensor_entries_are_dropped_and_listed(tmp_path: Path, capsys):
 
     code, stdout, _ = run_cli(capsys, "convert", src, "-o", tmp_path / "j.safetensors",
                               "--json")
-    assert code == 0
-    assert set(json.loads(stdout)["dropped"]) == {*dropped, "state_dict.not_a_tensor"}
+    assert code == 0  # the scalars are kept as metadata by default, so not dropped
+    assert set(json.loads(stdout)["dropped"]) == {"optimizer_states", "lr_schedulers",
+                                                  "callbacks"}
 
 
-def test_keep_metadata_carries_pickle_scalars(demo_ckpt: Path, tmp_path: Path, capsys):
+@pytest.mark.parametrize("flag", [[], ["--keep-metadata"]])
+def test_pickle_scalars_are_kept_unless_dropped(flag: list[str], demo_ckpt: Path,
+                                                tmp_path: Path, capsys):
     out = tmp_path / "meta.safetensors"
-    code, _, err = run_cli(capsys, "convert", demo_ckpt, "-o", out, "--keep-metadata")
+    code, _, err = run_cli(capsys, "convert", demo_ckpt, "-o", out, *flag)
     assert code == 0, err
     with safe_open(str(out), framework="pt") as f:
         metadata = f.metadata()
@@ -349,24 +353,24 @@ def test_keep_metadata_carries_pickle_scalars(demo_ckpt: Path, tmp_path: Path, c
                         "pytorch-lightning_version": "1.4.2"}
 
     plain = tmp_path / "plain.safetensors"
-    assert run_cli(capsys, "convert", demo_ckpt, "-o", plain)[0] == 0
+    assert run_cli(capsys, "convert", demo_ckpt, "-o", plain, "--drop-metadata")[0] == 0
     with safe_open(str(plain), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
 
 
-def test_keep_metadata_carries_safetensors_metadata(tmp_path: Path, capsys):
+@pytest.mark.parametrize("flag", [[], ["--keep-metadata"]])
+def test_safetensors_metadata_is_kept_unless_dropped(flag: list[str], tmp_path: Path, capsys):
     metadata = {"format": "pt", "modelspec.title": "Tïtle ✓", "ss_tag_frequency": '{"a": 1}',
                 "ss_network_dim": "32"}
     src = tmp_path / "in.safetensors"
     save_file({"w": torch.ones(2, 2)}, str(src), metadata=metadata)
     out = tmp_path / "out.safetensors"
-    code, _, err = run_cli(capsys, "convert", src, "-o", out, "--keep-metadata",
-                           "--dtype", "bf16")
+    code, _, err = run_cli(capsys, "convert", src, "-o", out, *flag, "--dtype", "bf16")
     assert code == 0, err
     with safe_open(str(out), framework="pt") as f:
         assert f.metadata() == metadata
     plain = tmp_path / "plain.safetensors"
-    assert run_cli(capsys, "convert", src, "-o", plain)[0] == 0
+    assert run_cli(capsys, "convert", src, "-o", plain, "--drop-metadata")[0] == 0
     with safe_open(str(plain), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
 
@@ -388,7 +392,7 @@ def test_json_output_parses(demo_ckpt: Path, tmp_path: Path, capsys):
     assert report["bytes"] == sum(t.numel() * (2 if t.dtype.is_floating_point else
                                                t.element_size()) for t in expected.values())
     assert report["overflowed"] == {}
-    assert "global_step" in report["dropped"]
+    assert "optimizer_states" in report["dropped"]
     assert report["notes"] == []
 
 
@@ -621,9 +625,10 @@ def test_weights_nested_under_other_keys_are_converted(case: str, tmp_path: Path
     assert list(got) == list(expected)
     for key, tensor in expected.items():
         assert_same(got[key], tensor, key)
-    assert f"{len(expected)} tensors" in stdout.splitlines()[0]
+    count = f"{len(expected)} tensor{'s' if len(expected) > 1 else ''}, "
+    assert count in stdout.splitlines()[0]
     if case == "esrgan":  # the other copy of the weights is listed with its tensors
-        assert "note: 1 of the dropped entries hold 2 tensors, not written: params" in stdout
+        assert "note: 1 of the dropped entries holds 2 tensors, not written: params" in stdout
         code, stdout, _ = run_cli(capsys, "convert", src, "-o", tmp_path / "j.safetensors",
                                   "--json")
         assert json.loads(stdout)["dropped_tensors"] == {"params": 2}

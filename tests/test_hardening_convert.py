@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ckptkit.cli.main import main
+from ckptkit.ops.sample import sample
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -209,3 +211,123 @@ def test_tied_weights_and_views_of_real_files_pass(tmp_path: Path, capsys):
     assert code == 0, err
     got = load_file(str(out))
     assert all(torch.equal(got[k], v) for k, v in state.items())
+
+
+# --- item 4: SDXL's VAE keeps its precision, and convert says so ---------------------------
+
+
+def _vae_dtypes(path: Path) -> set[torch.dtype]:
+    return {v.dtype for k, v in load_file(str(path)).items()
+            if k.startswith("first_stage_model.")}
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
+def test_convert_keeps_the_sdxl_vae_precision_and_says_so(family: str, tmp_path: Path,
+                                                          capsys):
+    src = tmp_path / "xl.safetensors"
+    sample(family, str(src), tiny=True, dtype="fp32")
+    out = tmp_path / "half.safetensors"
+    code, stdout, err = run_cli(capsys, "convert", src, "-o", out, "--dtype", "fp16")
+    assert code == 0, err
+    assert "note: the SDXL VAE keeps its precision (it overflows in fp16)" in stdout
+    assert _vae_dtypes(out) == {torch.float32}
+    floats = {v.dtype for k, v in load_file(str(out)).items()
+              if not k.startswith("first_stage_model.") and v.is_floating_point()}
+    assert floats == {torch.float16}
+    code, stdout, err = run_cli(capsys, "convert", src, "-o", tmp_path / "bf.safetensors",
+                                "--dtype", "fp16", "--vae-dtype", "bf16")
+    assert code == 0, err
+    assert "VAE" not in stdout
+    assert _vae_dtypes(tmp_path / "bf.safetensors") == {torch.bfloat16}
+
+
+def test_convert_casts_other_families_vae(tmp_path: Path, capsys):
+    src = tmp_path / "sd1.safetensors"
+    sample("sd1", str(src), tiny=True, dtype="fp32")
+    out = tmp_path / "half.safetensors"
+    code, stdout, err = run_cli(capsys, "convert", src, "-o", out, "--dtype", "fp16")
+    assert code == 0, err
+    assert "VAE" not in stdout and _vae_dtypes(out) == {torch.float16}
+
+
+# --- item 5: the source's metadata is kept --------------------------------------------------
+
+
+def test_lora_training_tags_and_modelspec_are_kept(tmp_path: Path, capsys):
+    metadata = {"ss_network_dim": "16", "ss_tag_frequency": '{"style": {"a": 3}}',
+                "modelspec.architecture": "stable-diffusion-v1/lora", "format": "pt"}
+    src = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(16, 8),
+               "lora_unet_x.lora_up.weight": torch.ones(8, 16)}, str(src), metadata=metadata)
+    for flags, expected in (([], metadata), (["--keep-metadata"], metadata),
+                            (["--drop-metadata"], {"format": "pt"})):
+        out = tmp_path / "out.safetensors"
+        code, _, err = run_cli(capsys, "convert", src, "-o", out, "--dtype", "bf16", *flags)
+        assert code == 0, err
+        with safe_open(str(out), framework="pt") as f:
+            assert f.metadata() == expected, flags
+        out.unlink()
+    code, _, err = run_cli(capsys, "convert", src, "-o", tmp_path / "x.safetensors",
+                           "--drop-metadata", "--keep-metadata")
+    assert code == 2 and "not allowed with" in err
+
+
+# --- item 6: fp8 targets, clamped and counted as prune does --------------------------------
+
+
+@pytest.mark.parametrize("name,dtype,limit", [("fp8-e4m3fn", torch.float8_e4m3fn, 448.0),
+                                              ("fp8-e5m2", torch.float8_e5m2, 57344.0)])
+def test_convert_to_fp8_clamps_and_counts(name: str, dtype: torch.dtype, limit: float,
+                                          tmp_path: Path, capsys):
+    gen = torch.Generator().manual_seed(2)
+    state = {"w": torch.randn(64, 32, generator=gen) * 100, "b": torch.randn(32),
+             "ids": torch.arange(5)}
+    state["w"][3, :5] = torch.tensor([1e6, -1e6, float("inf"), 600.0, -70000.0])
+    src = tmp_path / "in.pt"
+    torch.save(state, src)
+    out = tmp_path / "out.safetensors"
+    code, _, err = run_cli(capsys, "convert", src, "-o", out, "--dtype", name)
+    assert code == 0, err
+    got = load_file(str(out))
+    assert got["ids"].dtype == torch.int64 and torch.equal(got["ids"], state["ids"])
+    for key in ("w", "b"):
+        assert got[key].dtype == dtype
+        assert torch.equal(got[key].float(), state[key].clamp(-limit, limit).to(dtype).float())
+    outside = int((state["w"].abs() > limit).sum())
+    assert outside >= 3
+    assert (f"warning: {outside} values in 1 tensor were beyond {name}'s range and clamped"
+            in err), err
+    code, stdout, _ = run_cli(capsys, "convert", src, "-o", tmp_path / "j.safetensors",
+                              "--dtype", name, "--json")
+    assert json.loads(stdout)["clamped"] == {"w": outside}
+
+
+# --- item 7: text from the file is escaped; counts in words --------------------------------
+
+
+def test_names_from_the_file_are_escaped_in_every_line(tmp_path: Path, capsys):
+    evil = "\x1b[2A\x1b[J\u202eSAFE"
+    src = tmp_path / f"m{evil}.pt"
+    torch.save({"state_dict": {"w": torch.ones(2), f"nested{evil}": {"x": torch.ones(1)}},
+                f"opt{evil}": [torch.ones(3)], f"note{evil}": [1, 2]}, src)
+    code, stdout, err = run_cli(capsys, "convert", src, "-o", tmp_path / f"o{evil}.sft")
+    assert code == 0, err
+    for text in (stdout, err):
+        assert "\x1b" not in text and "\u202e" not in text
+    assert "\\x1b[2A\\x1b[J\\u202eSAFE" in stdout
+    lines = stdout.splitlines()
+    assert lines[0].startswith("wrote ") and "\\x1b" in lines[0]
+    assert any(ln.startswith("note: the tensors nested in 1 entry") and "\\x1b" in ln
+               for ln in lines)
+    assert "note: dropped 2 entries that are not weights: " in stdout
+    assert "note: 1 of the dropped entries holds 1 tensor, not written: opt\\x1b" in stdout
+
+
+def test_counts_are_singular_when_one(tmp_path: Path, capsys):
+    src = tmp_path / "m.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "optimizer": [torch.ones(3)]}, src)
+    code, stdout, err = run_cli(capsys, "convert", src, "-o", tmp_path / "o.safetensors")
+    assert code == 0, err
+    assert ": 1 tensor, 8 B" in stdout.splitlines()[0]
+    assert "note: dropped 1 entry that is not a weight: optimizer" in stdout
+    assert "note: 1 of the dropped entries holds 1 tensor, not written: optimizer" in stdout

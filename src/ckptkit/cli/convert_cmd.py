@@ -1,4 +1,8 @@
-"""``ckpt convert IN -o OUT.safetensors``: a pickle (or any checkpoint) to safetensors."""
+"""``ckpt convert IN -o OUT.safetensors``: a pickle (or any checkpoint) to safetensors.
+
+Every line printed from the file's data (its notes, the names of dropped entries, the paths)
+goes through ``safe_text``: a key or file name cannot send escape sequences to the terminal.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import sys
 
 from ..errors import CkptError
 from ..ops.convert import CONVERT_DTYPES, convert
+from ..safe_text import json_safe, printable
 from .fmt import human_bytes
 from .progress import add_fsync_option, add_output_options, progress_for
 
@@ -15,53 +20,81 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "convert", help="convert a checkpoint (.ckpt/.pt/.bin/.safetensors) to safetensors",
         description="Convert a checkpoint to safetensors, streaming one tensor at a time. "
-                    "Tensors stay bit-identical unless --dtype asks for a cast; entries of "
-                    "pickles that are not weights (optimizer states, counters) are dropped "
-                    "and listed. A file without tensors is refused, not written empty.")
+                    "Tensors stay bit-identical unless --dtype asks for a cast; the source's "
+                    "metadata is kept; entries of pickles that are not weights (optimizer "
+                    "states, counters) are dropped and listed. A file without tensors is "
+                    "refused, not written empty.")
     parser.add_argument("input", metavar="IN")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
                         help="the output file; a pickle or GGUF name (.ckpt, .pt, .pth, .bin, "
                              ".gguf) is refused, since loaders would not read it as "
                              "safetensors")
     parser.add_argument("--dtype", choices=CONVERT_DTYPES,
-                        help="cast floating-point tensors (integer and bool tensors are kept)")
-    parser.add_argument("--keep-metadata", action="store_true",
-                        help="carry the input's metadata (or a pickle's scalar entries such as "
-                             "global_step) into the output")
+                        help="cast floating-point tensors (integer and bool tensors are kept; "
+                             "to fp8, values beyond its range are clamped and counted)")
+    parser.add_argument("--vae-dtype", choices=CONVERT_DTYPES,
+                        help="the VAE's precision (default: --dtype, but SDXL's VAE, in base "
+                             "and refiner checkpoints, stays as is: it overflows in fp16)")
+    metadata = parser.add_mutually_exclusive_group()
+    metadata.add_argument("--drop-metadata", action="store_true",
+                          help="write none of the input's metadata (by default it is kept: "
+                               "a LoRA's training tags, ModelSpec, or a pickle's scalar "
+                               "entries such as global_step)")
+    metadata.add_argument("--keep-metadata", action="store_true",
+                          help="the default; accepted for scripts written when it was not")
     add_fsync_option(parser)
     add_output_options(parser)
     parser.set_defaults(run=run)
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n:,} {one if n == 1 else many}"
+
+
+def _names(names: list[str]) -> str:
+    return printable(", ".join(names[:8]) + (", ..." if len(names) > 8 else ""))
+
+
 def run(args) -> int:
     bar = progress_for(args, "convert")
     try:
-        report = convert(args.input, args.output, dtype=args.dtype,
-                         keep_metadata=args.keep_metadata, progress=bar, fsync=args.fsync)
+        report = convert(args.input, args.output, dtype=args.dtype, vae_dtype=args.vae_dtype,
+                         keep_metadata=not args.drop_metadata, progress=bar, fsync=args.fsync)
     except (CkptError, OSError) as exc:
         if args.json:  # like inspect --json: an object on stdout, the error line on stderr
             reason = exc.reason if isinstance(exc, CkptError) else (exc.strerror or str(exc))
-            print(json.dumps({"input": args.input, "output": args.output, "error": reason}))
+            print(json.dumps(json_safe({"input": args.input, "output": args.output,
+                                        "error": reason})))
         raise
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({"input": args.input, "output": args.output, **vars(report)}))
+        print(json.dumps(json_safe({"input": args.input, "output": args.output,
+                                    **vars(report)})))
         return 0
-    print(f"wrote {args.output}: {report.tensors:,} tensors, {human_bytes(report.bytes)}"
+    print(printable(f"wrote {args.output}: {_count(report.tensors, 'tensor', 'tensors')}, "
+                    f"{human_bytes(report.bytes)}")
           + (f", {report.cast:,} cast to {args.dtype}" if report.cast else ""))
     for note in report.notes:
-        print(f"note: {note}")
+        print(f"note: {printable(note)}")
     if report.dropped:
-        print(f"note: dropped {len(report.dropped)} entries that are not weights: "
-              f"{', '.join(report.dropped[:8])}{', ...' if len(report.dropped) > 8 else ''}")
+        print(f"note: dropped {_count(len(report.dropped), 'entry', 'entries')} that "
+              f"{'is not a weight' if len(report.dropped) == 1 else 'are not weights'}: "
+              f"{_names(report.dropped)}")
     if report.dropped_tensors:
         held = sum(report.dropped_tensors.values())
         names = list(report.dropped_tensors)
-        print(f"note: {len(names)} of the dropped entries hold {held:,} tensors, not written: "
-              f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
-    if report.overflowed:
-        total = sum(report.overflowed.values())
-        print(f"warning: {total:,} values in {len(report.overflowed)} tensors were out of "
-              f"range for {args.dtype} and became infinite", file=sys.stderr)
+        which = ("1 of the dropped entries holds" if len(names) == 1
+                 else f"{len(names):,} of the dropped entries hold")
+        print(f"note: {which} {_count(held, 'tensor', 'tensors')}, not written: "
+              f"{_names(names)}")
+    targets = " or ".join(dict.fromkeys(d for d in (args.dtype, args.vae_dtype) if d))
+    for counts, became in ((report.overflowed, f"out of range for {targets} and became "
+                                               "infinite"),
+                           (report.clamped, f"beyond {targets}'s range and clamped")):
+        if counts:
+            total = sum(counts.values())
+            print(f"warning: {_count(total, 'value', 'values')} in "
+                  f"{_count(len(counts), 'tensor', 'tensors')} "
+                  f"{'was' if total == 1 else 'were'} {became}", file=sys.stderr)
     return 0

@@ -3,7 +3,12 @@
 Each output tensor is planned from the input's header: a contiguous tensor kept in its dtype
 is a ``CopyRange`` (copied file to file by the kernel, bit-identical by construction); a view
 into a shared storage is read and written as its own contiguous data; a cast reads one tensor,
-casts it with torch and writes it. Entries of pickles that are not weights (see
+casts it with torch and writes it (to fp8, values beyond its range are clamped and counted,
+as ``prune`` does; to 16 or 32 bits exactly as torch casts, overflows counted). Casting
+follows ``prune.cast_targets``: SDXL's VAE keeps its precision unless ``vae_dtype`` says
+otherwise. The source's metadata (a LoRA's training tags, a model's ModelSpec; a pickle's
+scalar entries such as ``global_step``) is carried over unless asked not to: a converted file
+says what its source said. Entries of pickles that are not weights (see
 ``formats.torch_pickle.locate_weights``) are dropped and listed, with the tensors they hold
 counted. A file with no tensors is refused rather than written empty, and so is an output
 name that says pickle or GGUF: loaders pick their reader by extension.
@@ -24,8 +29,10 @@ from ..errors import FormatError, UsageError
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
 from ..formats.torch_pickle import Summary
+from .inspect import identify_checkpoint
+from .prune import cast_targets, clamped_cast
 
-CONVERT_DTYPES = ("fp16", "bf16", "fp32")
+CONVERT_DTYPES = tuple(CLI_NAMES)
 # Names that tell a loader to read something other than safetensors: A1111, ComfyUI,
 # diffusers and transformers choose torch.load for these, which fails on safetensors bytes.
 _OTHER_FORMATS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".gguf")
@@ -38,6 +45,7 @@ class ConvertReport:
     bytes: int = 0
     cast: int = 0
     overflowed: dict[str, int] = field(default_factory=dict)  # key -> values that became inf
+    clamped: dict[str, int] = field(default_factory=dict)  # key -> values clamped (fp8)
     dropped: list[str] = field(default_factory=list)  # entries not written (nor kept as metadata)
     dropped_tensors: dict[str, int] = field(default_factory=dict)  # dropped entry -> its tensors
     notes: list[str] = field(default_factory=list)
@@ -72,12 +80,18 @@ def _source_metadata(checkpoint) -> dict[str, str]:
             if isinstance(v, (int, float, str)) and not isinstance(v, Summary)}
 
 
-def convert(src: str, dst: str, *, dtype: str | None = None, keep_metadata: bool = False,
-            progress: Progress | None = None, fsync: bool = True) -> ConvertReport:
-    """Writes ``src`` as safetensors to ``dst``; ``dtype`` casts floating tensors."""
-    if dtype is not None and dtype not in CONVERT_DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(CONVERT_DTYPES)}, not {dtype!r}")
-    target = CLI_NAMES[dtype] if dtype else None
+def _target(name: str | None, option: str) -> DType | None:
+    if name is not None and name not in CONVERT_DTYPES:
+        raise UsageError(f"{option} must be one of {', '.join(CONVERT_DTYPES)}, not {name!r}")
+    return CLI_NAMES[name] if name else None
+
+
+def convert(src: str, dst: str, *, dtype: str | None = None, vae_dtype: str | None = None,
+            keep_metadata: bool = True, progress: Progress | None = None,
+            fsync: bool = True) -> ConvertReport:
+    """Writes ``src`` as safetensors to ``dst``; ``dtype`` casts floating tensors (and
+    ``vae_dtype`` the VAE's); ``keep_metadata=False`` writes none of the source's metadata."""
+    target, vae_target = _target(dtype, "--dtype"), _target(vae_dtype, "--vae-dtype")
     suffix = os.path.splitext(os.fspath(dst))[1].lower()
     check_output_path(dst, (src,))  # an output over the input is that error first
     if suffix in _OTHER_FORMATS:
@@ -88,15 +102,20 @@ def convert(src: str, dst: str, *, dtype: str | None = None, keep_metadata: bool
             raise FormatError(f"no tensors to convert: {_contents(checkpoint)}", src)
         report = ConvertReport(checkpoint.format, notes=list(checkpoint.notes))
         kept = _source_metadata(checkpoint) if keep_metadata else {}
-        metadata = {"format": "pt", **kept}
+        # safetensors' own "format" key says how the tensors were saved; this writer's is pt
+        metadata = {"format": "pt", **{k: v for k, v in kept.items() if k != "format"}}
         report.dropped = [k for k in checkpoint.extras if k not in kept]
         report.dropped_tensors = {k: v.tensors for k, v in checkpoint.extras.items()
                                   if isinstance(v, Summary) and v.tensors}
+        wanted_for = _cast_targets(checkpoint, target, vae_target, report)
         planned = []
         for key, tensor in checkpoint.items():
             castable = tensor.dtype.is_float and tensor.dtype.bits >= 8
-            out_dtype = target if target and castable else tensor.dtype
-            if out_dtype != tensor.dtype:
+            out_dtype = (wanted_for(key) if castable else None) or tensor.dtype
+            if out_dtype != tensor.dtype and out_dtype.bits == 8:
+                produce = partial(clamped_cast, tensor, out_dtype, key, report.clamped)
+                report.cast += 1
+            elif out_dtype != tensor.dtype:
                 produce = _casting(key, tensor, out_dtype, report)
                 report.cast += 1
             elif tensor.is_contiguous:
@@ -108,6 +127,18 @@ def convert(src: str, dst: str, *, dtype: str | None = None, keep_metadata: bool
         report.tensors = len(planned)
         report.bytes = sum(p.nbytes for p in planned)
     return report
+
+
+def _cast_targets(checkpoint, target: DType | None, vae_target: DType | None,
+                  report: ConvertReport):
+    """The dtype for each key, as prune chooses it (the SDXL VAE kept, and said so); the file
+    is identified only when something is to be cast."""
+    if target is None and vae_target is None:
+        return lambda key: None
+    wanted_for, note = cast_targets(identify_checkpoint(checkpoint), target, vae_target)
+    if note:
+        report.notes.append(note)
+    return wanted_for
 
 
 def _contents(checkpoint) -> str:
