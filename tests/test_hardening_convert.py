@@ -331,3 +331,69 @@ def test_counts_are_singular_when_one(tmp_path: Path, capsys):
     assert ": 1 tensor, 8 B" in stdout.splitlines()[0]
     assert "note: dropped 1 entry that is not a weight: optimizer" in stdout
     assert "note: 1 of the dropped entries holds 1 tensor, not written: optimizer" in stdout
+
+
+# --- item 2: a textual-inversion embedding is an embedding ---------------------------------
+
+
+def _embedding_files(folder: Path) -> dict[str, tuple[Path, dict]]:
+    """name -> (a file as the tool that makes it writes it, what inspect must say)."""
+    gen = torch.Generator().manual_seed(4)
+    sd1, sd2 = torch.randn(4, 768, generator=gen), torch.randn(2, 1024, generator=gen)
+    files = {
+        "a1111.pt": (_embedding_a1111(sd1), ["sd1"],
+                     {"format": "textual-inversion", "token": "*", "vectors": 4,
+                      "widths": {"clip_l": 768}}),
+        "original.pt": (_embedding_original(sd2), ["sd2"],
+                        {"format": "textual-inversion", "token": "*", "vectors": 2,
+                         "widths": {"openclip_h": 1024}}),
+        "learned_embeds.bin": ({"<cat-toy>": sd1[0]}, ["sd1"],
+                               {"format": "diffusers", "token": "<cat-toy>", "vectors": 1,
+                                "widths": {"clip_l": 768}}),
+        "emb.safetensors": ({"emb_params": sd2}, ["sd2"],
+                            {"format": "safetensors", "token": None, "vectors": 2,
+                             "widths": {"openclip_h": 1024}}),
+        "xl.safetensors": ({"clip_l": torch.randn(3, 768), "clip_g": torch.randn(3, 1280)},
+                           ["sdxl"], {"format": "sdxl", "token": None, "vectors": 3,
+                                      "widths": {"clip_l": 768, "clip_g": 1280}}),
+    }
+    out = {}
+    for name, (obj, fits, expected) in files.items():
+        path = folder / name
+        if name.endswith(".safetensors"):
+            save_file(obj, str(path))
+        else:
+            torch.save(obj, path)
+        out[name] = (path, {"compatible_families": fits, "embedding": expected})
+    return out
+
+
+def test_embeddings_are_identified_with_their_text_encoder(tmp_path: Path, capsys):
+    for name, (path, expected) in _embedding_files(tmp_path).items():
+        code, out, err = run_cli(capsys, "inspect", path, "--json")
+        assert code == 0, err
+        ident = json.loads(out)["identification"]
+        assert ident["kind"] == "embedding", (name, ident)
+        assert ident["compatible_families"] == expected["compatible_families"], name
+        assert ident["embedding"] == expected["embedding"], name
+        code, out, _ = run_cli(capsys, "inspect", path)
+        assert "  is         embedding\n" in out and "textual-inversion embedding for" in out
+    src, _ = _embedding_files(tmp_path)["a1111.pt"]
+    converted = tmp_path / "a1111.safetensors"
+    assert run_cli(capsys, "convert", src, "-o", converted)[0] == 0
+    code, out, _ = run_cli(capsys, "inspect", converted, "--json")
+    assert json.loads(out)["identification"]["compatible_families"] == ["sd1"]
+
+
+@pytest.mark.parametrize("tensors", [
+    {"emb_params": torch.zeros(4, 3)},                        # no text encoder is 3 wide
+    {"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(3, 1280)},  # counts differ
+    {"weight": torch.zeros(768)},                             # a key that names no token
+    {"emb_params": torch.zeros(2, 2, 768)},                   # not a list of vectors
+])
+def test_lookalikes_are_not_embeddings(tensors: dict, tmp_path: Path, capsys):
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path))
+    code, out, err = run_cli(capsys, "inspect", path, "--json")
+    assert code == 0, err
+    assert json.loads(out)["identification"]["kind"] != "embedding"

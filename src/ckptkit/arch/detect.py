@@ -19,6 +19,7 @@ from typing import Any
 
 from .diffusers import diffusers_component
 from .diffusers_layout import kohya_prefix, layout_table
+from .embedding import detect_embedding
 from .families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
 from .keys import KeyTable, Shape
 from .layouts import TEXT_MODEL_CHILDREN, lacks_text_model_level
@@ -68,7 +69,7 @@ class ComponentReport:
 
 @dataclass
 class Identification:
-    kind: str  # checkpoint, diffusion-model, text-encoder, vae, lora, unknown
+    kind: str  # checkpoint, diffusion-model, text-encoder, vae, lora, embedding, unknown
     family: str | None = None
     variants: list[str] = field(default_factory=list)
     layout: str | None = None
@@ -81,6 +82,7 @@ class Identification:
     reasons: list[str] = field(default_factory=list)
     sampling: dict[str, Any] | None = None
     lora: dict[str, Any] | None = None
+    embedding: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -282,6 +284,10 @@ def _identify_keys(shapes, dtypes, metadata, values) -> Identification:
         result = Identification("lora", family=lora.family, reasons=list(lora.reasons),
                                 lora=asdict(lora))
         return result
+    embedding = detect_embedding(shapes)
+    if embedding is not None:
+        return Identification("embedding", compatible_families=embedding.families,
+                              reasons=embedding.reasons, embedding=embedding.to_dict())
     keys, extra, markers = _split_extras(all_keys)
     other = _other_kind(keys, shapes)
     if other:
