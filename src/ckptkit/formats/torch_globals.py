@@ -122,6 +122,8 @@ class NumpyArray(Buildable):
         self.dtype, self.shape = dtype, shape
 
     def __str__(self) -> str:
+        if self.dtype is None:
+            return "numpy array without its state"
         return f"numpy array {self.dtype} {list(self.shape)}"
 
 
@@ -146,10 +148,19 @@ class PickledParameterDict(PickledDict):
         self.update(parameters)
 
 
+# Tensors and numpy arrays have at most 64 dimensions (numpy's own limit; real checkpoints use
+# up to 5) of at most 2**63 - 1 elements (torch's int64 sizes): a shape of thousands of huge
+# dimensions would make their product take seconds, and its message unprintable.
+MAX_DIMS = 64
+
+
 def _check_ints(values: Any, what: str) -> tuple[int, ...]:
+    if isinstance(values, tuple) and len(values) > MAX_DIMS:
+        raise FormatError(f"{what} has {len(values)} dimensions, more than {MAX_DIMS}")
     if not isinstance(values, tuple) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise FormatError(f"tensor {what} is not a tuple of non-negative integers")
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+            for v in values):
+        raise FormatError(f"{what} is not a tuple of non-negative 64-bit integers")
     return values
 
 
@@ -160,8 +171,8 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any,
     dtype = dtype or storage.dtype
     if dtype is None:
         raise FormatError("a tensor over an untyped storage has no dtype")
-    shape = _check_ints(tuple(size), "size")
-    strides = _check_ints(tuple(stride), "stride")
+    shape = _check_ints(tuple(size), "tensor size")
+    strides = _check_ints(tuple(stride), "tensor stride")
     if len(shape) != len(strides):
         raise FormatError("tensor size and stride have different lengths")
     if not isinstance(offset, int) or offset < 0:
@@ -312,7 +323,7 @@ def _new_record(kind: type) -> Any:
 
 def _torch_size(args: tuple) -> tuple[int, ...]:
     (dims,) = args
-    return _check_ints(tuple(dims), "size")
+    return _check_ints(tuple(dims), "torch.Size")
 
 
 def _torch_device(args: tuple) -> str:
