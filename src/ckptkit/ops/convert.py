@@ -101,9 +101,10 @@ def convert(src: str, dst: str, *, dtype: str | None = None, vae_dtype: str | No
         if not checkpoint.tensors:
             raise FormatError(f"no tensors to convert: {_contents(checkpoint)}", src)
         report = ConvertReport(checkpoint.format, notes=list(checkpoint.notes))
-        kept = _source_metadata(checkpoint) if keep_metadata else {}
-        # safetensors' own "format" key says how the tensors were saved; this writer's is pt
-        metadata = {"format": "pt", **{k: v for k, v in kept.items() if k != "format"}}
+        # "format" is safetensors' own key, saying whose tensors these are: this writer's
+        kept = {k: v for k, v in _source_metadata(checkpoint).items()
+                if k != "format"} if keep_metadata else {}
+        metadata = {"format": "pt", **kept}
         report.dropped = [k for k in checkpoint.extras if k not in kept]
         report.dropped_tensors = {k: v.tensors for k, v in checkpoint.extras.items()
                                   if isinstance(v, Summary) and v.tensors}
