@@ -217,6 +217,8 @@ _FRAGMENTS = [
     _global("builtins", "set"), _global("builtins", "frozenset"), _global("numpy", "dtype"),
     _global("numpy._core.multiarray", "scalar"), _global("torch", "device"),
     _global("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"),
+    _global("numpy._core.multiarray", "_reconstruct"), _global("numpy", "ndarray"),
+    _global("argparse", "Namespace"), _global("torch.nn.modules.container", "ParameterDict"),
     _global("os", "system"), b"I1\n", b"\x93", b"\x8c\x01a",
 ]
 PROGRAMS = st.lists(st.sampled_from(_FRAGMENTS), max_size=40).map(
