@@ -12,6 +12,7 @@ import shutil
 import time
 
 import pytest
+import torch
 from helpers import time_limit
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -81,6 +82,8 @@ TOML_CASES = [
     ('colour = "red"', "unknown setting 'colour'"),
     ('take = { vae = 3 }', "take.vae must be a name (text, not empty), got a number"),
     ('take = "vae"', "take must be a table of component = input, got text"),
+    ('inputs = { a = "" }\n[[step]]\nmethod = "n-average"\nmodels = ["a", "a"]',
+     "inputs.a must be a file name (text, not empty), got text"),
 ]
 STEP_CASES = [
     ("alpha = { x = 1 }", "step[1].alpha must be a number, or weights per block (text, or a "
@@ -417,6 +420,21 @@ def test_list_blocks_escapes_key_names(models, tmp_path, capsys):
     assert main(["merge", "--list-blocks", str(odd), "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)  # JSON escapes it, and keeps the text
     assert any("\x1b[2J\x1b[1;1Hevil" in b["covers"] for b in listing["blocks"])
+
+
+def test_devices_are_checked_before_anything_is_read(models, tmp_path, capsys):
+    a, b = str(models / "a.safetensors"), str(models / "b.safetensors")
+    out = tmp_path / "out.safetensors"
+    for device in ("tpu", "cuda:x", "cuda:", "cpu "):
+        assert main(["merge", "weighted-sum", a, b, "--device", device, "-o", str(out),
+                     "--quiet"]) == 2
+        assert f"device must be cpu or cuda[:N], not {device!r}" in _error(capsys)
+    if not torch.cuda.is_available():
+        for device in ("cuda", "cuda:1"):  # well formed: asked of torch when run
+            assert main(["merge", "weighted-sum", a, b, "--device", device, "-o", str(out),
+                         "--quiet"]) == 2
+            assert "torch finds no CUDA device" in _error(capsys)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("given", "recorded"), [("fp32", "float32"), ("fp64", "float64"),

@@ -206,6 +206,7 @@ class _Either:
 _NUMBER = _Value("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool))
 _TEXT = _Value("text", lambda v: isinstance(v, str))
 _NAME = _Value("a name (text, not empty)", lambda v: isinstance(v, str) and v != "")
+_FILE = _Value("a file name (text, not empty)", lambda v: isinstance(v, str) and v != "")
 _NULL = _Value("null", lambda v: v is None)
 _HASH = _Value("a SHA-256", lambda v: isinstance(v, str) and SHA256.fullmatch(v) is not None)
 _NAMES = _List("a list of names", _NAME)
@@ -218,13 +219,13 @@ _SHARED = {
     "take": _Map("a table of component = input", _NAME)}
 _STEP = {"name": _NAME, "method": _NAME, "models": _NAMES}
 # A recipe as written in TOML: inputs by path, parameters inline in each [[step]].
-_TOML = _Table({"inputs": _Map("a table of name = file", _NAME, empty_ok=False),
+_TOML = _Table({"inputs": _Map("a table of name = file", _FILE, empty_ok=False),
                 "step": _List("a list of [[step]] tables",
                               _Table(_STEP, ("method", "models"), rest=_PARAM)),
                 **_SHARED}, ("inputs", "step"))
 # A recipe as recorded in a merged file: inputs by file name and SHA-256 (null where the
 # file could not be hashed), every option and parameter written out.
-_INPUT = _Table({"file": _NAME, "sha256": _Either(
+_INPUT = _Table({"file": _FILE, "sha256": _Either(
     "a SHA-256 (64 lowercase hex digits) or null", (_HASH, _NULL))}, ("file", "sha256"))
 _RECORD = _Table({"format": _NUMBER, "ckptkit": _TEXT,
                   "inputs": _Map("a table of name = {file, sha256}", _INPUT, empty_ok=False),
