@@ -10,13 +10,13 @@ from dataclasses import asdict
 from ..errors import CkptError, UsageError
 from ..formats.dtypes import CLI_NAMES
 from ..ops.merge import MISSING, from_metadata, list_blocks, run_recipe
-from ..ops.merge_methods import METHODS
+from ..ops.merge_methods import METHODS, PARAMS
 from ..ops.merge_recipe import COMPUTE_DTYPES, from_toml, one_step
 from ..safe_text import json_safe, printable
 from .progress import add_fsync_option, add_output_options, progress_for
 
 _PARAMS = ("alpha", "beta", "density", "drop")
-_BLOCKS_HELP = ("a number, or weights per block: a list in block order, NAME=value items "
+_BLOCKS_HELP = ("weights per block: a list in block order, NAME=value items "
                 "with globs (IN00=0.3,M00=0.5,OUT*=1; blocks not named keep the default), "
                 "or a preset name; see --list-blocks")
 
@@ -43,10 +43,12 @@ def add_parser(commands) -> None:
     p.add_argument("method", nargs="?", metavar="METHOD")
     p.add_argument("models", nargs="*", metavar="MODEL")
     p.add_argument("-o", "--output", metavar="OUT.safetensors")
-    for name in _PARAMS:
-        p.add_argument(f"--{name}", metavar="VALUE",
-                       help=_BLOCKS_HELP if name == "alpha" else None)
-    p.add_argument("--seed", type=int, help="for the random methods (DARE)")
+    for name in _PARAMS:  # the ranges come from the one table the recipe check uses
+        p.add_argument(f"--{name}", metavar="VALUE", help=f"{PARAMS[name].valid}"
+                       + (f" (outside 0..1 it extrapolates), or {_BLOCKS_HELP}"
+                          if name == "alpha" else ", or weights per block as for --alpha"))
+    p.add_argument("--seed", type=int, help=f"for the random methods (DARE): "
+                                            f"{PARAMS['seed'].valid}")
     p.add_argument("--dtype", choices=list(CLI_NAMES),
                    help="output precision of floating tensors (default: model A's)")
     p.add_argument("--compute-dtype", choices=list(COMPUTE_DTYPES),
