@@ -113,9 +113,9 @@ class Recipe:
         return [s for s in self.steps if s.name in needed]
 
 
-# The schema: what each part of a recipe may be. ``_check`` walks a value along it and
-# raises UsageError naming the first part that does not fit; it descends only as deep as
-# the schema does, whatever the depth of the value.
+# The schema: what each part of a recipe may be. Each piece's ``check`` walks a value along
+# it and raises UsageError naming the first part that does not fit (``step[2].alpha``); it
+# descends only as deep as the schema does, whatever the depth of the value.
 
 def _kind(value: Any) -> str:
     """What a value is, in the words of a TOML or JSON user."""
