@@ -79,7 +79,7 @@ def test_a_two_step_recipe_in_one_pass_equals_the_steps_run_one_by_one(models, t
 def test_recipe_refusals(models, tmp_path):
     cycle = 'output = "final"\n' + CHAIN.format(m=models).replace('models = ["a", "b"]',
                                                                    'models = ["final", "b"]')
-    with pytest.raises(UsageError, match="cycle: final -> mix -> final"):
+    with pytest.raises(UsageError, match="steps final -> mix -> final form a cycle"):
         from_toml(_toml(tmp_path / "c.toml", cycle))
     unknown = CHAIN.format(m=models).replace('"b", "base"]', '"nope", "base"]')
     with pytest.raises(UsageError, match="uses 'nope', which is neither an input nor a step"):
@@ -89,7 +89,7 @@ def test_recipe_refusals(models, tmp_path):
         from_toml(_toml(tmp_path / "m.toml", bad_method))
     with pytest.raises(UsageError, match="is not valid TOML"):
         from_toml(_toml(tmp_path / "t.toml", "[inputs\n"))
-    with pytest.raises(UsageError, match="names no \\[inputs\\]"):
+    with pytest.raises(UsageError, match=r"e\.toml: the recipe has no inputs"):
         from_toml(_toml(tmp_path / "e.toml", "[[step]]\nmethod = 'n-average'\n"))
     assert main(["merge", "--recipe", str(tmp_path / "c.toml"), "-o",
                  str(tmp_path / "x.safetensors"), "--quiet"]) == 2
@@ -130,7 +130,7 @@ def test_a_recipe_edited_into_nonsense_is_refused(models, tmp_path, capsys, edit
     out = tmp_path / "again.safetensors"
     assert main(["merge", "--from-metadata", str(merged), "-o", str(out), "--quiet",
                  "--input", f"A={models / 'a.safetensors'}",
-                 "--input", f"B={models / 'b.safetensors'}"]) == 2
+                 "--input", f"B={models / 'b.safetensors'}"]) == 3  # the file's problem
     assert "merge recipe" in capsys.readouterr().err and not out.exists()
 
 

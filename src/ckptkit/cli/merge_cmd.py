@@ -7,15 +7,16 @@ import argparse
 import json
 from dataclasses import asdict
 
-from ..errors import UsageError
+from ..errors import CkptError, UsageError
 from ..formats.dtypes import CLI_NAMES
 from ..ops.merge import MISSING, from_metadata, list_blocks, run_recipe
-from ..ops.merge_methods import METHODS
+from ..ops.merge_methods import METHODS, PARAMS
 from ..ops.merge_recipe import COMPUTE_DTYPES, from_toml, one_step
+from ..safe_text import json_safe, printable
 from .progress import add_fsync_option, add_output_options, progress_for
 
 _PARAMS = ("alpha", "beta", "density", "drop")
-_BLOCKS_HELP = ("a number, or weights per block: a list in block order, NAME=value items "
+_BLOCKS_HELP = ("weights per block: a list in block order, NAME=value items "
                 "with globs (IN00=0.3,M00=0.5,OUT*=1; blocks not named keep the default), "
                 "or a preset name; see --list-blocks")
 
@@ -42,13 +43,16 @@ def add_parser(commands) -> None:
     p.add_argument("method", nargs="?", metavar="METHOD")
     p.add_argument("models", nargs="*", metavar="MODEL")
     p.add_argument("-o", "--output", metavar="OUT.safetensors")
-    for name in _PARAMS:
-        p.add_argument(f"--{name}", metavar="VALUE",
-                       help=_BLOCKS_HELP if name == "alpha" else None)
-    p.add_argument("--seed", type=int, help="for the random methods (DARE)")
+    for name in _PARAMS:  # the ranges come from the one table the recipe check uses
+        p.add_argument(f"--{name}", metavar="VALUE", help=f"{PARAMS[name].valid}"
+                       + (f" (outside 0..1 it extrapolates), or {_BLOCKS_HELP}"
+                          if name == "alpha" else ", or weights per block as for --alpha"))
+    p.add_argument("--seed", type=int, help=f"for the random methods (DARE): "
+                                            f"{PARAMS['seed'].valid}")
     p.add_argument("--dtype", choices=list(CLI_NAMES),
                    help="output precision of floating tensors (default: model A's)")
-    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES)
+    p.add_argument("--compute-dtype", choices=list(COMPUTE_DTYPES),
+                   help="precision of the arithmetic (default: fp32)")
     p.add_argument("--components", help="merge only these, e.g. diffusion_model; the rest "
                                         "comes from A unchanged")
     p.add_argument("--take", action="append", default=[], metavar="COMPONENT=MODEL",
@@ -65,6 +69,9 @@ def add_parser(commands) -> None:
                    help="with --from-metadata: where an input is")
     p.add_argument("--search", action="append", default=[], metavar="DIR",
                    help="with --from-metadata: a folder to look for the inputs in")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="with --from-metadata: use inputs whose SHA-256 the recipe does not "
+                        "record (they could not be hashed then) without checking them")
     p.add_argument("--list-blocks", metavar="MODEL",
                    help="show the block names (and presets) for MODEL's family")
     add_output_options(p)
@@ -98,6 +105,26 @@ def _options(args) -> dict:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except (Exception, KeyboardInterrupt) as exc:
+        if args.json:  # as convert does: an object on stdout, the error line on stderr
+            print(json.dumps(json_safe({"output": args.output, "error": _reason(exc)})))
+        raise
+
+
+def _reason(exc: Exception | KeyboardInterrupt) -> str:
+    """What the error line on stderr says, without the prefix (``main`` prints it)."""
+    if isinstance(exc, CkptError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted; no output was written"
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _run(args) -> int:
     if args.list_blocks:
         return _list_blocks(args)
     modes = [m for m in ("recipe", "from_metadata") if getattr(args, m)]
@@ -109,7 +136,8 @@ def run(args) -> int:
     if args.from_metadata:
         return _finish(args, lambda bar: from_metadata(
             args.from_metadata, args.output, search=args.search,
-            given=_pairs(args.input, "--input"), progress=bar, fsync=args.fsync))
+            given=_pairs(args.input, "--input"), progress=bar, fsync=args.fsync,
+            allow_unverified=args.allow_unverified))
     options = {k: v for k, v in _options(args).items() if v is not None}
     if args.recipe:
         recipe = from_toml(args.recipe, **options)
@@ -133,7 +161,7 @@ def _finish(args, work) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({"output": args.output, **asdict(report)}))
+        print(json.dumps(json_safe({"output": args.output, **asdict(report)})))
     else:
         extra = "".join([f", {report.taken:,} taken" if report.taken else "",
                          f", {report.skipped:,} left out" if report.skipped else ""])
@@ -142,22 +170,25 @@ def _finish(args, work) -> int:
         if report.take_left_out:
             counts = ", ".join(f"{n:,} {why}" for why, n in sorted(report.take_left_out.items()))
             print(f"note: left out of the --take components: {counts}")
+        for note in report.notes:
+            print(f"note: {printable(note)}")
     return 0
 
 
 def _list_blocks(args) -> int:
     listing = list_blocks(args.list_blocks)
     if args.json:
-        print(json.dumps(listing))
+        print(json.dumps(json_safe(listing)))
         return 0
-    print(f"{args.list_blocks}: {listing['family']}, {len(listing['blocks'])} blocks "
-          "(weights are given in this order)")
-    for block in listing["blocks"]:
-        print(f"  {block['name']:<8} {block['tensors']:>5} tensors  {block['covers']}")
+    print(f"{printable(args.list_blocks)}: {listing['family']}, {len(listing['blocks'])} "
+          "blocks (weights are given in this order)")
+    for block in listing["blocks"]:  # key prefixes are the file's own text
+        print(f"  {block['name']:<8} {block['tensors']:>5} tensors  "
+              f"{printable(block['covers'])}")
     if listing["unblocked"]:
         rest = listing["unblocked"]
         print(f"  not merged by blocks (taken from model A when weights are per block): "
-              f"{rest['tensors']} tensors  {rest['covers']}")
+              f"{rest['tensors']} tensors  {printable(rest['covers'])}")
     if listing["presets"]:
         print("presets: " + ", ".join(listing["presets"]))
     return 0

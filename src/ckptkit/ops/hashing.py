@@ -5,10 +5,15 @@ and Civitai's "AutoV3" (the SHA-256 of what follows a safetensors header, which 
 metadata edits: bytes 8+N to the end when the first 8 bytes read as N < 16 MiB, else bytes 8
 to the end, for every file type). The file is read in large chunks, never held in memory.
 
-A file's SHA-256 is remembered (by path, size, modification time and inode, in
-``sha256.json`` of ckptkit's cache folder) so that the outputs of later operations can name
-their inputs by hash without reading them again; ``BackgroundSha256`` hashes the inputs of an
-operation in a worker thread while the operation reads them too.
+A file's SHA-256 is remembered (by path, size, modification time, inode and status-change
+time, in ``sha256.json`` of ckptkit's cache folder) so that the outputs of later operations
+can name their inputs by hash without reading them again; ``BackgroundSha256`` hashes the
+inputs of an operation in a worker thread while the operation reads them too. The change
+time is what makes the shortcut trustworthy: a file rewritten in place with the same size
+can be given its old modification time back (``os.utime``, ``touch -r``), but every write
+and every ``utime`` sets the change time to now, and nothing but the kernel sets it. The
+cache is only a shortcut: an entry that is not a well-formed hash, or a file that is not
+JSON (or nested too deeply to read), is ignored, and rewritten on the next hash.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -23,6 +29,7 @@ import threading
 from ..engine.writer import Progress
 
 CHUNK = 1 << 24
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _chunks(path: str):
@@ -35,7 +42,8 @@ def _chunks(path: str):
 
 
 def file_hashes(path: str, progress: Progress | None = None) -> dict[str, str]:
-    size = os.path.getsize(path)
+    identity = _identity(path)
+    size = identity[1][0]
     whole, after_header = hashlib.sha256(), hashlib.sha256()
     with open(path, "rb") as f:
         head = f.read(8)
@@ -52,7 +60,7 @@ def file_hashes(path: str, progress: Progress | None = None) -> dict[str, str]:
         if progress:
             progress.update(len(chunk), 0)
     sha = whole.hexdigest()
-    _remember(path, sha)
+    _remember(identity, sha)
     return {"sha256": sha, "autov2": sha[:10], "autov3": after_header.hexdigest()}
 
 
@@ -67,30 +75,50 @@ def cache_dir() -> str:
 
 def _identity(path: str) -> tuple[str, list[int]]:
     st = os.stat(path)
-    return os.path.realpath(path), [st.st_size, st.st_mtime_ns, st.st_ino]
+    return os.path.realpath(path), [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
-def _load_cache() -> dict:
+def _well_formed(entry: object) -> bool:
+    """``{"stat": [4 integers], "sha256": 64 lowercase hex digits}``: what ``_remember``
+    writes; anything else (an older key, a hand edit, a nested value) is dropped."""
+    if not isinstance(entry, dict) or set(entry) != {"stat", "sha256"}:
+        return False
+    stat, sha = entry["stat"], entry["sha256"]
+    return (isinstance(stat, list) and len(stat) == 4
+            and all(type(v) is int for v in stat)
+            and isinstance(sha, str) and _SHA256.fullmatch(sha) is not None)
+
+
+def _load_cache() -> dict[str, dict]:
+    """The remembered entries that are well formed; none if the file is not readable JSON."""
     try:
         with open(os.path.join(cache_dir(), "sha256.json"), encoding="utf-8") as f:
             data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
         return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if _well_formed(v)}
 
 
-def _remember(path: str, sha: str) -> None:
-    """Records a file's hash; a cache that cannot be written is only a missed shortcut."""
+def _remember(identity: tuple[str, list[int]], sha: str) -> None:
+    """Records a file's hash under its identity taken before it was read (a file changed
+    while it was hashed then no longer matches); a cache that cannot be written is only a
+    missed shortcut."""
+    name, stat = identity
     try:
-        name, ident = _identity(path)
         folder = cache_dir()
         os.makedirs(folder, exist_ok=True)
         data = _load_cache()
-        data[name] = {"stat": ident, "sha256": sha}
+        data[name] = {"stat": stat, "sha256": sha}
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sha256.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, os.path.join(folder, "sha256.json"))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            os.replace(tmp, os.path.join(folder, "sha256.json"))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     except OSError:
         pass
 
@@ -98,13 +126,11 @@ def _remember(path: str, sha: str) -> None:
 def cached_sha256(path: str) -> str | None:
     """The remembered SHA-256 of ``path`` if the file has not changed since it was hashed."""
     try:
-        name, ident = _identity(path)
+        name, stat = _identity(path)
     except OSError:
         return None
     entry = _load_cache().get(name)
-    if isinstance(entry, dict) and entry.get("stat") == ident:
-        return entry.get("sha256")
-    return None
+    return entry["sha256"] if entry is not None and entry["stat"] == stat else None
 
 
 def sha256(path: str, stop: threading.Event | None = None) -> str | None:
@@ -113,13 +139,14 @@ def sha256(path: str, stop: threading.Event | None = None) -> str | None:
     known = cached_sha256(path)
     if known:
         return known
+    identity = _identity(path)
     digest = hashlib.sha256()
     for chunk in _chunks(path):
         if stop is not None and stop.is_set():
             return None
         digest.update(chunk)
     sha = digest.hexdigest()
-    _remember(path, sha)
+    _remember(identity, sha)
     return sha
 
 

@@ -31,19 +31,27 @@ from ..arch.families import Family, families
 from ..engine.moves import copy_range
 from ..engine.slices import by_rows
 from ..engine.writer import Deferred, Planned, Progress, write_safetensors
-from ..errors import UsageError
+from ..errors import FormatError, UsageError
 from ..formats import Checkpoint, LazyTensor, open_checkpoint
 from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
 from .hashing import BackgroundSha256, sha256
 from .inspect import identify_checkpoint
-from .merge_blocks import MBW_BLOCKS, PRESETS, block_names, describe, weights_for_keys
-from .merge_methods import METHODS, Method
+from .merge_blocks import (
+    MBW_BLOCKS,
+    PRESETS,
+    block_names,
+    describe,
+    parse_weights,
+    weights_for_keys,
+)
+from .merge_methods import METHODS, Method, param_problem
 from .merge_recipe import (
     MISSING,
     Recipe,
+    Step,
     from_record,
     one_step,
-    recorded_inputs,
+    read_record,
     to_record,
     with_defaults,
 )
@@ -135,10 +143,10 @@ def run_recipe(recipe: Recipe, out: str, progress: Progress | None = None,
 
 
 def _check_device(device: str) -> None:
+    """The recipe's check allowed cpu and cuda[:N]; whether this machine has it is asked
+    here, when the merge is run."""
     if device == "cpu":
         return
-    if not (device == "cuda" or device.startswith("cuda:")):
-        raise UsageError(f"--device must be cpu or cuda[:N], not {device!r}")
     import torch
 
     if not torch.cuda.is_available():
@@ -259,18 +267,31 @@ def _plan(recipe: Recipe, fam: Family | None, first: Identification,
 
 def _param_tables(recipe: Recipe, family_id: str | None, keys: list[str]
                   ) -> dict[str, dict[str, Any]]:
-    """Step -> parameter -> a value, or key -> value where given per block."""
+    """Step -> parameter -> a value, or key -> value where given per block. Per-block
+    weights are read, and their values checked, here: the family says what the blocks are.
+    Weights recorded in a merged file that cannot be read are that file's problem."""
     tables: dict[str, dict[str, Any]] = {}
-    for step in recipe.steps:
-        tables[step.name] = {}
-        for name, value in step.params.items():
-            if isinstance(value, str):
-                if family_id is None:
-                    raise UsageError(f"per-block {name} needs models of a known family")
-                default = METHODS[step.method].defaults[name]
-                value = weights_for_keys(family_id, keys, value, default)
-            tables[step.name][name] = value
+    try:
+        for step in recipe.steps:
+            tables[step.name] = {n: _per_key(step, n, v, family_id, keys) if isinstance(v, str)
+                                 else v for n, v in step.params.items()}
+    except UsageError as exc:
+        if recipe.recorded_in is None:
+            raise
+        raise FormatError(f"the recorded merge recipe cannot be run: {exc.reason}",
+                          recipe.recorded_in) from None
     return tables
+
+
+def _per_key(step: Step, name: str, spec: str, family_id: str | None, keys: list[str]
+             ) -> dict[str, float]:
+    if family_id is None:
+        raise UsageError(f"per-block {name} needs models of a known family")
+    for block, weight in parse_weights(spec, family_id).items():
+        problem = param_problem(name, weight)
+        if problem:
+            raise UsageError(f"step {step.name!r}, block {block}: {problem}")
+    return weights_for_keys(family_id, keys, spec, METHODS[step.method].defaults[name])
 
 
 def _merged_shape(key: str, sources: dict[str, LazyTensor], recipe: Recipe
@@ -392,21 +413,31 @@ def _lineage(recipe: Recipe, names: list[str], checkpoints: dict[str, Checkpoint
 
 def from_metadata(merged: str, out: str, *, search: list[str] | None = None,
                   given: dict[str, str] | None = None, progress: Progress | None = None,
-                  fsync: bool = True) -> MergeReport:
+                  fsync: bool = True, allow_unverified: bool = False) -> MergeReport:
     """Re-runs the recipe recorded in ``merged``: each input is looked for by file name
     beside ``merged``, in the working folder and in ``search`` (or given by name), and must
-    have the recorded SHA-256."""
+    have the recorded SHA-256. An input recorded without one (it could not be hashed when
+    the merge was made) is refused unless ``allow_unverified``, and then named in the
+    report's notes."""
     with open_checkpoint(merged) as checkpoint:
         text = checkpoint.metadata.get(RECIPE_KEY)
     if text is None:
         raise UsageError(f"{merged} holds no ckptkit merge recipe in its metadata")
+    record = read_record(text, merged)
+    inputs = record["inputs"]
+    strays = [n for n in given or {} if n not in inputs]
+    if strays:
+        raise UsageError(f"--input {strays[0]}: the recipe of {merged} has no input of that "
+                         f"name; it has {', '.join(inputs)}")
     folders = [os.path.dirname(os.path.abspath(merged)), os.getcwd(), *(search or [])]
     paths = {}
-    for name, info in recorded_inputs(text).items():
+    for name, info in inputs.items():
         if given and name in given:
+            if not os.path.isfile(given[name]):
+                raise UsageError(f"--input {name}={given[name]}: no such file")
             paths[name] = given[name]
             continue
-        file = os.path.basename(str(info.get("file", "")))
+        file = os.path.basename(info["file"])
         found = next((os.path.join(f, file) for f in folders
                       if file and os.path.isfile(os.path.join(f, file))), None)
         if found is None:
@@ -414,13 +445,24 @@ def from_metadata(merged: str, out: str, *, search: list[str] | None = None,
                              f"{', '.join(dict.fromkeys(folders))}; give it with "
                              f"--input {name}=PATH")
         paths[name] = found
-    recipe, recorded = from_record(text, merged, paths)
+    recipe = from_record(record, merged, paths)
+    notes = []
     for name, path in paths.items():
-        if recorded.get(name) and sha256(path) != recorded[name]:
+        recorded = inputs[name]["sha256"]
+        if recorded is None:
+            if not allow_unverified:
+                raise UsageError(f"{merged} records no SHA-256 for its input {name}, so "
+                                 f"nothing shows that {path} is that file; "
+                                 "--allow-unverified uses it anyway")
+            notes.append(f"input {name} ({path}) was not verified: {os.path.basename(merged)} "
+                         "records no SHA-256 for it")
+        elif sha256(path) != recorded:
             raise UsageError(f"{path} is not the {name} that {os.path.basename(merged)} was "
                              f"made from: its SHA-256 differs from the recorded "
-                             f"{recorded[name][:12]}...")
-    return run_recipe(recipe, out, progress, fsync)
+                             f"{recorded[:12]}...")
+    report = run_recipe(recipe, out, progress, fsync)
+    report.notes[:0] = notes
+    return report
 
 
 def list_blocks(path: str) -> dict[str, Any]:

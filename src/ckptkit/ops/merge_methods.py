@@ -3,10 +3,13 @@
 The engine reads the inputs of one key, calls the method, casts and writes the result; a
 method never sees files, dtypes or devices. ``METHODS`` describes each for ``--help`` and
 for the recipe recorded in the output: its inputs, its parameters and its formula.
+``PARAMS`` says which values each parameter may take, so that a recipe is refused before
+anything is read rather than writing a model of NaNs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -140,7 +143,7 @@ def dare(t: Tensors, alpha: float, drop: float, seed: int, key_seed: int,
     deltas = []
     for m in models:
         keep = (torch.rand(m.shape, generator=gen) >= drop).to(m.device)  # CPU-seeded
-        deltas.append((m - base) * keep / (1 - drop) if drop < 1 else torch.zeros_like(m))
+        deltas.append((m - base) * keep / (1 - drop))  # drop < 1: PARAMS
     stacked = torch.stack(deltas)
     merged = _disjoint_mean(stacked) if ties_signs else stacked.mean(0)
     return base + alpha * merged
@@ -213,3 +216,43 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("model-stock", model_stock, "3+", {},
            "A + t (mean of the others - A), t from their mean pairwise cosine"),
 )}
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float (JSON allows any)
+        return False
+
+
+@dataclass(frozen=True)
+class Param:
+    """The values a parameter may take: ``accepts`` tests one, ``valid`` says which in words.
+    Weights (alpha, beta) may be any finite number: outside [0, 1] they extrapolate, which
+    people use on purpose (supermerger and sd-mecha allow it too); a fraction of entries kept
+    or dropped only makes sense as a fraction, and a drop of 1 would divide by zero."""
+
+    accepts: Callable[[float], bool]
+    valid: str
+
+
+SEED_MAX = 2**32 - 1  # torch's generator takes 64 bits; the seed is scaled per key (dare)
+PARAMS: dict[str, Param] = {
+    "alpha": Param(_finite, "a finite number"),
+    "beta": Param(_finite, "a finite number"),
+    "density": Param(lambda v: _finite(v) and 0 < v <= 1,
+                     "a fraction of the entries kept, above 0 and at most 1"),
+    "drop": Param(lambda v: _finite(v) and 0 <= v < 1,
+                  "a fraction of the entries dropped, at least 0 and below 1"),
+    "seed": Param(lambda v: isinstance(v, int) and 0 <= v <= SEED_MAX,
+                  f"a whole number from 0 to {SEED_MAX}"),
+}
+
+
+def param_problem(name: str, value: float) -> str | None:
+    """Why ``value`` is not a valid ``name``, or None; numbers only (per-block weights are
+    checked value by value once parsed)."""
+    param = PARAMS[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not param.accepts(value):
+        return f"{name} must be {param.valid}, not {value!r}"
+    return None
