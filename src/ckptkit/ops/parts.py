@@ -104,28 +104,63 @@ def _architecture(fam: Family, component: str | None) -> str:
     return f"{arch}/vae" if component == "vae" else f"{arch}/{component}"
 
 
+_SPLIT_LAYOUTS = ("ldm", "kohya", "diffusers")
+
+
 def _monolithic(path: str, checkpoint: Checkpoint) -> tuple[Family, Identification]:
+    """The family and identification of a checkpoint whose components can be written apart:
+    several components, or one under its checkpoint prefix, in the original, kohya or
+    diffusers key names, of a family the weights or the metadata name."""
     ident = identify_checkpoint(checkpoint)
-    if ident.kind != "checkpoint" or ident.layout != "ldm" or not ident.family:
-        raise UsageError(f"{path} is a {ident.kind}"
-                         f"{' in the ' + ident.layout + ' layout' if ident.layout else ''}, "
-                         "not a monolithic checkpoint in the original layout")
-    return families()[ident.family], ident
+    lone_prefixed = len(ident.components) == 1 and ident.components[0].prefix
+    if ident.kind == "checkpoint" or lone_prefixed:
+        if ident.layout in _SPLIT_LAYOUTS and ident.family:
+            return families()[ident.family], ident
+        if ident.layout in _SPLIT_LAYOUTS and ident.compatible_families:
+            raise UsageError(f"{path} is a {ident.kind} that fits "
+                             f"{', '.join(ident.compatible_families)} and its metadata does "
+                             "not say which; ckptkit cannot tell which family's it is")
+    layout = f" in the {ident.layout} layout" if ident.layout else ""
+    raise UsageError(f"{path} is {_a(ident.kind)}{layout}, not a checkpoint in the original, "
+                     "kohya or diffusers layout")
 
 
-def _claimed(fam: Family, names: list[str], keys: set[str]
+def _a(word: str) -> str:
+    """``word`` after its indefinite article."""
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
+def _claimed(fam: Family, ident: Identification, keys: set[str], tiny: bool
              ) -> tuple[dict[str, set[str]], dict[str, int]]:
-    """The keys of each component ``names`` of a monolithic checkpoint, and the checkpoint's
-    keys that none of them has (leftovers, markers, EMA copies...) counted by why."""
+    """The keys of each component of a monolithic checkpoint, and the checkpoint's keys that
+    none of them has (leftovers, markers, EMA copies...) counted by why."""
     claimed, left_out, rest = {}, {}, set(keys)
-    for name in names:
-        comp = fam.component(name)
-        mine = current_names(comp, keys)
+    for found in ident.components:
+        comp = fam.component(found.name)
+        if ident.layout == "ldm":
+            mine = current_names(comp, keys)
+            table = set(comp.keys(layout="ldm")) | set(comp.keys(tiny=True, layout="ldm"))
+        else:
+            table = set(diffusers_layout.layout_table(fam, found.name, tiny, ident.layout))
+            mine = {k: k for k in keys
+                    if (k.startswith(found.prefix) if found.prefix else k in table)}
         rest -= set(mine)
-        table = set(comp.keys(layout="ldm")) | set(comp.keys(tiny=True, layout="ldm"))
-        claimed[name] = _sort_out(mine, table, left_out)
+        claimed[found.name] = _sort_out(mine, table, left_out)
     _count(left_out, rest)
     return claimed, left_out
+
+
+def _to_standalone(fam: Family, comp, layout: str, prefix: str, keys: set[str], tiny: bool
+                   ) -> tuple[list[Move], dict[str, str]]:
+    """Moves from a checkpoint's ``keys`` of ``comp`` (under ``prefix`` in ``layout``) to its
+    standalone names, and the keys left out for want of a place there (``to_canonical``)."""
+    if layout == "ldm":
+        return to_canonical(comp, keys)
+    named = {k[len(prefix):]: k for k in keys}
+    if layout == "kohya" and not diffusers_layout.kohya_renames(fam):
+        return [Move(name, (key,)) for name, key in sorted(named.items())], {}
+    moves = diffusers_layout.from_diffusers(fam, comp.name, tiny, set(named))
+    return [replace(m, sources=tuple(named[s] for s in m.sources)) for m in moves], {}
 
 
 def split(src: str, out_dir: str, components: list[str] | None = None,
@@ -145,14 +180,17 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
             raise UsageError(f"{src} has no {unknown[0]} component; it has "
                              f"{', '.join(present)}")
         stem = os.path.splitext(os.path.basename(src))[0]
-        claimed, written.left_out = _claimed(fam, present, set(checkpoint))
+        tiny = ident.components[0].size == "tiny"
+        claimed, written.left_out = _claimed(fam, ident, set(checkpoint), tiny)
+        prefixes = {c.name: c.prefix for c in ident.components}
         hashes = source_hashes([src], hash_sources)
         created: list[str] = []
         stack.callback(_remove_if_empty, created)  # after the batch: a failed split's folders
         batch = stack.enter_context(OutputBatch())
         for name in chosen:
             comp = fam.component(name)
-            moves, dropped = to_canonical(comp, claimed[name])
+            moves, dropped = _to_standalone(fam, comp, ident.layout, prefixes[name],
+                                            claimed[name], tiny)
             scalars = {n: [checkpoint[k].scalar(), checkpoint[k].dtype.name]
                        for k, n in dropped.items()}
             kind = COMPONENT_KINDS[name]
@@ -241,15 +279,6 @@ def _scalars(part: Checkpoint) -> dict[str, list]:
                       "(name: [number, dtype])", part.path)
 
 
-def _optional(name: str, key: str) -> bool:
-    """Keys of a component that files hold or not: CLIP's position_ids (a buffer transformers
-    stopped saving), open_clip's and ComfyUI's logit_scale (recreated from a split's scalars,
-    unused by diffusion), and CLIP-L's text_projection, which many CLIP-L files lack and
-    ComfyUI loads without (Comfy-Org/ComfyUI#5222)."""
-    return key.endswith(("position_ids", "logit_scale")) or (
-        name == "clip_l" and key.endswith("text_projection.weight"))
-
-
 def _make_folder(folder: str, created: list[str]) -> None:
     """``os.makedirs``, noting in ``created`` the folders it made (outermost first)."""
     missing, path = [], os.path.abspath(folder)
@@ -272,7 +301,8 @@ def _refuse_incomplete(fam: Family, path: str, name: str, expected: KeyTable,
                        present: Collection[str]) -> None:
     """Refuses a part that lacks keys of ``expected`` (in its own layout) that ``fam``'s
     component needs: a shape check cannot see what is not there."""
-    missing = [k for k in expected if k not in present and not _optional(name, k)]
+    comp = fam.component(name)
+    missing = [k for k in expected if k not in present and not comp.optional(k)]
     if missing:
         raise UsageError(f"{path} is an incomplete {name}: it lacks {len(missing)} of the "
                          f"{len(expected)} keys of {fam.name}'s {name}, e.g. {missing[0]}")
