@@ -88,11 +88,20 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
         if unknown:
             raise UsageError(f"{src} has no {unknown[0]} component to drop; it has "
                              f"{', '.join(prefixes) or 'no prefixed components'}")
+        if prefixes and set(drop or ()) >= set(prefixes):
+            raise UsageError(f"--drop {','.join(prefixes)} would leave none of {src}'s "
+                             f"components; drop some of {', '.join(prefixes)}, not all")
         vae_prefix = prefixes.get("vae")
-        fp16_unsafe_vae = ident.family in SDXL_VAE_FAMILIES
+        # A VAE alone that fits SDXL's among others, with no metadata to say whose it is,
+        # is kept as if it were SDXL's: casting the one that overflows is the worse mistake.
+        fp16_unsafe_vae = ident.family in SDXL_VAE_FAMILIES or (
+            ident.family is None and bool(set(ident.compatible_families) & set(
+                SDXL_VAE_FAMILIES)))
         if vae_target is None and fp16_unsafe_vae and target is not None and vae_prefix:
             report.notes.append("the SDXL VAE keeps its precision (it overflows in fp16); "
-                                "--vae-dtype casts it")
+                                "--vae-dtype casts it" if ident.family else
+                                "the VAE keeps its precision: it fits SDXL's, which overflows "
+                                "in fp16, and nothing says whose it is; --vae-dtype casts it")
         ema_for = _ema_sources(checkpoint) if ema == "use" else {}
         report.ema = "used" if ema_for else ema if any(
             k.startswith(EMA_PREFIX) for k in checkpoint) else "none"
@@ -118,6 +127,10 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
             planned.append(Planned(key, wanted if castable else source.dtype, source.shape,
                                    produce))
         report.kept = len(planned)
+        if not planned:
+            raise UsageError(f"nothing of {src} would be left (dropped "
+                             f"{', '.join(report.dropped) or 'everything'}); "
+                             "a file with no tensors is not written")
         metadata = {**checkpoint.metadata,
                     **provenance("prune", [src], source_hashes([src], hash_sources),
                                  dtype=dtype or "", vae_dtype=vae_dtype or "", ema=ema,
