@@ -85,6 +85,23 @@ class Identification:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        """A few words for messages: "sdxl checkpoint", "vae (fits sd1, sdxl)", "lora"."""
+        if self.family:
+            return f"{self.family} {self.kind}"
+        if self.compatible_families:
+            return f"{self.kind} (fits {', '.join(self.compatible_families)})"
+        return self.kind
+
+    def same_model(self, other: Identification) -> bool:
+        """Whether ``other`` is the same kind of file of the same model: the same family, or
+        for parts alone (whose weights fit several families) a family both fit."""
+        if self.kind != other.kind:
+            return False
+        if self.kind in ("text-encoder", "vae"):
+            return bool(set(self.compatible_families) & set(other.compatible_families))
+        return self.family == other.family
+
 
 @dataclass(frozen=True)
 class _Expected:
