@@ -326,3 +326,33 @@ def test_split_of_a_file_whose_name_is_not_utf8(tmp_path, capfdbinary):
     assert main(["split", src, "-o", str(tmp_path / "json"), "--json", "--quiet"]) == 0
     report = json.loads(capfdbinary.readouterr().out.decode("utf-8", "strict"))
     assert len(report["written"]) == 3
+
+
+# -- what other commands make of a component alone ------------------------------------------------
+
+def test_parts_alone_in_merge_and_split(tmp_path, capsys):
+    unet, full = tmp_path / "unet.safetensors", tmp_path / "full.safetensors"
+    sample("sdxl", str(unet), tiny=True, components=["diffusion_model"])
+    sample("sdxl", str(full), tiny=True, seed=1)
+    # a diffusion model under its checkpoint prefix merges with a checkpoint's, as before
+    assert main(["merge", "weighted-sum", str(unet), str(full), "-o",
+                 str(tmp_path / "m.safetensors"), "--quiet"]) == 0
+    vae = tmp_path / "vae.safetensors"
+    sample("sd1", str(vae), tiny=True, layout="comfyui", components=["vae"])
+    bare = _rewrite(vae, tmp_path / "bare_vae.safetensors", metadata={})
+    capsys.readouterr()
+    assert main(["merge", "weighted-sum", bare, str(full), "-o",
+                 str(tmp_path / "x.safetensors"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "None" not in err and "(vae (fits sd1, sd2, sdxl, sdxl-refiner))" in err
+    assert "(sdxl checkpoint)" in err
+    # a VAE alone under first_stage_model. splits when its family is known, and says why
+    # not when nothing says which family's it is
+    prefixed = tmp_path / "prefixed.safetensors"
+    sample("sdxl", str(prefixed), tiny=True, components=["vae"])
+    written = split(str(prefixed), str(tmp_path / "p"))
+    _same({"first_stage_model." + k: v for k, v in load_file(written[0]).items()},
+          load_file(str(prefixed)))
+    anonymous = _rewrite(prefixed, tmp_path / "anonymous.safetensors", metadata={})
+    with pytest.raises(UsageError, match="fits sd1, sd2, sdxl, sdxl-refiner"):
+        split(anonymous, str(tmp_path / "q"))

@@ -94,8 +94,14 @@ class Identification:
         return self.kind
 
     def same_model(self, other: Identification) -> bool:
-        """Whether ``other`` is the same kind of file of the same model: the same family, or
-        for parts alone (whose weights fit several families) a family both fit."""
+        """Whether ``other`` is the same kind of file of the same model: the same family (a
+        diffusion model under its checkpoint prefix goes with a checkpoint in the same
+        layout, whose keys it shares), or for parts alone (whose weights fit several
+        families) a family both fit."""
+        models = ("checkpoint", "diffusion-model")
+        if self.kind in models and other.kind in models:
+            return self.family == other.family and (
+                self.kind == other.kind or self.layout == other.layout)
         if self.kind != other.kind:
             return False
         if self.kind in ("text-encoder", "vae"):
@@ -207,7 +213,8 @@ def _size_and_variant(exp: _Expected, shapes: Mapping[str, Shape],
     if bad:
         shown = ", ".join(f"{k} {list(shapes[k])} (expected {list(exp.full[k])})"
                           for k in bad[:3])
-        reasons.append(f"{len(bad)} shapes differ from {exp.family.id}'s {exp.component}: "
+        reasons.append(f"{_count(len(bad), 'shape')} {'differs' if len(bad) == 1 else 'differ'}"
+                       f" from {exp.family.id}'s {exp.component}: "
                        f"{shown}")
         size = "other"
     return size, variant, len(bad)
@@ -328,11 +335,11 @@ def _identify_keys(shapes, dtypes, metadata, values) -> Identification:
         return _conclude(ranked, layout, keys, shapes, dtypes, metadata, extra, markers)
     found = diffusers_component({k: shapes[k] for k in keys})
     if found:
-        return _diffusers(found, keys, shapes, dtypes, extra)
+        return _diffusers(found, keys, shapes, dtypes, metadata, extra)
     return _unknown(keys, extra)
 
 
-def _diffusers(found, keys: set[str], shapes, dtypes, extra) -> Identification:
+def _diffusers(found, keys: set[str], shapes, dtypes, metadata, extra) -> Identification:
     name, fid, reasons = found
     counts: dict[str, int] = {}
     for k in keys:
@@ -350,6 +357,11 @@ def _diffusers(found, keys: set[str], shapes, dtypes, extra) -> Identification:
         latent = next(shapes[k][1] for k in keys if k == "decoder.conv_in.weight")
         result.compatible_families = [f.id for f in families().values()
                                       if f.latent_channels == latent]
+        named = named_family(metadata)
+        if named and named[0].id in result.compatible_families:
+            result.family = named[0].id
+            result.reasons.append(f"this vae fits {', '.join(result.compatible_families)}; "
+                                  f"{named[1]} names {named[0].id}")
     return result
 
 
@@ -413,7 +425,8 @@ def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, ext
     unexplained = keys - covered
     if unexplained:
         extra["unexplained keys"] = len(unexplained)
-        reasons.append(f"{_count(len(unexplained), 'key')} belong to no component, e.g. "
+        reasons.append(f"{_count(len(unexplained), 'key')} "
+                       f"{'belongs' if len(unexplained) == 1 else 'belong'} to no component, e.g. "
                        f"{', '.join(sorted(unexplained)[:3])}")
     # One component alone is that component, whether under its checkpoint prefix or not
     # (ComfyUI's diffusion-model loader strips ``model.diffusion_model.``, as
