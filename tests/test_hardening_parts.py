@@ -356,3 +356,23 @@ def test_parts_alone_in_merge_and_split(tmp_path, capsys):
     anonymous = _rewrite(prefixed, tmp_path / "anonymous.safetensors", metadata={})
     with pytest.raises(UsageError, match="fits sd1, sd2, sdxl, sdxl-refiner"):
         split(anonymous, str(tmp_path / "q"))
+
+
+def test_split_takes_a_diffusers_named_sd1_checkpoint_in_one_file(tmp_path):
+    """SD 1.x's three diffusers components do not share a key name, so one file can hold
+    them all (bare diffusers names): identified as such and split as the ldm one is."""
+    folder = tmp_path / "pipe"
+    sample("sd1", str(folder), tiny=True, layout="diffusers")
+    tensors = {}
+    for sub in ("unet", "text_encoder", "vae"):
+        (weights,) = [f for f in os.listdir(folder / sub) if f.endswith(".safetensors")]
+        tensors.update(load_file(str(folder / sub / weights)))
+    single = tmp_path / "single.safetensors"
+    save_file(tensors, str(single))
+    ident = _ident(single)
+    assert (ident["kind"], ident["family"], ident["layout"]) == ("checkpoint", "sd1", "diffusers")
+    ldm = tmp_path / "ldm.safetensors"
+    sample("sd1", str(ldm), tiny=True)
+    for ours, theirs in zip(split(str(single), str(tmp_path / "a")),
+                            split(str(ldm), str(tmp_path / "b")), strict=True):
+        _same(load_file(ours), load_file(theirs))

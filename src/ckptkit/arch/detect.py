@@ -5,9 +5,13 @@ each layout (prefixed monolithic ``ldm``, bare ``comfyui``). Key names carry blo
 counts, so they separate SDXL from its refiner, SD3 from SD3.5 and FLUX dev from schnell at
 any width. Shapes then decide what names cannot (SD1 and SD2 share UNet key names), find the
 variants that live in input channels (inpainting, pix2pix, FLUX Fill and Depth) and tell a
-full-size file from a tiny sample. What weights cannot tell (v-prediction, distillation) is
-taken from what the file carries: ModelSpec metadata, marker keys, training metadata, and
-the SHA-256 of known releases. Every conclusion comes with its reasons.
+full-size file from a tiny sample. What weights cannot tell (v-prediction, distillation,
+whose a VAE or text encoder alone is: SD 1.x, SD2 and SDXL share one VAE's shapes) is taken
+from what the file carries: ModelSpec metadata, ckptkit's own, marker keys, training
+metadata, and the SHA-256 of known releases; where nothing says, a part alone lists every
+family it fits. One component alone is that component (a diffusion model, a text encoder, a
+VAE), with or without its checkpoint prefix; several make a checkpoint. Every conclusion
+comes with its reasons.
 """
 
 from __future__ import annotations
@@ -326,8 +330,12 @@ def _identify_keys(shapes, dtypes, metadata, values) -> Identification:
                                        "checkpoint or one of its components"])
     candidates = [(ranked[0][2], layout, ranked) for layout in _LAYOUTS
                   if (ranked := _match(keys, layout))]
-    if not candidates and (ranked := _match(keys, "diffusers")):  # its names are its own
-        candidates = [(ranked[0][2], "diffusers", ranked)]
+    # The diffusers names are their own; a file the other layouts leave keys of unexplained
+    # may be in them (a diffusers component alone, or SD 1.x's three in one file, whose
+    # CLIP-L alone would otherwise fit the bare layout)
+    if max((c[0] for c in candidates), default=0) < len(keys) and (
+            ranked := _match(keys, "diffusers")):
+        candidates.append((ranked[0][2], "diffusers", ranked))
     if candidates:
         # The layout that explains the file best: a kohya SDXL file's VAE also fits the
         # ldm layout, but its other components only fit kohya's.

@@ -1,19 +1,22 @@
 """``split``, ``assemble`` and ``vae bake``: monolithic checkpoints and their parts.
 
-A split writes each component of a monolithic checkpoint as a ComfyUI standalone file
-(``diffusion_models/``, ``text_encoders/``, ``vae/``), renamed by ``arch.layouts``. An
-assemble identifies each part from its header, checks that the parts belong together
-(the family's text encoders, a VAE with the latent channels its diffusion model makes, the
-same size), and writes them under the family's monolithic prefixes. Scalars that a
-standalone file has no place for (open_clip's ``logit_scale``) travel in the part's
-metadata, so split then assemble gives back the same tensors bit for bit. Every output
-says where it came from in its metadata, merged into the source's less what describes that
-file and not the output (its SHA-256, which part it is).
+A split writes each component of a checkpoint (in the original, kohya or diffusers key
+names; several components, or one under its checkpoint prefix) as a ComfyUI standalone file
+(``diffusion_models/``, ``text_encoders/``, ``vae/``), renamed by ``arch.layouts`` and
+``arch.diffusers_layout``. An assemble identifies each part from its header, checks that
+the parts belong together (the family's text encoders, a VAE with the latent channels its
+diffusion model makes, the same size), and writes them under the family's monolithic
+prefixes. Scalars that a standalone file has no place for (open_clip's ``logit_scale``)
+travel in the part's metadata, so split then assemble gives back the same tensors bit for
+bit. Every output says where it came from in its metadata, merged into the source's less
+what describes that file and not the output (its SHA-256, which part it is).
 
 Only a component's own keys go into an output: EMA copies, training leftovers (a VAE's
 ``loss.*`` discriminator, as A1111's VAE loader ignores them), marker keys and keys no
-component has are left out and counted by why; a part that lacks keys its component needs
-is refused before anything is written.
+component has are left out and counted by why. A part that lacks keys its component needs
+is refused before anything is written, but for keys files may hold or not
+(``Component.optional``: what the family never reads among them) and for those a split
+part says, in its metadata, that its source lacked: what split writes, assemble takes back.
 """
 
 from __future__ import annotations
