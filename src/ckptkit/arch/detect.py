@@ -471,15 +471,18 @@ def _fit_part(result: Identification, exp: _Expected, present: set[str], shapes,
     if named and named[0].id in shared:
         result.family = named[0].id
         result.reasons.append(f"{fits}; {named[1]} names {named[0].id}")
-    elif named:
+        return
+    if len(shared) == 1:
+        result.family = shared[0]
+        fits += " only"
+    if named:
         result.reasons.append(f"{fits}, not {named[0].id} that {named[1]} names: the weights "
                               "decide")
     elif len(shared) > 1:
         result.reasons.append(f"{fits}: a part alone does not tell which model it was "
                               "trained with, and its metadata does not say")
     else:
-        result.family = shared[0]
-        result.reasons.append(f"{fits} only")
+        result.reasons.append(fits)
 
 
 def named_family(metadata: Mapping[str, str]) -> tuple[Family, str] | None:
