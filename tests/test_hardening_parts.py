@@ -376,3 +376,17 @@ def test_split_takes_a_diffusers_named_sd1_checkpoint_in_one_file(tmp_path):
     for ours, theirs in zip(split(str(single), str(tmp_path / "a")),
                             split(str(ldm), str(tmp_path / "b")), strict=True):
         _same(load_file(ours), load_file(theirs))
+
+
+def test_refusals_read_as_sentences(tmp_path):
+    odd = tmp_path / "odd.safetensors"
+    save_file({"foo.weight": torch.zeros(2)}, str(odd))
+    with pytest.raises(UsageError, match=r"odd.safetensors is an unknown, not a checkpoint"):
+        split(str(odd), str(tmp_path / "p"))
+    model = tmp_path / "m.safetensors"
+    sample("sd1", str(model), tiny=True, layout="comfyui", components=["diffusion_model"])
+    clip_h = tmp_path / "h.safetensors"
+    sample("sd2", str(clip_h), tiny=True, layout="comfyui", components=["openclip_h"])
+    with pytest.raises(UsageError, match=r"is an openclip_h, which Stable Diffusion 1.x"):
+        assemble(str(model), [str(clip_h)], None, str(tmp_path / "o.safetensors"),
+                 allow_partial=True)

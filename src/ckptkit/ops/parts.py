@@ -124,7 +124,7 @@ def _monolithic(path: str, checkpoint: Checkpoint) -> tuple[Family, Identificati
         if ident.layout in _SPLIT_LAYOUTS and ident.family:
             return families()[ident.family], ident
         if ident.layout in _SPLIT_LAYOUTS and ident.compatible_families:
-            raise UsageError(f"{path} is a {ident.kind} that fits "
+            raise UsageError(f"{path} is {_a(ident.kind)} that fits "
                              f"{', '.join(ident.compatible_families)} and its metadata does "
                              "not say which; ckptkit cannot tell which family's it is")
     layout = f" in the {ident.layout} layout" if ident.layout else ""
@@ -409,7 +409,7 @@ def _check_fits(fam: Family, path: str, ident: Identification, name: str,
     layout, other shapes, keys missing; returns the warnings for what it takes anyway."""
     if name not in fam.component_names:
         wanted = ", ".join(c for c in fam.component_names if c != DIFFUSION_MODEL)
-        raise UsageError(f"{path} is a {name}, which {fam.name} does not use (it takes "
+        raise UsageError(f"{path} is {_a(name)}, which {fam.name} does not use (it takes "
                          f"{wanted})")
     if ident.layout not in ("ldm", "comfyui", "kohya", "diffusers"):
         raise UsageError(f"{path} is in the {ident.layout} layout; parts are taken in the "
@@ -449,7 +449,7 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
         parts = [(p, *_part(p, stack)) for p in paths]
         _, _, model_ident, model_name = parts[0]
         if model_name != DIFFUSION_MODEL or not model_ident.family:
-            raise UsageError(f"{diffusion_model} is a {model_ident.kind}, not a diffusion model "
+            raise UsageError(f"{diffusion_model} is {_a(model_ident.kind)}, not a diffusion model "
                              "of a known family")
         fam = families()[model_ident.family]
         tiny = model_ident.components[0].size == "tiny"
@@ -457,7 +457,7 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
         warnings: list[str] = []
         for i, (path, part, ident, name) in enumerate(parts[1:], 1):
             if vae and path == vae and name != "vae":
-                raise UsageError(f"{path} was given as the VAE but is a {name}")
+                raise UsageError(f"{path} was given as the VAE but is {_a(name)}")
             if name in seen:
                 raise UsageError(f"{path} and {seen[name]} are both a {name}")
             seen[name] = path
@@ -514,7 +514,7 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
     comp = fam.component(name) if name in fam.component_names else None
     if ident.kind == "checkpoint" and comp is not None:
         if (ident.family, ident.layout) != (fam.id, "ldm"):
-            raise UsageError(f"{path} is a {ident.family or 'unknown'} checkpoint in the "
+            raise UsageError(f"{path} is {_a(ident.family or 'unknown')} checkpoint in the "
                              f"{ident.layout} layout; a {name} for {fam.name} must come from "
                              f"one of the same family in the original layout, or alone")
         if name not in [c.name for c in ident.components]:
