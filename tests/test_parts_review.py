@@ -216,7 +216,7 @@ def test_the_commands_say_what_they_left_out(tmp_path, sd1, capsys):
     capsys.readouterr()
     assert main(["split", src, "-o", str(tmp_path / "p1"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "note: left out 1 ema weights, 1 training leftovers" in out
+    assert "note: left out ema weights (1 tensor), training leftovers (1 tensor)" in out
     assert main(["split", src, "-o", str(tmp_path / "parts2"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["left_out"] == {"ema weights": 1, "training leftovers": 1}

@@ -131,7 +131,7 @@ def test_clamp_warning_names_the_vae_dtype(tmp_path, capsys):
     assert main(["prune", str(src), "-o", str(tmp_path / "o.safetensors"), "--vae-dtype",
                  "fp16", "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert "1 values in 1 tensors were beyond fp16's range" in err and "None" not in err
+    assert "1 value in 1 tensor was beyond fp16's range" in err and "None" not in err
 
 
 def test_drop_components_and_refusals(tmp_path, capsys):

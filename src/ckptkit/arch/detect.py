@@ -5,9 +5,13 @@ each layout (prefixed monolithic ``ldm``, bare ``comfyui``). Key names carry blo
 counts, so they separate SDXL from its refiner, SD3 from SD3.5 and FLUX dev from schnell at
 any width. Shapes then decide what names cannot (SD1 and SD2 share UNet key names), find the
 variants that live in input channels (inpainting, pix2pix, FLUX Fill and Depth) and tell a
-full-size file from a tiny sample. What weights cannot tell (v-prediction, distillation) is
-taken from what the file carries: ModelSpec metadata, marker keys, training metadata, and
-the SHA-256 of known releases. Every conclusion comes with its reasons.
+full-size file from a tiny sample. What weights cannot tell (v-prediction, distillation,
+whose a VAE or text encoder alone is: SD 1.x, SD2 and SDXL share one VAE's shapes) is taken
+from what the file carries: ModelSpec metadata, ckptkit's own, marker keys, training
+metadata, and the SHA-256 of known releases; where nothing says, a part alone lists every
+family it fits. One component alone is that component (a diffusion model, a text encoder, a
+VAE), with or without its checkpoint prefix; several make a checkpoint. Every conclusion
+comes with its reasons.
 """
 
 from __future__ import annotations
@@ -86,6 +90,29 @@ class Identification:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def describe(self) -> str:
+        """A few words for messages: "sdxl checkpoint", "vae (fits sd1, sdxl)", "lora"."""
+        if self.family:
+            return f"{self.family} {self.kind}"
+        if self.compatible_families:
+            return f"{self.kind} (fits {', '.join(self.compatible_families)})"
+        return self.kind
+
+    def same_model(self, other: Identification) -> bool:
+        """Whether ``other`` is the same kind of file of the same model: the same family (a
+        diffusion model under its checkpoint prefix goes with a checkpoint in the same
+        layout, whose keys it shares), or for parts alone (whose weights fit several
+        families) a family both fit."""
+        models = ("checkpoint", "diffusion-model")
+        if self.kind in models and other.kind in models:
+            return self.family == other.family and (
+                self.kind == other.kind or self.layout == other.layout)
+        if self.kind != other.kind:
+            return False
+        if self.kind in ("text-encoder", "vae"):
+            return bool(set(self.compatible_families) & set(other.compatible_families))
+        return self.family == other.family
 
 
 @dataclass(frozen=True)
@@ -192,7 +219,8 @@ def _size_and_variant(exp: _Expected, shapes: Mapping[str, Shape],
     if bad:
         shown = ", ".join(f"{k} {list(shapes[k])} (expected {list(exp.full[k])})"
                           for k in bad[:3])
-        reasons.append(f"{len(bad)} shapes differ from {exp.family.id}'s {exp.component}: "
+        reasons.append(f"{_count(len(bad), 'shape')} {'differs' if len(bad) == 1 else 'differ'}"
+                       f" from {exp.family.id}'s {exp.component}: "
                        f"{shown}")
         size = "other"
     return size, variant, len(bad)
@@ -207,11 +235,23 @@ def _match(keys: set[str], layout: str) -> list[tuple[Family, list[_Expected], i
             by_family.setdefault(exp.family.id, []).append(exp)
     ranked = []
     for fid, exps in by_family.items():
+        exps = _outermost(exps, keys)
         covered = set().union(*(e.keys for e in exps))
         score = len(covered & keys) - len(covered - keys) - len(keys - covered)
         ranked.append((families()[fid], exps, score))
     ranked.sort(key=lambda r: -r[2])
     return ranked
+
+
+def _outermost(exps: list[_Expected], keys: set[str]) -> list[_Expected]:
+    """``exps`` less those whose keys in ``keys`` another one explains with more: in bare
+    names a CLIP-L's keys are the first layers of a CLIP-G's, so a CLIP-G alone is not also
+    a CLIP-L (its optional keys, which the other may not list, aside)."""
+    found = {id(e): {k for k in e.keys & keys if not e.family.component(e.component).optional(k)}
+             for e in exps}
+    return [e for e in exps if not any(
+        o is not e and found[id(e)] <= o.keys and len(o.keys & keys) > len(e.keys & keys)
+        for o in exps)]
 
 
 def identify(shapes: Mapping[str, Shape], dtypes: Mapping[str, str],
@@ -296,8 +336,12 @@ def _identify_keys(shapes, dtypes, metadata, values) -> Identification:
                                        "checkpoint or one of its components"])
     candidates = [(ranked[0][2], layout, ranked) for layout in _LAYOUTS
                   if (ranked := _match(keys, layout))]
-    if not candidates and (ranked := _match(keys, "diffusers")):  # its names are its own
-        candidates = [(ranked[0][2], "diffusers", ranked)]
+    # The diffusers names are their own; a file the other layouts leave keys of unexplained
+    # may be in them (a diffusers component alone, or SD 1.x's three in one file, whose
+    # CLIP-L alone would otherwise fit the bare layout)
+    if max((c[0] for c in candidates), default=0) < len(keys) and (
+            ranked := _match(keys, "diffusers")):
+        candidates.append((ranked[0][2], "diffusers", ranked))
     if candidates:
         # The layout that explains the file best: a kohya SDXL file's VAE also fits the
         # ldm layout, but its other components only fit kohya's.
@@ -305,11 +349,11 @@ def _identify_keys(shapes, dtypes, metadata, values) -> Identification:
         return _conclude(ranked, layout, keys, shapes, dtypes, metadata, extra, markers)
     found = diffusers_component({k: shapes[k] for k in keys})
     if found:
-        return _diffusers(found, keys, shapes, dtypes, extra)
+        return _diffusers(found, keys, shapes, dtypes, metadata, extra)
     return _unknown(keys, extra)
 
 
-def _diffusers(found, keys: set[str], shapes, dtypes, extra) -> Identification:
+def _diffusers(found, keys: set[str], shapes, dtypes, metadata, extra) -> Identification:
     name, fid, reasons = found
     counts: dict[str, int] = {}
     for k in keys:
@@ -327,6 +371,11 @@ def _diffusers(found, keys: set[str], shapes, dtypes, extra) -> Identification:
         latent = next(shapes[k][1] for k in keys if k == "decoder.conv_in.weight")
         result.compatible_families = [f.id for f in families().values()
                                       if f.latent_channels == latent]
+        named = named_family(metadata)
+        if named and named[0].id in result.compatible_families:
+            result.family = named[0].id
+            result.reasons.append(f"this vae fits {', '.join(result.compatible_families)}; "
+                                  f"{named[1]} names {named[0].id}")
     return result
 
 
@@ -335,27 +384,43 @@ def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, ext
     best_score = ranked[0][2]
     tied = [r for r in ranked if r[2] == best_score]
     reasons: list[str] = []
+    named = named_family(metadata)
     if len(tied) > 1:
-        # Same key names (SD1 and SD2 UNets, text encoders shared by several families):
-        # shapes decide, then the order of the declarations.
+        # Same key names (SD1 and SD2 UNets, components shared by several families): shapes
+        # decide; where they cannot either, the file's metadata does.
         def odd_shapes(candidate) -> int:
             return sum(min(len(_shape_mismatches(e.full, shapes)),
                            len(_shape_mismatches(e.tiny, shapes))) for e in candidate[1])
         tied.sort(key=odd_shapes)
-        reasons.append(f"key names fit {', '.join(r[0].id for r in tied)} equally; shapes "
-                       f"fit {tied[0][0].id} best")
+        fitting = [r for r in tied if odd_shapes(r) == odd_shapes(tied[0])]
+        chosen = next((r for r in fitting if named and r[0].id == named[0].id), fitting[0])
+        tied.remove(chosen)
+        tied.insert(0, chosen)
+        lone = len(chosen[1]) == 1 and chosen[1][0].component != DIFFUSION_MODEL
+        if len(fitting) == 1 and not lone:
+            reasons.append(f"key names fit {', '.join(r[0].id for r in tied)} equally; shapes "
+                           f"fit {chosen[0].id} best")
+        elif not lone:
+            # (a part alone says which families it fits itself, in _fit_part)
+            reasons.append(f"key names and shapes fit {', '.join(r[0].id for r in fitting)} "
+                           "alike; " + (f"{named[1]} names {chosen[0].id}" if named and
+                                        chosen[0].id == named[0].id else
+                                        f"taken as {chosen[0].id}, the first declared"))
     fam, exps, _ = tied[0]
+    exps = sorted(exps, key=lambda e: fam.component_names.index(e.component))
+    lone_part = len(exps) == 1 and exps[0].component != DIFFUSION_MODEL
     components = []
     variants: list[str] = []
     covered: set[str] = set()
-    for exp in sorted(exps, key=lambda e: fam.component_names.index(e.component)):
+    for exp in exps:
+        comp = fam.component(exp.component)
         present = exp.keys & keys
         covered |= present
         size, variant, _ = _size_and_variant(exp, shapes, reasons)
         if variant:
             variants.append(variant)
-        missing = len(exp.keys - keys)
-        prefix = fam.component(exp.component).prefix(layout) or (
+        missing = sum(not comp.optional(k) for k in exp.keys - keys)
+        prefix = comp.prefix(layout) or (
             kohya_prefix(fam, exp.component) if layout == "kohya" else "")
         counts: dict[str, int] = {}
         for k in present:
@@ -363,7 +428,8 @@ def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, ext
         params = sum(_numel(shapes[k]) for k in present)
         components.append(ComponentReport(exp.component, COMPONENT_KINDS[exp.component], prefix,
                                           layout, len(present), params, counts, size, missing))
-        reasons.append(f"{len(present)} of {len(exp.keys)} keys of {fam.id}'s {exp.component} "
+        whose = f"a {exp.component}" if lone_part else f"{fam.id}'s {exp.component}"
+        reasons.append(f"{len(present)} of {len(exp.keys)} keys of {whose} "
                        f"{'under ' + repr(prefix) if prefix else '(bare names)'}"
                        + (f"; {missing} missing" if missing else ""))
     names = [c.name for c in components]
@@ -373,28 +439,79 @@ def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, ext
     unexplained = keys - covered
     if unexplained:
         extra["unexplained keys"] = len(unexplained)
-        reasons.append(f"{len(unexplained)} keys belong to no component, e.g. "
+        reasons.append(f"{_count(len(unexplained), 'key')} "
+                       f"{'belongs' if len(unexplained) == 1 else 'belong'} to no component, e.g. "
                        f"{', '.join(sorted(unexplained)[:3])}")
-    result = Identification("unknown", layout=layout, components=components, extra=extra,
+    # One component alone is that component, whether under its checkpoint prefix or not
+    # (ComfyUI's diffusion-model loader strips ``model.diffusion_model.``, as
+    # unet_prefix_from_state_dict finds it); several make a checkpoint.
+    kind = "checkpoint" if len(names) > 1 else COMPONENT_KINDS[names[0]]
+    result = Identification(kind, layout=layout, components=components, extra=extra,
                             reasons=reasons)
-    if layout in ("ldm", "kohya") or len(names) > 1:
-        result.kind = "checkpoint"
-    else:
-        result.kind = COMPONENT_KINDS[names[0]]
-    shared = [f.id for f in families().values() if _same_component(f, exps[0], shapes)]
-    if result.kind in ("text-encoder", "vae"):
-        result.compatible_families = shared
-        reasons.append(f"this {names[0]} is the one of {', '.join(shared)}: a part alone does "
-                       "not tell which model it was trained with" if shared else
-                       f"this {names[0]} has the shapes of no family's {names[0]}")
+    if len(names) == 1 and components[0].prefix:
+        reasons.append(f"a {names[0]} alone, under its checkpoint prefix "
+                       f"{components[0].prefix!r}")
+    if lone_part:
+        _fit_part(result, exps[0], covered, shapes, named)
     else:
         result.family = fam.id
         result.missing = [c for c in fam.component_names if c not in names]
     result.variants = variants
-    _apply_metadata(result, fam, metadata, markers)
-    if result.family:
+    _apply_metadata(result, fam, metadata, markers, named)
+    if result.family and not lone_part:
         result.sampling = asdict(_sampling(fam, result.variants))
     return result
+
+
+def _fit_part(result: Identification, exp: _Expected, present: set[str], shapes,
+              named: tuple[Family, str] | None) -> None:
+    """A text encoder or VAE alone: every family whose component it can be; the one its
+    metadata names among them, since the weights cannot tell."""
+    name = exp.component
+    shared = [f.id for f in families().values() if _same_component(f, exp, present, shapes)]
+    result.compatible_families = shared
+    if not shared:
+        result.reasons.append(f"this {name} has the shapes of no family's {name}")
+        return
+    fits = f"this {name} fits {', '.join(shared)}"
+    if named and named[0].id in shared:
+        result.family = named[0].id
+        result.reasons.append(f"{fits}; {named[1]} names {named[0].id}")
+        return
+    if len(shared) == 1:
+        result.family = shared[0]
+        fits += " only"
+    if named:
+        result.reasons.append(f"{fits}, not {named[0].id} that {named[1]} names: the weights "
+                              "decide")
+    elif len(shared) > 1:
+        result.reasons.append(f"{fits}: a part alone does not tell which model it was "
+                              "trained with, and its metadata does not say")
+    else:
+        result.reasons.append(fits)
+
+
+def named_family(metadata: Mapping[str, str]) -> tuple[Family, str] | None:
+    """The family the file's metadata names, and which entry names it: ModelSpec's
+    ``modelspec.architecture`` (the part before a ``/``), ckptkit's own ``ckptkit.family``
+    (what split, assemble and the other commands write), kohya's
+    ``ss_base_model_version``; None when none names a family ckptkit knows."""
+    fams = families()
+    for key in ("modelspec.architecture", "ckptkit.family", "ss_base_model_version"):
+        value = metadata.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        word = value.split("/")[0]
+        found = fams.get(word) if key == "ckptkit.family" else next(
+            (f for f in fams.values() if word in f.architectures), None)
+        if found:
+            return found, f"its metadata ({key} {value!r})"
+    return None
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def _not_quite(fam: Family, layout: str, model: ComponentReport,
@@ -412,23 +529,22 @@ def _not_quite(fam: Family, layout: str, model: ComponentReport,
     return result
 
 
-def _same_component(fam: Family, exp: _Expected, shapes) -> bool:
+def _same_component(fam: Family, exp: _Expected, present: set[str], shapes) -> bool:
+    """Whether ``present`` (a component's keys in the file) can be ``fam``'s component of
+    the same name: it has every key that component needs, none it lacks but those files may
+    hold or not (``Component.optional``: CLIP-L's text_projection, which assemble, ComfyUI
+    and diffusers take or leave for SD3 and FLUX alike), and the same shapes."""
     try:
         comp = fam.component(exp.component)
     except KeyError:
         return False
     for tiny in (False, True):
         table = layout_table(fam, comp.name, tiny, exp.layout)
-        if _essential(set(table)) == _essential(exp.keys) and not _shape_mismatches(
-                table, shapes):
+        if (all(k in present or comp.optional(k) for k in table)
+                and all(k in table or comp.optional(k) for k in present)
+                and not _shape_mismatches(table, shapes)):
             return True
     return False
-
-
-def _essential(keys: set[str]) -> set[str]:
-    """Keys without CLIP's ``position_ids`` (a buffer some savers write and some do not):
-    whether a text encoder fits a family must not depend on it."""
-    return {k for k in keys if not k.endswith("position_ids")}
 
 
 def _sampling(fam: Family, variants: list[str]):
@@ -439,19 +555,20 @@ def _sampling(fam: Family, variants: list[str]):
 
 
 def _apply_metadata(result: Identification, fam: Family, metadata: Mapping[str, str],
-                    markers: list[str]) -> None:
-    """Adds what only the file's own words can say: prediction type, distillation, title."""
+                    markers: list[str], named: tuple[Family, str] | None) -> None:
+    """Adds what only the file's own words can say: prediction type, distillation, title.
+    ``named``: the family the metadata names (``named_family``)."""
     arch = metadata.get("modelspec.architecture", "")
-    if arch:
-        named = next((f for f in families().values() if arch.split("/")[0] in f.architectures),
-                     None)
-        if named is None:
-            result.reasons.append(f"ModelSpec architecture {arch!r} is not one ckptkit knows")
-        elif result.family and named.id != result.family:
-            result.reasons.append(f"ModelSpec says {arch!r} ({named.id}) but the weights are "
+    part = result.kind in ("text-encoder", "vae")
+    if named and result.family and not part:
+        if named[0].id != result.family:
+            result.reasons.append(f"{named[1]} names {named[0].id} but the weights are "
                                   f"{result.family}'s; the weights decide")
         else:
-            result.reasons.append(f"ModelSpec architecture {arch!r} agrees")
+            result.reasons.append(f"{named[1]} agrees")
+    if arch:
+        if not any(arch.split("/")[0] in f.architectures for f in families().values()):
+            result.reasons.append(f"ModelSpec architecture {arch!r} is not one ckptkit knows")
         for word, variant in (("768-v", "v-prediction"), ("turbo", "turbo"),
                               ("inpainting", "inpaint"), ("edit", "pix2pix")):
             if word in arch and variant not in result.variants:
@@ -468,6 +585,8 @@ def _apply_metadata(result: Identification, fam: Family, metadata: Mapping[str, 
         if variant not in result.variants:
             result.variants.append(variant)
             result.reasons.append(f"marker key {key!r}: {variant}")
+    if part:  # what follows is about diffusion models
+        return
     if result.family == "sd2" and not {"v-prediction", "inpaint"} & set(result.variants):
         result.ambiguous.append("v-prediction")
         result.reasons.append("SD2 512 (epsilon) and 768 (v-prediction) models have the same "

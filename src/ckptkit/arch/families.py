@@ -24,6 +24,7 @@ from .keys import vae as vae_keys
 DIFFUSION_MODEL = "diffusion_model"
 TEXT_ENCODERS = ("clip_l", "clip_g", "openclip_h", "t5xxl")
 VAE = "vae"
+_PROJECTION = (".text_projection", ".text_projection.weight")
 
 # Which kind of file each component is when it stands alone.
 COMPONENT_KINDS = {DIFFUSION_MODEL: "diffusion-model", VAE: "vae",
@@ -49,6 +50,24 @@ class Component:
     # How the monolithic file names it: "canonical" (prefix only), "openclip" (SD2/SDXL text
     # encoders), "transformer" (SD3/FLUX all-in-one: under transformer. with a logit_scale).
     ldm_naming: str = "canonical"
+    # Parts of the network this family never reads, which files of it may therefore lack
+    # (``optional``): name fragments, in every naming (``encoder.layers.11.``, open_clip's
+    # ``resblocks.11.``, ``final_layer_norm.``, ``text_projection``).
+    unused: tuple[str, ...] = ()
+
+    def optional(self, key: str) -> bool:
+        """Whether files of this component may hold ``key`` or not, in any layout: CLIP's
+        ``position_ids`` (a buffer transformers stopped saving), ``logit_scale`` (open_clip's
+        and ComfyUI's, unused by diffusion), CLIP-L's ``text_projection`` (many CLIP-L files
+        lack it: ComfyUI loads them without it, Comfy-Org/ComfyUI#5222, and diffusers puts an
+        identity in for SD3), and the parts the family never reads (``unused``)."""
+        dotted = "." + key
+        if dotted.endswith((".position_ids", ".logit_scale")):
+            return True
+        if self.name == "clip_l" and dotted.endswith(_PROJECTION):
+            return True
+        return any(dotted.endswith(_PROJECTION) if part == "text_projection" else
+                   "." + part in dotted for part in self.unused)
 
     def prefix(self, layout: str) -> str:
         return {"ldm": self.ldm_prefix, "kohya": self.kohya_prefix or ""}.get(layout, "")
@@ -111,11 +130,23 @@ def _vae(full, tiny, prefix: str = "first_stage_model.") -> Component:
     return Component(VAE, full, tiny, vae_keys.vae_keys, prefix)
 
 
-def _clip(name: str, full, tiny, prefix: str, openclip: bool = False) -> Component:
+def _clip(name: str, full, tiny, prefix: str, openclip: bool = False,
+          unused: tuple[str, ...] = ()) -> Component:
     if openclip:
         return Component(name, full, tiny, clip_keys.clip_keys, prefix, clip_keys.openclip_keys,
-                         ldm_naming="openclip")
-    return Component(name, full, tiny, clip_keys.clip_keys, prefix)
+                         ldm_naming="openclip", unused=unused)
+    return Component(name, full, tiny, clip_keys.clip_keys, prefix, unused=unused)
+
+
+def _unread(config, final_norm: bool) -> tuple[str, ...]:
+    """What a family that reads a CLIP's penultimate hidden states and not its pooled output
+    never uses: the last layer and the projection, and the final norm unless the family
+    normalizes the penultimate states with it (SD2 does, as ldm's FrozenOpenCLIPEmbedder
+    applies ln_final; SDXL's CLIP-L does not: sgm's layer="hidden" output, ComfyUI's
+    layer_norm_hidden_state=False, diffusers' hidden_states[-2])."""
+    last = config.layers - 1
+    norm = () if final_norm else ("final_layer_norm.", "ln_final.")
+    return (f"encoder.layers.{last}.", f"resblocks.{last}.", "text_projection", *norm)
 
 
 def _t5(prefix: str) -> Component:
@@ -185,7 +216,8 @@ def families() -> dict[str, Family]:
         Family("sd2", "Stable Diffusion 2.x",
                (_unet(unet_keys.SD2_UNET, unet_keys.SD2_UNET_TINY),
                 _clip("openclip_h", clip_keys.OPENCLIP_H, clip_keys.OPENCLIP_H_TINY,
-                      "cond_stage_model.model.", openclip=True),
+                      "cond_stage_model.model.", openclip=True,
+                      unused=_unread(clip_keys.OPENCLIP_H, final_norm=True)),
                 _vae(vae_keys.VAE_SD, vae_keys.VAE_SD_TINY)),
                Sampling((512, 512), 50, 7.5, "epsilon", "DDIM / Euler",
                         note="the 768 models (2.0-v, 2.1) predict v at 768x768"), 4,
@@ -196,8 +228,11 @@ def families() -> dict[str, Family]:
         # (sd-mecha's sdxl-kohya table); its SD1 files use diffusers names instead.
         Family("sdxl", "Stable Diffusion XL base",
                (_kohya(_unet(unet_keys.SDXL_UNET, unet_keys.SDXL_UNET_TINY), "unet."),
+                # CLIP-G's pooled output conditions SDXL (through its last layer, ln_final
+                # and text_projection): all of it is read. CLIP-L's pooled output is not.
                 _kohya(_clip("clip_l", clip_keys.CLIP_L_SDXL, clip_keys.CLIP_L_SDXL_TINY,
-                             "conditioner.embedders.0.transformer."), "te1."),
+                             "conditioner.embedders.0.transformer.",
+                             unused=_unread(clip_keys.CLIP_L_SDXL, final_norm=False)), "te1."),
                 _kohya(_clip("clip_g", clip_keys.CLIP_G, clip_keys.CLIP_G_TINY,
                              "conditioner.embedders.1.model.", openclip=True), "te2."),
                 _kohya(_vae(vae_keys.VAE_SD, vae_keys.VAE_SD_TINY), "first_stage_model.")),

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from ..ops.parts import assemble, bake_vae, split
+from ..safe_text import json_safe, printable
+from .fmt import counted
 from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 
@@ -59,12 +62,14 @@ def run_split(args) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({"input": args.checkpoint, "written": written,
-                          "left_out": written.left_out}))
+        print(json.dumps(json_safe({"input": args.checkpoint, "written": written,
+                                    "left_out": written.left_out,
+                                    "warnings": written.warnings})))
     else:
         for path in written:
-            print(f"wrote {path}")
+            print(f"wrote {printable(path)}")
         _note_left_out(written.left_out)
+    _warn(written.warnings)
     return 0
 
 
@@ -72,7 +77,8 @@ def _note_left_out(left_out: dict[str, int], where: str = "") -> None:
     """One line for the keys no output took (EMA copies, training leftovers, markers,
     unexplained keys): they are left out on purpose, and said so."""
     if left_out:
-        counts = ", ".join(f"{n:,} {why}" for why, n in sorted(left_out.items()))
+        counts = ", ".join(f"{printable(why)} ({counted(n, 'tensor')})"
+                           for why, n in sorted(left_out.items()))
         print(f"note: left out {counts}{where}")
 
 
@@ -85,14 +91,20 @@ def run_assemble(args) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({"output": args.output, **result}))
+        print(json.dumps(json_safe({"output": args.output, **result})))
     else:
-        print(f"wrote {args.output}: {result['family']} with "
+        print(f"wrote {printable(args.output)}: {result['family']} with "
               f"{', '.join(result['components'])}"
               + (f" (missing {', '.join(result['missing'])})" if result["missing"] else ""))
         for path, left_out in result.get("left_out", {}).items():
-            _note_left_out(left_out, f" of {path}")
+            _note_left_out(left_out, f" of {printable(path)}")
+    _warn(result["warnings"])
     return 0
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"warning: {printable(warning)}", file=sys.stderr)
 
 
 def run_bake(args) -> int:
@@ -103,8 +115,10 @@ def run_bake(args) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({"output": args.output, **result}))
+        print(json.dumps(json_safe({"output": args.output, **result})))
     else:
-        print(f"wrote {args.output}: {result['family']} with the VAE of {args.vae}")
+        print(f"wrote {printable(args.output)}: {result['family']} with the VAE of "
+              f"{printable(args.vae)}")
         _note_left_out(result.get("left_out", {}))
+    _warn(result["warnings"])
     return 0

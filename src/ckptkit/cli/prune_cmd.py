@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import asdict
 
 from ..formats.dtypes import CLI_NAMES
 from ..ops.prune import prune
+from ..safe_text import json_safe, printable
+from .fmt import counted
 from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 
@@ -26,32 +29,46 @@ def add_parser(commands) -> None:
                    "refiner checkpoints, stays as is)")
     p.add_argument("--ema", choices=("drop", "use", "keep"), default="drop",
                    help="drop EMA copies (default), use them as the weights, or keep them")
-    p.add_argument("--drop", nargs="+", default=[], metavar="COMPONENT",
-                   help="components to leave out, e.g. clip_l vae")
+    p.add_argument("--drop", action="append", type=_names, default=[], metavar="COMPONENT",
+                   help="components to leave out: a comma-separated list or the option "
+                   "repeated, e.g. --drop clip_l,vae or --drop clip_l --drop vae")
     add_output_options(p)
     add_hash_option(p)
     add_fsync_option(p)
     p.set_defaults(run=run)
 
 
+def _names(text: str) -> list[str]:
+    """One ``--drop`` value: a comma-separated list of component names. (One value per
+    option, so that ``--drop vae in.safetensors`` leaves the file name to the command.)"""
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         "component names")
+    return names
+
+
 def run(args) -> int:
     bar = progress_for(args, "prune")
+    drop = [name for names in args.drop for name in names]
     try:
         report = prune(args.checkpoint, args.output, dtype=args.dtype,
-                       vae_dtype=args.vae_dtype, ema=args.ema, drop=args.drop, progress=bar,
+                       vae_dtype=args.vae_dtype, ema=args.ema, drop=drop, progress=bar,
                        hash_sources=args.hash, fsync=args.fsync)
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({"output": args.output, **asdict(report)}))
+        print(json.dumps(json_safe({"output": args.output, **asdict(report)})))
         return 0
-    dropped = ", ".join(f"{n} {g}" for g, n in report.dropped.items()) or "nothing"
-    print(f"wrote {args.output}: {report.kept:,} tensors kept ({report.cast:,} cast), "
-          f"dropped {dropped}; EMA {report.ema}")
+    dropped = ", ".join(f"{g} ({counted(n, 'tensor')})" for g, n in report.dropped.items())
+    print(f"wrote {printable(args.output)}: {counted(report.kept, 'tensor')} kept "
+          f"({report.cast:,} cast), dropped {dropped or 'nothing'}; EMA {report.ema}")
     for note in report.notes:
-        print(f"note: {note}")
+        print(f"note: {printable(note)}")
     if report.clamped:
         targets = " or ".join(dict.fromkeys(d for d in (args.dtype, args.vae_dtype) if d))
-        print(f"warning: {sum(report.clamped.values()):,} values in {len(report.clamped)} "
-              f"tensors were beyond {targets}'s range and were clamped", file=sys.stderr)
+        print(f"warning: {counted(sum(report.clamped.values()), 'value')} in "
+              f"{counted(len(report.clamped), 'tensor')} "
+              f"{'was' if sum(report.clamped.values()) == 1 else 'were'} beyond {targets}'s "
+              "range and clamped", file=sys.stderr)
     return 0

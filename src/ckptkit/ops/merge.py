@@ -164,11 +164,11 @@ def _identify_all(recipe: Recipe, names: list[str], checkpoints: dict[str, Check
     base = recipe.base()
     first = idents[base]
     for name, ident in idents.items():
-        if (ident.family, ident.kind) != (first.family, first.kind):
+        if not ident.same_model(first):
             raise UsageError(f"cannot merge {os.path.basename(recipe.inputs[base])} "
-                             f"({first.family} {first.kind}) with "
-                             f"{os.path.basename(recipe.inputs[name])} ({ident.family} "
-                             f"{ident.kind}): different models")
+                             f"({first.describe()}) with "
+                             f"{os.path.basename(recipe.inputs[name])} ({ident.describe()}): "
+                             "different models")
     return idents
 
 

@@ -1,19 +1,22 @@
 """``split``, ``assemble`` and ``vae bake``: monolithic checkpoints and their parts.
 
-A split writes each component of a monolithic checkpoint as a ComfyUI standalone file
-(``diffusion_models/``, ``text_encoders/``, ``vae/``), renamed by ``arch.layouts``. An
-assemble identifies each part from its header, checks that the parts belong together
-(the family's text encoders, a VAE with the latent channels its diffusion model makes, the
-same size), and writes them under the family's monolithic prefixes. Scalars that a
-standalone file has no place for (open_clip's ``logit_scale``) travel in the part's
-metadata, so split then assemble gives back the same tensors bit for bit. Every output
-says where it came from in its metadata, merged into the source's less what describes that
-file and not the output (its SHA-256, which part it is).
+A split writes each component of a checkpoint (in the original, kohya or diffusers key
+names; several components, or one under its checkpoint prefix) as a ComfyUI standalone file
+(``diffusion_models/``, ``text_encoders/``, ``vae/``), renamed by ``arch.layouts`` and
+``arch.diffusers_layout``. An assemble identifies each part from its header, checks that
+the parts belong together (the family's text encoders, a VAE with the latent channels its
+diffusion model makes, the same size), and writes them under the family's monolithic
+prefixes. Scalars that a standalone file has no place for (open_clip's ``logit_scale``)
+travel in the part's metadata, so split then assemble gives back the same tensors bit for
+bit. Every output says where it came from in its metadata, merged into the source's less
+what describes that file and not the output (its SHA-256, which part it is).
 
 Only a component's own keys go into an output: EMA copies, training leftovers (a VAE's
 ``loss.*`` discriminator, as A1111's VAE loader ignores them), marker keys and keys no
-component has are left out and counted by why; a part that lacks keys its component needs
-is refused before anything is written.
+component has are left out and counted by why. A part that lacks keys its component needs
+is refused before anything is written, but for keys files may hold or not
+(``Component.optional``: what the family never reads among them) and for those a split
+part says, in its metadata, that its source lacked: what split writes, assemble takes back.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..arch import diffusers_layout
-from ..arch.detect import Identification, extra_kind
+from ..arch.detect import Identification, extra_kind, named_family
 from ..arch.families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
 from ..arch.keys import KeyTable
 from ..arch.layouts import (
@@ -42,25 +45,29 @@ from ..engine.writer import OutputBatch, Planned, Progress, write_safetensors
 from ..errors import FormatError, UsageError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.dtypes import BY_NAME
+from ..safe_text import json_text
 from .inspect import identify_checkpoint
 from .provenance import provenance, source_hashes
 
 SCALARS_KEY = "ckptkit.scalars"  # JSON: {name: [value, dtype]} of keys a part cannot hold
+# JSON: [name, ...], keys of its component that a split part lacks because its source did
+ABSENT_KEY = "ckptkit.absent"
 FOLDERS = {"diffusion-model": "diffusion_models", "text-encoder": "text_encoders",
            "vae": "vae"}
 # Metadata that describes the file it is in, not an output made from it: hashes of its bytes
 # (ModelSpec's, kohya's), which part it is, the scalars only a part holds.
 _OWN_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash",
-                 "ckptkit.component", "ckptkit.components", SCALARS_KEY)
+                 "ckptkit.component", "ckptkit.components", SCALARS_KEY, ABSENT_KEY)
 
 
 class SplitResult(list):
-    """The paths ``split`` wrote (a list of them, as it always returned) and ``left_out``:
-    the source's keys that none of its components has, counted by why."""
+    """The paths ``split`` wrote (a list of them, as it always returned), ``left_out``: the
+    source's keys that none of its components has, counted by why, and ``warnings``."""
 
     def __init__(self, paths: Iterable[str] = (), left_out: dict[str, int] | None = None):
         super().__init__(paths)
         self.left_out = left_out or {}
+        self.warnings: list[str] = []
 
 
 def _inherited(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -104,28 +111,63 @@ def _architecture(fam: Family, component: str | None) -> str:
     return f"{arch}/vae" if component == "vae" else f"{arch}/{component}"
 
 
+_SPLIT_LAYOUTS = ("ldm", "kohya", "diffusers")
+
+
 def _monolithic(path: str, checkpoint: Checkpoint) -> tuple[Family, Identification]:
+    """The family and identification of a checkpoint whose components can be written apart:
+    several components, or one under its checkpoint prefix, in the original, kohya or
+    diffusers key names, of a family the weights or the metadata name."""
     ident = identify_checkpoint(checkpoint)
-    if ident.kind != "checkpoint" or ident.layout != "ldm" or not ident.family:
-        raise UsageError(f"{path} is a {ident.kind}"
-                         f"{' in the ' + ident.layout + ' layout' if ident.layout else ''}, "
-                         "not a monolithic checkpoint in the original layout")
-    return families()[ident.family], ident
+    lone_prefixed = len(ident.components) == 1 and ident.components[0].prefix
+    if ident.kind == "checkpoint" or lone_prefixed:
+        if ident.layout in _SPLIT_LAYOUTS and ident.family:
+            return families()[ident.family], ident
+        if ident.layout in _SPLIT_LAYOUTS and ident.compatible_families:
+            raise UsageError(f"{path} is {_a(ident.kind)} that fits "
+                             f"{', '.join(ident.compatible_families)} and its metadata does "
+                             "not say which; ckptkit cannot tell which family's it is")
+    layout = f" in the {ident.layout} layout" if ident.layout else ""
+    raise UsageError(f"{path} is {_a(ident.kind)}{layout}, not a checkpoint in the original, "
+                     "kohya or diffusers layout")
 
 
-def _claimed(fam: Family, names: list[str], keys: set[str]
+def _a(word: str) -> str:
+    """``word`` after its indefinite article."""
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
+def _claimed(fam: Family, ident: Identification, keys: set[str], tiny: bool
              ) -> tuple[dict[str, set[str]], dict[str, int]]:
-    """The keys of each component ``names`` of a monolithic checkpoint, and the checkpoint's
-    keys that none of them has (leftovers, markers, EMA copies...) counted by why."""
+    """The keys of each component of a monolithic checkpoint, and the checkpoint's keys that
+    none of them has (leftovers, markers, EMA copies...) counted by why."""
     claimed, left_out, rest = {}, {}, set(keys)
-    for name in names:
-        comp = fam.component(name)
-        mine = current_names(comp, keys)
+    for found in ident.components:
+        comp = fam.component(found.name)
+        if ident.layout == "ldm":
+            mine = current_names(comp, keys)
+            table = set(comp.keys(layout="ldm")) | set(comp.keys(tiny=True, layout="ldm"))
+        else:
+            table = set(diffusers_layout.layout_table(fam, found.name, tiny, ident.layout))
+            mine = {k: k for k in keys
+                    if (k.startswith(found.prefix) if found.prefix else k in table)}
         rest -= set(mine)
-        table = set(comp.keys(layout="ldm")) | set(comp.keys(tiny=True, layout="ldm"))
-        claimed[name] = _sort_out(mine, table, left_out)
+        claimed[found.name] = _sort_out(mine, table, left_out)
     _count(left_out, rest)
     return claimed, left_out
+
+
+def _to_standalone(fam: Family, comp, layout: str, prefix: str, keys: set[str], tiny: bool
+                   ) -> tuple[list[Move], dict[str, str]]:
+    """Moves from a checkpoint's ``keys`` of ``comp`` (under ``prefix`` in ``layout``) to its
+    standalone names, and the keys left out for want of a place there (``to_canonical``)."""
+    if layout == "ldm":
+        return to_canonical(comp, keys)
+    named = {k[len(prefix):]: k for k in keys}
+    if layout == "kohya" and not diffusers_layout.kohya_renames(fam):
+        return [Move(name, (key,)) for name, key in sorted(named.items())], {}
+    moves = diffusers_layout.from_diffusers(fam, comp.name, tiny, set(named))
+    return [replace(m, sources=tuple(named[s] for s in m.sources)) for m in moves], {}
 
 
 def split(src: str, out_dir: str, components: list[str] | None = None,
@@ -145,14 +187,17 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
             raise UsageError(f"{src} has no {unknown[0]} component; it has "
                              f"{', '.join(present)}")
         stem = os.path.splitext(os.path.basename(src))[0]
-        claimed, written.left_out = _claimed(fam, present, set(checkpoint))
+        tiny = ident.components[0].size == "tiny"
+        claimed, written.left_out = _claimed(fam, ident, set(checkpoint), tiny)
+        prefixes = {c.name: c.prefix for c in ident.components}
         hashes = source_hashes([src], hash_sources)
         created: list[str] = []
         stack.callback(_remove_if_empty, created)  # after the batch: a failed split's folders
         batch = stack.enter_context(OutputBatch())
         for name in chosen:
             comp = fam.component(name)
-            moves, dropped = to_canonical(comp, claimed[name])
+            moves, dropped = _to_standalone(fam, comp, ident.layout, prefixes[name],
+                                            claimed[name], tiny)
             scalars = {n: [checkpoint[k].scalar(), checkpoint[k].dtype.name]
                        for k, n in dropped.items()}
             kind = COMPONENT_KINDS[name]
@@ -163,11 +208,19 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
             metadata = {**_inherited(checkpoint.metadata),
                         "modelspec.sai_model_spec": "1.0.1",
                         "modelspec.architecture": _architecture(fam, name),
-                        "modelspec.title": f"{stem} {name}",
+                        "modelspec.title": json_text(f"{stem} {name}"),
                         **provenance("split", [src], hashes, family=fam.id,
                                     component=name)}
             if scalars:
                 metadata[SCALARS_KEY] = json.dumps(scalars)
+            absent = _absent_keys(comp, {m.target for m in moves}, tiny)
+            if absent:
+                # assemble takes back what split wrote: the part says what its source lacked
+                metadata[ABSENT_KEY] = json.dumps(absent)
+                written.warnings.append(
+                    f"{src}: its {name} lacks {len(absent)} of the keys {fam.id} uses, e.g. "
+                    f"{absent[0]}; {target} lacks them too (its {ABSENT_KEY} metadata lists "
+                    "them, so that assemble takes it back)")
             write_safetensors(target, plan_moves(moves, checkpoint), metadata, inputs=(src,),
                               progress=progress, fsync=fsync, batch=batch)
             written.append(target)
@@ -179,9 +232,50 @@ def _part(path: str, stack: ExitStack) -> tuple[Checkpoint, Identification, str]
     ident = identify_checkpoint(checkpoint)
     names = [c.name for c in ident.components]
     if len(names) != 1:
-        raise UsageError(f"{path} is a {ident.kind}"
+        raise UsageError(f"{path} is {_a(ident.kind)}"
                          f"{' with ' + ', '.join(names) if names else ''}, not one component")
     return checkpoint, ident, names[0]
+
+
+def _rebased(fam: Family, path: str, part: Checkpoint, ident: Identification, name: str
+             ) -> tuple[Checkpoint, Identification]:
+    """A component alone under another family's checkpoint prefix (FLUX keeps its VAE under
+    ``vae.``, SD3 under ``first_stage_model.``) seen under its standalone names, as the
+    ComfyUI file it would split into; any other part as it is. Only a plain rename: a text
+    encoder in open_clip's naming under another prefix is refused with what to do."""
+    found = ident.components[0] if len(ident.components) == 1 else None
+    if (ident.layout != "ldm" or found is None or name not in fam.component_names
+            or found.prefix == fam.component(name).ldm_prefix):
+        return part, ident
+    own = families()[ident.family or ident.compatible_families[0]].component(name) \
+        if ident.family or ident.compatible_families else None
+    if own is None or own.ldm_naming == "openclip":
+        raise UsageError(f"{path} holds a {name} under {found.prefix!r}, where "
+                         f"{fam.name} keeps it under {fam.component(name).ldm_prefix!r}: "
+                         "split it out first (ckpt split) and give the standalone file")
+    inner = own.ldm_prefix + "transformer." if own.ldm_naming == "transformer" \
+        else own.ldm_prefix
+    names = current_names(own, part)
+    tensors = {names[k][len(inner):]: part[k] for k in names if names[k].startswith(inner)}
+    return replace(part, tensors=tensors), replace(ident, layout="comfyui")
+
+
+def _other_family_warning(fam: Family, path: str, part: Checkpoint, name: str
+                          ) -> list[str]:
+    """A warning when a VAE that fits ``fam`` by its shapes is named another family's by its
+    metadata: SD 1.x and SDXL VAEs (as SD3's and FLUX's) have the same keys and shapes but
+    not the same weights; the latents one makes are not what the other's model expects.
+    (SDXL's refiner ships the base's VAE.)"""
+    named = named_family(part.metadata)
+    if name != "vae" or named is None or _same_vae(named[0].id, fam.id):
+        return []
+    return [f"{path}: {named[1]} names {named[0].id}, not {fam.id}: this VAE has the keys and "
+            f"shapes of {fam.id}'s but was trained for another model's latents; make sure it "
+            "is the one you mean"]
+
+
+def _same_vae(a: str, b: str) -> bool:
+    return a == b or {a, b} == {"sdxl", "sdxl-refiner"}
 
 
 def _moves_for(part: Checkpoint, keys: set[str], ident: Identification, fam: Family, comp,
@@ -241,15 +335,6 @@ def _scalars(part: Checkpoint) -> dict[str, list]:
                       "(name: [number, dtype])", part.path)
 
 
-def _optional(name: str, key: str) -> bool:
-    """Keys of a component that files hold or not: CLIP's position_ids (a buffer transformers
-    stopped saving), open_clip's and ComfyUI's logit_scale (recreated from a split's scalars,
-    unused by diffusion), and CLIP-L's text_projection, which many CLIP-L files lack and
-    ComfyUI loads without (Comfy-Org/ComfyUI#5222)."""
-    return key.endswith(("position_ids", "logit_scale")) or (
-        name == "clip_l" and key.endswith("text_projection.weight"))
-
-
 def _make_folder(folder: str, created: list[str]) -> None:
     """``os.makedirs``, noting in ``created`` the folders it made (outermost first)."""
     missing, path = [], os.path.abspath(folder)
@@ -268,14 +353,42 @@ def _remove_if_empty(created: list[str]) -> None:
             os.rmdir(folder)
 
 
+def _absent_keys(comp, written: Collection[str], tiny: bool) -> list[str]:
+    """The standalone keys of ``comp`` that a part holding ``written`` lacks, but for those
+    files may hold or not (``Component.optional``)."""
+    return [k for k in comp.keys(tiny=tiny) if k not in written and not comp.optional(k)]
+
+
+def _recorded_absent(part: Checkpoint) -> set[str]:
+    """The keys a split part says its source lacked (``ABSENT_KEY``); a value that is not
+    what split writes is the file's error, not a crash."""
+    try:
+        found = json.loads(part.metadata.get(ABSENT_KEY, "[]"))
+        if isinstance(found, list) and all(isinstance(k, str) for k in found):
+            return set(found)
+    except (ValueError, RecursionError):
+        pass
+    raise FormatError(f"its {ABSENT_KEY} metadata is not what ckptkit's split writes "
+                      "(a list of key names)", part.path)
+
+
 def _refuse_incomplete(fam: Family, path: str, name: str, expected: KeyTable,
-                       present: Collection[str]) -> None:
+                       present: Collection[str], excused: Collection[str] = ()
+                       ) -> list[str]:
     """Refuses a part that lacks keys of ``expected`` (in its own layout) that ``fam``'s
-    component needs: a shape check cannot see what is not there."""
-    missing = [k for k in expected if k not in present and not _optional(name, k)]
-    if missing:
-        raise UsageError(f"{path} is an incomplete {name}: it lacks {len(missing)} of the "
-                         f"{len(expected)} keys of {fam.name}'s {name}, e.g. {missing[0]}")
+    component needs (a shape check cannot see what is not there), unless ``excused``: the
+    keys a split part says its source lacked, so that what split writes assemble takes
+    back. Returns a warning for those."""
+    comp = fam.component(name)
+    missing = [k for k in expected if k not in present and not comp.optional(k)]
+    unexcused = [k for k in missing if k not in excused]
+    if unexcused:
+        raise UsageError(f"{path} is an incomplete {name}: it lacks {len(unexcused)} of the "
+                         f"{len(expected)} keys of {fam.name}'s {name}, e.g. {unexcused[0]}")
+    if not missing:
+        return []
+    return [f"{path} lacks {len(missing)} of the keys of {fam.id}'s {name}, e.g. "
+            f"{missing[0]}, as the checkpoint it was split from did; the output lacks them too"]
 
 
 def _part_names(fam: Family, ident: Identification, name: str, part: Checkpoint
@@ -291,10 +404,12 @@ def _part_names(fam: Family, ident: Identification, name: str, part: Checkpoint
 
 
 def _check_fits(fam: Family, path: str, ident: Identification, name: str,
-                part: Checkpoint, tiny: bool) -> None:
+                part: Checkpoint, tiny: bool) -> list[str]:
+    """Refuses a part that does not fit ``fam``: a component it does not use, another
+    layout, other shapes, keys missing; returns the warnings for what it takes anyway."""
     if name not in fam.component_names:
         wanted = ", ".join(c for c in fam.component_names if c != DIFFUSION_MODEL)
-        raise UsageError(f"{path} is a {name}, which {fam.name} does not use (it takes "
+        raise UsageError(f"{path} is {_a(name)}, which {fam.name} does not use (it takes "
                          f"{wanted})")
     if ident.layout not in ("ldm", "comfyui", "kohya", "diffusers"):
         raise UsageError(f"{path} is in the {ident.layout} layout; parts are taken in the "
@@ -310,7 +425,8 @@ def _check_fits(fam: Family, path: str, ident: Identification, name: str,
                              f"{list(part[present[key]].shape)}, the model needs "
                              f"{list(expected[key])}"
                              + _mismatch_hint(ident, name, tiny))
-    _refuse_incomplete(fam, path, name, expected, present)
+    excused = _recorded_absent(part) if ident.layout == "comfyui" else set()
+    return _refuse_incomplete(fam, path, name, expected, present, excused)
 
 
 def _mismatch_hint(ident: Identification, name: str, tiny: bool) -> str:
@@ -333,23 +449,28 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
         parts = [(p, *_part(p, stack)) for p in paths]
         _, _, model_ident, model_name = parts[0]
         if model_name != DIFFUSION_MODEL or not model_ident.family:
-            raise UsageError(f"{diffusion_model} is a {model_ident.kind}, not a diffusion model "
+            raise UsageError(f"{diffusion_model} is {_a(model_ident.kind)}, not a diffusion model "
                              "of a known family")
         fam = families()[model_ident.family]
         tiny = model_ident.components[0].size == "tiny"
         seen: dict[str, str] = {}
-        for path, part, ident, name in parts[1:]:
+        warnings: list[str] = []
+        for i, (path, part, ident, name) in enumerate(parts[1:], 1):
             if vae and path == vae and name != "vae":
-                raise UsageError(f"{path} was given as the VAE but is a {name}")
+                raise UsageError(f"{path} was given as the VAE but is {_a(name)}")
             if name in seen:
                 raise UsageError(f"{path} and {seen[name]} are both a {name}")
             seen[name] = path
-            _check_fits(fam, path, ident, name, part, tiny)
+            part, ident = _rebased(fam, path, part, ident, name)
+            parts[i] = (path, part, ident, name)
+            warnings += _check_fits(fam, path, ident, name, part, tiny)
+            warnings += _other_family_warning(fam, path, part, name)
         missing = [c for c in fam.component_names if c != DIFFUSION_MODEL and c not in seen]
         if missing and not allow_partial:
             raise UsageError(f"{fam.name} also needs {', '.join(missing)}; give them, or "
                              "--allow-partial for a checkpoint without them")
-        _check_fits(fam, diffusion_model, model_ident, model_name, parts[0][1], tiny)
+        warnings += _check_fits(fam, diffusion_model, model_ident, model_name, parts[0][1],
+                                tiny)
         planned, left_out = [], {}
         for path, part, ident, name in parts:
             left: dict[str, int] = {}
@@ -358,13 +479,13 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
                 left_out[path] = left
         metadata = {**_inherited(parts[0][1].metadata), "modelspec.sai_model_spec": "1.0.1",
                     "modelspec.architecture": _architecture(fam, None),
-                    "modelspec.title": os.path.splitext(os.path.basename(out))[0],
+                    "modelspec.title": json_text(os.path.splitext(os.path.basename(out))[0]),
                     **provenance("assemble", paths, source_hashes(paths, hash_sources),
                                  family=fam.id, components=[p[3] for p in parts])}
         write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress,
                           fsync=fsync)
     return {"family": fam.id, "components": [p[3] for p in parts], "missing": missing,
-            "tensors": len(planned), "left_out": left_out}
+            "tensors": len(planned), "left_out": left_out, "warnings": warnings}
 
 
 def _planned_part(part: Checkpoint, ident: Identification, fam: Family, name: str,
@@ -380,18 +501,20 @@ def _planned_part(part: Checkpoint, ident: Identification, fam: Family, name: st
 
 def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, tiny: bool,
                    ident: Identification | None = None,
-                   left_out: dict[str, int] | None = None) -> list[Planned]:
+                   left_out: dict[str, int] | None = None,
+                   warnings: list[str] | None = None) -> list[Planned]:
     """Component ``name`` of ``fam`` under its monolithic names, from a file that holds it
     alone (any supported layout) or from a monolithic checkpoint of the same family: what
     ``vae bake`` and ``merge --take`` put into a checkpoint, checked to fit first. ``ident``:
     the file's identification where the caller has it already; ``left_out``: counts (by why)
-    of the file's keys not taken are added to it."""
+    of the file's keys not taken are added to it; ``warnings``: what the user should check
+    (a VAE its metadata calls another family's) is added to it."""
     ident = ident or identify_checkpoint(checkpoint)
     left_out = {} if left_out is None else left_out
     comp = fam.component(name) if name in fam.component_names else None
     if ident.kind == "checkpoint" and comp is not None:
         if (ident.family, ident.layout) != (fam.id, "ldm"):
-            raise UsageError(f"{path} is a {ident.family or 'unknown'} checkpoint in the "
+            raise UsageError(f"{path} is {_a(ident.family or 'unknown')} checkpoint in the "
                              f"{ident.layout} layout; a {name} for {fam.name} must come from "
                              f"one of the same family in the original layout, or alone")
         if name not in [c.name for c in ident.components]:
@@ -404,24 +527,34 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
                           checkpoint)
     names = [c.name for c in ident.components]
     if names != [name]:
-        raise UsageError(f"{path} is a {ident.kind}"
+        raise UsageError(f"{path} is {_a(ident.kind)}"
                          f"{' with ' + ', '.join(names) if names else ''}, not a {name}")
-    _check_fits(fam, path, ident, name, checkpoint, tiny)
+    checkpoint, ident = _rebased(fam, path, checkpoint, ident, name)
+    found = _check_fits(fam, path, ident, name, checkpoint, tiny)
+    if warnings is not None:
+        warnings += found + _other_family_warning(fam, path, checkpoint, name)
     return _planned_part(checkpoint, ident, fam, name, tiny, left_out)
 
 
 def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None,
              hash_sources: bool = False, fsync: bool = True) -> dict[str, Any]:
     """``src`` with its VAE replaced by ``vae`` (a VAE file in any supported layout, or
-    another checkpoint of the family), refused across latent widths or when incomplete; says
-    how many tensors were replaced and what of ``vae`` was left out."""
+    another checkpoint of the family): any VAE with the keys and shapes the family's needs
+    (its latent channels among them) is taken, with a warning when its metadata names
+    another family; refused across latent widths or when incomplete. Says how many tensors
+    were replaced, what of ``vae`` was left out, and the warnings."""
     with ExitStack() as stack:
         checkpoint = stack.enter_context(open_checkpoint(src))
         fam, ident = _monolithic(src, checkpoint)
+        if ident.layout != "ldm":
+            raise UsageError(f"{src} is in the {ident.layout} layout; vae bake writes the "
+                             "original layout: split it and assemble the parts first")
         part = stack.enter_context(open_checkpoint(vae))
         tiny = ident.components[0].size == "tiny"
         left_out: dict[str, int] = {}
-        taken = component_from(fam, vae, part, "vae", tiny, left_out=left_out)
+        warnings: list[str] = []
+        taken = component_from(fam, vae, part, "vae", tiny, left_out=left_out,
+                               warnings=warnings)
         comp = fam.component("vae")
         old = {k for k in checkpoint if k.startswith(comp.ldm_prefix)}
         moves = [Move(k, (k,)) for k in checkpoint if k not in old]
@@ -432,4 +565,4 @@ def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None,
         write_safetensors(out, planned, metadata, inputs=(src, vae), progress=progress,
                           fsync=fsync)
     return {"family": fam.id, "replaced": len(old), "tensors": len(planned),
-            "left_out": left_out}
+            "left_out": left_out, "warnings": warnings}

@@ -74,10 +74,16 @@ def cast_targets(ident: Identification, target: DType | None, vae_target: DType 
     What prune and convert both follow."""
     vae_prefix = next((c.prefix for c in ident.components if c.name == "vae" and c.prefix),
                       None)
-    fp16_unsafe_vae = ident.family in SDXL_VAE_FAMILIES
+    # A VAE alone that fits SDXL's among others, with no metadata to say whose it is,
+    # is kept as if it were SDXL's: casting the one that overflows is the worse mistake.
+    fp16_unsafe_vae = ident.family in SDXL_VAE_FAMILIES or (
+        ident.family is None and bool(set(ident.compatible_families) & set(SDXL_VAE_FAMILIES)))
     note = None
     if vae_target is None and fp16_unsafe_vae and target is not None and vae_prefix:
-        note = "the SDXL VAE keeps its precision (it overflows in fp16); --vae-dtype casts it"
+        note = ("the SDXL VAE keeps its precision (it overflows in fp16); --vae-dtype casts it"
+                if ident.family else
+                "the VAE keeps its precision: it fits SDXL's, which overflows in fp16, and "
+                "nothing says whose it is; --vae-dtype casts it")
 
     def wanted(key: str) -> DType | None:
         in_vae = vae_prefix is not None and key.startswith(vae_prefix)
@@ -111,6 +117,9 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
         if unknown:
             raise UsageError(f"{src} has no {unknown[0]} component to drop; it has "
                              f"{', '.join(prefixes) or 'no prefixed components'}")
+        if prefixes and set(drop or ()) >= set(prefixes):
+            raise UsageError(f"--drop {','.join(prefixes)} would leave none of {src}'s "
+                             f"components; drop some of {', '.join(prefixes)}, not all")
         wanted_for, note = cast_targets(ident, target, vae_target)
         if note:
             report.notes.append(note)
@@ -137,6 +146,10 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
             planned.append(Planned(key, wanted if castable else source.dtype, source.shape,
                                    produce))
         report.kept = len(planned)
+        if not planned:
+            raise UsageError(f"nothing of {src} would be left (dropped "
+                             f"{', '.join(report.dropped) or 'everything'}); "
+                             "a file with no tensors is not written")
         metadata = {**checkpoint.metadata,
                     **provenance("prune", [src], source_hashes([src], hash_sources),
                                  dtype=dtype or "", vae_dtype=vae_dtype or "", ema=ema,
