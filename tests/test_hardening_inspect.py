@@ -11,6 +11,8 @@ import struct
 import tracemalloc
 from pathlib import Path
 
+import pytest
+
 from ckptkit.formats import open_checkpoint
 from ckptkit.ops.inspect import inspect_file, key_prefixes
 
@@ -111,3 +113,177 @@ def test_the_header_is_read_entry_by_entry_by_the_grammar_of_json(tmp_path):
                 assert set(checkpoint) == set(parsed) - {"__metadata__"}
         except FormatError as exc:
             assert not valid or "twice" in exc.reason, (text, exc.reason)
+
+
+# --- reports ------------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    from ckptkit.cli.main import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def kohya_lora(path: Path, te_layers: int = 12) -> Path:
+    """An SD1 kohya LoRA: 60 U-Net attention modules at rank 16 and 5 CLIP-L modules per
+    layer at rank 8, each with its alpha."""
+    entries = {}
+    modules = [(f"lora_unet_down_blocks_{b}_attentions_{a}_transformer_blocks_0_{p}", 320, 16)
+               for b in range(3) for a in range(2)
+               for p in ("attn1_to_q", "attn1_to_k", "attn1_to_v", "attn1_to_out_0",
+                         "attn2_to_q", "attn2_to_k", "attn2_to_v", "attn2_to_out_0",
+                         "ff_net_0_proj", "ff_net_2")]
+    modules += [(f"lora_te_text_model_encoder_layers_{n}_{p}", 768, 8) for n in range(te_layers)
+                for p in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj",
+                          "self_attn_out_proj", "mlp_fc1")]
+    for name, width, rank in modules:
+        entries[name + ".lora_down.weight"] = ("F16", [rank, width], 2 * rank * width)
+        entries[name + ".lora_up.weight"] = ("F16", [width, rank], 2 * rank * width)
+        entries[name + ".alpha"] = ("F32", [], 4)
+    return write_safetensors(path, entries)
+
+
+def test_a_lora_is_summarised_by_component_and_format(tmp_path, capsys):
+    """A LoRA's every module was a key prefix group: 144 modules, 182 lines."""
+    path = kohya_lora(tmp_path / "lora.safetensors")
+    code, out, err = run_cli(capsys, "inspect", path)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) < 30, out
+    start = lines.index("  adapters")
+    rows = [line.split() for line in lines[start + 1:start + 3]]
+    assert rows == [["diffusion_model", "kohya-lora", "60", "modules", "rank", "16"],
+                    ["clip_l", "kohya-lora", "60", "modules", "rank", "8"]]
+    assert "  key prefixes" not in lines
+    code, out, _ = run_cli(capsys, "inspect", "--verbose", path)
+    assert "  key prefixes" in out.splitlines() and len(out.splitlines()) > 120
+    code, out, _ = run_cli(capsys, "inspect", "--json", path)
+    groups = json.loads(out)["identification"]["lora"]["groups"]
+    assert groups == [
+        {"component": "diffusion_model", "format": "kohya-lora", "modules": 60, "ranks": [16, 16]},
+        {"component": "clip_l", "format": "kohya-lora", "modules": 60, "ranks": [8, 8]}]
+
+
+def test_many_prefix_groups_are_cut_short_unless_verbose(tmp_path, capsys):
+    path = write_safetensors(tmp_path / "wide.safetensors",
+                             {f"block{i}.w": ("F32", [1], 4) for i in range(100)})
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert code == 0
+    assert "    ... and 70 more groups holding 70 tensors (--verbose lists them)" in out
+    assert len(out.splitlines()) < 60
+    code, out, _ = run_cli(capsys, "inspect", "--verbose", path)
+    assert sum(line.startswith("    block") for line in out.splitlines()) == 100
+
+
+def test_counts_of_one_are_singular(tmp_path, capsys):
+    path = write_safetensors(tmp_path / "one.safetensors", {"a.w": ("F32", [1], 4)})
+    _, out, _ = run_cli(capsys, "inspect", path)
+    assert "  tensors    1 holding 1 parameter (4 B)" in out
+    assert "F32               1 tensor           1 parameter" in out
+    assert " 1 tensors" not in out and " 1 parameters" not in out
+
+
+# --- folders ------------------------------------------------------------------------------------
+
+
+def bad_files(folder: Path) -> dict[str, str]:
+    """Files named like models whose content is not a checkpoint -> a word of their error."""
+    (folder / "page.safetensors").write_text("<!DOCTYPE html><html>Not found</html>")
+    (folder / "empty.ckpt").write_bytes(b"")
+    (folder / "pointer.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 12\n")
+    (folder / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 40)
+    # refused as unsafe: listed whatever its name
+    (folder / "archive.data").write_bytes(b"x" * 257 + b"ustar\x0000" + b"\x00" * 300)
+    return {"page.safetensors": "HTML", "empty.ckpt": "empty", "pointer.safetensors": "LFS",
+            "model.gguf": "GGUF", "archive.data": "tar"}
+
+
+def test_a_folder_lists_the_model_files_it_cannot_read_with_their_error(tmp_path, capsys):
+    """They were skipped in silence, although each gives a clear error alone."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    bad = bad_files(folder)
+    write_safetensors(folder / "good.safetensors", {"a.w": ("F32", [1], 4)})
+    (folder / "readme.txt").write_text("not a model")
+    (folder / "config.json").write_text("{}")
+    (folder / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
+    code, out, err = run_cli(capsys, "inspect", "--quiet", folder)
+    assert code == 4  # the first failure (in name order) is the tar archive, refused as unsafe
+    for name, word in bad.items():
+        (line,) = [ln for ln in err.splitlines() if name in ln]
+        assert line.startswith(f"ckpt: error: {folder / name}: ") and word in line, line
+    assert len(err.splitlines()) == len(bad)
+    assert out.startswith(str(folder / "good.safetensors"))
+    code, out, _ = run_cli(capsys, "inspect", "--json", folder)
+    reports = [json.loads(line) for line in out.splitlines()]
+    assert {Path(r["path"]).name for r in reports if "error" in r} == set(bad)
+    assert [Path(r["path"]).name for r in reports if "error" not in r] == ["good.safetensors"]
+    (folder / "archive.data").unlink()
+    assert run_cli(capsys, "inspect", "--quiet", folder)[0] == 3
+
+
+def test_brief_lists_one_line_per_file_errors_included(tmp_path, capsys):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    kohya_lora(folder / "lora.safetensors")
+    write_safetensors(folder / "unknown.safetensors", {"a.w": ("F16", [2], 4)})
+    (folder / "empty.ckpt").write_bytes(b"")
+    code, out, err = run_cli(capsys, "inspect", "--brief", folder)
+    assert code == 3 and err == ""
+    header, *rows = out.splitlines()
+    assert header.split() == ["kind", "family", "variant", "size", "dtype", "file"]
+    assert len(rows) == 3
+    by_name = {Path(row.split()[-1].rstrip(":")).name if "error" not in row
+               else "empty.ckpt": row.split() for row in rows}
+    assert by_name["lora.safetensors"][:3] == ["lora", "-", "kohya-lora"]
+    assert by_name["lora.safetensors"][3] == "r8-16"
+    assert by_name["unknown.safetensors"][:3] == ["unknown", "-", "-"]
+    assert by_name["unknown.safetensors"][-2:] == ["F16", str(folder / "unknown.safetensors")]
+    assert by_name["empty.ckpt"][0] == "error" and "empty" in " ".join(by_name["empty.ckpt"])
+    starts = {header.index(col) for col in ("family", "variant", "size", "dtype", "file")}
+    assert all(row[s - 1] == " " for row in rows for s in starts)  # aligned columns
+    with pytest.raises(SystemExit) as stop:
+        run_cli(capsys, "inspect", "--brief", "--json", folder)
+    assert stop.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_diffusers_components_that_are_paths_are_refused(tmp_path, capsys):
+    """A component named '../x' or '/abs' in model_index.json opened files outside."""
+    from ckptkit.ops.sample import sample
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write_safetensors(outside / "secret.safetensors", {"a.w": ("F32", [1], 4)})
+    pipeline = tmp_path / "pipe"
+    sample("sd1", str(pipeline), tiny=True, layout="diffusers")
+    index_path = pipeline / "model_index.json"
+    index = json.loads(index_path.read_text())
+    for name in ("../outside", str(outside), "unet/../../outside", "..", ".", ""):
+        index_path.write_text(json.dumps({**index, name: ["diffusers", "UNet2DConditionModel"]}))
+        code, out, err = run_cli(capsys, "inspect", "--json", pipeline)
+        assert code == 4, (name, err)
+        (line,) = err.splitlines()
+        assert line.startswith(f"ckpt: error: {pipeline}: ") and repr(name) in line, line
+        assert "secret" not in out
+    index_path.write_text(json.dumps(index))
+    assert run_cli(capsys, "inspect", pipeline)[0] == 0
+
+
+def test_json_output_escapes_c1_controls_and_bidi_overrides(tmp_path, capsys):
+    name = "w\x9b2J\u202etxt.exe\u2066.weight"
+    path = write_safetensors(tmp_path / "m\u202e.safetensors", {name: ("F32", [1], 4)},
+                             metadata={"title": "a\x9b1Ab\u200f"})
+    code, out, _ = run_cli(capsys, "inspect", "--json", path)
+    assert code == 0
+    assert all(ch.isprintable() for ch in out.rstrip("\n"))
+    assert "\\u009b" in out and "\\u202e" in out and "\\u2066" in out and "\\u200f" in out
+    report = json.loads(out)
+    assert report["metadata"]["title"] == "a\x9b1Ab\u200f"
+    assert report["prefixes"][0]["prefix"] == name.removesuffix(".weight")
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert all(ch.isprintable() for line in out.splitlines() for ch in line)
+    assert "a\\x9b1Ab\\u200f" in out

@@ -10,6 +10,12 @@ from __future__ import annotations
 import os
 
 
+def a_or_an(word: str) -> str:
+    """``word`` after its indefinite article, for messages that name a kind: "an unknown",
+    "a vae", "an openclip_h"."""
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+
+
 class CkptError(Exception):
     """Base of every expected failure; ``exit_code`` is what ``ckpt`` exits with."""
 

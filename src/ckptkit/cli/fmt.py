@@ -1,4 +1,4 @@
-"""Number formatting for people: sizes in KB/MB/GB, counts in K/M/G."""
+"""Number formatting for people: sizes in KB/MB/GB, counts in K/M/G, "1 tensor", "2 tensors"."""
 
 from __future__ import annotations
 
@@ -17,3 +17,8 @@ def human_count(n: float) -> str:
             return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def plural(n: int, word: str) -> str:
+    """``n`` (with thousands separators) and ``word``, with an "s" unless there is one."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")

@@ -3,7 +3,14 @@
 Each file is reported on its own: one that cannot be read (or trips a bug) gets its error
 line (and with ``--json`` an ``{"path", "error"}`` object) and the next files are still
 inspected; the exit code is the first failure's. ``--json`` prints strict JSON in valid
-UTF-8 (see ``safe_text.json_safe``: non-finite numbers as "nan"/"inf"/"-inf" strings).
+UTF-8 (see ``safe_text.json_dumps``: non-finite numbers as "nan"/"inf"/"-inf" strings,
+control and bidi characters as escapes). ``--brief`` prints one line per file (errors too);
+a LoRA's modules are summarised by component and format unless ``--verbose``.
+
+In a folder, the files reported are those whose content is a checkpoint, those named like
+one (``sniff.MODEL_EXTENSIONS``: an HTML page, a Git LFS pointer, an empty download or a
+GGUF file under a model's name is listed with its error, as it would be on its own) and
+those refused as unsafe; other files (configs, images, text) are passed over.
 """
 
 from __future__ import annotations
@@ -13,13 +20,16 @@ import os
 import sys
 from typing import Any
 
-from ..errors import CkptError
+from ..errors import CkptError, UnsafeFileError
 from ..formats import detect_format
+from ..formats.sniff import MODEL_EXTENSIONS
 from ..ops.inspect import inspect_diffusers_folder, inspect_file, is_diffusers_folder
 from ..ops.scan import iter_files
-from ..safe_text import json_safe, printable
-from .fmt import human_bytes, human_count
+from ..safe_text import json_dumps, json_safe, printable
+from .fmt import human_bytes, human_count, plural
 from .progress import ProgressBar
+
+MAX_PREFIX_ROWS = 30  # key prefix groups shown without --verbose
 
 
 def add_parser(commands) -> None:
@@ -29,8 +39,15 @@ def add_parser(commands) -> None:
                     "data is read).")
     parser.add_argument("files", nargs="+", metavar="PATH",
                         help="files, or folders (every model file in them, recursively)")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per file, one per line")
+    view = parser.add_mutually_exclusive_group()
+    view.add_argument("--json", action="store_true",
+                      help="print one JSON object per file, one per line")
+    view.add_argument("--brief", action="store_true",
+                      help="one line per file: kind, family, variant (a LoRA's format and "
+                           "ranks), size, dtype, name")
+    parser.add_argument("--verbose", action="store_true",
+                        help="list every key prefix group (a LoRA's every module) instead "
+                             "of a summary")
     parser.add_argument("--hash", action="store_true",
                         help="also compute SHA-256, AutoV2 and AutoV3 (reads the whole file) "
                              "and look the file up among official releases")
@@ -52,12 +69,23 @@ def _expand(paths: list[str]) -> tuple[list[str], bool]:
                 if pipeline not in files:
                     files.append(pipeline)
                 continue
-            try:
-                detect_format(found)
-            except CkptError:
-                continue  # configs, images, text: not model files
-            files.append(found)
+            if _is_model_file(found):
+                files.append(found)
     return files, folders
+
+
+def _is_model_file(path: str) -> bool:
+    """Whether a file found in a folder is reported: a checkpoint by content, a file named
+    like one whatever its content, or one refused as unsafe."""
+    if os.path.splitext(path)[1].lower() in MODEL_EXTENSIONS:
+        return True
+    try:
+        detect_format(path)
+    except UnsafeFileError:
+        return True
+    except CkptError:
+        return False  # configs, images, text: not model files
+    return True
 
 
 def _pipeline_of(found: str, top: str) -> str | None:
@@ -78,7 +106,9 @@ def run(args) -> int:
     bar = ProgressBar("inspect", unit="files",
                       enabled=False if args.quiet or not (folders or args.hash) else None)
     bar.start(sum(os.path.getsize(f) for f in files if os.path.isfile(f)), len(files))
-    for index, path in enumerate(files):
+    rows = [("kind", "family", "variant", "size", "dtype", "file")]  # the --brief listing
+    printed = False
+    for path in files:
         try:
             if os.path.isdir(path):
                 report = inspect_diffusers_folder(path)
@@ -86,8 +116,7 @@ def run(args) -> int:
                 report = inspect_file(path, hashes=args.hash)
             bar.update(report.get("file_size", 0), 1)
         except CkptError as exc:
-            print(f"ckpt: error: {printable(str(exc))}", file=sys.stderr)
-            _print_error(args, path, exc.reason)
+            _failed(args, bar, rows, path, str(exc), exc.reason)
             status = status or exc.exit_code
             continue
         except OSError:
@@ -96,32 +125,74 @@ def run(args) -> int:
             if os.environ.get("CKPT_DEBUG"):
                 raise
             what = f"internal error: {type(exc).__name__}: {exc}"
-            print(f"ckpt: {printable(what)} while inspecting {printable(path)} (a bug in "
-                  "ckptkit; CKPT_DEBUG=1 shows the traceback, please report it)",
-                  file=sys.stderr)
-            _print_error(args, path, what)
+            _failed(args, bar, rows, path, f"{what} while inspecting {path} (a bug in ckptkit; "
+                    "CKPT_DEBUG=1 shows the traceback, please report it)", what, internal=True)
             status = status or 70
             continue
-        if bar.enabled:
-            bar.stream.write("\r\033[K")
+        _clear_bar(bar)
         report = json_safe(report)
         if args.json:
-            print(_dumps(report))
+            print(json_dumps(report))
+        elif args.brief:
+            rows.append(_brief_row(report))
         else:
-            if index:
+            if printed:
                 print()
-            print_report(report)
+            print_report(report, verbose=args.verbose)
+            printed = True
     bar.close()
+    if args.brief and len(rows) > 1:
+        _write_safely(_table(rows))
     return status
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+def _clear_bar(bar: ProgressBar) -> None:
+    if bar.enabled:
+        bar.stream.write("\r\033[K")
 
 
-def _print_error(args, path: str, reason: str) -> None:
+def _failed(args, bar: ProgressBar, rows: list[tuple[str, ...]], path: str, message: str,
+            reason: str, internal: bool = False) -> None:
+    """Reports a file that could not be inspected: its error line on stderr (with --json,
+    also its ``{"path", "error"}`` object), or with --brief its row in the listing."""
+    _clear_bar(bar)
+    prefix = "ckpt: " if internal else "ckpt: error: "
+    if args.brief:  # the listing's own row says it; the exit code still does
+        rows.append(("error", "-", "-", "-", "-", f"{path}: {reason}"))
+        return
+    print(prefix + printable(message), file=sys.stderr)
     if args.json:
-        print(_dumps(json_safe({"path": path, "error": reason})))
+        print(json_dumps({"path": path, "error": reason}))
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    """``rows`` as aligned columns (the last one, the file, as long as it is)."""
+    widths = [max(len(row[i]) for row in rows) + 2 for i in range(len(rows[0]) - 1)]
+    return "".join("".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False))
+                   + row[-1] + "\n" for row in rows)
+
+
+def _brief_row(report: dict[str, Any]) -> tuple[str, ...]:
+    """One file in a line: kind, family, variant (a LoRA's format and ranks), size, the
+    dtypes by share of parameters, and the path."""
+    ident = report["identification"]
+    if report["format"] == "diffusers-folder":
+        return ("diffusers-folder", ident["family"] or "-", report["pipeline"] or "-", "-",
+                "-", report["path"])
+    family = ident["family"] or "/".join(ident["compatible_families"]) or "-"
+    variant = ", ".join(ident["variants"]) or "-"
+    lora = ident.get("lora")
+    if lora:
+        variant = lora["format"] + (f" r{_span(lora['ranks'])}" if lora["ranks"] else "")
+    dtypes = list(report["dtypes"])
+    dtype = "/".join(dtypes[:2]) + ("+" if len(dtypes) > 2 else "") or "-"
+    return (ident["kind"], family, variant, human_bytes(report["file_size"]), dtype,
+            report["path"])
+
+
+def _span(values: list[int]) -> str:
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def _write_safely(text: str) -> None:
@@ -131,7 +202,7 @@ def _write_safely(text: str) -> None:
     sys.stdout.write("\n".join(printable(line) for line in text.split("\n")))
 
 
-def print_report(report: dict[str, Any]) -> None:
+def print_report(report: dict[str, Any], verbose: bool = False) -> None:
     out = _write_safely
     out(f"{report['path']}\n")
     if report["format"] == "diffusers-folder":
@@ -147,7 +218,7 @@ def print_report(report: dict[str, Any]) -> None:
         ("format", report["format"]),
         ("size", f"{human_bytes(report['file_size'])} ({report['file_size']:,} bytes)"),
         ("tensors", f"{report['tensor_count']:,} holding "
-                    f"{human_count(report['parameter_count'])} parameters "
+                    f"{_parameters(report['parameter_count'])} "
                     f"({human_bytes(report['tensor_bytes'])})"),
     ]
     if report.get("weights_at"):
@@ -162,13 +233,12 @@ def print_report(report: dict[str, Any]) -> None:
             out(f"    {name:<9}{value}\n")
     out("  dtypes\n")
     for name, entry in report["dtypes"].items():
-        out(f"    {name:<12}{entry['tensors']:>7,} tensors  "
-            f"{human_count(entry['parameters']):>9} parameters\n")
-    out("  key prefixes\n")
-    width = max((len(p["prefix"]) for p in report["prefixes"]), default=0) + 2
-    for entry in report["prefixes"]:
-        out(f"    {entry['prefix']:<{width}}{entry['tensors']:>7,} tensors  "
-            f"{human_count(entry['parameters']):>9} parameters\n")
+        out(f"    {name:<12}{_counts(entry['tensors'], entry['parameters'])}\n")
+    lora = report.get("identification", {}).get("lora")
+    if lora and lora.get("groups") and not verbose:
+        _print_adapters(lora["groups"], out)
+    else:
+        _print_prefixes(report["prefixes"], out, verbose)
     if report.get("extras"):
         out("  other entries (not weights; not loaded)\n")
         for key, value in report["extras"].items():
@@ -179,6 +249,39 @@ def print_report(report: dict[str, Any]) -> None:
             out(f"    {key}: {_short(value, pretty=True)}\n")
     for note in report["notes"]:
         out(f"  note: {note}\n")
+
+
+def _counts(tensors: int, parameters: int) -> str:
+    word = "tensor" if tensors == 1 else "tensors"
+    return f"{tensors:>7,} {word:<7}  {human_count(parameters):>9} " + (
+        "parameter" if parameters == 1 else "parameters")
+
+
+def _parameters(n: int) -> str:
+    return f"{human_count(n)} parameter" + ("" if n == 1 else "s")
+
+
+def _print_prefixes(prefixes: list[dict[str, Any]], out, verbose: bool) -> None:
+    shown = prefixes if verbose else prefixes[:MAX_PREFIX_ROWS]
+    out("  key prefixes\n")
+    width = max((len(p["prefix"]) for p in shown), default=0) + 2
+    for entry in shown:
+        out(f"    {entry['prefix']:<{width}}{_counts(entry['tensors'], entry['parameters'])}\n")
+    if len(shown) < len(prefixes):
+        rest = prefixes[len(shown):]
+        out(f"    ... and {plural(len(rest), 'more group')} holding "
+            f"{plural(sum(p['tensors'] for p in rest), 'tensor')} (--verbose lists them)\n")
+
+
+def _print_adapters(groups: list[dict[str, Any]], out) -> None:
+    """A LoRA's modules by component and format, with their ranks (--verbose: every module
+    as a key prefix group)."""
+    out("  adapters\n")
+    for group in groups:
+        ranks = group["ranks"]
+        rank = f"rank {_span(ranks)}" if ranks else "no rank"
+        out(f"    {group['component']:<17}{group['format']:<20}"
+            f"{plural(group['modules'], 'module'):>12}  {rank}\n")
 
 
 def _print_identification(ident: dict[str, Any], out) -> None:
@@ -211,7 +314,7 @@ def _print_identification(ident: dict[str, Any], out) -> None:
         if alphas is not None:  # "nan" and "inf" (json_safe) shown like the numbers
             alphas = f"[{', '.join(str(a) for a in alphas)}]"
         out(f"  {'lora':<11}{lora['format']}, ranks {lora['ranks']}, alphas {alphas}, "
-            f"{lora['modules']} modules in {', '.join(lora['components'])}\n")
+            f"{plural(lora['modules'], 'module')} in {', '.join(lora['components'])}\n")
     sampling = ident.get("sampling")
     if sampling:
         w, h = sampling["resolution"]

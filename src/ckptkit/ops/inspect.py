@@ -24,7 +24,7 @@ from typing import Any
 
 from ..arch.detect import Identification, identify
 from ..engine.writer import Progress
-from ..errors import FormatError
+from ..errors import FormatError, UnsafeFileError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.checkpoint import paused_gc
 from .hashing import file_hashes
@@ -209,8 +209,14 @@ def inspect_diffusers_folder(path: str) -> dict[str, Any]:
     pipeline = str(index.get("_class_name", ""))
     components, family, reasons = {}, None, []
     for sub in sorted(index):
+        if sub.startswith("_"):
+            continue
+        if not _is_plain_name(sub):
+            raise UnsafeFileError(f"model_index.json names the component {sub!r}, which is not "
+                                  "a folder name (a path out of the pipeline folder is refused)",
+                                  path)
         folder = os.path.join(path, sub)
-        if sub.startswith("_") or not os.path.isdir(folder):
+        if not os.path.isdir(folder):
             continue
         weights = _weight_files(folder)
         if not weights:
@@ -232,6 +238,14 @@ def inspect_diffusers_folder(path: str) -> dict[str, Any]:
             "identification": {"kind": "diffusers-folder", "family": family,
                                "reasons": reasons},
             "components": components}
+
+
+def _is_plain_name(name: str) -> bool:
+    """Whether ``name`` names an entry of a folder, not a path (``..``, ``/etc``, ``a/b``,
+    ``C:x``): a component of ``model_index.json`` must be a subfolder of the pipeline."""
+    return (name not in ("", ".", "..") and "/" not in name and "\0" not in name
+            and os.sep not in name and (os.altsep is None or os.altsep not in name)
+            and not os.path.splitdrive(name)[0])
 
 
 def _weight_files(folder: str) -> list[str]:

@@ -39,7 +39,7 @@ from ..arch.layouts import (
 )
 from ..engine.moves import plan_moves
 from ..engine.writer import OutputBatch, Planned, Progress, write_safetensors
-from ..errors import FormatError, UsageError
+from ..errors import FormatError, UsageError, a_or_an
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.dtypes import BY_NAME
 from .inspect import identify_checkpoint
@@ -107,7 +107,7 @@ def _architecture(fam: Family, component: str | None) -> str:
 def _monolithic(path: str, checkpoint: Checkpoint) -> tuple[Family, Identification]:
     ident = identify_checkpoint(checkpoint)
     if ident.kind != "checkpoint" or ident.layout != "ldm" or not ident.family:
-        raise UsageError(f"{path} is a {ident.kind}"
+        raise UsageError(f"{path} is {a_or_an(ident.kind)}"
                          f"{' in the ' + ident.layout + ' layout' if ident.layout else ''}, "
                          "not a monolithic checkpoint in the original layout")
     return families()[ident.family], ident
@@ -179,7 +179,7 @@ def _part(path: str, stack: ExitStack) -> tuple[Checkpoint, Identification, str]
     ident = identify_checkpoint(checkpoint)
     names = [c.name for c in ident.components]
     if len(names) != 1:
-        raise UsageError(f"{path} is a {ident.kind}"
+        raise UsageError(f"{path} is {a_or_an(ident.kind)}"
                          f"{' with ' + ', '.join(names) if names else ''}, not one component")
     return checkpoint, ident, names[0]
 
@@ -294,7 +294,7 @@ def _check_fits(fam: Family, path: str, ident: Identification, name: str,
                 part: Checkpoint, tiny: bool) -> None:
     if name not in fam.component_names:
         wanted = ", ".join(c for c in fam.component_names if c != DIFFUSION_MODEL)
-        raise UsageError(f"{path} is a {name}, which {fam.name} does not use (it takes "
+        raise UsageError(f"{path} is {a_or_an(name)}, which {fam.name} does not use (it takes "
                          f"{wanted})")
     if ident.layout not in ("ldm", "comfyui", "kohya", "diffusers"):
         raise UsageError(f"{path} is in the {ident.layout} layout; parts are taken in the "
@@ -333,16 +333,16 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
         parts = [(p, *_part(p, stack)) for p in paths]
         _, _, model_ident, model_name = parts[0]
         if model_name != DIFFUSION_MODEL or not model_ident.family:
-            raise UsageError(f"{diffusion_model} is a {model_ident.kind}, not a diffusion model "
-                             "of a known family")
+            raise UsageError(f"{diffusion_model} is {a_or_an(model_ident.kind)}, not a "
+                             "diffusion model of a known family")
         fam = families()[model_ident.family]
         tiny = model_ident.components[0].size == "tiny"
         seen: dict[str, str] = {}
         for path, part, ident, name in parts[1:]:
             if vae and path == vae and name != "vae":
-                raise UsageError(f"{path} was given as the VAE but is a {name}")
+                raise UsageError(f"{path} was given as the VAE but is {a_or_an(name)}")
             if name in seen:
-                raise UsageError(f"{path} and {seen[name]} are both a {name}")
+                raise UsageError(f"{path} and {seen[name]} are both {a_or_an(name)}")
             seen[name] = path
             _check_fits(fam, path, ident, name, part, tiny)
         missing = [c for c in fam.component_names if c != DIFFUSION_MODEL and c not in seen]
@@ -391,7 +391,7 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
     comp = fam.component(name) if name in fam.component_names else None
     if ident.kind == "checkpoint" and comp is not None:
         if (ident.family, ident.layout) != (fam.id, "ldm"):
-            raise UsageError(f"{path} is a {ident.family or 'unknown'} checkpoint in the "
+            raise UsageError(f"{path} is {a_or_an(ident.family or 'unknown')} checkpoint in the "
                              f"{ident.layout} layout; a {name} for {fam.name} must come from "
                              f"one of the same family in the original layout, or alone")
         if name not in [c.name for c in ident.components]:
@@ -404,8 +404,8 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
                           checkpoint)
     names = [c.name for c in ident.components]
     if names != [name]:
-        raise UsageError(f"{path} is a {ident.kind}"
-                         f"{' with ' + ', '.join(names) if names else ''}, not a {name}")
+        raise UsageError(f"{path} is {a_or_an(ident.kind)}"
+                         f"{' with ' + ', '.join(names) if names else ''}, not {a_or_an(name)}")
     _check_fits(fam, path, ident, name, checkpoint, tiny)
     return _planned_part(checkpoint, ident, fam, name, tiny, left_out)
 
