@@ -287,3 +287,14 @@ def test_json_output_escapes_c1_controls_and_bidi_overrides(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "inspect", path)
     assert all(ch.isprintable() for line in out.splitlines() for ch in line)
     assert "a\\x9b1Ab\\u200f" in out
+
+
+def test_messages_that_name_a_kind_take_the_right_article(tmp_path, capsys):
+    from ckptkit.errors import a_or_an
+
+    assert [a_or_an(w) for w in ("unknown", "vae", "openclip_h", "lora", "checkpoint")] == [
+        "an unknown", "a vae", "an openclip_h", "a lora", "a checkpoint"]
+    path = write_safetensors(tmp_path / "odd.safetensors", {"a.w": ("F32", [1], 4)})
+    code, _, err = run_cli(capsys, "split", path, "-o", tmp_path / "out", "--quiet")
+    assert code == 2
+    assert "is an unknown" in err and "a unknown" not in err
