@@ -298,3 +298,22 @@ def test_messages_that_name_a_kind_take_the_right_article(tmp_path, capsys):
     code, _, err = run_cli(capsys, "split", path, "-o", tmp_path / "out", "--quiet")
     assert code == 2
     assert "is an unknown" in err and "a unknown" not in err
+
+
+def test_a_file_of_more_tensors_than_any_model_is_not_matched_key_by_key(tmp_path, capsys,
+                                                                         monkeypatch):
+    from ckptkit.arch import detect
+    from ckptkit.ops import inspect as inspect_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the keys were matched")
+
+    monkeypatch.setattr(inspect_module, "MAX_IDENTIFIED_TENSORS", 20)
+    path = write_safetensors(tmp_path / "many.safetensors",
+                             {f"t{i}": ("F32", [0], 0) for i in range(21)})
+    monkeypatch.setattr(detect, "_identify", refuse)
+    report = inspect_file(str(path))
+    assert report["identification"]["kind"] == "unknown"
+    assert "21 tensors, over the 20 that ckptkit matches" in report["identification"][
+        "reasons"][0]
+    assert report["tensor_count"] == 21

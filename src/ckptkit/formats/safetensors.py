@@ -44,7 +44,11 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+# The punctuation of the top-level object, with JSON's whitespace around it: group 1 is the
+# closing brace (and the whitespace after it), else the match ends where a name must start.
+_OPENING = re.compile(r"\{[ \t\n\r]*(\}[ \t\n\r]*)?")
+_COLON = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")
+_AFTER_VALUE = re.compile(r"[ \t\n\r]*(?:,[ \t\n\r]*|(\}[ \t\n\r]*))")
 
 
 def decode_header(raw: bytes | bytearray, path: str) -> Iterator[tuple[str, Any]]:
@@ -66,32 +70,32 @@ def decode_header(raw: bytes | bytearray, path: str) -> Iterator[tuple[str, Any]
                           "file, or a corrupt one)", path)
     decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates,
                                parse_constant=_refuse_constant)
+    scan = decoder.scan_once  # one JSON value at an offset, in C
     names: set[str] = set()
     try:
-        at = _WHITESPACE.match(text, 1).end()
-        closing = text.startswith("}", at)
-        while not closing:
+        after = _OPENING.match(text)
+        while after.group(1) is None:  # not the closing brace yet
+            at = after.end()
             if not text.startswith('"', at):
                 raise json.JSONDecodeError("Expecting property name enclosed in double quotes",
                                            text, at)
             name, at = scanstring(text, at + 1)
-            at = _WHITESPACE.match(text, at).end()
-            if not text.startswith(":", at):
+            colon = _COLON.match(text, at)
+            if colon is None:
                 raise json.JSONDecodeError("Expecting ':' delimiter", text, at)
-            value, at = decoder.raw_decode(text, _WHITESPACE.match(text, at + 1).end())
+            try:
+                value, at = scan(text, colon.end())
+            except StopIteration as stop:
+                raise json.JSONDecodeError("Expecting value", text, stop.value) from None
             if name in names:
                 raise _Duplicate(name)
             names.add(name)
             yield name, value
-            at = _WHITESPACE.match(text, at).end()
-            closing = text.startswith("}", at)
-            if not closing:
-                if not text.startswith(",", at):
-                    raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
-                at = _WHITESPACE.match(text, at + 1).end()
-        at = _WHITESPACE.match(text, at + 1).end()
-        if at != len(text):
-            raise json.JSONDecodeError("Extra data", text, at)
+            after = _AFTER_VALUE.match(text, at)
+            if after is None:
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
+        if after.end() != len(text):
+            raise json.JSONDecodeError("Extra data", text, after.end())
     except _Duplicate as dup:
         raise UnsafeFileError(f"safetensors header names {str(dup)!r} twice (readers would "
                               "disagree on which entry counts)", path) from None
@@ -109,18 +113,25 @@ def _metadata(value: Any, path: str) -> dict[str, str]:
 
 
 def _entry(name: str, info: Any, path: str) -> tuple[Any, tuple[int, ...], int, int]:
+    # Runs once per tensor: the messages (and the name's repr in them) are built only for
+    # an entry that breaks a rule. JSON gives no int subclass but bool, hence ``type() is``.
     if not isinstance(info, dict):
         raise FormatError(f"tensor {name!r}: header entry is not an object", path)
-    missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
-    if missing:
-        raise FormatError(f"tensor {name!r}: header entry lacks {', '.join(missing)}", path)
-    dtype = BY_NAME.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    try:
+        dtype_name, dims, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    except KeyError:
+        missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+        raise FormatError(f"tensor {name!r}: header entry lacks {', '.join(missing)}",
+                          path) from None
+    dtype = BY_NAME.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise FormatError(f"tensor {name!r}: unknown dtype {info['dtype']!r}", path)
-    shape = checked_shape(info["shape"], f"tensor {name!r}", path)
-    offsets = info["data_offsets"]
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
-            isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+        raise FormatError(f"tensor {name!r}: unknown dtype {dtype_name!r}", path)
+    if type(dims) is list and all(type(d) is int and d >= 0 for d in dims):
+        shape = tuple(dims)
+    else:
+        shape = checked_shape(dims, f"tensor {name!r}", path)  # says what is wrong
+    if not (type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int
+            and type(offsets[1]) is int and offsets[0] >= 0 and offsets[1] >= 0):
         raise FormatError(f"tensor {name!r}: data_offsets {offsets!r} are not two "
                           "non-negative integers", path)
     begin, end = offsets

@@ -46,16 +46,30 @@ def inspect_file(path: str, hashes: bool = False, progress: Progress | None = No
     return report
 
 
+# No model or adapter ckptkit knows holds more than a few thousand tensors (SD3.5 Large with
+# its text encoders and EMA copies, a LyCORIS LoRA of every FLUX block: under 20,000).
+MAX_IDENTIFIED_TENSORS = 200_000
+
+
 def identify_checkpoint(checkpoint: Checkpoint, sha256: str | None = None) -> Identification:
-    """What the file is (``arch.detect``), from its header; LoRA alphas are decoded too."""
-    shapes, dtypes, values = {}, {}, {}
-    for key, tensor in checkpoint.items():
-        shapes[key] = tensor.shape
-        dtypes[key] = tensor.dtype.name
-        if key.endswith(".alpha") and tensor.numel == 1:
+    """What the file is (``arch.detect``), from its header; LoRA alphas are decoded too.
+
+    A file of more tensors than ``MAX_IDENTIFIED_TENSORS`` is no model ckptkit knows, and is
+    said so at once: matching its keys against every family took seconds and hundreds of MB
+    for a header of a million empty tensors."""
+    tensors = checkpoint.tensors
+    if len(tensors) > MAX_IDENTIFIED_TENSORS:
+        return Identification("unknown", reasons=[
+            f"it holds {len(tensors):,} tensors, over the {MAX_IDENTIFIED_TENSORS:,} that "
+            "ckptkit matches (no model or adapter it knows holds a tenth of that)"])
+    shapes = {k: t.shape for k, t in tensors.items()}
+    dtypes = {k: t.dtype.name for k, t in tensors.items()}
+    values = {}
+    for key in [k for k in tensors if k.endswith(".alpha")]:
+        if tensors[key].numel == 1:
             # An alpha we cannot decode stays unknown rather than guessed.
             with contextlib.suppress(FormatError):
-                values[key] = tensor.scalar()
+                values[key] = tensors[key].scalar()
     return identify(shapes, dtypes, checkpoint.metadata, values, sha256)
 
 
