@@ -317,3 +317,17 @@ def test_a_file_of_more_tensors_than_any_model_is_not_matched_key_by_key(tmp_pat
     assert "21 tensors, over the 20 that ckptkit matches" in report["identification"][
         "reasons"][0]
     assert report["tensor_count"] == 21
+
+
+def test_lora_key_patterns_take_time_linear_in_the_key(tmp_path):
+    """A pattern with '.*' searched from every FLUX block name in a key took the square of
+    its length: 20 keys of 128 KB took 12 s. A 1 MB key of block names must take well under
+    a second (quadratic: minutes); the bound is loose on purpose."""
+    import time
+
+    from ckptkit.arch.lora import detect_lora
+
+    key = "double_blocks.0." * 65_536 + "x"
+    started = time.process_time()
+    assert detect_lora({key: (1,), "a.lora_down.weight": (4, 8)}, {}) is None
+    assert time.process_time() - started < 5

@@ -108,7 +108,10 @@ _SUFFIXES: tuple[tuple[str, str | None, str], ...] = tuple(sorted((
 ), key=lambda s: -len(s[0])))
 _ANY_SUFFIX = tuple(suffix for suffix, _, _ in _SUFFIXES)
 _XLABS = re.compile(r"^(.*\.processor\.(?:qkv|proj)_lora[12]?)\.(down|up)\.weight$")
-_BFL_NORM_SCALE = re.compile(r"(?:^|\.)(?:double|single)_blocks\.\d+\..*_norm\.scale$")
+# A block of FLUX's before a "_norm.scale" weight. Not one pattern with ".*" between them: a
+# search would rescan the rest of the key from every block name, the square of its length.
+_BFL_BLOCK = re.compile(r"(?:^|\.)(?:double|single)_blocks\.\d+\.")
+_NORM_SCALE = "_norm.scale"
 _BFL_ROOT = re.compile(r"^(?:double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|"
                        r"guidance_in|final_layer)(?:\.|$)")
 
@@ -317,6 +320,12 @@ def _num(value: float) -> str:
 # --- parsing --------------------------------------------------------------------------------
 
 
+def _is_norm_scale(key: str) -> bool:
+    """Whether ``key`` is a ``*_norm.scale`` weight inside a FLUX double or single block."""
+    return key.endswith(_NORM_SCALE) and _BFL_BLOCK.search(
+        key, 0, len(key) - len(_NORM_SCALE)) is not None
+
+
 def _split(keys: Iterable[str]) -> tuple[dict[str, _Module], list[str], list[str], list[str]]:
     """Groups keys by module: (modules, bundled-embedding keys, norm-scale keys, the rest)."""
     modules: dict[str, _Module] = {}
@@ -342,7 +351,7 @@ def _split(keys: Iterable[str]) -> tuple[dict[str, _Module], list[str], list[str
                     mod.fmt = fmt
                 break
         else:
-            (scales if _BFL_NORM_SCALE.search(key) else others).append(key)
+            (scales if _is_norm_scale(key) else others).append(key)
     for mod in modules.values():  # a bias difference alone: a full difference of the bias
         if mod.fmt is None and "diff_b" in mod.roles:
             mod.fmt = "lycoris-full"
