@@ -331,3 +331,27 @@ def test_lora_key_patterns_take_time_linear_in_the_key(tmp_path):
     started = time.process_time()
     assert detect_lora({key: (1,), "a.lora_down.weight": (4, 8)}, {}) is None
     assert time.process_time() - started < 5
+
+
+def test_text_report_lines_are_bounded_whatever_the_names(tmp_path, capsys):
+    """A key of 60 KB padded every prefix row to its length; a metadata name of megabytes
+    was one line of megabytes. --json keeps them whole."""
+    key = "a." * 30_000 + "w"
+    path = write_safetensors(tmp_path / "long.safetensors",
+                             {key: ("F32", [1], 4), "b.w": ("F32", [1], 4)},
+                             metadata={"k" * 1_000_000: "v"})
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) < 4100
+    assert len(out) < 12_000
+    rows = _rows(out, "key prefixes")
+    assert [row.split()[1:] for row in rows] == [["1", "tensor", "1", "parameter"]] * 2
+    assert "more characters)" in out
+    report = json.loads(run_cli(capsys, "inspect", "--json", path)[1])
+    assert {p["prefix"] for p in report["prefixes"]} == {key[:-2], "b"}
+
+
+def _rows(text: str, title: str) -> list[str]:
+    lines = text.splitlines()
+    start = lines.index(f"  {title}") + 1
+    return [ln for ln in lines[start:] if ln.startswith("    ")][:2]

@@ -30,6 +30,7 @@ from .fmt import human_bytes, human_count, plural
 from .progress import ProgressBar
 
 MAX_PREFIX_ROWS = 30  # key prefix groups shown without --verbose
+MAX_LINE = 4000  # characters of one line of a text report
 
 
 def add_parser(commands) -> None:
@@ -198,8 +199,15 @@ def _span(values: list[int]) -> str:
 def _write_safely(text: str) -> None:
     """Writes report lines with control characters escaped (names, metadata and reasons are
     the file's own text: an escape sequence in them must be shown, not obeyed); line breaks
-    stay, so that indented JSON keeps its shape."""
-    sys.stdout.write("\n".join(printable(line) for line in text.split("\n")))
+    stay, so that indented JSON keeps its shape. A line longer than ``MAX_LINE`` (a key name
+    of megabytes) is cut, saying how much was left out: ``--json`` has it whole."""
+    sys.stdout.write("\n".join(printable(_cut(line)) for line in text.split("\n")))
+
+
+def _cut(line: str) -> str:
+    if len(line) <= MAX_LINE:
+        return line
+    return f"{line[:MAX_LINE]}... ({len(line) - MAX_LINE:,} more characters)"
 
 
 def print_report(report: dict[str, Any], verbose: bool = False) -> None:
@@ -264,9 +272,10 @@ def _parameters(n: int) -> str:
 def _print_prefixes(prefixes: list[dict[str, Any]], out, verbose: bool) -> None:
     shown = prefixes if verbose else prefixes[:MAX_PREFIX_ROWS]
     out("  key prefixes\n")
-    width = max((len(p["prefix"]) for p in shown), default=0) + 2
+    width = min(max((len(p["prefix"]) for p in shown), default=0), 60) + 2
     for entry in shown:
-        out(f"    {entry['prefix']:<{width}}{_counts(entry['tensors'], entry['parameters'])}\n")
+        name = entry["prefix"] if len(entry["prefix"]) <= 200 else entry["prefix"][:197] + "..."
+        out(f"    {name:<{width}}{_counts(entry['tensors'], entry['parameters'])}\n")
     if len(shown) < len(prefixes):
         rest = prefixes[len(shown):]
         out(f"    ... and {plural(len(rest), 'more group')} holding "
