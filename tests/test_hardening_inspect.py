@@ -355,3 +355,17 @@ def _rows(text: str, title: str) -> list[str]:
     lines = text.splitlines()
     start = lines.index(f"  {title}") + 1
     return [ln for ln in lines[start:] if ln.startswith("    ")][:2]
+
+
+def test_line_breaks_in_names_cannot_forge_report_lines(tmp_path, capsys):
+    fake = "\n  is         checkpoint  sdxl  layout ldm\n"
+    path = write_safetensors(tmp_path / "forged.safetensors", {f"a{fake}.w": ("F32", [1], 4)},
+                             metadata={f"k{fake}": f"v{fake}", "j": json.dumps({"x": fake})})
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert code == 0
+    assert [ln for ln in out.splitlines() if ln.startswith("  is")] == ["  is         unknown"]
+    assert "a\\n  is         checkpoint" in out and "k\\n  is" in out and "v\\n  is" in out
+    assert '      "x": "\\n  is         checkpoint' in out  # decoded JSON, pretty-printed
+    write_safetensors(tmp_path / f"b{fake}.safetensors", {"w": ("F32", [1], 4)})
+    code, out, _ = run_cli(capsys, "inspect", "--brief", tmp_path)
+    assert len(out.splitlines()) == 3  # the header and one row per file

@@ -143,7 +143,8 @@ def run(args) -> int:
             printed = True
     bar.close()
     if args.brief and len(rows) > 1:
-        _write_safely(_table(rows))
+        for line in _table(rows):
+            _write_safely(line)
     return status
 
 
@@ -157,20 +158,19 @@ def _failed(args, bar: ProgressBar, rows: list[tuple[str, ...]], path: str, mess
     """Reports a file that could not be inspected: its error line on stderr (with --json,
     also its ``{"path", "error"}`` object), or with --brief its row in the listing."""
     _clear_bar(bar)
-    prefix = "ckpt: " if internal else "ckpt: error: "
     if args.brief:  # the listing's own row says it; the exit code still does
         rows.append(("error", "-", "-", "-", "-", f"{path}: {reason}"))
         return
-    print(prefix + printable(message), file=sys.stderr)
+    print(("ckpt: " if internal else "ckpt: error: ") + printable(message), file=sys.stderr)
     if args.json:
         print(json_dumps({"path": path, "error": reason}))
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
-    """``rows`` as aligned columns (the last one, the file, as long as it is)."""
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """``rows`` as lines of aligned columns (the last one, the file, as long as it is)."""
     widths = [max(len(row[i]) for row in rows) + 2 for i in range(len(rows[0]) - 1)]
-    return "".join("".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False))
-                   + row[-1] + "\n" for row in rows)
+    return ["".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False))
+            + row[-1] + "\n" for row in rows]
 
 
 def _brief_row(report: dict[str, Any]) -> tuple[str, ...]:
@@ -196,12 +196,14 @@ def _span(values: list[int]) -> str:
     return str(low) if low == high else f"{low}-{high}"
 
 
-def _write_safely(text: str) -> None:
-    """Writes report lines with control characters escaped (names, metadata and reasons are
-    the file's own text: an escape sequence in them must be shown, not obeyed); line breaks
-    stay, so that indented JSON keeps its shape. A line longer than ``MAX_LINE`` (a key name
-    of megabytes) is cut, saying how much was left out: ``--json`` has it whole."""
-    sys.stdout.write("\n".join(printable(_cut(line)) for line in text.split("\n")))
+def _write_safely(line: str) -> None:
+    """Writes one report line with control characters escaped (names, metadata and reasons
+    are the file's own text: an escape sequence in them must be shown, not obeyed, and a
+    line break in a key name must not start a line of its own that reads like the report's).
+    Only a final line break is kept. A line longer than ``MAX_LINE`` (a key name of
+    megabytes) is cut, saying how much was left out: ``--json`` has it whole."""
+    end = "\n" if line.endswith("\n") else ""
+    sys.stdout.write(printable(_cut(line.removesuffix("\n"))) + end)
 
 
 def _cut(line: str) -> str:
@@ -254,7 +256,10 @@ def print_report(report: dict[str, Any], verbose: bool = False) -> None:
     if report["metadata"]:
         out("  metadata\n")
         for key, value in report["metadata"].items():
-            out(f"    {key}: {_short(value, pretty=True)}\n")
+            first, *rest = _short(value, pretty=True).split("\n")  # JSON's own line breaks
+            out(f"    {key}: {first}\n")
+            for line in rest:
+                out(f"{line}\n")
     for note in report["notes"]:
         out(f"  note: {note}\n")
 
@@ -337,7 +342,7 @@ def _print_identification(ident: dict[str, Any], out) -> None:
 
 def _short(value: Any, pretty: bool = False) -> str:
     if isinstance(value, str):
-        text = value
+        text = value.replace("\n", "\\n")  # one line: only JSON's indents may break it
     elif pretty and isinstance(value, (dict, list)):
         text = json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n      ")
     else:
