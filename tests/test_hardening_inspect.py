@@ -369,3 +369,25 @@ def test_line_breaks_in_names_cannot_forge_report_lines(tmp_path, capsys):
     write_safetensors(tmp_path / f"b{fake}.safetensors", {"w": ("F32", [1], 4)})
     code, out, _ = run_cli(capsys, "inspect", "--brief", tmp_path)
     assert len(out.splitlines()) == 3  # the header and one row per file
+
+
+def test_a_subfolder_that_cannot_be_listed_is_an_error_not_a_silence(tmp_path, capsys,
+                                                                      monkeypatch):
+    import os
+
+    folder = tmp_path / "models"
+    (folder / "locked").mkdir(parents=True)
+    write_safetensors(folder / "good.safetensors", {"a.w": ("F32", [1], 4)})
+    real = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, str) and path == str(folder / "locked"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    code, out, err = run_cli(capsys, "inspect", "--quiet", folder)
+    assert code == 3
+    (line,) = err.splitlines()
+    assert line.startswith(f"ckpt: error: {folder / 'locked'}: cannot list the folder")
+    assert out.startswith(str(folder / "good.safetensors"))

@@ -20,11 +20,11 @@ import os
 import sys
 from typing import Any
 
-from ..errors import CkptError, UnsafeFileError
+from ..errors import CkptError, FormatError, UnsafeFileError
 from ..formats import detect_format
 from ..formats.sniff import MODEL_EXTENSIONS
 from ..ops.inspect import inspect_diffusers_folder, inspect_file, is_diffusers_folder
-from ..ops.scan import iter_files
+from ..ops.scan import ERROR, ScanResult, walk
 from ..safe_text import json_dumps, json_safe, printable
 from .fmt import human_bytes, human_count, plural
 from .progress import ProgressBar
@@ -56,15 +56,24 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run)
 
 
-def _expand(paths: list[str]) -> tuple[list[str], bool]:
-    """Files named, plus the model files found in named folders (by content, not name)."""
-    files, folders = [], False
+def _expand(paths: list[str]) -> tuple[list[str], dict[str, CkptError], bool]:
+    """Files named, plus the model files found in named folders (see ``_is_model_file``);
+    the errors of subfolders that could not be listed (whose files are unknown), by path;
+    and whether any folder was named."""
+    files: list[str] = []
+    unlisted: dict[str, CkptError] = {}
+    folders = False
     for path in paths:
         if not os.path.isdir(path) or is_diffusers_folder(path):
             files.append(path)
             continue
         folders = True
-        for found in iter_files([path]):
+        for found in walk([path]):
+            if isinstance(found, ScanResult):  # a folder that cannot be listed, or a loop
+                if found.verdict == ERROR:
+                    unlisted[found.path] = FormatError(found.reasons[0]["message"], found.path)
+                    files.append(found.path)
+                continue
             pipeline = _pipeline_of(found, path)
             if pipeline:  # its files are reported as the one folder they make
                 if pipeline not in files:
@@ -72,7 +81,7 @@ def _expand(paths: list[str]) -> tuple[list[str], bool]:
                 continue
             if _is_model_file(found):
                 files.append(found)
-    return files, folders
+    return files, unlisted, folders
 
 
 def _is_model_file(path: str) -> bool:
@@ -103,7 +112,7 @@ def _pipeline_of(found: str, top: str) -> str | None:
 
 def run(args) -> int:
     status = 0
-    files, folders = _expand(args.files)
+    files, unlisted, folders = _expand(args.files)
     bar = ProgressBar("inspect", unit="files",
                       enabled=False if args.quiet or not (folders or args.hash) else None)
     bar.start(sum(os.path.getsize(f) for f in files if os.path.isfile(f)), len(files))
@@ -111,6 +120,8 @@ def run(args) -> int:
     printed = False
     for path in files:
         try:
+            if path in unlisted:
+                raise unlisted[path]
             if os.path.isdir(path):
                 report = inspect_diffusers_folder(path)
             else:
