@@ -70,3 +70,30 @@ def test_inspect_shows_escape_sequences_in_metadata_instead_of_obeying_them(tmp_
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\r" not in out
     assert "a\\x1b[2J\\rb" in out and "k\\x1b[1A" in out
+
+
+# C1 controls, bidi embeddings/overrides/isolates and the invisible direction marks: each can
+# make a terminal show text other than the file's (a CSI sequence, a name read backwards).
+HIDDEN = ["\x85", "\x9b", "\x9d", "\u061c", "\u200e", "\u200f", *map(chr, range(0x202A, 0x202F)),
+          *map(chr, range(0x2066, 0x206A))]
+
+
+def test_printable_escapes_c1_controls_and_every_bidi_control():
+    for ch in HIDDEN:
+        out = printable(f"a{ch}b")
+        assert out == f"a\\x{ord(ch):02x}b" if ord(ch) <= 0xFF else f"a\\u{ord(ch):04x}b"
+        assert out.isascii()
+
+
+def test_json_dumps_escapes_them_and_decodes_back():
+    from ckptkit.safe_text import json_dumps
+
+    value = {"k" + "".join(HIDDEN): ["\x1b[2J", "\U000e0041 tag", "café 模型 🙂", float("inf")],
+             "caf\udcff": 1}
+    text = json_dumps(value)
+    assert all(ch.isprintable() for ch in text)
+    assert "café 模型 🙂" in text  # readable text stays as it is
+    assert "\\u202e" in text and "\\u009b" in text and "\\udb40\\udc41" in text
+    assert json.loads(text) == {"k" + "".join(HIDDEN): ["\x1b[2J", "\U000e0041 tag",
+                                                         "café 模型 🙂", "inf"],
+                                "caf\\xff": 1}

@@ -10,6 +10,18 @@ from __future__ import annotations
 import os
 
 
+def a_or_an(word: str) -> str:
+    """``word`` after its indefinite article, for messages that name a kind: "an unknown",
+    "a vae", "an openclip_h"."""
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` (with thousands separators) and ``noun``, in the plural unless ``n`` is 1:
+    "1 tensor", "2,048 tensors", "3 entries" (``plural`` where it is not ``noun`` + s)."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 class CkptError(Exception):
     """Base of every expected failure; ``exit_code`` is what ``ckpt`` exits with."""
 

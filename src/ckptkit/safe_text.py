@@ -6,11 +6,15 @@ erase the lines above and draw a fake verdict (``\\x1b[2A\\r\\x1b[J SAFE ...``).
 writes every character that is not printable as an escape of plain ASCII characters, so the
 terminal shows the sequence instead of obeying it. ``json_safe`` leaves control characters to
 ``json.dumps`` (which escapes them) and only replaces what strict JSON readers refuse: lone
-surrogates, which is how Python hands over file names that are not valid UTF-8.
+surrogates, which is how Python hands over file names that are not valid UTF-8. ``json_dumps``
+is the JSON a command prints: ``json.dumps`` escapes only the C0 controls, so it also writes
+every other character that ``printable`` escapes (C1 controls such as CSI U+009B, bidi
+overrides such as U+202E) as a ``\\uNNNN`` escape, which any JSON reader decodes back.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -73,3 +77,23 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def json_dumps(value: Any) -> str:
+    """``value`` (a report) as one line of strict JSON, safe to print: ``json_safe`` applied,
+    non-ASCII text kept readable, and every character ``printable`` would escape written as
+    a JSON ``\\uNNNN`` escape (a surrogate pair beyond U+FFFF), so that a terminal shows a
+    C1 control or a bidi override in a name instead of obeying it. Decoding gives the same
+    value back."""
+    text = json.dumps(json_safe(value), ensure_ascii=False, allow_nan=False)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _json_escape(ch) for ch in text)
+
+
+def _json_escape(ch: str) -> str:
+    code = ord(ch)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cache
 from typing import Any
 
+from ..errors import counted
 from .diffusers import diffusers_component
 from .diffusers_layout import kohya_prefix, layout_table
 from .embedding import detect_embedding
@@ -219,7 +220,7 @@ def _size_and_variant(exp: _Expected, shapes: Mapping[str, Shape],
     if bad:
         shown = ", ".join(f"{k} {list(shapes[k])} (expected {list(exp.full[k])})"
                           for k in bad[:3])
-        reasons.append(f"{_count(len(bad), 'shape')} {'differs' if len(bad) == 1 else 'differ'}"
+        reasons.append(f"{counted(len(bad), 'shape')} {'differs' if len(bad) == 1 else 'differ'}"
                        f" from {exp.family.id}'s {exp.component}: "
                        f"{shown}")
         size = "other"
@@ -439,7 +440,7 @@ def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, ext
     unexplained = keys - covered
     if unexplained:
         extra["unexplained keys"] = len(unexplained)
-        reasons.append(f"{_count(len(unexplained), 'key')} "
+        reasons.append(f"{counted(len(unexplained), 'key')} "
                        f"{'belongs' if len(unexplained) == 1 else 'belong'} to no component, e.g. "
                        f"{', '.join(sorted(unexplained)[:3])}")
     # One component alone is that component, whether under its checkpoint prefix or not
@@ -508,10 +509,6 @@ def named_family(metadata: Mapping[str, str]) -> tuple[Family, str] | None:
             return found, f"its metadata ({key} {value!r})"
     return None
 
-
-def _count(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless ``n`` is 1."""
-    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def _not_quite(fam: Family, layout: str, model: ComponentReport,

@@ -108,7 +108,10 @@ _SUFFIXES: tuple[tuple[str, str | None, str], ...] = tuple(sorted((
 ), key=lambda s: -len(s[0])))
 _ANY_SUFFIX = tuple(suffix for suffix, _, _ in _SUFFIXES)
 _XLABS = re.compile(r"^(.*\.processor\.(?:qkv|proj)_lora[12]?)\.(down|up)\.weight$")
-_BFL_NORM_SCALE = re.compile(r"(?:^|\.)(?:double|single)_blocks\.\d+\..*_norm\.scale$")
+# A block of FLUX's before a "_norm.scale" weight. Not one pattern with ".*" between them: a
+# search would rescan the rest of the key from every block name, the square of its length.
+_BFL_BLOCK = re.compile(r"(?:^|\.)(?:double|single)_blocks\.\d+\.")
+_NORM_SCALE = "_norm.scale"
 _BFL_ROOT = re.compile(r"^(?:double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|"
                        r"guidance_in|final_layer)(?:\.|$)")
 
@@ -285,6 +288,9 @@ class LoraInfo:
     ranks: list[int]
     alphas: list[float] | None
     reasons: list[str] = field(default_factory=list)
+    # Modules by component and format: {"component", "format", "modules", "ranks": [lo, hi]},
+    # what a report shows instead of a line per module.
+    groups: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -294,6 +300,7 @@ class _Module:
     fmt: str | None = None
     slot: str = "other"  # DIFFUSION_MODEL, te, te1, te2, te3, clip_l, clip_g, ..., other
     group: str = ""  # the prefix it was found under
+    component: str = "other"  # DIFFUSION_MODEL or the text encoder it adapts (clip_l...)
     flat: str = ""  # module path after the prefix, "_"-joined
     rank: int | None = None
     width_in: int | None = None
@@ -311,6 +318,12 @@ def _num(value: float) -> str:
 
 
 # --- parsing --------------------------------------------------------------------------------
+
+
+def _is_norm_scale(key: str) -> bool:
+    """Whether ``key`` is a ``*_norm.scale`` weight inside a FLUX double or single block."""
+    return key.endswith(_NORM_SCALE) and _BFL_BLOCK.search(
+        key, 0, len(key) - len(_NORM_SCALE)) is not None
 
 
 def _split(keys: Iterable[str]) -> tuple[dict[str, _Module], list[str], list[str], list[str]]:
@@ -338,7 +351,7 @@ def _split(keys: Iterable[str]) -> tuple[dict[str, _Module], list[str], list[str
                     mod.fmt = fmt
                 break
         else:
-            (scales if _BFL_NORM_SCALE.search(key) else others).append(key)
+            (scales if _is_norm_scale(key) else others).append(key)
     for mod in modules.values():  # a bias difference alone: a full difference of the bias
         if mod.fmt is None and "diff_b" in mod.roles:
             mod.fmt = "lycoris-full"
@@ -823,7 +836,23 @@ def detect_lora(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, st
                        "lora_magnitude_vector)")
     return LoraInfo(format=fmt, dora=dora, family=family,
                     components=[c for c in _COMPONENT_ORDER if c in components],
-                    modules=len(adapters), ranks=ranks, alphas=alphas, reasons=reasons)
+                    modules=len(adapters), ranks=ranks, alphas=alphas, reasons=reasons,
+                    groups=_groups(adapters))
+
+
+def _groups(adapters: list[_Module]) -> list[dict]:
+    """The adapted modules counted by component and format, each with its rank range."""
+    counted: dict[tuple[str, str], list] = {}
+    for mod in adapters:
+        entry = counted.setdefault((mod.component, mod.fmt or ""), [0, set()])
+        entry[0] += 1
+        if mod.rank is not None:
+            entry[1].add(mod.rank)
+    order = {c: i for i, c in enumerate(_COMPONENT_ORDER)}
+    return [{"component": comp, "format": fmt, "modules": n,
+             "ranks": [min(ranks), max(ranks)] if ranks else []}
+            for (comp, fmt), (n, ranks) in sorted(
+                counted.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0]))]
 
 
 def _components(adapters: list[_Module],
@@ -843,7 +872,14 @@ def _components(adapters: list[_Module],
     if dm:
         components.add(DIFFUSION_MODEL)
         candidates = _diffusion_families(dm, reasons)
-    encoders = {_encoder_of(mods, reasons) for mods in te_groups.values()}
+        for m in dm:
+            m.component = DIFFUSION_MODEL
+    encoders = set()
+    for mods in te_groups.values():
+        encoder = _encoder_of(mods, reasons)
+        encoders.add(encoder)
+        for m in mods:
+            m.component = encoder
     components |= encoders
     if encoders:
         hint = _encoder_families(encoders, set(te_groups))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..errors import CkptError
+from ..errors import CkptError, counted
 from ..ops.convert import CONVERT_DTYPES, convert
 from ..safe_text import json_safe, printable
 from .fmt import human_bytes
@@ -47,10 +47,6 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run)
 
 
-def _count(n: int, one: str, many: str) -> str:
-    return f"{n:,} {one if n == 1 else many}"
-
-
 def _names(names: list[str]) -> str:
     return printable(", ".join(names[:8]) + (", ..." if len(names) > 8 else ""))
 
@@ -72,13 +68,13 @@ def run(args) -> int:
         print(json.dumps(json_safe({"input": args.input, "output": args.output,
                                     **vars(report)})))
         return 0
-    print(printable(f"wrote {args.output}: {_count(report.tensors, 'tensor', 'tensors')}, "
+    print(printable(f"wrote {args.output}: {counted(report.tensors, 'tensor')}, "
                     f"{human_bytes(report.bytes)}")
           + (f", {report.cast:,} cast to {args.dtype}" if report.cast else ""))
     for note in report.notes:
         print(f"note: {printable(note)}")
     if report.dropped:
-        print(f"note: dropped {_count(len(report.dropped), 'entry', 'entries')} that "
+        print(f"note: dropped {counted(len(report.dropped), 'entry', 'entries')} that "
               f"{'is not a weight' if len(report.dropped) == 1 else 'are not weights'}: "
               f"{_names(report.dropped)}")
     if report.dropped_tensors:
@@ -86,7 +82,7 @@ def run(args) -> int:
         names = list(report.dropped_tensors)
         which = ("1 of the dropped entries holds" if len(names) == 1
                  else f"{len(names):,} of the dropped entries hold")
-        print(f"note: {which} {_count(held, 'tensor', 'tensors')}, not written: "
+        print(f"note: {which} {counted(held, 'tensor')}, not written: "
               f"{_names(names)}")
     targets = " or ".join(dict.fromkeys(d for d in (args.dtype, args.vae_dtype) if d))
     for counts, became in ((report.overflowed, f"out of range for {targets} and became "
@@ -94,7 +90,7 @@ def run(args) -> int:
                            (report.clamped, f"beyond {targets}'s range and clamped")):
         if counts:
             total = sum(counts.values())
-            print(f"warning: {_count(total, 'value', 'values')} in "
-                  f"{_count(len(counts), 'tensor', 'tensors')} "
+            print(f"warning: {counted(total, 'value')} in "
+                  f"{counted(len(counts), 'tensor')} "
                   f"{'was' if total == 1 else 'were'} {became}", file=sys.stderr)
     return 0

@@ -1,4 +1,4 @@
-"""Number formatting for people: sizes in KB/MB/GB, counts in K/M/G."""
+"""Number formatting for people: sizes in KB/MB/GB, counts in K/M/G, "1 tensor", "2 tensors"."""
 
 from __future__ import annotations
 
@@ -17,9 +17,3 @@ def human_count(n: float) -> str:
             return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
         n /= 1000
     raise AssertionError("unreachable")
-
-
-def counted(n: int, noun: str) -> str:
-    """``n`` (with thousands separators) and ``noun``, in the plural unless ``n`` is 1:
-    "1 tensor", "2,048 tensors"."""
-    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
+from ..errors import counted
 from ..ops.parts import assemble, bake_vae, split
 from ..safe_text import json_safe, printable
-from .fmt import counted
 from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 

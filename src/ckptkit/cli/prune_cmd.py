@@ -7,10 +7,10 @@ import json
 import sys
 from dataclasses import asdict
 
+from ..errors import counted
 from ..formats.dtypes import CLI_NAMES
 from ..ops.prune import prune
 from ..safe_text import json_safe, printable
-from .fmt import counted
 from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 

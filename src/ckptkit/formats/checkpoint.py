@@ -8,6 +8,7 @@ zero-copy torch view of the memory-mapped file, ``read`` a private copy of just 
 
 from __future__ import annotations
 
+import gc
 import math
 import struct
 import warnings
@@ -21,9 +22,12 @@ from .dtypes import STRUCT_CODES, DType, torch_dtype
 from .source import Source
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class LazyTensor:
     """A tensor not yet read: ``shape`` elements of ``dtype`` at ``byte_offset`` in ``source``.
+
+    Slotted: a header may describe millions of tensors, and a per-instance ``__dict__`` would
+    triple the memory each one takes.
 
     ``strides`` are in elements; ``None`` means contiguous. ``storage_offset`` (elements) and
     ``storage_nbytes`` describe the storage the strides index into, which starts at
@@ -152,6 +156,21 @@ class LazyTensor:
 
 
 @contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused while a reader builds millions of small objects
+    that hold no cycles (a header's entries): it would walk everything built so far again
+    and again, for nothing (decoding a 93 MB header of 1.6 million entries took 7.6 s with
+    it running, 2.2 s without)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@contextmanager
 def _about(path: str) -> Iterator[None]:
     """Names the file in errors raised while reading one of its tensors."""
     try:
@@ -222,6 +241,17 @@ class Checkpoint(Mapping[str, LazyTensor]):
 
     def __len__(self) -> int:
         return len(self.tensors)
+
+    # The dict's own views: ``Mapping``'s would call ``__getitem__`` once per key, which is
+    # most of the time of inspecting a header of a million tensors.
+    def keys(self):
+        return self.tensors.keys()
+
+    def items(self):
+        return self.tensors.items()
+
+    def values(self):
+        return self.tensors.values()
 
     def close(self) -> None:
         self.source.close()

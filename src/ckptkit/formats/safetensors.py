@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
+from collections.abc import Iterator
+from json.decoder import scanstring
+from operator import attrgetter
 from typing import Any
 
 from ..errors import FormatError, UnsafeFileError
-from .checkpoint import Checkpoint, LazyTensor, checked_shape
+from .checkpoint import Checkpoint, LazyTensor, checked_shape, paused_gc
 from .dtypes import BY_NAME
 from .source import Source
 
@@ -29,11 +33,10 @@ class _Duplicate(ValueError):
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _Duplicate(key)
-        result[key] = value
+    result = dict(pairs)  # in C: this hook runs once per tensor entry
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return result
 
 
@@ -41,26 +44,63 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def decode_header(raw: bytes, path: str) -> dict[str, Any]:
-    """The header JSON as a dict, or a ``FormatError`` that says why it is not one."""
+# The punctuation of the top-level object, with JSON's whitespace around it: group 1 is the
+# closing brace (and the whitespace after it), else the match ends where a name must start.
+_OPENING = re.compile(r"\{[ \t\n\r]*(\}[ \t\n\r]*)?")
+_COLON = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")
+_AFTER_VALUE = re.compile(r"[ \t\n\r]*(?:,[ \t\n\r]*|(\}[ \t\n\r]*))")
+
+
+def decode_header(raw: bytes | bytearray, path: str) -> Iterator[tuple[str, Any]]:
+    """The header JSON object's (name, value) pairs in file order, each value decoded as it is
+    reached, or a ``FormatError`` that says why the header is not such an object.
+
+    One entry at a time, so that the caller can keep what an entry says and drop its decoded
+    JSON: a 93 MB header of 1.6 million entries held whole took 1.3 GB before one tensor was
+    made. The object itself is parsed here by JSON's grammar (``json.decoder`` reads each
+    name and value, duplicates refused at every level), so it accepts exactly what
+    ``json.loads`` would."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise FormatError("safetensors header is not valid UTF-8", path) from None
+    del raw
     if not text.startswith("{"):
         raise FormatError("safetensors header does not start with '{' (not a safetensors "
                           "file, or a corrupt one)", path)
+    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates,
+                               parse_constant=_refuse_constant)
+    scan = decoder.scan_once  # one JSON value at an offset, in C
+    names: set[str] = set()
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates,
-                            parse_constant=_refuse_constant)
+        after = _OPENING.match(text)
+        while after.group(1) is None:  # not the closing brace yet
+            at = after.end()
+            if not text.startswith('"', at):
+                raise json.JSONDecodeError("Expecting property name enclosed in double quotes",
+                                           text, at)
+            name, at = scanstring(text, at + 1)
+            colon = _COLON.match(text, at)
+            if colon is None:
+                raise json.JSONDecodeError("Expecting ':' delimiter", text, at)
+            try:
+                value, at = scan(text, colon.end())
+            except StopIteration as stop:
+                raise json.JSONDecodeError("Expecting value", text, stop.value) from None
+            if name in names:
+                raise _Duplicate(name)
+            names.add(name)
+            yield name, value
+            after = _AFTER_VALUE.match(text, at)
+            if after is None:
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
+        if after.end() != len(text):
+            raise json.JSONDecodeError("Extra data", text, after.end())
     except _Duplicate as dup:
         raise UnsafeFileError(f"safetensors header names {str(dup)!r} twice (readers would "
                               "disagree on which entry counts)", path) from None
     except (ValueError, RecursionError) as exc:
         raise FormatError(f"safetensors header is not valid JSON ({exc})", path) from None
-    if not isinstance(header, dict):
-        raise FormatError("safetensors header is not a JSON object", path)
-    return header
 
 
 def _metadata(value: Any, path: str) -> dict[str, str]:
@@ -73,18 +113,25 @@ def _metadata(value: Any, path: str) -> dict[str, str]:
 
 
 def _entry(name: str, info: Any, path: str) -> tuple[Any, tuple[int, ...], int, int]:
+    # Runs once per tensor: the messages (and the name's repr in them) are built only for
+    # an entry that breaks a rule. JSON gives no int subclass but bool, hence ``type() is``.
     if not isinstance(info, dict):
         raise FormatError(f"tensor {name!r}: header entry is not an object", path)
-    missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
-    if missing:
-        raise FormatError(f"tensor {name!r}: header entry lacks {', '.join(missing)}", path)
-    dtype = BY_NAME.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    try:
+        dtype_name, dims, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    except KeyError:
+        missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+        raise FormatError(f"tensor {name!r}: header entry lacks {', '.join(missing)}",
+                          path) from None
+    dtype = BY_NAME.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise FormatError(f"tensor {name!r}: unknown dtype {info['dtype']!r}", path)
-    shape = checked_shape(info["shape"], f"tensor {name!r}", path)
-    offsets = info["data_offsets"]
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
-            isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+        raise FormatError(f"tensor {name!r}: unknown dtype {dtype_name!r}", path)
+    if type(dims) is list and all(type(d) is int and d >= 0 for d in dims):
+        shape = tuple(dims)
+    else:
+        shape = checked_shape(dims, f"tensor {name!r}", path)  # says what is wrong
+    if not (type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int
+            and type(offsets[1]) is int and offsets[0] >= 0 and offsets[1] >= 0):
         raise FormatError(f"tensor {name!r}: data_offsets {offsets!r} are not two "
                           "non-negative integers", path)
     begin, end = offsets
@@ -110,15 +157,25 @@ def open_safetensors(source: Source, findings: list | None = None) -> Checkpoint
     if 8 + n > source.size:
         raise FormatError(f"the file is truncated: its header needs {8 + n} bytes but the file "
                           f"has {source.size}", path)
-    header = decode_header(bytes(source.read(8, n)), path)
-    metadata = _metadata(header.pop(METADATA_KEY, None), path)
     data_start = 8 + n
     data_size = source.size - data_start
-    entries = []
-    for name, info in header.items():
-        entries.append((name, *_entry(name, info, path)))
+    metadata: dict[str, str] = {}
+    tensors: dict[str, LazyTensor] = {}
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape
+    with paused_gc():  # millions of small acyclic objects: nothing for the collector to find
+        for name, info in decode_header(source.read(8, n), path):
+            if name == METADATA_KEY:
+                metadata = _metadata(info, path)
+                continue
+            dtype, shape, begin, end = _entry(name, info, path)
+            tensors[name] = LazyTensor(source, dtype, shapes.setdefault(shape, shape),
+                                       data_start + begin, end - begin, storage_id=name)
+        # By (begin, end): two stable sorts on one key each keep memory to the list itself.
+        ordered = sorted(tensors.values(), key=attrgetter("storage_nbytes"))
+        ordered.sort(key=attrgetter("byte_offset"))
     position = 0
-    for name, _dtype, _shape, begin, end in sorted(entries, key=lambda e: (e[3], e[4])):
+    for tensor in ordered:
+        name, begin = tensor.storage_id, tensor.byte_offset - data_start
         if begin > position:
             raise FormatError(f"tensor {name!r} starts at data byte {begin} but the previous "
                               f"tensor ends at {position} (a gap)", path)
@@ -126,16 +183,12 @@ def open_safetensors(source: Source, findings: list | None = None) -> Checkpoint
             raise UnsafeFileError(f"tensor {name!r} starts at data byte {begin}, inside the "
                                   f"previous tensor (ends at {position}): overlapping tensors",
                                   path)
-        position = end
+        position = begin + tensor.storage_nbytes
     if position != data_size:
         if position > data_size:
             raise FormatError(f"the file is truncated: tensors need {position} data bytes "
                               f"but only {data_size} are present", path)
         raise FormatError(f"{data_size - position} bytes follow the last tensor (trailing "
                           "data is not allowed)", path)
-    tensors = {
-        name: LazyTensor(source, dtype, shape, data_start + begin, end - begin, storage_id=name)
-        for name, dtype, shape, begin, end in entries
-    }
     return Checkpoint(path=path, format="safetensors", tensors=tensors, source=source,
                       metadata=metadata)

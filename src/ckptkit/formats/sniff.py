@@ -23,6 +23,10 @@ EXTENSIONS = {
     TORCH_ZIP: (".ckpt", ".pt", ".pth", ".bin"),
     TORCH_LEGACY: (".ckpt", ".pt", ".pth", ".bin"),
 }
+# The names a model file goes by (GGUF too, which ckptkit cannot read yet): in a folder, a file
+# named so is reported even when its content is no checkpoint (an HTML page, a Git LFS
+# pointer, an empty download), since that is what its user needs to know.
+MODEL_EXTENSIONS = frozenset({e for exts in EXTENSIONS.values() for e in exts} | {".gguf"})
 _LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _SNIFF = 512
 

@@ -31,7 +31,7 @@ from ..arch.families import Family, families
 from ..engine.moves import copy_range
 from ..engine.slices import by_rows
 from ..engine.writer import Deferred, Planned, Progress, write_safetensors
-from ..errors import FormatError, UsageError
+from ..errors import FormatError, UsageError, a_or_an
 from ..formats import Checkpoint, LazyTensor, open_checkpoint
 from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
 from .hashing import BackgroundSha256, sha256
@@ -160,7 +160,8 @@ def _identify_all(recipe: Recipe, names: list[str], checkpoints: dict[str, Check
     idents = {n: identify_checkpoint(checkpoints[n]) for n in names}
     for name, ident in idents.items():
         if ident.kind in ("lora", "unknown"):
-            raise UsageError(f"{recipe.inputs[name]} is a {ident.kind}, not a model to merge")
+            raise UsageError(f"{recipe.inputs[name]} is {a_or_an(ident.kind)}, not a model to "
+                             "merge")
     base = recipe.base()
     first = idents[base]
     for name, ident in idents.items():
@@ -473,7 +474,7 @@ def list_blocks(path: str) -> dict[str, Any]:
         ident = identify_checkpoint(checkpoint)
         keys = list(checkpoint)
     if ident.family is None or ident.kind in ("lora", "unknown"):
-        raise UsageError(f"{path} is a {ident.kind}, not a model of a known family")
+        raise UsageError(f"{path} is {a_or_an(ident.kind)}, not a model of a known family")
     blocks = [{"name": b.block, "tensors": b.n_keys,
                "covers": ", ".join(b.prefixes[:3]) + (" ..." if len(b.prefixes) > 3 else "")}
               for b in describe(ident.family, keys)]

@@ -42,7 +42,7 @@ from ..arch.layouts import (
 )
 from ..engine.moves import plan_moves
 from ..engine.writer import OutputBatch, Planned, Progress, write_safetensors
-from ..errors import FormatError, UsageError
+from ..errors import FormatError, UsageError, a_or_an
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.dtypes import BY_NAME
 from ..safe_text import json_text
@@ -124,17 +124,12 @@ def _monolithic(path: str, checkpoint: Checkpoint) -> tuple[Family, Identificati
         if ident.layout in _SPLIT_LAYOUTS and ident.family:
             return families()[ident.family], ident
         if ident.layout in _SPLIT_LAYOUTS and ident.compatible_families:
-            raise UsageError(f"{path} is {_a(ident.kind)} that fits "
+            raise UsageError(f"{path} is {a_or_an(ident.kind)} that fits "
                              f"{', '.join(ident.compatible_families)} and its metadata does "
                              "not say which; ckptkit cannot tell which family's it is")
     layout = f" in the {ident.layout} layout" if ident.layout else ""
-    raise UsageError(f"{path} is {_a(ident.kind)}{layout}, not a checkpoint in the original, "
+    raise UsageError(f"{path} is {a_or_an(ident.kind)}{layout}, not a checkpoint in the original, "
                      "kohya or diffusers layout")
-
-
-def _a(word: str) -> str:
-    """``word`` after its indefinite article."""
-    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
 
 
 def _claimed(fam: Family, ident: Identification, keys: set[str], tiny: bool
@@ -232,7 +227,7 @@ def _part(path: str, stack: ExitStack) -> tuple[Checkpoint, Identification, str]
     ident = identify_checkpoint(checkpoint)
     names = [c.name for c in ident.components]
     if len(names) != 1:
-        raise UsageError(f"{path} is {_a(ident.kind)}"
+        raise UsageError(f"{path} is {a_or_an(ident.kind)}"
                          f"{' with ' + ', '.join(names) if names else ''}, not one component")
     return checkpoint, ident, names[0]
 
@@ -409,7 +404,7 @@ def _check_fits(fam: Family, path: str, ident: Identification, name: str,
     layout, other shapes, keys missing; returns the warnings for what it takes anyway."""
     if name not in fam.component_names:
         wanted = ", ".join(c for c in fam.component_names if c != DIFFUSION_MODEL)
-        raise UsageError(f"{path} is {_a(name)}, which {fam.name} does not use (it takes "
+        raise UsageError(f"{path} is {a_or_an(name)}, which {fam.name} does not use (it takes "
                          f"{wanted})")
     if ident.layout not in ("ldm", "comfyui", "kohya", "diffusers"):
         raise UsageError(f"{path} is in the {ident.layout} layout; parts are taken in the "
@@ -449,17 +444,17 @@ def assemble(diffusion_model: str, text_encoders: list[str], vae: str | None, ou
         parts = [(p, *_part(p, stack)) for p in paths]
         _, _, model_ident, model_name = parts[0]
         if model_name != DIFFUSION_MODEL or not model_ident.family:
-            raise UsageError(f"{diffusion_model} is {_a(model_ident.kind)}, not a diffusion model "
-                             "of a known family")
+            raise UsageError(f"{diffusion_model} is {a_or_an(model_ident.kind)}, not a "
+                             "diffusion model of a known family")
         fam = families()[model_ident.family]
         tiny = model_ident.components[0].size == "tiny"
         seen: dict[str, str] = {}
         warnings: list[str] = []
         for i, (path, part, ident, name) in enumerate(parts[1:], 1):
             if vae and path == vae and name != "vae":
-                raise UsageError(f"{path} was given as the VAE but is {_a(name)}")
+                raise UsageError(f"{path} was given as the VAE but is {a_or_an(name)}")
             if name in seen:
-                raise UsageError(f"{path} and {seen[name]} are both a {name}")
+                raise UsageError(f"{path} and {seen[name]} are both {a_or_an(name)}")
             seen[name] = path
             part, ident = _rebased(fam, path, part, ident, name)
             parts[i] = (path, part, ident, name)
@@ -514,7 +509,7 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
     comp = fam.component(name) if name in fam.component_names else None
     if ident.kind == "checkpoint" and comp is not None:
         if (ident.family, ident.layout) != (fam.id, "ldm"):
-            raise UsageError(f"{path} is {_a(ident.family or 'unknown')} checkpoint in the "
+            raise UsageError(f"{path} is {a_or_an(ident.family or 'unknown')} checkpoint in the "
                              f"{ident.layout} layout; a {name} for {fam.name} must come from "
                              f"one of the same family in the original layout, or alone")
         if name not in [c.name for c in ident.components]:
@@ -527,7 +522,7 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
                           checkpoint)
     names = [c.name for c in ident.components]
     if names != [name]:
-        raise UsageError(f"{path} is {_a(ident.kind)}"
+        raise UsageError(f"{path} is {a_or_an(ident.kind)}"
                          f"{' with ' + ', '.join(names) if names else ''}, not a {name}")
     checkpoint, ident = _rebased(fam, path, checkpoint, ident, name)
     found = _check_fits(fam, path, ident, name, checkpoint, tiny)

@@ -219,14 +219,6 @@ def _walk_folder(top: str, info: os.stat_result,
         stack.extend(reversed(subfolders))
 
 
-def iter_files(paths: Iterable[str]) -> Iterator[str]:
-    """The files of ``walk(paths)``, without its entries for paths that cannot be walked (a
-    missing path, an unreadable folder, a loop): for finding model files, not for a verdict."""
-    for item in walk(paths):
-        if isinstance(item, str):
-            yield item
-
-
 def exit_code(results: Iterable[ScanResult]) -> int:
     """0 when every file is safe (or skipped), 1 when any is unsafe, else 2 on errors."""
     verdicts = {r.verdict for r in results}
