@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ckpt: interrupted; no output was written", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        sys.stderr.close()  # the reader of our output went away: nothing left to say
-        return 1
+    except BrokenPipeError:  # the reader of our output went away: nothing left to say, and
+        sys.stderr.close()  # the output could not be written (1 is in no table)
+        return 5
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"ckpt: error: {printable(where + str(exc.strerror or exc))}", file=sys.stderr)
