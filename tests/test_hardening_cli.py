@@ -60,3 +60,18 @@ def test_a_bug_on_one_file_exits_70_in_a_scan(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(scan_module, "_scan", broken)
     assert main(["scan", "--quiet", str(tmp_path)]) == 70
     assert "ZeroDivisionError" in capsys.readouterr().out
+
+
+# The demo's file is what the demo calls it.
+
+def test_demo_training_checkpoint_is_identified_as_one(tmp_path, capsys):
+    from ckptkit.ops.inspect import inspect_file
+    from ckptkit.samples import demo
+
+    path = tmp_path / "sd1-training.ckpt"
+    assert demo.main([str(path)]) == 0
+    assert "SD 1.x training checkpoint" in capsys.readouterr().out
+    found = inspect_file(str(path))["identification"]
+    assert (found["kind"], found["family"], found["missing"]) == ("checkpoint", "sd1", [])
+    assert [c["name"] for c in found["components"]] == ["diffusion_model", "clip_l", "vae"]
+    assert found["extra"] == {"ema weights (model_ema.*)": 688, "noise schedule buffers": 2}
