@@ -147,7 +147,7 @@ def test_drop_components_and_refusals(tmp_path, capsys):
         prune(str(src), str(src))
     assert main(["prune", str(src), "-o", str(tmp_path / "x.safetensors"), "--drop", "clip_h",
                  "--quiet"]) == 2
-    assert "no clip_h component" in capsys.readouterr().err
+    assert "no openclip_h component" in capsys.readouterr().err
 
 
 _PEAK = """
