@@ -8,6 +8,7 @@ report it; ``CKPT_DEBUG=1`` shows the traceback); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -51,9 +52,29 @@ def _idle_threads_sleep() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+class _Notes(logging.Handler):
+    """Prints what the library says through the ``ckptkit`` logger (an output replacing an
+    existing file) as a note on stderr; sys.stderr is looked up at each note, as it may have
+    been replaced since (tests capture it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"note: {printable(record.getMessage())}", file=sys.stderr)
+
+
+_NOTES = _Notes(logging.INFO)
+
+
+def _show_notes() -> None:
+    logger = logging.getLogger("ckptkit")
+    logger.setLevel(logging.INFO)
+    if _NOTES not in logger.handlers:
+        logger.addHandler(_NOTES)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _idle_threads_sleep()
+    _show_notes()
     signal.signal(signal.SIGTERM, _interrupt)  # so that temporary outputs are cleaned up
     try:
         return args.run(args)
