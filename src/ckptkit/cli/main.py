@@ -54,11 +54,12 @@ def _idle_threads_sleep() -> None:
 
 class _Notes(logging.Handler):
     """Prints what the library says through the ``ckptkit`` logger (an output replacing an
-    existing file) as a note on stderr; sys.stderr is looked up at each note, as it may have
-    been replaced since (tests capture it)."""
+    existing file) as a note on stderr, on a line of its own where a progress bar is being
+    drawn; sys.stderr is looked up at each note, as it may have been replaced (tests)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"note: {printable(record.getMessage())}", file=sys.stderr)
+        clear = "\r\033[K" if sys.stderr.isatty() else ""
+        print(f"{clear}note: {printable(record.getMessage())}", file=sys.stderr)
 
 
 _NOTES = _Notes(logging.INFO)
