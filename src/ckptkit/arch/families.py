@@ -254,7 +254,7 @@ def family(fid: str) -> Family:
 # The names users type for families and components (as ComfyUI's folders, AUTOMATIC1111,
 # kohya and model pages spell them), compared with case, dots, dashes, underscores and spaces
 # left out. A family's ModelSpec architectures name it too. A name that could mean two
-# families ("flux", "sd3.5", "clip") is none of them: the error lists the choices.
+# families or components ("flux", "sd3.5", "clip") is none of them: the error lists the choices.
 _FAMILY_ALIASES = {
     "sd15": "sd1", "sd14": "sd1", "sd1x": "sd1", "sdv1": "sd1", "sdv15": "sd1",
     "sd20": "sd2", "sd21": "sd2", "sd2x": "sd2", "sdv2": "sd2",

@@ -59,7 +59,7 @@ def check_output_path(target: str, inputs: tuple[str, ...] = ()) -> None:
 
 def _kind(mode: int) -> str:
     return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "something else")
 
 
 def temporary_prefix(target: str) -> tuple[str, str]:
