@@ -1,8 +1,7 @@
 """Entry point of ``ckpt``: one subcommand per operation, one-line errors, distinct exit codes.
 
-Exit codes: 0 success; 2 bad usage; 3 an input is not a readable checkpoint; 4 an input was
-refused as unsafe; 5 the output could not be written; 70 an internal error (a bug: please
-report it; ``CKPT_DEBUG=1`` shows the traceback); 130 interrupted.
+The exit codes are one table for every command (``EXIT_CODES``, shown by ``ckpt --help``);
+each error class carries its code (``errors.py``).
 """
 
 from __future__ import annotations
@@ -26,9 +25,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ckpt: error: {message} (see ckpt --help)\n")
 
 
+EXIT_CODES = """exit codes (every command):
+  0    success (scan: nothing unsafe or unreadable)
+  2    bad usage
+  3    an input is not a readable checkpoint
+  4    an input is unsafe: it would run code when loaded
+  5    the output could not be written
+  70   internal error, a bug (CKPT_DEBUG=1 shows the traceback)
+  130  interrupted"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ckpt", description="Inspect, convert and take apart "
-                     "image-generation model checkpoints, safely and in bounded memory.")
+                     "image-generation model checkpoints, safely and in bounded memory.",
+                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ckptkit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
