@@ -16,7 +16,7 @@ import pytest
 from ckptkit.arch.families import component_name, families, family, family_id
 from ckptkit.cli.main import main
 from ckptkit.engine.atomic import check_output_path
-from ckptkit.errors import OutputError
+from ckptkit.errors import FormatError, OutputError, UnsafeFileError, UsageError
 from ckptkit.formats import detect_format
 from ckptkit.ops import scan as scan_module
 from ckptkit.ops.inspect import inspect_file
@@ -61,6 +61,14 @@ def test_bad_usage_exits_2(capsys):
         main(["scan", "--no-such-option", "x"])
     assert done.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_the_help_lists_the_codes_the_errors_carry(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    table = capsys.readouterr().out.split("exit codes")[1]
+    for error in (UsageError, FormatError, UnsafeFileError, OutputError):
+        assert f"\n  {error.exit_code} " in table, error
 
 
 def test_a_bug_on_one_file_exits_70_in_a_scan(tmp_path, monkeypatch, capsys):
