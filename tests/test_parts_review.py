@@ -41,13 +41,26 @@ def _rewritten(src, dst, change, metadata=None) -> str:
     return str(dst)
 
 
-@pytest.fixture
-def sd1(tmp_path):
+def _split_sample(folder, fid: str) -> list[str]:
+    """A tiny sample of ``fid`` and its split parts, made once per module: the tests only read
+    them (each writes what it changes to its own folder)."""
+    src = folder / f"{fid}.safetensors"
+    with pytest.MonkeyPatch.context() as patch:  # no hash cache of the user's
+        patch.setenv("CKPTKIT_CACHE_DIR", str(folder / "cache"))
+        sample(fid, str(src), tiny=True, seed=0)
+        return [str(src), *split(str(src), str(folder / "parts"))]
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
     """A tiny SD1 checkpoint and its split parts: (source, diffusion model, clip_l, vae)."""
-    src = tmp_path / "sd1.safetensors"
-    sample("sd1", str(src), tiny=True, dtype="fp32", seed=0)
-    model, clip, vae = split(str(src), str(tmp_path / "parts"))
-    return str(src), model, clip, vae
+    return _split_sample(tmp_path_factory.mktemp("sd1"), "sd1")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """A tiny SDXL checkpoint and its parts: (source, diffusion model, clip_l, clip_g, vae)."""
+    return _split_sample(tmp_path_factory.mktemp("sdxl"), "sdxl")
 
 
 def test_a_vae_without_its_encoder_is_refused_and_nothing_is_written(tmp_path, sd1):
@@ -81,7 +94,7 @@ def test_a_text_encoder_missing_a_layer_is_refused(tmp_path, sd1):
         assemble(unet, [clip], vae, str(out))
 
 
-def test_keys_files_may_lack_stay_optional(tmp_path, sd1):
+def test_keys_files_may_lack_stay_optional(tmp_path, sd1, sdxl):
     """CLIP's position_ids, open_clip's logit_scale (without the scalars a split records) and
     CLIP-L's text_projection (SD3 with a FLUX CLIP-L) are not asked for."""
     src, model, clip, vae = sd1
@@ -93,9 +106,7 @@ def test_keys_files_may_lack_stay_optional(tmp_path, sd1):
     del expected["cond_stage_model.transformer.text_model.embeddings.position_ids"]
     _same(expected, load_file(str(out)))
 
-    xl = tmp_path / "xl.safetensors"
-    sample("sdxl", str(xl), tiny=True)
-    xl_model, xl_l, xl_g, xl_vae = split(str(xl), str(tmp_path / "xl"))
+    _, xl_model, xl_l, xl_g, xl_vae = sdxl
     bare_g = _rewritten(xl_g, tmp_path / "bare_g.safetensors", lambda t: None)  # no metadata
     result = assemble(xl_model, [xl_l, bare_g], xl_vae, str(tmp_path / "xl_out.safetensors"))
     assert result["missing"] == [] and result["left_out"] == {}
@@ -254,14 +265,11 @@ def test_a_failed_split_leaves_no_folders_it_made(tmp_path, sd1, monkeypatch):
 
 @pytest.mark.parametrize("scalars", ["not json", '{"logit_scale": 4.6}', "[" * 5000 + "]" * 5000,
                                      '{"logit_scale": [4.6, "F99"]}'])
-def test_a_part_with_broken_scalars_metadata_is_the_files_error(tmp_path, scalars, capsys):
-    xl = tmp_path / "xl.safetensors"
-    sample("sdxl", str(xl), tiny=True, dtype="fp32", seed=0)
-    model, clip_l, clip_g, vae = split(str(xl), str(tmp_path / "parts"))
-    tensors = load_file(clip_g)
-    with safe_open(clip_g, "pt") as f:
-        metadata = {**f.metadata(), "ckptkit.scalars": scalars}
-    save_file(tensors, clip_g, metadata=metadata)
+def test_a_part_with_broken_scalars_metadata_is_the_files_error(tmp_path, sdxl, scalars,
+                                                               capsys):
+    _, model, clip_l, split_g, vae = sdxl
+    clip_g = _rewritten(split_g, tmp_path / "clip_g.safetensors", lambda t: None,
+                        {**_metadata(split_g), "ckptkit.scalars": scalars})
     out = tmp_path / "out.safetensors"
     code = main(["assemble", "--diffusion-model", model, "--text-encoder", clip_l,
                  "--text-encoder", clip_g, "--vae", vae, "-o", str(out), "--quiet"])

@@ -90,9 +90,9 @@ def test_cli_exit_codes_and_json(hostile, benign, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
-    assert main(["scan", "--quiet", str(broken)]) == 2
+    assert main(["scan", "--quiet", str(broken)]) == 3
     capsys.readouterr()
-    assert main(["scan", "--json", str(benign_dir), str(hostile_dir), str(broken)]) == 1
+    assert main(["scan", "--json", str(benign_dir), str(hostile_dir), str(broken)]) == 4
     report = json.loads(capsys.readouterr().out)
     verdicts = {os.path.basename(f["path"]): f["verdict"] for f in report["files"]}
     assert len(report["files"]) == len(names) + len(runs) + 1  # one bad file stops nothing
@@ -158,7 +158,7 @@ def test_symlinked_model_folder_is_followed(tmp_path, capsys):
     webui = tmp_path / "webui"
     webui.mkdir()
     (webui / "Stable-diffusion").symlink_to(real, target_is_directory=True)
-    assert main(["scan", "--quiet", "--json", str(webui)]) == 1
+    assert main(["scan", "--quiet", "--json", str(webui)]) == 4
     report = json.loads(capsys.readouterr().out)
     assert [(f["path"], f["verdict"]) for f in report["files"]] == [
         (str(webui / "Stable-diffusion" / "evil.ckpt"), "unsafe")]
@@ -178,12 +178,12 @@ def test_unreadable_folder_is_an_error_not_a_pass(tmp_path, monkeypatch, capsys)
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    assert main(["scan", "--quiet", str(tmp_path)]) == 2
+    assert main(["scan", "--quiet", str(tmp_path)]) == 3
     out = capsys.readouterr().out
     assert f"ERROR  {hidden}\n" in out
     assert "cannot list the folder (Permission denied)" in out
     assert "1 error" in out
-    assert main(["scan", "--quiet", "--json", str(tmp_path)]) == 2
+    assert main(["scan", "--quiet", "--json", str(tmp_path)]) == 3
     report = json.loads(capsys.readouterr().out)
     entry = next(f for f in report["files"] if f["path"] == str(hidden))
     assert entry["verdict"] == "error" and "Permission denied" in entry["reasons"][0]["message"]
@@ -196,7 +196,7 @@ def test_symlink_loops_end_and_are_reported(tmp_path, capsys):
     (models / "sub" / "back").symlink_to(models, target_is_directory=True)
     (models / "via_link").symlink_to(models / "sub", target_is_directory=True)
     (models / "self").symlink_to(models / "self")
-    assert main(["scan", "--quiet", "--json", str(models)]) == 1
+    assert main(["scan", "--quiet", "--json", str(models)]) == 4
     report = json.loads(capsys.readouterr().out)
     by_path = {f["path"]: f for f in report["files"]}
     assert by_path[str(models / "sub" / "evil.ckpt")]["verdict"] == "unsafe"
@@ -211,18 +211,18 @@ def test_symlink_loops_end_and_are_reported(tmp_path, capsys):
 
 def test_missing_path_or_link_loop_on_the_command_line_is_an_error(tmp_path, capsys):
     missing = tmp_path / "typo"
-    assert main(["scan", "--quiet", str(missing)]) == 2
+    assert main(["scan", "--quiet", str(missing)]) == 3
     out = capsys.readouterr().out
     assert f"ERROR  {missing}\n" in out and "no such file or folder" in out
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
-    assert main(["scan", "--quiet", str(loop)]) == 2
+    assert main(["scan", "--quiet", str(loop)]) == 3
     out = capsys.readouterr().out
     assert f"ERROR  {loop}\n" in out and "symbolic link loop" in out
     assert "no such file" not in out
     dangling = tmp_path / "model.safetensors"
     dangling.symlink_to(tmp_path / "gone")
-    assert main(["scan", "--quiet", "--json", str(dangling)]) == 2
+    assert main(["scan", "--quiet", "--json", str(dangling)]) == 3
     reason = json.loads(capsys.readouterr().out)["files"][0]["reasons"][0]["message"]
     assert "symbolic link to a file or folder that does not exist" in reason
 
@@ -254,12 +254,12 @@ def test_escape_sequences_from_a_file_are_shown_not_obeyed(tmp_path, capsys):
         "posix", "system" + _FAKE, corpus._u("true")) + b".")
     named = folder / "name\x1b]0;pwned\x07\u202e.ckpt"
     _hostile_file(named)
-    assert main(["scan", "--quiet", str(folder)]) == 1
+    assert main(["scan", "--quiet", str(folder)]) == 4
     out = capsys.readouterr().out
     assert _no_control_characters(out) and "\u202e" not in out
     assert "global posix.system\\x1b[2A\\r\\x1b[JSAFE   esc/evil.ckpt\\x1b[8m" in out
     assert "UNSAFE " + str(folder) + "/name\\x1b]0;pwned\\x07\\u202e.ckpt\n" in out
-    assert main(["scan", "--quiet", "--json", str(folder)]) == 1
+    assert main(["scan", "--quiet", "--json", str(folder)]) == 4
     raw = capsys.readouterr().out
     assert _no_control_characters(raw)
     report = json.loads(raw)  # json.dumps escapes them; the parsed values are the originals
@@ -276,10 +276,10 @@ def test_file_names_that_are_not_utf8(tmp_path, capsys):
             f.write(b"\x80\x02" + corpus._call("posix", "system", corpus._u("true")) + b".")
     except (OSError, UnicodeError):
         pytest.skip("this file system refuses names that are not UTF-8")
-    assert main(["scan", "--quiet", str(tmp_path)]) == 1
+    assert main(["scan", "--quiet", str(tmp_path)]) == 4
     out = capsys.readouterr().out
     assert f"UNSAFE {tmp_path}/caf\\xff\\x1b.ckpt\n" in out
-    assert main(["scan", "--quiet", "--json", str(tmp_path)]) == 1
+    assert main(["scan", "--quiet", "--json", str(tmp_path)]) == 4
     text = capsys.readouterr().out
     text.encode("utf-8")  # no lone surrogate reaches the output...
     assert "\\ud" not in text  # ...not even escaped, which strict JSON readers refuse

@@ -278,7 +278,50 @@ def families() -> dict[str, Family]:
 
 
 def family(fid: str) -> Family:
-    found = families().get(fid)
+    """The family named ``fid``: its id or a name users call it by (see ``family_id``)."""
+    found = families().get(family_id(fid))
     if found is None:
-        raise KeyError(f"unknown family {fid!r}; known: {', '.join(families())}")
+        raise KeyError(f"unknown family {fid!r}; known: {', '.join(families())} "
+                       "(or a usual name: sd15, sdxl-base, flux-dev, ...)")
     return found
+
+
+# The names users type for families and components (as ComfyUI's folders, AUTOMATIC1111,
+# kohya and model pages spell them), compared with case, dots, dashes, underscores and spaces
+# left out. A family's ModelSpec architectures name it too. A name that could mean two
+# families or components ("flux", "sd3.5", "clip") is none of them: the error lists the choices.
+_FAMILY_ALIASES = {
+    "sd15": "sd1", "sd14": "sd1", "sd1x": "sd1", "sdv1": "sd1", "sdv15": "sd1",
+    "sd20": "sd2", "sd21": "sd2", "sd2x": "sd2", "sdv2": "sd2",
+    "sdxlbase": "sdxl", "sdxl1": "sdxl", "sdxl10": "sdxl", "sdxlbase10": "sdxl",
+    "sdxl10base": "sdxl", "sdxlrefiner10": "sdxl-refiner", "refiner": "sdxl-refiner",
+    "sd3": "sd3-medium", "sd3m": "sd3-medium", "sd35m": "sd3.5-medium", "sd35l": "sd3.5-large",
+    "fluxdev": "flux1-dev", "flux1d": "flux1-dev",
+    "fluxschnell": "flux1-schnell", "flux1s": "flux1-schnell", "schnell": "flux1-schnell",
+}
+_COMPONENT_ALIASES = {
+    "diffusionmodel": DIFFUSION_MODEL, "diffusionmodels": DIFFUSION_MODEL,
+    "unet": DIFFUSION_MODEL, "transformer": DIFFUSION_MODEL, "dit": DIFFUSION_MODEL,
+    "mmdit": DIFFUSION_MODEL, "clipl": "clip_l", "clipg": "clip_g", "opencliph": "openclip_h",
+    "cliph": "openclip_h", "t5": "t5xxl", "t5xxl": "t5xxl", "vae": VAE, "ae": VAE,
+}
+
+
+def _squashed(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch not in " ._-")
+
+
+def family_id(name: str) -> str:
+    """The family id that ``name`` stands for (``sd15`` -> ``sd1``, ``flux-dev`` ->
+    ``flux1-dev``); ``name`` itself when it names none, for the caller's error to quote."""
+    known = {_squashed(f.id): f.id for f in families().values()}
+    for f in families().values():
+        known.update({_squashed(a): f.id for a in f.architectures})
+    known.update(_FAMILY_ALIASES)
+    return known.get(_squashed(name), name)
+
+
+def component_name(name: str) -> str:
+    """The component that ``name`` stands for (``unet`` -> ``diffusion_model``, ``clip-l`` ->
+    ``clip_l``); ``name`` itself when it names none, for the caller's error to quote."""
+    return _COMPONENT_ALIASES.get(_squashed(name), name)

@@ -1,13 +1,13 @@
 """Entry point of ``ckpt``: one subcommand per operation, one-line errors, distinct exit codes.
 
-Exit codes: 0 success; 2 bad usage; 3 an input is not a readable checkpoint; 4 an input was
-refused as unsafe; 5 the output could not be written; 70 an internal error (a bug: please
-report it; ``CKPT_DEBUG=1`` shows the traceback); 130 interrupted.
+The exit codes are one table for every command (``EXIT_CODES``, shown by ``ckpt --help``);
+each error class carries its code (``errors.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -25,9 +25,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ckpt: error: {message} (see ckpt --help)\n")
 
 
+EXIT_CODES = """exit codes (every command):
+  0    success (scan: nothing unsafe or unreadable)
+  2    bad usage
+  3    an input is not a readable checkpoint
+  4    an input is unsafe: it would run code when loaded
+  5    the output could not be written
+  70   internal error, a bug (CKPT_DEBUG=1 shows the traceback)
+  130  interrupted"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ckpt", description="Inspect, convert and take apart "
-                     "image-generation model checkpoints, safely and in bounded memory.")
+                     "image-generation model checkpoints, safely and in bounded memory.",
+                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ckptkit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
@@ -51,9 +62,30 @@ def _idle_threads_sleep() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+class _Notes(logging.Handler):
+    """Prints what the library says through the ``ckptkit`` logger (an output replacing an
+    existing file) as a note on stderr, on a line of its own where a progress bar is being
+    drawn; sys.stderr is looked up at each note, as it may have been replaced (tests)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        clear = "\r\033[K" if sys.stderr.isatty() else ""
+        print(f"{clear}note: {printable(record.getMessage())}", file=sys.stderr)
+
+
+_NOTES = _Notes(logging.INFO)
+
+
+def _show_notes() -> None:
+    logger = logging.getLogger("ckptkit")
+    logger.setLevel(logging.INFO)
+    if _NOTES not in logger.handlers:
+        logger.addHandler(_NOTES)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _idle_threads_sleep()
+    _show_notes()
     signal.signal(signal.SIGTERM, _interrupt)  # so that temporary outputs are cleaned up
     try:
         return args.run(args)
@@ -63,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ckpt: interrupted; no output was written", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        sys.stderr.close()  # the reader of our output went away: nothing left to say
-        return 1
+    except BrokenPipeError:  # the reader of our output went away: nothing left to say, and
+        sys.stderr.close()  # the output could not be written (1 is in no table)
+        return 5
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"ckpt: error: {printable(where + str(exc.strerror or exc))}", file=sys.stderr)

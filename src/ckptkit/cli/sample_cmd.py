@@ -18,8 +18,9 @@ def add_parser(commands) -> None:
         description="Write a synthetic checkpoint of FAMILY: full-size shapes with random "
                     "weights (or zero-filled holes with --sparse), or --tiny (the real key "
                     "names, narrow widths) for tests.")
-    parser.add_argument("family", choices=list(families()), metavar="FAMILY",
-                        help=f"one of: {', '.join(families())}")
+    parser.add_argument("family", metavar="FAMILY",
+                        help=f"one of: {', '.join(families())} (or a usual name: sd15, "
+                             "sdxl-base, flux-dev, ...)")
     parser.add_argument("-o", "--output", required=True, metavar="PATH",
                         help="the file to write (a new folder for a diffusers pipeline)")
     parser.add_argument("--layout", choices=LAYOUTS, default="ldm",
@@ -34,7 +35,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--tiny", action="store_true", help="narrow widths, same key names")
     parser.add_argument("--sparse", action="store_true",
                         help="zero-filled holes instead of values (instant, for header tests)")
-    parser.add_argument("--format", choices=("safetensors", "ckpt"), default="safetensors")
+    parser.add_argument("--format", choices=("safetensors", "ckpt"),
+                        help="default: the one the output's extension names (.ckpt, .pt, "
+                             ".pth, .bin: ckpt), else safetensors")
     parser.add_argument("--seed", type=int, default=0)
     add_output_options(parser)
     parser.set_defaults(run=run)
@@ -50,9 +53,9 @@ def run(args) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({"output": args.output, "family": args.family, **counts}))
+        print(json.dumps({"output": args.output, **counts}))
     else:
-        print(f"wrote {args.output}: {args.family} ({args.layout} layout"
+        print(f"wrote {args.output}: {counts['family']} ({args.layout} layout"
               f"{', tiny' if args.tiny else ''}), {counts['tensors']:,} tensors, "
               f"{human_count(counts['parameters'])} parameters")
     return 0

@@ -25,9 +25,9 @@ def add_parser(commands) -> None:
         "scan", help="check files or folders for pickles that would run code",
         description="Check every file under the given paths (folders recursively, whatever "
                     "the extension; symbolic links to folders are followed) with the same "
-                    "restricted reader that loads them. Exit code 0: all safe; 1: something "
-                    "unsafe; 2: something unreadable (a file, a folder, a path that does not "
-                    "exist).")
+                    "restricted reader that loads them. Exit code 0: all safe (or not model "
+                    "files); 4: something unsafe; 3: something unreadable (a file, a folder, "
+                    "a path that does not exist); 2: bad usage.")
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--verify-data", action="store_true",
                         help="also check the CRC of every tensor record (reads all data)")

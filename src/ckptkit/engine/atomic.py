@@ -4,24 +4,50 @@ A killed run leaves either the old target or none, never a half-written file und
 target's name: the data goes to a hidden temporary file in the same folder (so the final
 rename cannot cross file systems), which is removed on any failure and renamed over the target
 only once it is complete, synced and verified.
+
+A run killed with SIGKILL (or by a power cut) cannot remove its temporary file, so each one
+is named after its writer (``.NAME.PID@HOST.RANDOM.ckptkit-tmp``), and the next write of the
+same target removes those whose writer is gone: same host, no such process. A writer on
+another host (a shared network folder) is never judged from here.
+
+An existing target is replaced (the old file stays whole until the new one is complete), and
+said so through the ``ckptkit`` logger, which the command line prints as a note: re-running a
+command is common, and a refusal without ``--force`` would fail every re-run for a file the
+user named. Only regular files are replaced: a FIFO or a device under the output's name
+(``-o /dev/null``) would be swapped for a regular file by the rename.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
+import shutil
+import socket
+import stat
 
 from ..errors import OutputError
 
+_SUFFIX = ".ckptkit-tmp"
+log = logging.getLogger("ckptkit")
+
 
 def check_output_path(target: str, inputs: tuple[str, ...] = ()) -> None:
-    """Refuses an output that is an input, a directory, or in a folder that does not exist."""
+    """Refuses an output that is an input, a directory, something else than a regular file,
+    or in a folder that does not exist."""
     folder = os.path.dirname(os.path.abspath(target))
     if os.path.isdir(target):
         raise OutputError("the output path is a directory; give a file name", target)
     if not os.path.isdir(folder):
         raise OutputError(f"the output folder {folder} does not exist", target)
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        mode = None  # a new name (or a dangling link, which the rename replaces)
+    if mode is not None and not stat.S_ISREG(mode):
+        raise OutputError(f"the output path is {_kind(mode)}, not a regular file; ckptkit "
+                          "replaces only regular files: give a new name", target)
     for path in inputs:
         same = os.path.realpath(path) == os.path.realpath(target)
         if not same and os.path.exists(target) and os.path.exists(path):
@@ -29,6 +55,54 @@ def check_output_path(target: str, inputs: tuple[str, ...] = ()) -> None:
         if same:
             raise OutputError("the output would overwrite an input; choose another name",
                               target)
+
+
+def _kind(mode: int) -> str:
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "something else")
+
+
+def temporary_prefix(target: str) -> tuple[str, str]:
+    """The folder of ``target`` and the start of a temporary name beside it that says which
+    process writes it; a random part and ``.ckptkit-tmp`` complete the name."""
+    folder, name = os.path.split(os.path.abspath(target))
+    return folder, f".{name}.{os.getpid()}@{_host()}."
+
+
+def remove_stale_temporaries(target: str) -> None:
+    """Removes the temporary files (or folders) of earlier writes of ``target`` whose writer
+    process is gone; those of live writers, of other hosts and of other names stay."""
+    folder, name = os.path.split(os.path.abspath(target))
+    start = f".{name}."
+    try:
+        entries = [e for e in os.scandir(folder)
+                   if e.name.startswith(start) and e.name.endswith(_SUFFIX)]
+    except OSError:
+        return  # nothing to clean where nothing can be listed; the write itself will say
+    for entry in entries:
+        owner = entry.name[len(start):-len(_SUFFIX)].rpartition(".")[0]
+        pid, _, host = owner.partition("@")
+        if not pid.isdigit() or host != _host() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+
+def _host() -> str:
+    return socket.gethostname().replace("/", "_") or "localhost"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class AtomicOutput:
@@ -47,14 +121,17 @@ class AtomicOutput:
 
     def __enter__(self) -> AtomicOutput:
         check_output_path(self.target, self.inputs)
-        folder, name = os.path.split(os.path.abspath(self.target))
-        tmp_path = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.ckptkit-tmp")
+        remove_stale_temporaries(self.target)
+        folder, prefix = temporary_prefix(self.target)
+        tmp_path = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}{_SUFFIX}")
         try:
             self.fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except OSError as exc:
             raise OutputError(f"cannot create a file in {folder} ({exc.strerror})",
                               self.target) from None
         self.tmp_path = tmp_path  # only once it exists: nothing to remove before
+        if os.path.lexists(self.target):
+            log.info("replacing the existing %s", self.target)
         return self
 
     def commit(self) -> None:

@@ -24,7 +24,6 @@ from functools import partial
 from typing import Any, Protocol
 
 from ..errors import CkptError, OutputError
-from ..formats.checkpoint import tensor_bytes
 from ..formats.dtypes import DType, from_torch_tensor, torch_dtype
 from ..formats.safetensors import METADATA_KEY, open_safetensors
 from ..formats.source import Source, write_all
@@ -262,12 +261,8 @@ def _patch_header(fd: int, header: bytes, planned: Sequence[Planned],
 
 
 def _tensor_buffer(tensor):
-    """The tensor's bytes to write: a view of its memory where numpy can give one (no copy),
-    else a copy (torch does not require numpy)."""
-    try:
-        import numpy  # noqa: F401 - only to know whether .numpy() can work
-    except ImportError:
-        return tensor_bytes(tensor)
+    """The tensor's bytes to write: a view of its memory through numpy (a dependency of
+    ckptkit for this and because torch warns without it), no copy."""
     import torch
 
     return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())

@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import __version__
 from ..arch.detect import INPUT_CHANNEL_VARIANTS, MARKERS, Identification
-from ..arch.families import Family, families
+from ..arch.families import Family, component_name, families
 from ..engine.moves import copy_range
 from ..engine.slices import by_rows
 from ..engine.writer import Deferred, Planned, Progress, write_safetensors
@@ -185,7 +185,8 @@ def _taken(recipe: Recipe, fam: Family | None, idents: dict[str, Identification]
                          f"{first.layout} layout")
     tiny = first.components[0].size == "tiny"
     taken = {}
-    for component, name in recipe.take.items():
+    for given, name in recipe.take.items():
+        component = component_name(given)
         if component not in fam.component_names:
             raise UsageError(f"--take {component}: {fam.name} has no such component; it has "
                              f"{', '.join(fam.component_names)}")
@@ -201,6 +202,7 @@ def _prefixes(fam: Family | None, first: Identification, names: list[str] | None
     if not names:
         return None
     prefixes = {c.name: c.prefix for c in first.components}
+    names = [component_name(c) for c in names]
     unknown = [c for c in names if c not in prefixes]
     if unknown:
         raise UsageError(f"the models have no {unknown[0]} component; they have "

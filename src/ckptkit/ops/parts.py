@@ -31,7 +31,7 @@ from typing import Any
 
 from ..arch import diffusers_layout
 from ..arch.detect import Identification, extra_kind, named_family
-from ..arch.families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
+from ..arch.families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, component_name, families
 from ..arch.keys import KeyTable
 from ..arch.layouts import (
     Move,
@@ -176,7 +176,7 @@ def split(src: str, out_dir: str, components: list[str] | None = None,
         checkpoint = stack.enter_context(open_checkpoint(src))
         fam, ident = _monolithic(src, checkpoint)
         present = [c.name for c in ident.components]
-        chosen = components or present
+        chosen = [component_name(c) for c in components] if components else present
         unknown = [c for c in chosen if c not in present]
         if unknown:
             raise UsageError(f"{src} has no {unknown[0]} component; it has "

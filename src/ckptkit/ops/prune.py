@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ..arch.detect import MARKERS, Identification, extra_kind
+from ..arch.families import component_name
 from ..engine.moves import copy_range
 from ..engine.slices import by_rows, may_exceed
 from ..engine.writer import Planned, Progress, write_safetensors
@@ -113,7 +114,8 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
         ident = identify_checkpoint(checkpoint)
         report = PruneReport(ident.family)
         prefixes = {c.name: c.prefix for c in ident.components if c.prefix}
-        unknown = [d for d in drop or () if d not in prefixes]
+        drop = [component_name(d) for d in drop or ()]
+        unknown = [d for d in drop if d not in prefixes]
         if unknown:
             raise UsageError(f"{src} has no {unknown[0]} component to drop; it has "
                              f"{', '.join(prefixes) or 'no prefixed components'}")

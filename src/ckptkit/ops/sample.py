@@ -30,13 +30,15 @@ from typing import Any
 
 from ..arch import diffusers_layout
 from ..arch.detect import INPUT_CHANNEL_VARIANTS
-from ..arch.families import DIFFUSION_MODEL, Family, family
+from ..arch.families import DIFFUSION_MODEL, Family, component_name, family
 from ..arch.keys import KeyTable
 from ..arch.layouts import Move, to_canonical
+from ..engine.atomic import remove_stale_temporaries, temporary_prefix
 from ..engine.moves import plan_moves
 from ..engine.writer import Planned, Progress, Zeros, write_safetensors
 from ..errors import OutputError, UsageError
 from ..formats.dtypes import BY_NAME, CLI_NAMES, DType, torch_dtype
+from ..formats.sniff import EXTENSIONS, SAFETENSORS, TORCH_ZIP
 
 LAYOUTS = ("ldm", "kohya", "comfyui", "diffusers")
 _INT_KEYS = ("position_ids",)
@@ -64,8 +66,8 @@ def _names(fam: Family, layout: str, components: list[str] | None) -> list[str]:
     """The components a sample holds, checked against the family and the layout."""
     if layout not in LAYOUTS:
         raise UsageError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-    names = components or (list(fam.component_names) if layout != "comfyui" else
-                           [DIFFUSION_MODEL])
+    names = [component_name(n) for n in components] if components else (
+        list(fam.component_names) if layout != "comfyui" else [DIFFUSION_MODEL])
     unknown = [n for n in names if n not in fam.component_names]
     if unknown:
         raise UsageError(f"{fam.id} has no component {unknown[0]!r}; it has "
@@ -169,17 +171,17 @@ def modelspec(fam: Family, variant: str | None, tiny: bool) -> dict[str, str]:
 
 def sample(family_id: str, out: str, *, layout: str = "ldm", dtype: str = "fp16",
            tiny: bool = False, sparse: bool = False, components: list[str] | None = None,
-           fmt: str = "safetensors", variant: str | None = None, seed: int = 0,
-           progress: Progress | None = None) -> dict[str, int]:
-    """Writes the sample; returns its tensor and parameter counts."""
+           fmt: str | None = None, variant: str | None = None, seed: int = 0,
+           progress: Progress | None = None) -> dict[str, Any]:
+    """Writes the sample; returns its family id, tensor and parameter counts. ``fmt``:
+    "safetensors" or "ckpt"; by default the one ``out``'s extension names."""
     try:
         fam = family(family_id)
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
     if dtype not in CLI_NAMES:
         raise UsageError(f"--dtype must be one of {', '.join(CLI_NAMES)}, not {dtype!r}")
-    if fmt not in ("safetensors", "ckpt"):
-        raise UsageError(f"--format must be safetensors or ckpt, not {fmt!r}")
+    fmt = _format(out, fmt)
     floats = CLI_NAMES[dtype]
     metadata = modelspec(fam, variant, tiny)
     if _renames(fam, layout):
@@ -197,7 +199,27 @@ def sample(family_id: str, out: str, *, layout: str = "ldm", dtype: str = "fp16"
         else:
             write_safetensors(out, [_planned(k, s, _dtype_of(k, floats), seed, sparse)
                                     for k, s in table.items()], metadata, progress=progress)
-    return {"tensors": len(table), "parameters": sum(_numel(s) for s in table.values())}
+    return {"family": fam.id, "tensors": len(table),
+            "parameters": sum(_numel(s) for s in table.values())}
+
+
+def _format(out: str, fmt: str | None) -> str:
+    """The format to write: ``fmt``, unless the name says the other one (loaders choose
+    their reader by the extension: a pickle named .safetensors fails to load, and a .ckpt
+    that is not one too), else the extension's, else safetensors."""
+    if fmt not in (None, "safetensors", "ckpt"):
+        raise UsageError(f"--format must be safetensors or ckpt, not {fmt!r}")
+    ext = os.path.splitext(out)[1].lower()
+    named = ("safetensors" if ext in EXTENSIONS[SAFETENSORS] else
+             "ckpt" if ext in EXTENSIONS[TORCH_ZIP] else None)
+    if fmt and named and fmt != named:
+        raise UsageError(f"--format {fmt} writes a {_FORMAT_NAMES[fmt]}, but {out} is named "
+                         f"{ext}, which loaders read as a {_FORMAT_NAMES[named]}; name it "
+                         f"{'.safetensors' if fmt == 'safetensors' else '.ckpt'}")
+    return fmt or named or "safetensors"
+
+
+_FORMAT_NAMES = {"safetensors": "safetensors file", "ckpt": "PyTorch pickle"}
 
 
 def _write_renamed(out: str, fam: Family, layout: str, tiny: bool,
@@ -275,13 +297,15 @@ def _write_folder(out: str, fam: Family, tiny: bool, parts: list[_Conversion],
             configs[part.name] = diffusers_layout.component_config(fam, part.name, tiny)
         _fit_input_channels(configs[part.name], part)
     target = os.path.abspath(out)
-    parent, name = os.path.split(target)
+    parent = os.path.dirname(target)
     if os.path.lexists(target):
         raise OutputError("already exists; a diffusers sample is a new folder: remove it or "
                           "choose another name", out)
     if not os.path.isdir(parent):
         raise OutputError(f"the output folder {parent} does not exist", out)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".ckptkit-tmp", dir=parent)
+    remove_stale_temporaries(target)
+    tmp = tempfile.mkdtemp(prefix=temporary_prefix(target)[1], suffix=".ckptkit-tmp",
+                           dir=parent)
     try:
         job = _Job(progress, [x for p in planned.values() for x in p]) if progress else None
         for sub, (comp, weights) in subfolders.items():

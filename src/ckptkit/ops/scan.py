@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import CkptError, UnsafeFileError
+from ..errors import CkptError, FormatError, UnsafeFileError
 from ..formats import detect_format, open_checkpoint
 from ..formats.pickle_vm import Finding, PickleVM, RefusedGlobals, why_refused
 from ..formats.sniff import EXTENSIONS, path_problem
@@ -220,8 +220,14 @@ def _walk_folder(top: str, info: os.stat_result,
 
 
 def exit_code(results: Iterable[ScanResult]) -> int:
-    """0 when every file is safe (or skipped), 1 when any is unsafe, else 2 on errors."""
+    """``ckpt``'s exit code for a scan, from the table every command shares: 4 when any file
+    is unsafe (as ``inspect`` exits on one), else 70 when ckptkit failed on a file (a bug),
+    else 3 when any path could not be read, else 0. An unsafe file outranks the rest: it is
+    what a scan is run to find."""
+    results = list(results)
     verdicts = {r.verdict for r in results}
     if UNSAFE in verdicts:
-        return 1
-    return 2 if ERROR in verdicts else 0
+        return UnsafeFileError.exit_code
+    if any(reason["kind"] == "internal" for r in results for reason in r.reasons):
+        return 70
+    return FormatError.exit_code if ERROR in verdicts else 0
