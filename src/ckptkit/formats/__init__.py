@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 
-from ..errors import CkptError
+from ..errors import CkptError, FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor
-from .pickle_vm import Finding
+from .pickle_vm import REACHING, Finding
 from .safetensors import open_safetensors
 from .sniff import SAFETENSORS, TORCH_LEGACY, TORCH_ZIP, detect_format, extension_note
 from .source import Source
-from .torch_pickle import open_torch_legacy, open_torch_zip
+from .torch_pickle import open_torch_legacy, open_torch_zip, torch_load_findings
 
 _OPENERS = {
     SAFETENSORS: open_safetensors,
@@ -32,17 +32,36 @@ def open_checkpoint(path: str | os.PathLike[str],
 
     With a ``findings`` list, every refused global of a pickle is recorded there (not just the
     first) before the file is refused: what ``ckpt scan`` reports.
+
+    A file is judged by every way ``torch.load`` and ``pickle.load`` would read it, not only
+    by the format found: one that is not a ZIP and that, read as a pickle from its first byte,
+    names code is refused as unsafe, whether ckptkit read it as safetensors (a polyglot),
+    could not read it at all, or refused it as a broken legacy checkpoint (see
+    ``torch_load_findings``).
     """
     path = os.fspath(path)
-    fmt = detect_format(path)
+    try:
+        fmt = detect_format(path)
+    except UnsafeFileError:
+        raise
+    except FormatError as exc:
+        _refuse_what_torch_load_runs(path, None, findings, exc.reason)
+        raise
     try:
         source = Source(path)
     except OSError as exc:
         raise CkptError(f"cannot open the file ({exc.strerror})", path) from None
     try:
         checkpoint = _OPENERS[fmt](source, findings)
+        if fmt == SAFETENSORS:
+            _refuse_what_torch_load_runs(path, source, findings,
+                                         "a valid safetensors file")
     except CkptError as exc:
-        source.close()
+        try:
+            if not (fmt == TORCH_ZIP or findings or isinstance(exc, UnsafeFileError)):
+                _refuse_what_torch_load_runs(path, source, findings, exc.reason)
+        finally:
+            source.close()
         if exc.path is None:
             raise type(exc)(exc.reason, path) from None
         raise
@@ -53,3 +72,31 @@ def open_checkpoint(path: str | os.PathLike[str],
     if note:
         checkpoint.notes.insert(0, note)
     return checkpoint
+
+
+def _refuse_what_torch_load_runs(path: str, source: Source | None,
+                                 findings: list[Finding] | None, what: str) -> None:
+    """Raises ``UnsafeFileError`` if torch.load or pickle.load would meet code in the file
+    (``what`` says what ckptkit made of it); its findings go to ``findings``."""
+    own = source is None
+    try:
+        if own and not os.path.isfile(path):
+            return  # a folder or a device: not something torch.load reads
+        source = source or Source(path)
+        try:
+            found = torch_load_findings(source)
+        finally:
+            if own:
+                source.close()
+    except OSError:
+        return  # unreadable: the error at hand says so
+    reaching = [f for f in found if f.kind in REACHING]
+    if not reaching:
+        return
+    if findings is not None:
+        findings.extend(found)
+    names = sorted({f.name for f in reaching})
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise UnsafeFileError(f"{what}, but torch.load and pickle.load read it as a pickle from "
+                          f"its first byte, which reaches {shown}: loading it that way would "
+                          "run code (or go where this scan could not follow)", path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from typing import Any
 
@@ -22,6 +23,9 @@ from .source import Source
 
 MAX_HEADER_SIZE = 100_000_000
 METADATA_KEY = "__metadata__"
+# A JSON escape such as \ud800 that is not half of a surrogate pair decodes, in Python, to a
+# lone surrogate: text no UTF-8 writer can encode. The reference reader refuses the header.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Duplicate(ValueError):
@@ -60,7 +64,28 @@ def decode_header(raw: bytes, path: str) -> dict[str, Any]:
         raise FormatError(f"safetensors header is not valid JSON ({exc})", path) from None
     if not isinstance(header, dict):
         raise FormatError("safetensors header is not a JSON object", path)
+    if _holds_lone_surrogate(header):
+        raise FormatError("safetensors header is not valid JSON (an escaped lone surrogate, "
+                          "such as \\ud800, in a string; the safetensors library refuses it)",
+                          path)
     return header
+
+
+def _holds_lone_surrogate(header: dict[str, Any]) -> bool:
+    """Whether any string of the decoded header (a key or a value, at any depth) holds a
+    lone surrogate; walked without recursion, each value once."""
+    stack: list[Any] = [header]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _metadata(value: Any, path: str) -> dict[str, str]:

@@ -18,7 +18,15 @@ from typing import Any
 from ..errors import FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor
 from .dtypes import DType
-from .pickle_vm import EmulatedClass, Finding, PickleVM, RefusedGlobals, safe_repr
+from .pickle_vm import (
+    EmulatedClass,
+    Finding,
+    PickleVM,
+    Refused,
+    RefusedGlobals,
+    Unknown,
+    safe_repr,
+)
 from .source import Source
 from .torch_globals import (
     NumpyArray,
@@ -78,8 +86,9 @@ class _Storages:
 
 def _run(data: bytes | memoryview, start: int, where: str, storages: _Storages | None,
          findings: list[Finding] | None = None):
-    result = PickleVM(data, start, find_global=find_global, persistent_load=storages,
-                      where=where, findings=findings).run()
+    vm = PickleVM(data, start, find_global=find_global, persistent_load=storages,
+                  where=where, findings=findings)
+    result = vm.run()
     if findings:
         names = sorted({f.name for f in findings if f.kind == "global"})
         if not names:  # only the pickle's form is refused (protocol 4 or 5)
@@ -88,7 +97,64 @@ def _run(data: bytes | memoryview, start: int, where: str, storages: _Storages |
         raise RefusedGlobals(f"{where} asks for {len(names)} global"
                               f"{'s' if len(names) > 1 else ''} outside the allow-list "
                               f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+    if vm.deferred is not None:
+        raise vm.deferred
     return result
+
+
+def torch_load_findings(source: Source) -> list[Finding]:
+    """What ``torch.load(weights_only=False)`` and ``pickle.load`` would meet in a file that is
+    not a ZIP (torch.load reads ZIPs as ZIPs, and an old tar archive as a tar, which
+    ``detect_format`` refuses): the pickles they read from its first byte, each read as they
+    read it, whatever format ckptkit found there (a safetensors file can be a pickle too).
+
+    ``pickle.load`` reads one pickle. ``torch.load`` reads the same one and compares its value
+    with the legacy magic number (its value, however it is spelt), then the protocol version
+    (it must be 1001), then the system info, the object (whose persistent ids it resolves)
+    and the storage keys; it stops at the first pickle that stops it, as this does. The
+    findings of kinds in ``REACHING`` are what those loads could run."""
+    if source.size == 0:
+        return []
+    data = memoryview(source.mmap())
+    findings: list[Finding] = []
+    steps = (("file", None, LEGACY_MAGIC), ("protocol-version pickle", None, LEGACY_PROTOCOL),
+             ("sys-info pickle", None, None), ("data pickle", _any_storage, None),
+             ("storage-keys pickle", None, None))
+    pos = 0
+    for where, persistent_load, expected in steps:
+        vm = PickleVM(data, pos, find_global=_find_importable, persistent_load=persistent_load,
+                      where=where, findings=findings)
+        try:
+            value, pos = vm.run()
+        except (FormatError, UnsafeFileError):
+            break  # torch.load stops here too (or a cap did: a finding of its own)
+        if expected is not None and not _may_equal(value, expected):
+            break
+    return findings
+
+
+def _find_importable(module: str, name: str) -> Any:
+    """``find_global``, where a name that is not dotted identifiers stops the parse, as
+    ``find_class`` stops pickle.load: a text file that opens with ``c`` (``comfyui:`` in
+    ComfyUI's ``extra_model_paths.yaml``) reads as a GLOBAL of a module ``omfyui:``, which no
+    import can find. (In a checkpoint's own pickles every name outside the allow-list is a
+    finding, found or not.)"""
+    if not all(part.isidentifier() for part in f"{module}.{name}".split(".")):
+        raise FormatError(f"the pickle names {safe_repr(f'{module}.{name}')}, which no import "
+                          "can find (pickle.load stops here too)")
+    return find_global(module, name)
+
+
+def _any_storage(pid: Any) -> Any:
+    return Unknown("storage")  # torch.load's resolves any storage record the file names
+
+
+def _may_equal(value: Any, expected: int) -> bool:
+    """``value == expected`` as torch.load compares them, where a value the scan did not
+    compute (what a refused call returns) might be anything."""
+    if isinstance(value, (Refused, Unknown)):
+        return True
+    return isinstance(value, (int, float)) and value == expected
 
 
 def open_torch_zip(source: Source, findings: list[Finding] | None = None) -> Checkpoint:
