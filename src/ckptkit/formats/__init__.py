@@ -58,8 +58,10 @@ def open_checkpoint(path: str | os.PathLike[str],
                                          "a valid safetensors file")
     except CkptError as exc:
         try:
-            if not (fmt == TORCH_ZIP or findings or isinstance(exc, UnsafeFileError)):
-                _refuse_what_torch_load_runs(path, source, findings, exc.reason)
+            if fmt != TORCH_ZIP:
+                _refuse_what_torch_load_runs(
+                    path, source, findings, exc.reason,
+                    refused=bool(findings) or isinstance(exc, UnsafeFileError))
         finally:
             source.close()
         if exc.path is None:
@@ -75,9 +77,12 @@ def open_checkpoint(path: str | os.PathLike[str],
 
 
 def _refuse_what_torch_load_runs(path: str, source: Source | None,
-                                 findings: list[Finding] | None, what: str) -> None:
+                                 findings: list[Finding] | None, what: str,
+                                 refused: bool = False) -> None:
     """Raises ``UnsafeFileError`` if torch.load or pickle.load would meet code in the file
-    (``what`` says what ckptkit made of it); its findings go to ``findings``."""
+    (``what`` says what ckptkit made of it); its findings go to ``findings``, after those
+    ckptkit's own reading found (the same opcode is not named twice). A file ckptkit already
+    ``refused`` as unsafe is only searched further, for a scan to name everything in it."""
     own = source is None
     try:
         if own and not os.path.isfile(path):
@@ -94,9 +99,17 @@ def _refuse_what_torch_load_runs(path: str, source: Source | None,
     if not reaching:
         return
     if findings is not None:
-        findings.extend(found)
-    names = sorted({f.name for f in reaching})
-    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        known = {(f.kind, f.name, f.offset) for f in findings}
+        findings.extend(f for f in found if (f.kind, f.name, f.offset) not in known)
+    if refused:
+        return
+    names = sorted({f.name for f in reaching if f.kind != "limit"})
+    limits = [f.name for f in reaching if f.kind == "limit"]
+    said = []
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        said.append(f"names {shown}: loading it that way would run code")
+    if limits:
+        said.append(f"goes where this reader does not follow ({limits[0]}): not verified")
     raise UnsafeFileError(f"{what}, but torch.load and pickle.load read it as a pickle from "
-                          f"its first byte, which reaches {shown}: loading it that way would "
-                          "run code (or go where this scan could not follow)", path)
+                          f"its first byte, which {'; and '.join(said)}", path)

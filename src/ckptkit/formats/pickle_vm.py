@@ -28,6 +28,7 @@ tuples) are refused when too many share one hash, so a file cannot make insertio
 from __future__ import annotations
 
 import codecs
+import copyreg
 import re
 import reprlib
 import struct
@@ -241,6 +242,9 @@ class PickleVM:
         self.deferred: CkptError | None = None
         self.ops = 0
         self.objects = 0
+        # The end of the last FRAME: a file object read without ``peek`` (or a frame larger
+        # than its buffer) is left there by pickle.load, not after STOP, when STOP is inside.
+        self.frame_end = 0
         self._beyond_torch = False  # a scan has noted an opcode torch.save never writes
         # Nesting depth and weight (items, through nested tuples) of every tuple and frozenset
         # built: immutable, so both are final at creation; the objects are kept so that their
@@ -414,16 +418,16 @@ class PickleVM:
     def _admit(self, container: Any, key: Any) -> bool:
         """Whether ``key`` may go into ``container`` (a dict or set): refused (False) when
         hashing it, again and again, or finding its place would cost more than a key should."""
-        try:
-            hash(key)
-        except TypeError:
-            self._fail(f"a dict or set key is an unhashable {type(key).__name__}")
         if type(key) in _HASH_CHOSEN_BY_FILE:
             return True
         if self._depth.get(id(key), (None, 0, 1))[2] > MAX_KEY_WEIGHT:
             self._refuse(f"a dict key or set item holds more than {MAX_KEY_WEIGHT} items "
                          "(hashing it for each use would take quadratic time)")
             return False
+        try:
+            hash(key)
+        except TypeError:
+            self._fail(f"a dict or set key is an unhashable {type(key).__name__}")
         spread = self._spreads.get(id(container))
         if spread is None:
             spread = self._spreads[id(container)] = _Spread(container)
@@ -758,7 +762,10 @@ class PickleVM:
     # writes none of them, pickle.dumps and old tools do, and torch.load reads them all.
 
     def op_frame(self) -> None:
-        self._unpack("<Q", 8)  # a frame's length: the opcodes inside are read as they come
+        # The opcodes inside are read as they come (CPython's unpickler does not hold them to
+        # the frame either); where the frame ends matters after STOP: see ``frame_end``.
+        length = self._unpack("<Q", 8)
+        self.frame_end = self.pos + length
 
     def op_short_binunicode(self) -> None:
         self.stack.append(self._string(self._u8()))
@@ -823,9 +830,8 @@ class PickleVM:
 
     def op_int(self) -> None:
         line = self._line()
-        if line in (b"00", b"01"):
-            self.stack.append(line == b"01")
-            return
+        if not line:
+            self._fail("INT with an empty line")
         value = _strtol(line)
         if value is None:
             value = _text_int(line, 0)
@@ -944,7 +950,8 @@ class PickleVM:
         self.stack.append(self.stack[-1])
 
     def op_list(self) -> None:
-        self.stack.append(self._pop_mark())
+        items = self._pop_mark()  # before the append: the stack is the outer one now
+        self.stack.append(items)
 
     def op_dict(self) -> None:
         items = self._pop_mark()
@@ -957,13 +964,15 @@ class PickleVM:
         self.stack.append(result)
 
     def _ext(self, size: int) -> None:
-        code = int.from_bytes(self._take(size), "little")
-        assert self.findings is not None
-        self.findings.append(Finding(
-            "global", f"extension code {code}", self.where, self.op_pos,
-            "names a global through copyreg's extension registry: whatever a program "
-            "registered under that code"))
-        self.stack.append(Refused(f"extension {code}"))
+        """A global named by its code in copyreg's extension registry, which holds nothing
+        unless a program registers codes: one that this process knows is read as the GLOBAL
+        it stands for; pickle.load stops on any other, as it finds none."""
+        code = int.from_bytes(self._take(size), "little", signed=size == 4)
+        registered = copyreg._inverted_registry.get(code) if code > 0 else None
+        if registered is None:
+            self._fail(f"extension code {code}, which nothing registers (pickle.load stops "
+                       "here too)")
+        self._resolve(*registered)
 
     def op_ext1(self) -> None:
         self._ext(1)
@@ -979,7 +988,9 @@ def _strtol(line: bytes) -> int | None:
     """C's ``strtol(line, &end, 0)`` as CPython's INT opcode uses it: the value if the number
     ends the line (or at a NUL byte) and fits in 64 bits, else None."""
     match = _STRTOL.match(line)
-    if not match or (match.end() < len(line) and line[match.end()] != 0):
+    if not match:  # no digits: the end is where it began, fine if that is a NUL
+        return 0 if line[:1] == b"\0" else None
+    if match.end() < len(line) and line[match.end()] != 0:
         return None
     text = match.group(0).strip()
     digits = match.group(1)

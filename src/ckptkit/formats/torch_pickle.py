@@ -111,26 +111,38 @@ def torch_load_findings(source: Source) -> list[Finding]:
     ``pickle.load`` reads one pickle. ``torch.load`` reads the same one and compares its value
     with the legacy magic number (its value, however it is spelt), then the protocol version
     (it must be 1001), then the system info, the object (whose persistent ids it resolves)
-    and the storage keys; it stops at the first pickle that stops it, as this does. The
-    findings of kinds in ``REACHING`` are what those loads could run."""
+    and the storage keys; it stops at the first pickle that stops it, as this does. A pickle
+    whose STOP lies inside a FRAME leaves the file after STOP or at the frame's end, as the
+    file object buffers: both are followed. The findings of kinds in ``REACHING`` are what
+    those loads could run."""
     if source.size == 0:
         return []
-    data = memoryview(source.mmap())
     findings: list[Finding] = []
-    steps = (("file", None, LEGACY_MAGIC), ("protocol-version pickle", None, LEGACY_PROTOCOL),
-             ("sys-info pickle", None, None), ("data pickle", _any_storage, None),
-             ("storage-keys pickle", None, None))
-    pos = 0
-    for where, persistent_load, expected in steps:
-        vm = PickleVM(data, pos, find_global=_find_importable, persistent_load=persistent_load,
-                      where=where, findings=findings)
-        try:
-            value, pos = vm.run()
-        except (FormatError, UnsafeFileError):
-            break  # torch.load stops here too (or a cap did: a finding of its own)
-        if expected is not None and not _may_equal(value, expected):
-            break
+    _follow(memoryview(source.mmap()), 0, 0, findings, set())
     return findings
+
+
+_STEPS = (("file", LEGACY_MAGIC), ("protocol-version pickle", LEGACY_PROTOCOL),
+          ("sys-info pickle", None), ("data pickle", None), ("storage-keys pickle", None))
+
+
+def _follow(data: memoryview, step: int, pos: int, findings: list[Finding],
+            seen: set[tuple[int, int]]) -> None:
+    if step == len(_STEPS) or (step, pos) in seen:
+        return
+    seen.add((step, pos))
+    where, expected = _STEPS[step]
+    vm = PickleVM(data, pos, find_global=_find_importable,
+                  persistent_load=_any_storage if where == "data pickle" else None,
+                  where=where, findings=findings)
+    try:
+        value, end = vm.run()
+    except (FormatError, UnsafeFileError):
+        return  # torch.load stops here too (or a cap did: a finding of its own)
+    if expected is not None and not _may_equal(value, expected):
+        return
+    for after in {end, max(end, vm.frame_end)}:
+        _follow(data, step + 1, after, findings, seen)
 
 
 def _find_importable(module: str, name: str) -> Any:
