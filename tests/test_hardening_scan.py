@@ -83,6 +83,25 @@ def test_the_safetensors_polyglot_is_valid_safetensors_and_runs_under_pickle_loa
     assert os.listdir(markers) == []
 
 
+def test_a_polyglot_named_safetensors_is_unsafe_to_scan_and_read_as_safetensors(tmp_path):
+    """torch.load reads a .safetensors name as safetensors: loading commands stay headers
+    first for it (no tensor data read to follow the pickle), while the scan follows."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(corpus.safetensors_pickle_polyglot(b"true"))
+    assert scan_file(str(path)).verdict == "unsafe"
+    with open_checkpoint(path) as checkpoint:
+        assert list(checkpoint) == ["w"]
+
+
+def test_a_torch_file_with_a_large_bytes_value_is_safe(tmp_path):
+    """Strings and bytes are kept whole when reading a checkpoint's own pickle."""
+    import torch
+
+    path = tmp_path / "blob.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "blob": b"\xff" * (3 << 20)}, path)
+    assert scan_file(str(path)).verdict == "safe"
+
+
 def test_real_safetensors_files_of_every_header_length_byte_stay_safe(tmp_path):
     """The low byte of a header's length is the first pickle opcode: real files whose header
     length starts with each possible byte are read as pickles too, and must stay safe."""

@@ -51,7 +51,7 @@ MAX_STACK = 1 << 20
 MAX_SAME_HASH = 16  # distinct keys of one dict or set with one hash: never in real files
 MAX_KEY_WEIGHT = 1 << 12  # items of a tuple used as a key, counted through nested tuples
 MAX_NAME_LINE = 1 << 16  # a GLOBAL name longer than this names nothing an import can find
-MAX_TEXT = 1 << 20  # a scan keeps longer strings as their length only
+MAX_TEXT = 1 << 20  # longer text lines (and, if asked, strings) are kept as their length
 MAX_DIGITS = 5000  # longer integers in text: CPython refuses past 4300 digits by default
 
 _REPR = reprlib.Repr()
@@ -221,13 +221,19 @@ class PickleVM:
     ``where`` names the pickle in error messages (``"data.pkl"``). With a ``findings``
     list, the interpreter scans (see the module's docstring): after ``run``, ``deferred`` holds
     the first error loading would have raised, for the caller to raise once findings are in.
+    ``max_text``: strings and bytes longer than this are kept as their length only (an
+    ``Unknown``), for reading a file of any size as a pickle without copying it whole.
     """
 
     def __init__(self, data: bytes | bytearray | memoryview, start: int, *,
                  find_global: Callable[[str, str], Any],
                  persistent_load: Callable[[Any], Any] | None,
-                 where: str, findings: list[Finding] | None = None):
+                 where: str, findings: list[Finding] | None = None,
+                 max_text: int | None = None):
         self.data = memoryview(data)
+        self.max_text = max_text
+        base = self.data.obj if self.data.nbytes == len(self.data.obj) else bytes(self.data)
+        self._find = base.find  # bytes, bytearray and mmap search in C
         self.pos = start
         self.find_global = find_global
         self.persistent_load = persistent_load
@@ -245,6 +251,7 @@ class PickleVM:
         # The end of the last FRAME: a file object read without ``peek`` (or a frame larger
         # than its buffer) is left there by pickle.load, not after STOP, when STOP is inside.
         self.frame_end = 0
+        self.exhausted = False  # the parse wanted bytes past the end of ``data``
         self._beyond_torch = False  # a scan has noted an opcode torch.save never writes
         # Nesting depth and weight (items, through nested tuples) of every tuple and frozenset
         # built: immutable, so both are final at creation; the objects are kept so that their
@@ -284,6 +291,7 @@ class PickleVM:
     def _take(self, n: int) -> memoryview:
         end = self.pos + n
         if n < 0 or end > len(self.data):
+            self.exhausted = n >= 0
             self._fail("pickle ends in the middle of an opcode (file truncated or corrupt)")
         chunk = self.data[self.pos:end]
         self.pos = end
@@ -295,39 +303,37 @@ class PickleVM:
     def _unpack(self, fmt: str, size: int) -> Any:
         return struct.unpack(fmt, self._take(size))[0]
 
-    def _line(self, cap: int | None = None) -> bytes:
-        """The bytes up to the next newline, which is consumed. Loading reads GLOBAL names of
-        up to 256 bytes; a scan reads lines of any length, as pickle does (``cap``: a longer
-        line names nothing, and pickle.load stops on it)."""
-        if not self.scan:
-            window = bytes(self.data[self.pos:self.pos + 256])
-            end = window.find(b"\n")
-            if end < 0 and len(window) < 256:
-                self._fail("pickle ends inside a GLOBAL name (file truncated)")
-            if end < 0:
-                self._fail("GLOBAL name is not terminated within 256 bytes", unsafe=True)
-            return bytes(self._take(end + 1)[:-1])
-        start = at = self.pos
-        while True:
-            chunk = bytes(self.data[at:at + 65536])
-            found = chunk.find(b"\n")
-            if found >= 0:
-                end = at + found
-                break
-            if not chunk:
-                self._fail("pickle ends inside a line of text (file truncated)")
-            at += len(chunk)
-            if cap is not None and at - start > cap:
-                self._fail(f"a name longer than {cap} bytes, which no import can find")
+    def _line(self) -> bytes:
+        """A GLOBAL name of loading: the bytes up to the next newline, within 256 bytes."""
+        window = bytes(self.data[self.pos:self.pos + 256])
+        end = window.find(b"\n")
+        if end < 0 and len(window) < 256:
+            self._fail("pickle ends inside a GLOBAL name (file truncated)")
+        if end < 0:
+            self._fail("GLOBAL name is not terminated within 256 bytes", unsafe=True)
+        return bytes(self._take(end + 1)[:-1])
+
+    def _text_line(self, cap: int = MAX_TEXT) -> bytes | None:
+        """A scan's line of text: the bytes up to the next newline, which is consumed, of any
+        length, as pickle reads them; None for one longer than ``cap``, skipped unread."""
+        start = self.pos
+        end = self._find(b"\n", start)
+        if end < 0:
+            self.exhausted = True
+            self._fail("pickle ends inside a line of text (file truncated)")
         self.pos = end + 1
-        if cap is not None and end - start > cap:
-            self._fail(f"a name longer than {cap} bytes, which no import can find")
-        return bytes(self.data[start:end])
+        return bytes(self.data[start:end]) if end - start <= cap else None
 
     def _name_line(self, opname: str, encoding: str) -> str:
-        raw = self._line(MAX_NAME_LINE if self.scan else None)
-        if self.scan and not raw:
-            self._fail(f"{opname} with an empty name")
+        if not self.scan:
+            raw = self._line()
+        else:
+            raw = self._text_line(MAX_NAME_LINE)
+            if raw is None:
+                self._fail(f"a name longer than {MAX_NAME_LINE} bytes, which no import can "
+                           "find (pickle.load stops here too)")
+            if not raw:
+                self._fail(f"{opname} with an empty name")
         try:
             return raw.decode(encoding)
         except UnicodeDecodeError:
@@ -377,7 +383,7 @@ class PickleVM:
         self.stack.append(self.memo[index])
 
     def _string(self, n: int) -> str | Unknown:
-        if self.scan and n > MAX_TEXT:
+        if self.max_text is not None and n > self.max_text:
             self._take(n)  # pickle decodes it; its text cannot name anything that matters
             return Unknown(f"string of {n} bytes")
         raw = self._take(n)
@@ -396,7 +402,7 @@ class PickleVM:
         return text
 
     def _bytes(self, n: int) -> bytes | Unknown:
-        if self.scan and n > MAX_TEXT:
+        if self.max_text is not None and n > self.max_text:
             self._take(n)
             return Unknown(f"bytes of {n}")
         return bytes(self._take(n))
@@ -453,6 +459,7 @@ class PickleVM:
         while True:
             self.op_pos = self.pos
             if self.pos >= size:
+                self.exhausted = True
                 self._fail("pickle ends without a STOP opcode (file truncated)")
             code = self.data[self.pos]
             self.pos += 1
@@ -779,6 +786,7 @@ class PickleVM:
     def _length8(self) -> int:
         n = self._unpack("<Q", 8)
         if n > len(self.data) - self.pos:
+            self.exhausted = True
             self._fail("a length runs past the end of the pickle")
         return n
 
@@ -829,7 +837,10 @@ class PickleVM:
             self._fail("READONLY_BUFFER with an empty stack")
 
     def op_int(self) -> None:
-        line = self._line()
+        line = self._text_line()
+        if line is None:
+            self.stack.append(Unknown("integer in long text"))
+            return
         if not line:
             self._fail("INT with an empty line")
         value = _strtol(line)
@@ -840,7 +851,10 @@ class PickleVM:
         self._push_int(value, "INT")
 
     def op_long(self) -> None:
-        line = self._line()
+        line = self._text_line()
+        if line is None:
+            self.stack.append(Unknown("integer in long text"))
+            return
         if not line:
             self._fail("LONG with an empty line")
         self._push_int(_text_int(line[:-1] if line.endswith(b"L") else line, 0), "LONG")
@@ -851,14 +865,20 @@ class PickleVM:
         self.stack.append(value)
 
     def op_float(self) -> None:
-        line = self._line()
+        line = self._text_line()
+        if line is None:
+            self.stack.append(Unknown("float in long text"))
+            return
         try:
             self.stack.append(float(line.split(b"\0", 1)[0]))
         except ValueError:
             self._fail("FLOAT is not a number (pickle.load stops too)")
 
     def op_string(self) -> None:
-        line = self._line()
+        line = self._text_line()
+        if line is None:
+            self.stack.append(Unknown("long string"))
+            return
         if not (len(line) >= 2 and line[0] == line[-1] and line[:1] in (b"'", b'"')):
             self._fail("STRING argument is not quoted (pickle.load stops too)")
         try:
@@ -890,9 +910,9 @@ class PickleVM:
         self.stack.append(raw if isinstance(raw, Unknown) else self._text(raw))
 
     def op_unicode(self) -> None:
-        line = self._line()
-        if len(line) > MAX_TEXT:
-            self.stack.append(Unknown(f"string of {len(line)} bytes"))
+        line = self._text_line()
+        if line is None:
+            self.stack.append(Unknown("long string"))
             return
         try:
             self.stack.append(codecs.raw_unicode_escape_decode(line)[0])
@@ -900,20 +920,33 @@ class PickleVM:
             self._fail("UNICODE has a broken escape (pickle.load stops too)")
 
     def op_put(self) -> None:
-        self._memo_put(self._memo_index("PUT"))
+        index = self._memo_index("PUT")
+        if index is not None:
+            self._memo_put(index)
+        elif not self.stack:
+            self._fail("memo store with an empty stack")
 
     def op_get(self) -> None:
-        self._memo_get(self._memo_index("GET"))
+        index = self._memo_index("GET")
+        if index is not None:
+            self._memo_get(index)
+        else:
+            self.stack.append(Unknown("memo value"))
 
-    def _memo_index(self, opname: str) -> int:
-        index = _text_int(self._line(), 10)
-        if not isinstance(index, int) or not 0 <= index < 1 << 63:
+    def _memo_index(self, opname: str) -> int | None:
+        """A text memo index; None for one spelt too long to read (where it goes, unknown)."""
+        line = self._text_line()
+        index = None if line is None else _text_int(line, 10)
+        if line is None or isinstance(index, Unknown):
+            return None
+        if index is None or not 0 <= index < 1 << 63:
             self._fail(f"{opname} index is not a memo slot (pickle.load stops too)")
         return index
 
     def op_persid(self) -> None:
+        line = self._text_line()
         try:
-            pid = self._line().decode("ascii")
+            pid: Any = Unknown("long id") if line is None else line.decode("ascii")
         except UnicodeDecodeError:
             self._fail("PERSID is not ASCII (pickle.load stops too)")
         self._persistent(pid)

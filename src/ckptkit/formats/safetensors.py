@@ -20,9 +20,11 @@ from ..errors import FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor, checked_shape
 from .dtypes import BY_NAME
 from .source import Source
+from .torch_pickle import refuse_what_torch_load_runs
 
 MAX_HEADER_SIZE = 100_000_000
 METADATA_KEY = "__metadata__"
+TORCH_NAMES = (".ckpt", ".pt", ".pth", ".bin")  # what users torch.load
 # A JSON escape such as \ud800 that is not half of a surrogate pair decodes, in Python, to a
 # lone surrogate: text no UTF-8 writer can encode. The reference reader refuses the header.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -123,19 +125,30 @@ def _entry(name: str, info: Any, path: str) -> tuple[Any, tuple[int, ...], int, 
 
 
 def open_safetensors(source: Source, findings: list | None = None) -> Checkpoint:
-    """Opens a safetensors file; ``findings`` is unused (the format cannot name code)."""
+    """Opens a safetensors file, and refuses one that is also a pickle naming code.
+
+    The format cannot name code, but its first bytes can be a pickle's too (a polyglot): the
+    low byte of the header's length is read as an opcode by torch.load, which unpickles any
+    file not named ``.safetensors``, and by pickle.load. The header's bytes, already read, are
+    read as a pickle too; where that pickle goes past them, the rest of the file is followed
+    when scanning (``findings`` given) or when the file has a name users torch.load
+    (``.ckpt``, ``.pt``...). A ``.safetensors`` file is read as safetensors by torch.load and
+    every tool: reading its tensor data to follow a pickle would break headers-first for
+    nothing."""
     path = source.path
     if source.size < 8:
         raise FormatError(f"the file has {source.size} bytes, too few for a safetensors header "
                           "(truncated download?)", path)
-    (n,) = struct.unpack("<Q", source.read(0, 8))
+    prefix = source.read(0, 8)
+    (n,) = struct.unpack("<Q", prefix)
     if n > MAX_HEADER_SIZE:
         raise UnsafeFileError(f"safetensors header claims {n} bytes, over the 100 MB limit (a "
                               "header-size bomb, or not a safetensors file)", path)
     if 8 + n > source.size:
         raise FormatError(f"the file is truncated: its header needs {8 + n} bytes but the file "
                           f"has {source.size}", path)
-    header = decode_header(bytes(source.read(8, n)), path)
+    raw = bytes(source.read(8, n))
+    header = decode_header(raw, path)
     metadata = _metadata(header.pop(METADATA_KEY, None), path)
     data_start = 8 + n
     data_size = source.size - data_start
@@ -158,6 +171,9 @@ def open_safetensors(source: Source, findings: list | None = None) -> Checkpoint
                               f"but only {data_size} are present", path)
         raise FormatError(f"{data_size - position} bytes follow the last tensor (trailing "
                           "data is not allowed)", path)
+    follow = findings is not None or path.lower().endswith(TORCH_NAMES)
+    refuse_what_torch_load_runs(source, findings, "a valid safetensors file",
+                                head=bytes(prefix) + raw, follow=follow)
     tensors = {
         name: LazyTensor(source, dtype, shape, data_start + begin, end - begin, storage_id=name)
         for name, dtype, shape, begin, end in entries

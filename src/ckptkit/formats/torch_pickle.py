@@ -11,6 +11,7 @@ rest as extras (see ``locate_weights`` for the rule).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 from typing import Any
@@ -19,6 +20,8 @@ from ..errors import FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor
 from .dtypes import DType
 from .pickle_vm import (
+    MAX_TEXT,
+    REACHING,
     EmulatedClass,
     Finding,
     PickleVM,
@@ -102,7 +105,40 @@ def _run(data: bytes | memoryview, start: int, where: str, storages: _Storages |
     return result
 
 
-def torch_load_findings(source: Source) -> list[Finding]:
+def refuse_what_torch_load_runs(source: Source, findings: list[Finding] | None, what: str,
+                                refused: bool = False, head: bytes | None = None,
+                                follow: bool = True) -> None:
+    """Raises ``UnsafeFileError`` if torch.load or pickle.load would meet code in the file
+    (``what`` says what ckptkit made of it; ``head``, ``follow``: see ``torch_load_findings``).
+    The findings go to ``findings``, after those of ckptkit's own reading (the same opcode is
+    not named twice); a file ckptkit already ``refused`` as unsafe is only searched further,
+    for a scan to name everything in it."""
+    found = torch_load_findings(source, head, follow)
+    reaching = [f for f in found if f.kind in REACHING]
+    if not reaching:
+        return
+    if findings is not None:
+        known = {(f.kind, f.name, f.offset) for f in findings}
+        findings.extend(f for f in found if (f.kind, f.name, f.offset) not in known)
+    if refused:
+        return
+    names = sorted({f.name for f in reaching if f.kind != "limit"})
+    limits = [f.name for f in reaching if f.kind == "limit"]
+    said = []
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        said.append(f"names {shown}: loading it that way would run code")
+    if limits:
+        said.append(f"goes where this reader does not follow ({limits[0]}): not verified")
+    raise UnsafeFileError(f"{what}, but torch.load and pickle.load read it as a pickle from "
+                          f"its first byte, which {'; and '.join(said)}", source.path)
+
+
+_WINDOW = 1 << 16
+
+
+def torch_load_findings(source: Source, head: bytes | None = None,
+                        follow: bool = True) -> list[Finding]:
     """What ``torch.load(weights_only=False)`` and ``pickle.load`` would meet in a file that is
     not a ZIP (torch.load reads ZIPs as ZIPs, and an old tar archive as a tar, which
     ``detect_format`` refuses): the pickles they read from its first byte, each read as they
@@ -114,11 +150,26 @@ def torch_load_findings(source: Source) -> list[Finding]:
     and the storage keys; it stops at the first pickle that stops it, as this does. A pickle
     whose STOP lies inside a FRAME leaves the file after STOP or at the frame's end, as the
     file object buffers: both are followed. The findings of kinds in ``REACHING`` are what
-    those loads could run."""
+    those loads could run.
+
+    The bytes are read from ``head`` (the file's first bytes, already read) or a first window,
+    and from the whole file only if a pickle goes past them and ``follow`` is true: a real
+    file stops within its first bytes, and headers-first commands read nothing more."""
     if source.size == 0:
         return []
+    window = head if head is not None else source.read(0, min(source.size, _WINDOW))
     findings: list[Finding] = []
-    _follow(memoryview(source.mmap()), 0, 0, findings, set())
+    if not _follow(memoryview(window), 0, 0, findings, set()) or len(window) >= source.size:
+        return findings
+    if not follow:
+        return findings
+    findings = []
+    whole = source.read_map()
+    try:
+        _follow(memoryview(whole), 0, 0, findings, set())
+    finally:
+        with contextlib.suppress(BufferError):  # a view outlived the parse: it goes with it
+            whole.close()
     return findings
 
 
@@ -127,22 +178,25 @@ _STEPS = (("file", LEGACY_MAGIC), ("protocol-version pickle", LEGACY_PROTOCOL),
 
 
 def _follow(data: memoryview, step: int, pos: int, findings: list[Finding],
-            seen: set[tuple[int, int]]) -> None:
+            seen: set[tuple[int, int]]) -> bool:
+    """Reads the pickles of torch.load's sequence from ``step`` on; True if one of them ran
+    off the end of ``data`` (the rest of the file may say more)."""
     if step == len(_STEPS) or (step, pos) in seen:
-        return
+        return False
     seen.add((step, pos))
     where, expected = _STEPS[step]
     vm = PickleVM(data, pos, find_global=_find_importable,
                   persistent_load=_any_storage if where == "data pickle" else None,
-                  where=where, findings=findings)
+                  where=where, findings=findings, max_text=MAX_TEXT)
     try:
         value, end = vm.run()
     except (FormatError, UnsafeFileError):
-        return  # torch.load stops here too (or a cap did: a finding of its own)
+        return vm.exhausted  # torch.load stops here too (or a cap did: a finding of its own)
     if expected is not None and not _may_equal(value, expected):
-        return
-    for after in {end, max(end, vm.frame_end)}:
-        _follow(data, step + 1, after, findings, seen)
+        return False
+    ran_off = [_follow(data, step + 1, after, findings, seen)
+               for after in {end, max(end, vm.frame_end)}]
+    return any(ran_off)
 
 
 def _find_importable(module: str, name: str) -> Any:
