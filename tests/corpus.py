@@ -184,6 +184,14 @@ def _polyglots(folder: str, marker_dir: str, runs: dict[str, bool], system) -> N
     # Saved big-endian by its sys info, which torch.load never looks at.
     big = _legacy_head().replace(b"little_endianq", b"little_endiaNq").replace(b"\x88", b"\x89")
     write("legacy_big_endian.pt", big + system("legacy_big_endian") + pickle.dumps([], 2))
+    # Re-zipped: ckptkit reads only stored members, torch's ZIP reader inflates them.
+    rezipped = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(_real_zip_bytes())) as src, zipfile.ZipFile(
+            rezipped, "w", zipfile.ZIP_DEFLATED) as out:
+        for name in src.namelist():
+            out.writestr(name, system("zip_deflated") if name.endswith("data.pkl")
+                         else src.read(name))
+    write("zip_deflated.ckpt", rezipped.getvalue())
 
 
 def safetensors_pickle_polyglot(command: bytes) -> bytes:

@@ -185,6 +185,37 @@ def test_a_broken_legacy_file_that_torch_load_would_run_is_unsafe_not_an_error(t
     assert os.listdir(markers) == []
 
 
+def _rezipped(path, data_pkl: bytes) -> None:
+    """A torch.save file whose members were deflated (re-zipped), its data.pkl replaced."""
+    import torch
+
+    saved = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, saved)
+    with zipfile.ZipFile(saved) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
+        for name in src.namelist():
+            out.writestr(name, data_pkl if name.endswith("data.pkl") else src.read(name))
+
+
+def test_a_rezipped_checkpoint_is_judged_by_what_torch_load_reads(tmp_path):
+    """ckptkit refuses compressed members; torch's ZIP reader inflates them and runs the
+    pickle, so the scan reads it too: unsafe when it names code, an error when it does not."""
+    markers = tmp_path / "m"
+    markers.mkdir()
+    evil = tmp_path / "evil.ckpt"
+    _rezipped(evil, b"\x80\x02" + _system(f"touch {markers / 'ran'}") + b".")
+    _run_in_child("torch", [evil], tmp_path)
+    assert os.listdir(markers) == ["ran"]
+    os.remove(markers / "ran")
+    result = scan_file(str(evil))
+    assert result.verdict == "unsafe" and "global posix.system" in _messages(result)
+    with pytest.raises(UnsafeFileError, match=r"torch\.load's own ZIP reader"):
+        open_checkpoint(evil)
+    plain = tmp_path / "plain.ckpt"
+    _rezipped(plain, pickle.dumps({"a": 1}, protocol=2))
+    assert scan_file(str(plain)).verdict == "error"
+    assert os.listdir(markers) == []
+
+
 def test_any_old_tar_header_is_refused(tmp_path):
     """tarfile reads a header by its checksum alone: no ustar marker needed."""
     import tarfile

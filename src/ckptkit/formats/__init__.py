@@ -15,7 +15,12 @@ from .pickle_vm import Finding
 from .safetensors import open_safetensors
 from .sniff import SAFETENSORS, TORCH_LEGACY, TORCH_ZIP, detect_format, extension_note
 from .source import Source
-from .torch_pickle import open_torch_legacy, open_torch_zip, refuse_what_torch_load_runs
+from .torch_pickle import (
+    open_torch_legacy,
+    open_torch_zip,
+    refuse_what_torch_load_runs,
+    refuse_what_torch_zip_runs,
+)
 
 _OPENERS = {
     SAFETENSORS: open_safetensors,
@@ -37,7 +42,9 @@ def open_checkpoint(path: str | os.PathLike[str],
     by the format found: one that is not a ZIP and that, read as a pickle from its first byte,
     names code is refused as unsafe, whether ckptkit read it as safetensors (a polyglot: see
     ``open_safetensors``), could not read it at all, or refused it as a broken legacy
-    checkpoint (see ``refuse_what_torch_load_runs``).
+    checkpoint (see ``refuse_what_torch_load_runs``); so is a ZIP ckptkit refused as broken
+    that torch's laxer ZIP reader would read, for what its pickles name (a re-zipped file:
+    see ``refuse_what_torch_zip_runs``).
     """
     path = os.fspath(path)
     try:
@@ -59,11 +66,13 @@ def open_checkpoint(path: str | os.PathLike[str],
     try:
         checkpoint = _OPENERS[fmt](source, findings)
     except CkptError as exc:
+        refused = bool(findings) or isinstance(exc, UnsafeFileError)
         try:
-            if fmt != TORCH_ZIP:  # a ZIP torch.load reads as a ZIP, never as a pickle
-                refuse_what_torch_load_runs(
-                    source, findings, exc.reason,
-                    refused=bool(findings) or isinstance(exc, UnsafeFileError))
+            if fmt == TORCH_ZIP:  # torch.load reads a ZIP as a ZIP, never as a pickle
+                if not refused:
+                    refuse_what_torch_zip_runs(source, findings, exc.reason)
+            else:
+                refuse_what_torch_load_runs(source, findings, exc.reason, refused=refused)
         finally:
             source.close()
         if exc.path is None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
+import zipfile
+import zlib
 from typing import Any
 
 from ..errors import FormatError, UnsafeFileError
@@ -41,7 +43,7 @@ from .torch_globals import (
     check_amplification,
     find_global,
 )
-from .torch_zip import read_torch_zip
+from .torch_zip import TORCHSCRIPT_HINTS, read_torch_zip
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -113,28 +115,75 @@ def refuse_what_torch_load_runs(source: Source, findings: list[Finding] | None, 
     The findings go to ``findings``, after those of ckptkit's own reading (the same opcode is
     not named twice); a file ckptkit already ``refused`` as unsafe is only searched further,
     for a scan to name everything in it."""
-    found = torch_load_findings(source, head, follow)
+    _refuse(source, torch_load_findings(source, head, follow), findings, refused,
+            f"{what}, but torch.load and pickle.load read it as a pickle from its first "
+            "byte, which")
+
+
+def refuse_what_torch_zip_runs(source: Source, findings: list[Finding] | None,
+                               what: str) -> None:
+    """For a ZIP ckptkit refused to read (``what``: why), raises ``UnsafeFileError`` if
+    torch.load would still meet code in it: torch's own ZIP reader is laxer than ckptkit's
+    (it inflates compressed members, so a re-zipped checkpoint loads). Every ``.pkl``
+    member that Python's zipfile can read is read as torch.load reads data.pkl, and a
+    TorchScript member (which torch.load hands to torch.jit.load) is a finding of its own;
+    the findings go to ``findings``."""
+    found = torch_zip_findings(source)
+    _refuse(source, found, findings, False,
+            f"{what}, but torch.load's own ZIP reader would read it, and it")
+
+
+def torch_zip_findings(source: Source) -> list[Finding]:
+    """The findings of reading each pickle of a ZIP as torch.load does (see above)."""
+    found: list[Finding] = []
+    try:
+        with open(source.path, "rb") as f, zipfile.ZipFile(f) as archive:
+            for info in archive.infolist():
+                if any(hint in info.filename for hint in TORCHSCRIPT_HINTS):
+                    found.append(Finding("call", "torch.jit.load", info.filename, 0,
+                                         "a TorchScript member: torch.load runs its code"))
+                if not info.filename.endswith(".pkl"):
+                    continue
+                with archive.open(info) as member:
+                    data = member.read(MAX_ZIPPED_PICKLE + 1)
+                if len(data) > MAX_ZIPPED_PICKLE:
+                    found.append(Finding("limit", f"a pickle of more than {MAX_ZIPPED_PICKLE} "
+                                         "bytes", info.filename, 0, "not read: not verified"))
+                    continue
+                vm = PickleVM(data, 0, find_global=_find_importable,
+                              persistent_load=_any_storage, where=info.filename,
+                              findings=found)
+                with contextlib.suppress(FormatError, UnsafeFileError):
+                    vm.run()
+    except (OSError, ValueError, EOFError, NotImplementedError, RuntimeError,
+            zipfile.BadZipFile, zlib.error):
+        pass  # what Python cannot read, torch's reader is taken not to read either
+    return found
+
+
+def _refuse(source: Source, found: list[Finding], findings: list[Finding] | None,
+            refused: bool, said: str) -> None:
     reaching = [f for f in found if f.kind in REACHING]
     if not reaching:
         return
     if findings is not None:
-        known = {(f.kind, f.name, f.offset) for f in findings}
-        findings.extend(f for f in found if (f.kind, f.name, f.offset) not in known)
+        known = {(f.kind, f.name, f.where, f.offset) for f in findings}
+        findings.extend(f for f in found if (f.kind, f.name, f.where, f.offset) not in known)
     if refused:
         return
     names = sorted({f.name for f in reaching if f.kind != "limit"})
     limits = [f.name for f in reaching if f.kind == "limit"]
-    said = []
+    parts = []
     if names:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        said.append(f"names {shown}: loading it that way would run code")
+        parts.append(f"names {shown}: loading it that way would run code")
     if limits:
-        said.append(f"goes where this reader does not follow ({limits[0]}): not verified")
-    raise UnsafeFileError(f"{what}, but torch.load and pickle.load read it as a pickle from "
-                          f"its first byte, which {'; and '.join(said)}", source.path)
+        parts.append(f"goes where this reader does not follow ({limits[0]}): not verified")
+    raise UnsafeFileError(f"{said} {'; and '.join(parts)}", source.path)
 
 
 _WINDOW = 1 << 16
+MAX_ZIPPED_PICKLE = 1 << 28
 
 
 def torch_load_findings(source: Source, head: bytes | None = None,
