@@ -411,11 +411,16 @@ class PickleVM:
         """Records the depth and weight of a new tuple or frozenset; refuses one nested too
         deeply (hashing or printing it would recurse in C)."""
         if isinstance(value, (tuple, frozenset)) and value:
-            depth, weight = 1, 1
+            depth = weight = 1
+            known = self._depth.get
             for item in value:
-                _, d, w = self._depth.get(id(item), (None, 0, 1))
-                depth = max(depth, d + 1)
-                weight = min(weight + w, MAX_KEY_WEIGHT + 1)
+                inner = known(id(item))
+                if inner is None:
+                    weight += 1
+                else:
+                    depth = max(depth, inner[1] + 1)
+                    weight += inner[2]
+            weight = min(weight, MAX_KEY_WEIGHT + 1)
             if depth > MAX_NESTING:
                 self._limit(f"tuples nest deeper than {MAX_NESTING} levels")
             self._depth[id(value)] = (value, depth, weight)
@@ -463,13 +468,11 @@ class PickleVM:
                 self._fail("pickle ends without a STOP opcode (file truncated)")
             code = self.data[self.pos]
             self.pos += 1
-            self.ops += 1
-            if self.ops > MAX_OPS:
-                self._limit(f"a pickle of more than {MAX_OPS} opcodes")
             if code not in _MAKES_NOTHING:
                 self.objects += 1
-                if self.objects > MAX_OBJECTS:
-                    self._limit(f"a pickle that makes more than {MAX_OBJECTS} objects")
+            self.ops += 1
+            if not self.ops & 1023:  # each opcode adds one object or stack entry at most
+                self._check_caps()
             handler = ops.get(code)
             if handler is None and self.scan:
                 handler = _SCAN_OPS.get(code)
@@ -488,13 +491,19 @@ class PickleVM:
                     "" if self.scan else " torch.save writes"), unsafe=not self.scan)
             if handler(self):
                 break
-            if len(self.stack) + self.below > MAX_STACK:
-                self._limit(f"the pickle stack grows beyond {MAX_STACK} objects")
         if self.marks or len(self.stack) != 1:
             state = ("an open MARK" if self.marks
                      else f"{len(self.stack)} objects on the stack, not 1")
             self._refuse(f"pickle stops with {state}", unsafe=False)
         return self.stack[-1], self.pos
+
+    def _check_caps(self) -> None:
+        if self.ops > MAX_OPS:
+            self._limit(f"a pickle of more than {MAX_OPS} opcodes")
+        if self.objects > MAX_OBJECTS:
+            self._limit(f"a pickle that makes more than {MAX_OBJECTS} objects")
+        if len(self.stack) + self.below > MAX_STACK:
+            self._limit(f"the pickle stack grows beyond {MAX_STACK} objects")
 
     # Each handler returns True only for STOP.
 

@@ -28,6 +28,7 @@ TORCH_NAMES = (".ckpt", ".pt", ".pth", ".bin")  # what users torch.load
 # A JSON escape such as \ud800 that is not half of a surrogate pair decodes, in Python, to a
 # lone surrogate: text no UTF-8 writer can encode. The reference reader refuses the header.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # no such escape, no surrogate: skip the walk
 
 
 class _Duplicate(ValueError):
@@ -66,7 +67,7 @@ def decode_header(raw: bytes, path: str) -> dict[str, Any]:
         raise FormatError(f"safetensors header is not valid JSON ({exc})", path) from None
     if not isinstance(header, dict):
         raise FormatError("safetensors header is not a JSON object", path)
-    if _holds_lone_surrogate(header):
+    if _SURROGATE_ESCAPE.search(text) and _holds_lone_surrogate(header):
         raise FormatError("safetensors header is not valid JSON (an escaped lone surrogate, "
                           "such as \\ud800, in a string; the safetensors library refuses it)",
                           path)
