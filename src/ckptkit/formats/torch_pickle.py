@@ -116,8 +116,8 @@ def refuse_what_torch_load_runs(source: Source, findings: list[Finding] | None, 
     not named twice); a file ckptkit already ``refused`` as unsafe is only searched further,
     for a scan to name everything in it."""
     _refuse(source, torch_load_findings(source, head, follow), findings, refused,
-            f"{what}, but torch.load and pickle.load read it as a pickle from its first "
-            "byte, which")
+            f"{what}, but read from its first byte as torch.load and pickle.load read a "
+            "file that is not a ZIP, it")
 
 
 def refuse_what_torch_zip_runs(source: Source, findings: list[Finding] | None,
