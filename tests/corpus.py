@@ -9,6 +9,7 @@ ckptkit never does. Pickles are built from bytes or with ``pickle.dumps`` of obj
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import struct
@@ -158,8 +159,92 @@ def build_hostile(folder: str, marker_dir: str) -> dict[str, bool]:
     with open(os.path.join(folder, "preview.png"), "wb") as f:
         f.write(system("preview_png"))
     runs["preview.png"] = True
+    _polyglots(folder, marker_dir, runs, system)
     _zip_tricks(folder, runs)
     return runs
+
+
+def _polyglots(folder: str, marker_dir: str, runs: dict[str, bool], system) -> None:
+    """Files that ckptkit's own reading of one format once passed, read otherwise by
+    torch.load: each runs its payload there."""
+    def touch(name: str) -> bytes:
+        return f"touch {os.path.join(marker_dir, f'marker_{name}')}".encode()
+
+    def write(name: str, data: bytes) -> None:
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+        runs[name] = True
+
+    write("polyglot_safetensors.ckpt", safetensors_pickle_polyglot(touch("polyglot_st")))
+    write("polyglot_legacy_tar.pt", legacy_tar_polyglot(touch("polyglot_tar")))
+    # The legacy magic number spelt with one byte more: torch.load compares values.
+    magic = b"\x80\x02\x8a\x0b" + LEGACY_MAGIC.to_bytes(11, "little", signed=True) + b"."
+    write("legacy_magic_long1.pt", magic + _legacy_head()[len(pickle.dumps(LEGACY_MAGIC, 2)):]
+          + system("legacy_long1") + pickle.dumps([], protocol=2))
+    # Saved big-endian by its sys info, which torch.load never looks at.
+    big = _legacy_head().replace(b"little_endianq", b"little_endiaNq").replace(b"\x88", b"\x89")
+    write("legacy_big_endian.pt", big + system("legacy_big_endian") + pickle.dumps([], 2))
+    # Re-zipped: ckptkit reads only stored members, torch's ZIP reader inflates them.
+    rezipped = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(_real_zip_bytes())) as src, zipfile.ZipFile(
+            rezipped, "w", zipfile.ZIP_DEFLATED) as out:
+        for name in src.namelist():
+            out.writestr(name, system("zip_deflated") if name.endswith("data.pkl")
+                         else src.read(name))
+    write("zip_deflated.ckpt", rezipped.getvalue())
+
+
+def safetensors_pickle_polyglot(command: bytes) -> bytes:
+    """A valid safetensors file (the reference library reads it) that is also a pickle: its
+    header length's low byte is 0x56, the UNICODE opcode, which reads a line through the JSON
+    header to the newline that ends it; the one tensor's bytes are the payload's opcodes."""
+    payload = b"cposix\nsystem\n(V" + command + b"\ntR."
+    header = json.dumps({"__metadata__": {"format": "pt"},
+                         "w": {"dtype": "U8", "shape": [len(payload)],
+                               "data_offsets": [0, len(payload)]}}, separators=(",", ":"))
+    header += " " * ((0x56 - len(header) - 1) % 256) + "\n"
+    size = struct.pack("<Q", len(header))
+    assert size[0] == ord("V") and b"\n" not in size
+    return size + header.encode() + payload
+
+
+def legacy_tar_polyglot(command: bytes) -> bytes:
+    """A legacy torch file that ckptkit reads as one, whose first 512 bytes are also an old
+    tar header (no ustar marker; the fields are the text of a string in the sys-info pickle)
+    whose member ends where a storage's bytes hold a real tar stream: torch.load tries tar
+    first and unpickles its 'storages' member."""
+    legacy = io.BytesIO()
+    torch.save({"w": torch.zeros(4096, dtype=torch.uint8)}, legacy,
+               _use_new_zipfile_serialization=False)
+    stream = io.BytesIO(legacy.getvalue())
+    for _ in range(3):
+        pickle.load(stream)
+    rest = legacy.getvalue()[stream.tell():]
+    sys_info = {"pad": "X" * 460, "protocol_version": 1001, "little_endian": True,
+                "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    head = (pickle.dumps(LEGACY_MAGIC, protocol=2) + pickle.dumps(1001, protocol=2)
+            + pickle.dumps(sys_info, protocol=2))
+    pad = head.index(b"X" * 460)
+    assert pad <= 100 and pad + 460 >= 500
+    data = bytearray(head + rest)
+    raw_at = len(data) - 4096  # the storage's bytes end the file
+    member_at = -(-raw_at // 512) * 512
+    fields = {100: b"0000644\0", 108: b"0000000\0", 116: b"0000000\0",
+              124: b"%011o\0" % (member_at - 512), 136: b"00000000000\0", 148: b" " * 8,
+              156: b"0", 329: b"0000000\0", 337: b"0000000\0"}
+    data[100:500] = bytes(400)
+    for at, value in fields.items():
+        data[at:at + len(value)] = value
+    checksum = 256 + sum(data[:148]) + sum(data[156:512])
+    data[148:156] = b"%06o\0 " % checksum
+    body = b"cposix\nsystem\n(V" + command + b"\ntR."
+    info = tarfile.TarInfo("storages")
+    info.size = len(body)
+    members = (info.tobuf(tarfile.USTAR_FORMAT) + body + bytes(-len(body) % 512)
+               + bytes(1024))  # the member, then the two zero blocks that end an archive
+    assert member_at + len(members) <= len(data)
+    data[member_at:member_at + len(members)] = members
+    return bytes(data)
 
 
 def _zip_tricks(folder: str, runs: dict[str, bool]) -> None:

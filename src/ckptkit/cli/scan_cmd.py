@@ -55,9 +55,16 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"files": [_json_entry(r) for r in results],
                           "summary": {"files": len(results), **counts}}))
+    elif not results:
+        print("nothing was scanned: no files under the paths given (an empty scan proves "
+              "nothing)")
     else:
-        print(f"{len(results)} files: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+        print(f"{_files(len(results))}: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     return exit_code(results)
+
+
+def _files(n: int) -> str:
+    return f"{n} file{'' if n == 1 else 's'}"
 
 
 def _json_entry(result: ScanResult) -> dict:

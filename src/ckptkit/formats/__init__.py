@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import os
 
-from ..errors import CkptError
+from ..errors import CkptError, FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor
 from .pickle_vm import Finding
 from .safetensors import open_safetensors
 from .sniff import SAFETENSORS, TORCH_LEGACY, TORCH_ZIP, detect_format, extension_note
 from .source import Source
-from .torch_pickle import open_torch_legacy, open_torch_zip
+from .torch_pickle import (
+    open_torch_legacy,
+    open_torch_zip,
+    refuse_what_torch_load_runs,
+    refuse_what_torch_zip_runs,
+)
 
 _OPENERS = {
     SAFETENSORS: open_safetensors,
@@ -32,9 +37,28 @@ def open_checkpoint(path: str | os.PathLike[str],
 
     With a ``findings`` list, every refused global of a pickle is recorded there (not just the
     first) before the file is refused: what ``ckpt scan`` reports.
+
+    A file is judged by every way ``torch.load`` and ``pickle.load`` would read it, not only
+    by the format found: one that is not a ZIP and that, read as a pickle from its first byte,
+    names code is refused as unsafe, whether ckptkit read it as safetensors (a polyglot: see
+    ``open_safetensors``), could not read it at all, or refused it as a broken legacy
+    checkpoint (see ``refuse_what_torch_load_runs``); so is a ZIP ckptkit refused as broken
+    that torch's laxer ZIP reader would read, for what its pickles name (a re-zipped file:
+    see ``refuse_what_torch_zip_runs``).
     """
     path = os.fspath(path)
-    fmt = detect_format(path)
+    try:
+        fmt = detect_format(path)
+    except UnsafeFileError:
+        raise
+    except FormatError as exc:
+        if os.path.isfile(path):  # not a folder or a device: torch.load would read it
+            try:
+                with Source(path) as source:
+                    refuse_what_torch_load_runs(source, findings, exc.reason)
+            except OSError:
+                pass  # unreadable: the error at hand says so
+        raise
     try:
         source = Source(path)
     except OSError as exc:
@@ -42,7 +66,15 @@ def open_checkpoint(path: str | os.PathLike[str],
     try:
         checkpoint = _OPENERS[fmt](source, findings)
     except CkptError as exc:
-        source.close()
+        refused = bool(findings) or isinstance(exc, UnsafeFileError)
+        try:
+            if fmt == TORCH_ZIP:  # torch.load reads a ZIP as a ZIP, never as a pickle
+                if not refused:
+                    refuse_what_torch_zip_runs(source, findings, exc.reason)
+            else:
+                refuse_what_torch_load_runs(source, findings, exc.reason, refused=refused)
+        finally:
+            source.close()
         if exc.path is None:
             raise type(exc)(exc.reason, path) from None
         raise

@@ -23,9 +23,15 @@ from ..errors import FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor, checked_shape, paused_gc
 from .dtypes import BY_NAME
 from .source import Source
+from .torch_pickle import refuse_what_torch_load_runs
 
 MAX_HEADER_SIZE = 100_000_000
 METADATA_KEY = "__metadata__"
+TORCH_NAMES = (".ckpt", ".pt", ".pth", ".bin")  # what users torch.load
+# A JSON escape such as \ud800 that is not half of a surrogate pair decodes, in Python, to a
+# lone surrogate: text no UTF-8 writer can encode. The reference reader refuses the header.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # no such escape, no surrogate: skip the walk
 
 
 class _Duplicate(ValueError):
@@ -51,7 +57,8 @@ _COLON = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")
 _AFTER_VALUE = re.compile(r"[ \t\n\r]*(?:,[ \t\n\r]*|(\}[ \t\n\r]*))")
 
 
-def decode_header(raw: bytes | bytearray, path: str) -> Iterator[tuple[str, Any]]:
+def decode_header(raw: bytes | bytearray | memoryview, path: str
+                  ) -> Iterator[tuple[str, Any]]:
     """The header JSON object's (name, value) pairs in file order, each value decoded as it is
     reached, or a ``FormatError`` that says why the header is not such an object.
 
@@ -61,10 +68,11 @@ def decode_header(raw: bytes | bytearray, path: str) -> Iterator[tuple[str, Any]
     name and value, duplicates refused at every level), so it accepts exactly what
     ``json.loads`` would."""
     try:
-        text = raw.decode("utf-8")
+        text = str(raw, "utf-8")
     except UnicodeDecodeError:
         raise FormatError("safetensors header is not valid UTF-8", path) from None
     del raw
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
     if not text.startswith("{"):
         raise FormatError("safetensors header does not start with '{' (not a safetensors "
                           "file, or a corrupt one)", path)
@@ -90,6 +98,10 @@ def decode_header(raw: bytes | bytearray, path: str) -> Iterator[tuple[str, Any]
             if name in names:
                 raise _Duplicate(name)
             names.add(name)
+            if surrogates and _holds_lone_surrogate((name, value)):
+                raise FormatError("safetensors header is not valid JSON (an escaped lone "
+                                  "surrogate, such as \\ud800, in a string; the safetensors "
+                                  "library refuses it)", path)
             yield name, value
             after = _AFTER_VALUE.match(text, at)
             if after is None:
@@ -101,6 +113,23 @@ def decode_header(raw: bytes | bytearray, path: str) -> Iterator[tuple[str, Any]
                               "disagree on which entry counts)", path) from None
     except (ValueError, RecursionError) as exc:
         raise FormatError(f"safetensors header is not valid JSON ({exc})", path) from None
+
+
+def _holds_lone_surrogate(entry: tuple[str, Any]) -> bool:
+    """Whether any string of a decoded header entry (its name, or a key or a value at any
+    depth) holds a lone surrogate; walked without recursion, each value once."""
+    stack: list[Any] = list(entry)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _metadata(value: Any, path: str) -> dict[str, str]:
@@ -145,25 +174,39 @@ def _entry(name: str, info: Any, path: str) -> tuple[Any, tuple[int, ...], int, 
 
 
 def open_safetensors(source: Source, findings: list | None = None) -> Checkpoint:
-    """Opens a safetensors file; ``findings`` is unused (the format cannot name code)."""
+    """Opens a safetensors file, and refuses one that is also a pickle naming code.
+
+    The format cannot name code, but its first bytes can be a pickle's too (a polyglot): the
+    low byte of the header's length is read as an opcode by torch.load, which unpickles any
+    file not named ``.safetensors``, and by pickle.load. The header's bytes, already read, are
+    read as a pickle too; where that pickle goes past them, the rest of the file is followed
+    when scanning (``findings`` given) or when the file has a name users torch.load
+    (``.ckpt``, ``.pt``...). A ``.safetensors`` file is read as safetensors by torch.load and
+    every tool: reading its tensor data to follow a pickle would break headers-first for
+    nothing."""
     path = source.path
     if source.size < 8:
         raise FormatError(f"the file has {source.size} bytes, too few for a safetensors header "
                           "(truncated download?)", path)
-    (n,) = struct.unpack("<Q", source.read(0, 8))
+    prefix = source.read(0, 8)
+    (n,) = struct.unpack("<Q", prefix)
     if n > MAX_HEADER_SIZE:
         raise UnsafeFileError(f"safetensors header claims {n} bytes, over the 100 MB limit (a "
                               "header-size bomb, or not a safetensors file)", path)
     if 8 + n > source.size:
         raise FormatError(f"the file is truncated: its header needs {8 + n} bytes but the file "
                           f"has {source.size}", path)
+    head = source.read(0, 8 + n)  # read as a pickle too, then as the JSON it should be
+    follow = findings is not None or path.lower().endswith(TORCH_NAMES)
+    refuse_what_torch_load_runs(source, findings, "a valid safetensors file", head=head,
+                                follow=follow)
     data_start = 8 + n
     data_size = source.size - data_start
     metadata: dict[str, str] = {}
     tensors: dict[str, LazyTensor] = {}
     shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape
     with paused_gc():  # millions of small acyclic objects: nothing for the collector to find
-        for name, info in decode_header(source.read(8, n), path):
+        for name, info in decode_header(memoryview(head)[8:], path):
             if name == METADATA_KEY:
                 metadata = _metadata(info, path)
                 continue

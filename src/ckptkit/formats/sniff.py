@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tarfile
 
 from ..errors import FormatError, UnsafeFileError
 
@@ -51,6 +52,11 @@ def detect_format(path: str) -> str:
         raise FormatError(f"cannot read the file ({exc.strerror})", path) from None
     if head.startswith(b"PK\x03\x04"):
         return TORCH_ZIP
+    if opens_as_tar(head) or head[257:262] == b"ustar":
+        raise UnsafeFileError("this is a tar archive, which torch.load reads as the torch "
+                              "format of before 2018, unpickling the members it names "
+                              "('storages', 'tensors', 'pickle'): refused, whatever else the "
+                              "file looks like; re-save it with a current torch", path)
     if head.startswith(_LEGACY_PREFIX):
         return TORCH_LEGACY
     if head[8:9] == b"{":
@@ -60,6 +66,18 @@ def detect_format(path: str) -> str:
     except UnsafeFileError as exc:
         raise UnsafeFileError(exc.reason, path) from None
     raise FormatError(what, path)
+
+
+def opens_as_tar(head: bytes) -> bool:
+    """Whether Python's ``tarfile``, which torch.load tries before anything else on a file that
+    is not a ZIP, reads the first 512 bytes as a tar header. Old-style headers carry no
+    ``ustar`` marker: only a checksum says they are one, and a pickle or a safetensors header
+    can be made to carry a valid one (a polyglot)."""
+    try:
+        tarfile.TarInfo.frombuf(head[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+    except (tarfile.TarError, ValueError):
+        return False
+    return True
 
 
 def path_problem(path: str, exc: OSError) -> str:
@@ -87,9 +105,6 @@ def _describe_other(head: bytes, tail: bytes, size: int) -> str:
         return "this is a JSON text file, not model weights"
     if head.startswith(b"GGUF"):
         return "this is a GGUF file, which ckptkit cannot read yet"
-    if len(head) > 262 and head[257:262] == b"ustar":
-        raise UnsafeFileError("this is a tar archive (the torch format of before 2018); it is "
-                              "refused: re-save it with a current torch")
     if head.startswith(b"\x80"):
         return "this is a pickle but not one torch.save writes (not a torch checkpoint)"
     if head.startswith(b"PK"):

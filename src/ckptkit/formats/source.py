@@ -81,6 +81,19 @@ class Source:
             self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
         return self._map
 
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read_map(self) -> mmap.mmap:
+        """A new read-only map of the whole file, for parsing it in place; the caller closes
+        it. Unlike ``mmap``'s private copy it commits no memory, however large the file."""
+        if self._fd < 0:
+            raise FormatError("the checkpoint was closed before it was read", self.path)
+        return mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+
     def close(self) -> None:
         # The map is never closed here: tensors from ``load`` hold a reference to it (but no
         # buffer export, so closing would unmap memory under them); it is unmapped when the

@@ -265,6 +265,16 @@ def _ordered_dict(args: tuple) -> PickledDict:
     return result
 
 
+def _pair_keys(args: tuple) -> Any:
+    """The keys ``OrderedDict(pairs)`` hashes, for the interpreter to vet first."""
+    return (pair[0] for pair in args[0]) if args else ()
+
+
+def _items(args: tuple) -> Any:
+    """The items ``set(items)`` hashes."""
+    return args[0] if args and isinstance(args[0], list) else ()
+
+
 def _codecs_encode(args: tuple) -> bytes:
     text, encoding = args
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -338,10 +348,10 @@ _TENSOR_TYPES = {"torch.Tensor", "torch.nn.parameter.Parameter"}
 def _build_allowlist() -> dict[tuple[str, str], Any]:
     table: dict[tuple[str, str], Any] = {}
 
-    def fn(module: str, name: str, call) -> None:
-        table[(module, name)] = Emulated(f"{module}.{name}", call)
+    def fn(module: str, name: str, call, keys=None) -> None:
+        table[(module, name)] = Emulated(f"{module}.{name}", call, keys)
 
-    fn("collections", "OrderedDict", _ordered_dict)
+    fn("collections", "OrderedDict", _ordered_dict, _pair_keys)
     fn("torch._utils", "_rebuild_tensor", _rebuild_tensor)
     fn("torch._utils", "_rebuild_tensor_v2", _rebuild_tensor_v2)
     fn("torch._utils", "_rebuild_tensor_v3", _rebuild_tensor_v3)
@@ -352,8 +362,8 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
     fn("torch", "device", _torch_device)
     fn("_codecs", "encode", _codecs_encode)
     for module in ("__builtin__", "builtins"):
-        fn(module, "set", _make_set(set))
-        fn(module, "frozenset", _make_set(frozenset))
+        fn(module, "set", _make_set(set), _items)
+        fn(module, "frozenset", _make_set(frozenset), _items)
         fn(module, "bytes", _empty_bytes)
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         fn(module, "scalar", _numpy_scalar)

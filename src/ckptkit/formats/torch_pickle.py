@@ -11,14 +11,27 @@ rest as extras (see ``locate_weights`` for the rule).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
+import zipfile
+import zlib
 from typing import Any
 
 from ..errors import FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor
 from .dtypes import DType
-from .pickle_vm import EmulatedClass, Finding, PickleVM, RefusedGlobals, safe_repr
+from .pickle_vm import (
+    MAX_TEXT,
+    REACHING,
+    EmulatedClass,
+    Finding,
+    PickleVM,
+    Refused,
+    RefusedGlobals,
+    Unknown,
+    safe_repr,
+)
 from .source import Source
 from .torch_globals import (
     NumpyArray,
@@ -30,7 +43,7 @@ from .torch_globals import (
     check_amplification,
     find_global,
 )
-from .torch_zip import read_torch_zip
+from .torch_zip import TORCHSCRIPT_HINTS, read_torch_zip
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -78,8 +91,9 @@ class _Storages:
 
 def _run(data: bytes | memoryview, start: int, where: str, storages: _Storages | None,
          findings: list[Finding] | None = None):
-    result = PickleVM(data, start, find_global=find_global, persistent_load=storages,
-                      where=where, findings=findings).run()
+    vm = PickleVM(data, start, find_global=find_global, persistent_load=storages,
+                  where=where, findings=findings)
+    result = vm.run()
     if findings:
         names = sorted({f.name for f in findings if f.kind == "global"})
         if not names:  # only the pickle's form is refused (protocol 4 or 5)
@@ -88,7 +102,174 @@ def _run(data: bytes | memoryview, start: int, where: str, storages: _Storages |
         raise RefusedGlobals(f"{where} asks for {len(names)} global"
                               f"{'s' if len(names) > 1 else ''} outside the allow-list "
                               f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+    if vm.deferred is not None:
+        raise vm.deferred
     return result
+
+
+def refuse_what_torch_load_runs(source: Source, findings: list[Finding] | None, what: str,
+                                refused: bool = False, head: bytes | None = None,
+                                follow: bool = True) -> None:
+    """Raises ``UnsafeFileError`` if torch.load or pickle.load would meet code in the file
+    (``what`` says what ckptkit made of it; ``head``, ``follow``: see ``torch_load_findings``).
+    The findings go to ``findings``, after those of ckptkit's own reading (the same opcode is
+    not named twice); a file ckptkit already ``refused`` as unsafe is only searched further,
+    for a scan to name everything in it."""
+    _refuse(source, torch_load_findings(source, head, follow), findings, refused,
+            f"{what}, but read from its first byte as torch.load and pickle.load read a "
+            "file that is not a ZIP, it")
+
+
+def refuse_what_torch_zip_runs(source: Source, findings: list[Finding] | None,
+                               what: str) -> None:
+    """For a ZIP ckptkit refused to read (``what``: why), raises ``UnsafeFileError`` if
+    torch.load would still meet code in it: torch's own ZIP reader is laxer than ckptkit's
+    (it inflates compressed members, so a re-zipped checkpoint loads). Every ``.pkl``
+    member that Python's zipfile can read is read as torch.load reads data.pkl, and a
+    TorchScript member (which torch.load hands to torch.jit.load) is a finding of its own;
+    the findings go to ``findings``."""
+    found = torch_zip_findings(source)
+    _refuse(source, found, findings, False,
+            f"{what}, but torch.load's own ZIP reader would read it, and it")
+
+
+def torch_zip_findings(source: Source) -> list[Finding]:
+    """The findings of reading each pickle of a ZIP as torch.load does (see above)."""
+    found: list[Finding] = []
+    try:
+        with open(source.path, "rb") as f, zipfile.ZipFile(f) as archive:
+            for info in archive.infolist():
+                if any(hint in info.filename for hint in TORCHSCRIPT_HINTS):
+                    found.append(Finding("call", "torch.jit.load", info.filename, 0,
+                                         "a TorchScript member: torch.load runs its code"))
+                if not info.filename.endswith(".pkl"):
+                    continue
+                with archive.open(info) as member:
+                    data = member.read(MAX_ZIPPED_PICKLE + 1)
+                if len(data) > MAX_ZIPPED_PICKLE:
+                    found.append(Finding("limit", f"a pickle of more than {MAX_ZIPPED_PICKLE} "
+                                         "bytes", info.filename, 0, "not read: not verified"))
+                    continue
+                vm = PickleVM(data, 0, find_global=_find_importable,
+                              persistent_load=_any_storage, where=info.filename,
+                              findings=found)
+                with contextlib.suppress(FormatError, UnsafeFileError):
+                    vm.run()
+    except (OSError, ValueError, EOFError, NotImplementedError, RuntimeError,
+            zipfile.BadZipFile, zlib.error):
+        pass  # what Python cannot read, torch's reader is taken not to read either
+    return found
+
+
+def _refuse(source: Source, found: list[Finding], findings: list[Finding] | None,
+            refused: bool, said: str) -> None:
+    reaching = [f for f in found if f.kind in REACHING]
+    if not reaching:
+        return
+    if findings is not None:
+        known = {(f.kind, f.name, f.where, f.offset) for f in findings}
+        findings.extend(f for f in found if (f.kind, f.name, f.where, f.offset) not in known)
+    if refused:
+        return
+    names = sorted({f.name for f in reaching if f.kind != "limit"})
+    limits = [f.name for f in reaching if f.kind == "limit"]
+    parts = []
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        parts.append(f"names {shown}: loading it that way would run code")
+    if limits:
+        parts.append(f"goes where this reader does not follow ({limits[0]}): not verified")
+    raise UnsafeFileError(f"{said} {'; and '.join(parts)}", source.path)
+
+
+_WINDOW = 1 << 16
+MAX_ZIPPED_PICKLE = 1 << 28
+
+
+def torch_load_findings(source: Source, head: bytes | None = None,
+                        follow: bool = True) -> list[Finding]:
+    """What ``torch.load(weights_only=False)`` and ``pickle.load`` would meet in a file that is
+    not a ZIP (torch.load reads ZIPs as ZIPs, and an old tar archive as a tar, which
+    ``detect_format`` refuses): the pickles they read from its first byte, each read as they
+    read it, whatever format ckptkit found there (a safetensors file can be a pickle too).
+
+    ``pickle.load`` reads one pickle. ``torch.load`` reads the same one and compares its value
+    with the legacy magic number (its value, however it is spelt), then the protocol version
+    (it must be 1001), then the system info, the object (whose persistent ids it resolves)
+    and the storage keys; it stops at the first pickle that stops it, as this does. A pickle
+    whose STOP lies inside a FRAME leaves the file after STOP or at the frame's end, as the
+    file object buffers: both are followed. The findings of kinds in ``REACHING`` are what
+    those loads could run.
+
+    The bytes are read from ``head`` (the file's first bytes, already read) or a first window,
+    and from the whole file only if a pickle goes past them and ``follow`` is true: a real
+    file stops within its first bytes, and headers-first commands read nothing more."""
+    if source.size == 0:
+        return []
+    window = head if head is not None else source.read(0, min(source.size, _WINDOW))
+    findings: list[Finding] = []
+    if not _follow(memoryview(window), 0, 0, findings, set()) or len(window) >= source.size:
+        return findings
+    if not follow:
+        return findings
+    findings = []
+    whole = source.read_map()
+    try:
+        _follow(memoryview(whole), 0, 0, findings, set())
+    finally:
+        with contextlib.suppress(BufferError):  # a view outlived the parse: it goes with it
+            whole.close()
+    return findings
+
+
+_STEPS = (("file", LEGACY_MAGIC), ("protocol-version pickle", LEGACY_PROTOCOL),
+          ("sys-info pickle", None), ("data pickle", None), ("storage-keys pickle", None))
+
+
+def _follow(data: memoryview, step: int, pos: int, findings: list[Finding],
+            seen: set[tuple[int, int]]) -> bool:
+    """Reads the pickles of torch.load's sequence from ``step`` on; True if one of them ran
+    off the end of ``data`` (the rest of the file may say more)."""
+    if step == len(_STEPS) or (step, pos) in seen:
+        return False
+    seen.add((step, pos))
+    where, expected = _STEPS[step]
+    vm = PickleVM(data, pos, find_global=_find_importable,
+                  persistent_load=_any_storage if where == "data pickle" else None,
+                  where=where, findings=findings, max_text=MAX_TEXT)
+    try:
+        value, end = vm.run()
+    except (FormatError, UnsafeFileError):
+        return vm.exhausted  # torch.load stops here too (or a cap did: a finding of its own)
+    if expected is not None and not _may_equal(value, expected):
+        return False
+    ran_off = [_follow(data, step + 1, after, findings, seen)
+               for after in {end, max(end, vm.frame_end)}]
+    return any(ran_off)
+
+
+def _find_importable(module: str, name: str) -> Any:
+    """``find_global``, where a name that is not dotted identifiers stops the parse, as
+    ``find_class`` stops pickle.load: a text file that opens with ``c`` (``comfyui:`` in
+    ComfyUI's ``extra_model_paths.yaml``) reads as a GLOBAL of a module ``omfyui:``, which no
+    import can find. (In a checkpoint's own pickles every name outside the allow-list is a
+    finding, found or not.)"""
+    if not all(part.isidentifier() for part in f"{module}.{name}".split(".")):
+        raise FormatError(f"the pickle names {safe_repr(f'{module}.{name}')}, which no import "
+                          "can find (pickle.load stops here too)")
+    return find_global(module, name)
+
+
+def _any_storage(pid: Any) -> Any:
+    return Unknown("storage")  # torch.load's resolves any storage record the file names
+
+
+def _may_equal(value: Any, expected: int) -> bool:
+    """``value == expected`` as torch.load compares them, where a value the scan did not
+    compute (what a refused call returns) might be anything."""
+    if isinstance(value, (Refused, Unknown)):
+        return True
+    return isinstance(value, (int, float)) and value == expected
 
 
 def open_torch_zip(source: Source, findings: list[Finding] | None = None) -> Checkpoint:

@@ -32,7 +32,7 @@ _ALLOWED_FLAGS = _DESCRIPTOR_FLAG | 0x0800
 _FIXED_MEMBERS = {"data.pkl", "version", ".data/version", "byteorder",
                   ".data/serialization_id", ".format_version", ".storage_alignment"}
 _STORAGE_MEMBER = re.compile(r"data/([0-9]+)")
-_TORCHSCRIPT_HINTS = ("constants.pkl", "code/", ".data/ts_code")
+TORCHSCRIPT_HINTS = ("constants.pkl", "code/", ".data/ts_code")
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def _descriptor_length(source: Source, at: int, crc: int, size: int, name: str) 
 def _torch_members(source: Source, members: dict[str, Member]) -> TorchZip:
     path = source.path
     names = list(members)
-    if any(hint in name for name in names for hint in _TORCHSCRIPT_HINTS):
+    if any(hint in name for name in names for hint in TORCHSCRIPT_HINTS):
         raise UnsafeFileError("this is a TorchScript archive (torch.jit.save), which carries "
                               "code, not a checkpoint of weights", path)
     prefixes = {name.split("/", 1)[0] for name in names}

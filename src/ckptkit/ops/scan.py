@@ -5,6 +5,8 @@ mode that records every refused global instead of stopping at the first: there i
 lighter parser whose view of the file could differ from the loader's. ``safe`` means the file
 opened and every tensor record was checked; ``unsafe`` means it names code, uses opcodes or
 archive tricks a data file never needs; ``error`` means it could not be read as a checkpoint.
+Every file is also judged as ``torch.load`` and ``pickle.load`` would read it (``open_checkpoint``
+does): a safetensors file that is also a pickle naming code, or a tar archive, is ``unsafe``.
 Files that are not model files at all (a config, a preview image) are ``skipped`` unless
 their bytes would be run by ``torch.load``'s legacy path, which unpickles any file it is given.
 A folder that cannot be listed, or a path given that does not exist, is an ``error`` too: a scan
@@ -14,7 +16,6 @@ never passes because it did not look (see ``walk``).
 from __future__ import annotations
 
 import os
-import pickletools
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,14 +23,12 @@ from typing import Any
 
 from ..errors import CkptError, FormatError, UnsafeFileError
 from ..formats import detect_format, open_checkpoint
-from ..formats.pickle_vm import Finding, PickleVM, RefusedGlobals, why_refused
+from ..formats.pickle_vm import Finding, RefusedGlobals
 from ..formats.sniff import EXTENSIONS, path_problem
-from ..formats.torch_globals import find_global
 from ..formats.torch_zip import verify_crc
 
 SAFE, UNSAFE, ERROR, SKIPPED = "safe", "unsafe", "error", "skipped"
 _MODEL_EXTENSIONS = {e for exts in EXTENSIONS.values() for e in exts} | {".gguf"}
-_PROBE_BYTES = 1 << 20
 
 
 @dataclass
@@ -69,11 +68,11 @@ def scan_file(path: str, verify_data: bool = False) -> ScanResult:
 
 def _scan(path: str, verify_data: bool) -> ScanResult:
     try:
-        fmt = detect_format(path)
+        fmt: str | None = detect_format(path)
     except UnsafeFileError as exc:
         return ScanResult(path, UNSAFE, reasons=[_reason("format", exc.reason)])
-    except CkptError as exc:
-        return _unrecognised(path, exc.reason)
+    except CkptError:
+        fmt = None  # no checkpoint format: opening it still reads it as torch.load would
     findings: list[Finding] = []
     try:
         checkpoint = open_checkpoint(path, findings)
@@ -82,7 +81,11 @@ def _scan(path: str, verify_data: bool) -> ScanResult:
         unsafe = bool(findings) or isinstance(exc, UnsafeFileError)
         if not isinstance(exc, RefusedGlobals):  # that one only sums up the findings
             reasons.append(_reason("structure" if unsafe else "read", exc.reason))
-        return ScanResult(path, UNSAFE if unsafe else ERROR, fmt, reasons=reasons)
+        if unsafe:
+            return ScanResult(path, UNSAFE, fmt or "pickle", reasons=reasons)
+        if fmt is None:
+            return _unrecognised(path, exc.reason)
+        return ScanResult(path, ERROR, fmt, reasons=reasons)
     with checkpoint:
         if verify_data and checkpoint.container is not None:
             for member in checkpoint.container.members.values():
@@ -92,72 +95,11 @@ def _scan(path: str, verify_data: bool) -> ScanResult:
 
 
 def _unrecognised(path: str, reason: str) -> ScanResult:
-    """A file that is no checkpoint format: probe it as a bare pickle, since ``torch.load``
-    would unpickle it; otherwise skip it, or call it an error if it is named like a model."""
-    if os.path.isfile(path) and os.path.getsize(path) > 0:
-        with open(path, "rb") as f:
-            head = f.read(_PROBE_BYTES)
-        findings: list[Finding] = []
-        stopped = refused = None
-        try:
-            PickleVM(head, 0, find_global=find_global, persistent_load=None,
-                     where="file", findings=findings).run()
-        except CkptError as exc:
-            stopped = exc.reason
-            refused = isinstance(exc, UnsafeFileError)
-        if refused and not findings:
-            findings = _named_globals(head)
-        findings = [f for f in findings if f.kind == "structure" or _importable(f.name)]
-        if findings:
-            reasons = [_finding_reason(f) for f in findings]
-            if stopped:
-                reasons.append(_reason("structure", f"parsing stopped: {stopped}"))
-            return ScanResult(path, UNSAFE, "pickle", reasons=reasons)
-        if refused and _declares_pickle(head):
-            # It declares a pickle protocol, but stopped on something the reader refuses:
-            # torch.load would unpickle it. Not verifiable is not safe.
-            return ScanResult(path, UNSAFE, "pickle", reasons=[_reason(
-                "structure", f"{stopped}; a pickle this scanner cannot verify, which "
-                "torch.load would run")])
+    """A file that is no checkpoint format, and that torch.load would not run code from (the
+    opening said so): skipped, or an error if it is named like a model file."""
     if os.path.splitext(path)[1].lower() in _MODEL_EXTENSIONS:
         return ScanResult(path, ERROR, reasons=[_reason("read", reason)])
     return ScanResult(path, SKIPPED, reasons=[_reason("format", reason)])
-
-
-def _named_globals(head: bytes) -> list[Finding]:
-    """The globals outside the allow-list that a pickle names (GLOBAL, INST) before it would
-    stop, for pickles the reader refuses before its first global (older protocols' text
-    opcodes, which torch.save never writes, ahead of a GLOBAL). ``pickletools.genops`` decodes
-    each opcode and its argument as ``pickle.load`` reads them and runs nothing; where it stops,
-    ``pickle.load`` stops too."""
-    found = []
-    try:
-        for op, arg, pos in pickletools.genops(head):
-            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                module, _, name = arg.partition(" ")
-                try:
-                    find_global(module, name)
-                except UnsafeFileError:
-                    found.append(Finding("global", f"{module}.{name}", "file", pos or 0,
-                                         why_refused(module)))
-            elif op.name == "STOP":
-                break
-    except Exception:  # any malformed opcode ends the pickle for pickle.load too
-        pass
-    return found
-
-
-def _importable(dotted: str) -> bool:
-    """Whether a global's name could import anything: dotted identifiers. A text file that
-    happens to open with ``c`` (``comfyui:`` in ComfyUI's ``extra_model_paths.yaml``) reads as a
-    GLOBAL of ``omfyui:``, which no import can find, so pickle.load stops there harmlessly."""
-    return all(part.isidentifier() for part in dotted.removesuffix("()").split("."))
-
-
-def _declares_pickle(head: bytes) -> bool:
-    """Whether the bytes open with a pickle's PROTO opcode and a protocol pickle knows (2 to
-    5): what pickle.dumps and torch.save write, and not what other files begin with."""
-    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def walk(paths: Iterable[str]) -> Iterator[str | ScanResult]:
