@@ -196,7 +196,7 @@ def open_safetensors(source: Source, findings: list | None = None) -> Checkpoint
     if 8 + n > source.size:
         raise FormatError(f"the file is truncated: its header needs {8 + n} bytes but the file "
                           f"has {source.size}", path)
-    head = source.read(0, 8 + n)  # read as a pickle too, then as the JSON it should be
+    head = prefix + source.read(8, n)  # read as a pickle too, then as the JSON it should be
     follow = findings is not None or path.lower().endswith(TORCH_NAMES)
     refuse_what_torch_load_runs(source, findings, "a valid safetensors file", head=head,
                                 follow=follow)
