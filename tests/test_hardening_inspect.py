@@ -212,7 +212,7 @@ def test_a_folder_lists_the_model_files_it_cannot_read_with_their_error(tmp_path
     (folder / "config.json").write_text("{}")
     (folder / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
     code, out, err = run_cli(capsys, "inspect", "--quiet", folder)
-    assert code == 4  # the first failure (in name order) is the tar archive, refused as unsafe
+    assert code == 4  # the tar archive, refused as unsafe, outranks the unreadable files
     for name, word in bad.items():
         (line,) = [ln for ln in err.splitlines() if name in ln]
         assert line.startswith(f"ckpt: error: {folder / name}: ") and word in line, line
@@ -391,3 +391,16 @@ def test_a_subfolder_that_cannot_be_listed_is_an_error_not_a_silence(tmp_path, c
     (line,) = err.splitlines()
     assert line.startswith(f"ckpt: error: {folder / 'locked'}: cannot list the folder")
     assert out.startswith(str(folder / "good.safetensors"))
+
+
+def test_an_unsafe_file_sets_the_exit_code_wherever_it_comes(tmp_path, capsys):
+    """Unreadable files named before an unsafe one must not hide it behind exit 3."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "a-empty.ckpt").write_bytes(b"")
+    (folder / "z-archive.data").write_bytes(b"x" * 257 + b"ustar\x0000" + b"\x00" * 300)
+    assert run_cli(capsys, "inspect", "--quiet", folder)[0] == 4
+    assert run_cli(capsys, "inspect", "--quiet", folder / "z-archive.data",
+                   folder / "a-empty.ckpt")[0] == 4
+    (folder / "z-archive.data").unlink()
+    assert run_cli(capsys, "inspect", "--quiet", folder)[0] == 3

@@ -22,6 +22,18 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
+# Which exit code a run over several files ends with: an unsafe file first (it is what a
+# user must hear about), then a bug in ckptkit, then an output not written, then an input
+# not readable, then bad usage.
+_SEVERITY = (4, 70, 5, 3, 2)
+
+
+def worse_exit(a: int, b: int) -> int:
+    """The exit code, of ``a`` and ``b``, that a run over several files reports (0: none)."""
+    rank = {code: i for i, code in enumerate(_SEVERITY)}
+    return min((c for c in (a, b) if c), key=lambda c: rank.get(c, len(rank)), default=0)
+
+
 class CkptError(Exception):
     """Base of every expected failure; ``exit_code`` is what ``ckpt`` exits with."""
 

@@ -2,10 +2,11 @@
 
 Each file is reported on its own: one that cannot be read (or trips a bug) gets its error
 line (and with ``--json`` an ``{"path", "error"}`` object) and the next files are still
-inspected; the exit code is the first failure's. ``--json`` prints strict JSON in valid
-UTF-8 (see ``safe_text.json_dumps``: non-finite numbers as "nan"/"inf"/"-inf" strings,
-control and bidi characters as escapes). ``--brief`` prints one line per file (errors too);
-a LoRA's modules are summarised by component and format unless ``--verbose``.
+inspected; the exit code is the worst failure's (an unsafe file first: errors.worse_exit).
+``--json`` prints strict JSON in valid UTF-8 (see ``safe_text.json_dumps``: non-finite
+numbers as "nan"/"inf"/"-inf" strings, control and bidi characters as escapes).
+``--brief`` prints one line per file (errors too); a LoRA's modules are summarised by
+component and format unless ``--verbose``.
 
 In a folder, the files reported are those whose content is a checkpoint, those named like
 one (``sniff.MODEL_EXTENSIONS``: an HTML page, a Git LFS pointer, an empty download or a
@@ -20,7 +21,7 @@ import os
 import sys
 from typing import Any
 
-from ..errors import CkptError, FormatError, UnsafeFileError, counted
+from ..errors import CkptError, FormatError, UnsafeFileError, counted, worse_exit
 from ..formats import detect_format
 from ..formats.sniff import MODEL_EXTENSIONS
 from ..ops.inspect import inspect_diffusers_folder, inspect_file, is_diffusers_folder
@@ -129,7 +130,7 @@ def run(args) -> int:
             bar.update(report.get("file_size", 0), 1)
         except CkptError as exc:
             _failed(args, bar, rows, path, str(exc), exc.reason)
-            status = status or exc.exit_code
+            status = worse_exit(status, exc.exit_code)
             continue
         except OSError:
             raise  # a closed stdout, a full disk: nothing more can be reported
@@ -139,7 +140,7 @@ def run(args) -> int:
             what = f"internal error: {type(exc).__name__}: {exc}"
             _failed(args, bar, rows, path, f"{what} while inspecting {path} (a bug in ckptkit; "
                     "CKPT_DEBUG=1 shows the traceback, please report it)", what, internal=True)
-            status = status or 70
+            status = worse_exit(status, 70)
             continue
         _clear_bar(bar)
         report = json_safe(report)
