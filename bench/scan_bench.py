@@ -32,9 +32,10 @@ from measure import warm  # noqa: E402
 
 RUN_OURS = """
 import json, sys, time
-from ckptkit.ops.scan import iter_files, scan_file
+from ckptkit.ops.scan import scan_file, walk
 start = time.perf_counter()
-results = {p: scan_file(p).verdict for p in iter_files([sys.argv[1]])}
+done = [scan_file(e) if isinstance(e, str) else e for e in walk([sys.argv[1]])]
+results = {r.path: r.verdict for r in done}
 elapsed = time.perf_counter() - start
 io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
 print(json.dumps({"seconds": elapsed, "rchar": int(io["rchar"]),

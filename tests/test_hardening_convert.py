@@ -416,3 +416,21 @@ def test_shapes_of_thousands_of_huge_dimensions_are_refused_at_once(record: str)
                     (storage, 0, shape, (0,) * len(shape), False, None))
             else:
                 NumpyArray().build((1, shape, NumpyDType("f4"), False, b""))
+
+
+@pytest.mark.parametrize("command", ["convert", "prune"])
+def test_hashes_of_the_source_bytes_are_not_carried_over(command: str, tmp_path: Path, capsys):
+    """ModelSpec's and kohya's hashes describe the bytes of the file they are in: an output
+    with other bytes (here cast) that repeated them would name a file it is not."""
+    hashes = {"modelspec.hash_sha256": "0x" + "ab" * 32, "sshs_model_hash": "cd" * 32,
+              "sshs_legacy_hash": "ef" * 4}
+    src = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.x.weight": torch.ones(4, 4)}, str(src),
+              metadata={**hashes, "modelspec.title": "mine"})
+    out = tmp_path / "out.safetensors"
+    code, _, err = run_cli(capsys, command, src, "-o", out, "--dtype", "bf16")
+    assert code == 0, err
+    with safe_open(str(out), framework="pt") as f:
+        kept = f.metadata()
+    assert kept["modelspec.title"] == "mine"
+    assert not set(hashes) & set(kept)

@@ -1,14 +1,15 @@
 """``convert``: any checkpoint to safetensors, streamed, bit-exact or exactly cast.
 
 Each output tensor is planned from the input's header: a contiguous tensor kept in its dtype
-is a ``CopyRange`` (copied file to file by the kernel, bit-identical by construction); a view
-into a shared storage is read and written as its own contiguous data; a cast reads one tensor,
-casts it with torch and writes it (to fp8, values beyond its range are clamped and counted,
-as ``prune`` does; to 16 or 32 bits exactly as torch casts, overflows counted). Casting
-follows ``prune.cast_targets``: SDXL's VAE keeps its precision unless ``vae_dtype`` says
-otherwise. The source's metadata (a LoRA's training tags, a model's ModelSpec; a pickle's
-scalar entries such as ``global_step``) is carried over unless asked not to: a converted file
-says what its source said. Entries of pickles that are not weights (see
+is a ``CopyRange`` (copied file to file by the kernel, bit-identical by construction); a
+view into a shared storage is read and written as its own contiguous data; a cast reads one
+tensor, casts it with torch and writes it (to fp8, values beyond its range are clamped and
+counted, as ``prune`` does; to 16 or 32 bits exactly as torch casts, overflows counted).
+Casting follows ``prune.cast_targets``: SDXL's VAE keeps its precision unless ``vae_dtype``
+says otherwise. The source's metadata (a LoRA's training tags, a model's ModelSpec; a
+pickle's scalar entries such as ``global_step``) is carried over unless asked not to: a
+converted file says what its source said, less the hashes of the source's bytes
+(``provenance.FILE_HASH_KEYS``). Entries of pickles that are not weights (see
 ``formats.torch_pickle.locate_weights``) are dropped and listed, with the tensors they hold
 counted. A file with no tensors is refused rather than written empty, and so is an output
 name that says pickle or GGUF: loaders pick their reader by extension.
@@ -30,6 +31,7 @@ from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
 from ..formats.torch_pickle import Summary
 from .inspect import identify_checkpoint
+from .provenance import inherited
 from .prune import cast_targets, clamped_cast
 
 CONVERT_DTYPES = tuple(CLI_NAMES)
@@ -102,8 +104,7 @@ def convert(src: str, dst: str, *, dtype: str | None = None, vae_dtype: str | No
             raise FormatError(f"no tensors to convert: {_contents(checkpoint)}", src)
         report = ConvertReport(checkpoint.format, notes=list(checkpoint.notes))
         # "format" is safetensors' own key, saying whose tensors these are: this writer's
-        kept = {k: v for k, v in _source_metadata(checkpoint).items()
-                if k != "format"} if keep_metadata else {}
+        kept = inherited(_source_metadata(checkpoint), ("format",)) if keep_metadata else {}
         metadata = {"format": "pt", **kept}
         report.dropped = [k for k in checkpoint.extras if k not in kept]
         report.dropped_tensors = {k: v.tensors for k, v in checkpoint.extras.items()

@@ -47,17 +47,17 @@ from ..formats import Checkpoint, open_checkpoint
 from ..formats.dtypes import BY_NAME
 from ..safe_text import json_text
 from .inspect import identify_checkpoint
-from .provenance import provenance, source_hashes
+from .provenance import inherited, provenance, source_hashes
 
 SCALARS_KEY = "ckptkit.scalars"  # JSON: {name: [value, dtype]} of keys a part cannot hold
 # JSON: [name, ...], keys of its component that a split part lacks because its source did
 ABSENT_KEY = "ckptkit.absent"
 FOLDERS = {"diffusion-model": "diffusion_models", "text-encoder": "text_encoders",
            "vae": "vae"}
-# Metadata that describes the file it is in, not an output made from it: hashes of its bytes
-# (ModelSpec's, kohya's), which part it is, the scalars only a part holds.
-_OWN_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash",
-                 "ckptkit.component", "ckptkit.components", SCALARS_KEY, ABSENT_KEY)
+# Metadata that describes the part it is in, not an output made from it (besides the hashes
+# of its bytes, which provenance.inherited leaves out): which part it is, the scalars only a
+# part holds.
+_PART_METADATA = ("ckptkit.component", "ckptkit.components", SCALARS_KEY, ABSENT_KEY)
 
 
 class SplitResult(list):
@@ -71,8 +71,8 @@ class SplitResult(list):
 
 
 def _inherited(metadata: Mapping[str, str]) -> dict[str, str]:
-    """A source's metadata less what is true of that file only (``_OWN_METADATA``)."""
-    return {k: v for k, v in metadata.items() if k not in _OWN_METADATA}
+    """A source's metadata less what is true of that file only."""
+    return inherited(metadata, _PART_METADATA)
 
 
 def _why_left_out(key: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import __version__
@@ -35,6 +36,18 @@ def source_hashes(sources: list[str], compute: bool = False,
         return json.dumps([found.get(s) for s in sources])
 
     return Deferred(json.dumps([_PENDING] * len(sources)), resolve, job.cancel)
+
+
+# Metadata that hashes the bytes of the file it is in (ModelSpec's, kohya's): false of any
+# output made from that file, which has bytes of its own.
+FILE_HASH_KEYS = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
+
+
+def inherited(metadata: Mapping[str, str], also: Iterable[str] = ()) -> dict[str, str]:
+    """A source's metadata as an output made from it may say it: less the hashes of the
+    source's own bytes (``FILE_HASH_KEYS``) and the keys ``also``."""
+    left = {*FILE_HASH_KEYS, *also}
+    return {k: v for k, v in metadata.items() if k not in left}
 
 
 def provenance(operation: str, sources: list[str], hashes: str | Deferred | None = None,

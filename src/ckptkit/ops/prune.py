@@ -22,7 +22,7 @@ from ..errors import UsageError
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import CLI_NAMES, DType
 from .inspect import identify_checkpoint
-from .provenance import provenance, source_hashes
+from .provenance import inherited, provenance, source_hashes
 
 # Largest finite value of each narrow float type: beyond it a cast gives inf (fp16) or NaN.
 LIMITS = {"F16": 65504.0, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
@@ -152,7 +152,7 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
             raise UsageError(f"nothing of {src} would be left (dropped "
                              f"{', '.join(report.dropped) or 'everything'}); "
                              "a file with no tensors is not written")
-        metadata = {**checkpoint.metadata,
+        metadata = {**inherited(checkpoint.metadata),
                     **provenance("prune", [src], source_hashes([src], hash_sources),
                                  dtype=dtype or "", vae_dtype=vae_dtype or "", ema=ema,
                                  drop=list(drop or ()))}
