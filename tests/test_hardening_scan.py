@@ -489,3 +489,20 @@ def test_the_scan_never_stops_where_cpython_reads_on(value, protocol, edits):
         return
     if reference_end is not None:  # BytesIO has no peek: pickle reads whole frames
         assert max(end, vm.frame_end) == reference_end, data
+
+
+@pytest.mark.parametrize("opcode", [b"I", b"L"])
+@pytest.mark.parametrize("digits", [30, 4400, 5200])
+def test_text_integers_of_any_length_are_read_as_pickle_load_reads_them(opcode, digits,
+                                                                       tmp_path):
+    """INT's 64-bit fast path (C's strtol) met thousands of digits with Python's int(), whose
+    4300-digit limit raised out of the reader: scan, inspect and convert failed as a bug."""
+    path = tmp_path / "number.pt"
+    path.write_bytes(opcode + b"9" * digits + b"\n.")
+    result = scan_file(str(path))
+    assert all(r["kind"] != "internal" for r in result.reasons), result.reasons
+    assert result.verdict in ("error", "skipped")
+    for command in ("inspect", "convert"):
+        argv = [command, str(path)] + (["-o", str(tmp_path / "o.safetensors")]
+                                       if command == "convert" else [])
+        assert main(argv) == 3

@@ -1037,6 +1037,8 @@ def _strtol(line: bytes) -> int | None:
     text = match.group(0).strip()
     digits = match.group(1)
     base = 16 if digits[:2] in (b"0x", b"0X") else 8 if digits[:1] == b"0" else 10
+    if len(digits) > 64:  # past 64 bits in any base, as strtol finds (ERANGE): not parsed
+        return None
     value = int(text, base)
     return value if -(1 << 63) <= value < (1 << 63) else None
 
