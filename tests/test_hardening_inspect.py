@@ -404,3 +404,18 @@ def test_an_unsafe_file_sets_the_exit_code_wherever_it_comes(tmp_path, capsys):
                    folder / "a-empty.ckpt")[0] == 4
     (folder / "z-archive.data").unlink()
     assert run_cli(capsys, "inspect", "--quiet", folder)[0] == 3
+
+
+def test_a_diffusion_model_alone_is_not_said_to_miss_its_companions(tmp_path, capsys):
+    """A UNet-only file is loaded beside text encoders and a VAE; only a checkpoint that
+    lacks them is missing them."""
+    from ckptkit.ops.sample import sample
+
+    alone, partial = tmp_path / "unet.safetensors", tmp_path / "partial.safetensors"
+    sample("sdxl", str(alone), tiny=True, components=["diffusion_model"])
+    sample("sdxl", str(partial), tiny=True, components=["diffusion_model", "vae"])
+    code, out, _ = run_cli(capsys, "inspect", alone)
+    assert code == 0 and "  loads with clip_l, clip_g, vae\n" in out
+    assert "missing" not in out
+    code, out, _ = run_cli(capsys, "inspect", partial)
+    assert code == 0 and "missing    clip_l, clip_g" in out

@@ -329,7 +329,9 @@ def _print_identification(ident: dict[str, Any], out) -> None:
         out(f"  {'component':<11}{comp['name']:<16}{prefix:<40}"
             f"{human_count(comp['parameters']):>9}  {dtypes}  {comp['size']}\n")
     if ident["missing"]:
-        out(f"  {'missing':<11}{', '.join(ident['missing'])}\n")
+        # A checkpoint lacks them; a diffusion model alone is meant to be loaded beside them.
+        label = "missing" if ident["kind"] == "checkpoint" else "loads with"
+        out(f"  {label:<11}{', '.join(ident['missing'])}\n")
     if ident["ambiguous"]:
         out(f"  cannot tell {', '.join(ident['ambiguous'])} (from weights alone)\n")
     for group, count in ident["extra"].items():
