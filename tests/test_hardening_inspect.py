@@ -419,3 +419,11 @@ def test_a_diffusion_model_alone_is_not_said_to_miss_its_companions(tmp_path, ca
     assert "missing" not in out
     code, out, _ = run_cli(capsys, "inspect", partial)
     assert code == 0 and "missing    clip_l, clip_g" in out
+
+
+def test_a_folder_without_model_files_says_so(tmp_path, capsys):
+    (tmp_path / "README.md").write_text("notes")
+    for flags in ([], ["--json"], ["--brief"]):
+        code, out, err = run_cli(capsys, "inspect", *flags, tmp_path)
+        assert code == 0 and out == ""
+        assert err == f"ckpt: nothing to inspect: no model files under {tmp_path}\n"

@@ -114,6 +114,10 @@ def _pipeline_of(found: str, top: str) -> str | None:
 def run(args) -> int:
     status = 0
     files, unlisted, folders = _expand(args.files)
+    if not files:  # only folders, holding no model file: silence would read as success
+        print("ckpt: nothing to inspect: no model files under "
+              f"{printable(', '.join(args.files))}", file=sys.stderr)
+        return 0
     bar = ProgressBar("inspect", unit="files",
                       enabled=False if args.quiet or not (folders or args.hash) else None)
     bar.start(sum(os.path.getsize(f) for f in files if os.path.isfile(f)), len(files))
