@@ -348,7 +348,9 @@ def test_text_report_lines_are_bounded_whatever_the_names(tmp_path, capsys):
     assert [row.split()[1:] for row in rows] == [["1", "tensor", "1", "parameter"]] * 2
     assert "more characters)" in out
     report = json.loads(run_cli(capsys, "inspect", "--json", path)[1])
-    assert {p["prefix"] for p in report["prefixes"]} == {key[:-2], "b"}
+    from ckptkit.ops.inspect import MAX_PREFIX_DEPTH
+
+    assert {p["prefix"] for p in report["prefixes"]} == {"a" + ".a" * (MAX_PREFIX_DEPTH - 1), "b"}
 
 
 def _rows(text: str, title: str) -> list[str]:
@@ -427,3 +429,41 @@ def test_a_folder_without_model_files_says_so(tmp_path, capsys):
         code, out, err = run_cli(capsys, "inspect", *flags, tmp_path)
         assert code == 0 and out == ""
         assert err == f"ckpt: nothing to inspect: no model files under {tmp_path}\n"
+
+
+def test_prefix_groups_stop_at_a_fixed_depth_so_work_per_key_is_bounded():
+    """20,000 keys of 2,250 components each took two minutes: every component of every key
+    was a refinement step. Past MAX_PREFIX_DEPTH a group is what it is."""
+    from ckptkit.ops.inspect import MAX_PREFIX_DEPTH
+
+    deep = "a." * 3000 + "w"
+    (group,) = key_prefixes({deep: 1})
+    assert group["prefix"] == ".".join(["a"] * MAX_PREFIX_DEPTH)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3.5-large", "flux1-dev"])
+def test_the_depth_limit_leaves_real_models_prefix_groups_as_they_were(family, monkeypatch):
+    from ckptkit.arch.families import families
+    from ckptkit.ops import inspect as inspect_module
+    from ckptkit.ops.sample import sample_table
+
+    sizes = dict.fromkeys(sample_table(families()[family], tiny=True), 1)
+    capped = key_prefixes(sizes)
+    monkeypatch.setattr(inspect_module, "MAX_PREFIX_DEPTH", 10**9)
+    assert key_prefixes(sizes) == capped
+
+
+def test_a_header_of_more_tensors_than_any_model_is_refused_as_it_is_read(tmp_path,
+                                                                         monkeypatch):
+    from ckptkit.errors import UnsafeFileError
+    from ckptkit.formats import safetensors
+
+    monkeypatch.setattr(safetensors, "MAX_TENSORS", 100)
+    ok = write_safetensors(tmp_path / "ok.safetensors",
+                           {f"t{i}": ("F32", [0], 0) for i in range(100)})
+    with open_checkpoint(ok) as checkpoint:
+        assert len(checkpoint) == 100
+    bomb = write_safetensors(tmp_path / "bomb.safetensors",
+                             {f"t{i}": ("F32", [0], 0) for i in range(101)})
+    with pytest.raises(UnsafeFileError, match="more than 100 tensors"):
+        open_checkpoint(bomb)

@@ -26,6 +26,10 @@ from .source import Source
 from .torch_pickle import refuse_what_torch_load_runs
 
 MAX_HEADER_SIZE = 100_000_000
+# The largest checkpoints hold a few thousand tensors (SDXL with its EMA copies: about 5,000).
+# A header of more is a tensor-count bomb: each entry costs Python objects in every command,
+# and 1.6 million empty ones within the 100 MB cap took minutes to convert.
+MAX_TENSORS = 250_000
 METADATA_KEY = "__metadata__"
 TORCH_NAMES = (".ckpt", ".pt", ".pth", ".bin")  # what users torch.load
 # A JSON escape such as \ud800 that is not half of a surrogate pair decodes, in Python, to a
@@ -210,6 +214,10 @@ def open_safetensors(source: Source, findings: list | None = None) -> Checkpoint
             if name == METADATA_KEY:
                 metadata = _metadata(info, path)
                 continue
+            if len(tensors) == MAX_TENSORS:
+                raise UnsafeFileError(f"safetensors header lists more than {MAX_TENSORS:,} "
+                                      "tensors (a tensor-count bomb: no model holds a tenth "
+                                      "of that)", path)
             dtype, shape, begin, end = _entry(name, info, path)
             tensors[name] = LazyTensor(source, dtype, shapes.setdefault(shape, shape),
                                        data_start + begin, end - begin, storage_id=name)
