@@ -238,3 +238,26 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(demo_ckpt, tmp_
     assert left.startswith(".out.safetensors.")
     assert main(["convert", str(demo_ckpt), "-o", str(out), "--quiet"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.ckpt", "out.safetensors"]
+
+
+def test_every_json_output_escapes_what_a_terminal_would_obey(tmp_path, capsys):
+    """C1 controls and bidi overrides in a file name reach --json output of every command as
+    \\u escapes (as inspect's did), and names that are not UTF-8 as valid JSON."""
+    import json as json_module
+
+    from ckptkit.cli.main import main as ckpt_main
+
+    name = "m\u009b2J\u202e" + os.fsdecode(b"\xfe") + ".safetensors"
+    out = tmp_path / name
+    runs = [["sample", "sd1", "--tiny", "--components", "vae", "-o", str(out), "--json"],
+            ["scan", str(out), "--json"],
+            ["convert", str(out), "-o", str(tmp_path / ("c" + name)), "--json"],
+            ["prune", str(out), "-o", str(tmp_path / ("p" + name)), "--json"]]
+    for argv in runs:
+        capsys.readouterr()
+        assert ckpt_main(argv) == 0, argv
+        text = capsys.readouterr().out
+        assert "\u009b" not in text and "\u202e" not in text, argv
+        decoded = json_module.loads(text)
+        # no lone surrogate, even escaped: strict JSON readers refuse "\udcfe"
+        json_module.dumps(decoded, ensure_ascii=False).encode("utf-8")

@@ -6,12 +6,11 @@ goes through ``safe_text``: a key or file name cannot send escape sequences to t
 
 from __future__ import annotations
 
-import json
 import sys
 
 from ..errors import CkptError, counted
 from ..ops.convert import CONVERT_DTYPES, convert
-from ..safe_text import json_safe, printable
+from ..safe_text import json_dumps, printable
 from .fmt import human_bytes
 from .progress import add_fsync_option, add_output_options, progress_for
 
@@ -59,14 +58,14 @@ def run(args) -> int:
     except (CkptError, OSError) as exc:
         if args.json:  # like inspect --json: an object on stdout, the error line on stderr
             reason = exc.reason if isinstance(exc, CkptError) else (exc.strerror or str(exc))
-            print(json.dumps(json_safe({"input": args.input, "output": args.output,
-                                        "error": reason})))
+            print(json_dumps({"input": args.input, "output": args.output,
+                                        "error": reason}))
         raise
     finally:
         bar.close()
     if args.json:
-        print(json.dumps(json_safe({"input": args.input, "output": args.output,
-                                    **vars(report)})))
+        print(json_dumps({"input": args.input, "output": args.output,
+                                    **vars(report)}))
         return 0
     print(printable(f"wrote {args.output}: {counted(report.tensors, 'tensor')}, "
                     f"{human_bytes(report.bytes)}")

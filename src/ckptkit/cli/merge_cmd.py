@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 
 from ..errors import CkptError, UsageError
@@ -12,7 +11,7 @@ from ..formats.dtypes import CLI_NAMES
 from ..ops.merge import MISSING, from_metadata, list_blocks, run_recipe
 from ..ops.merge_methods import METHODS, PARAMS
 from ..ops.merge_recipe import COMPUTE_DTYPES, from_toml, one_step
-from ..safe_text import json_safe, printable
+from ..safe_text import json_dumps, printable
 from .progress import add_fsync_option, add_output_options, progress_for
 
 _PARAMS = ("alpha", "beta", "density", "drop")
@@ -109,7 +108,7 @@ def run(args) -> int:
         return _run(args)
     except (Exception, KeyboardInterrupt) as exc:
         if args.json:  # as convert does: an object on stdout, the error line on stderr
-            print(json.dumps(json_safe({"output": args.output, "error": _reason(exc)})))
+            print(json_dumps({"output": args.output, "error": _reason(exc)}))
         raise
 
 
@@ -161,7 +160,7 @@ def _finish(args, work) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps(json_safe({"output": args.output, **asdict(report)})))
+        print(json_dumps({"output": args.output, **asdict(report)}))
     else:
         extra = "".join([f", {report.taken:,} taken" if report.taken else "",
                          f", {report.skipped:,} left out" if report.skipped else ""])
@@ -178,7 +177,7 @@ def _finish(args, work) -> int:
 def _list_blocks(args) -> int:
     listing = list_blocks(args.list_blocks)
     if args.json:
-        print(json.dumps(json_safe(listing)))
+        print(json_dumps(listing))
         return 0
     print(f"{printable(args.list_blocks)}: {listing['family']}, {len(listing['blocks'])} "
           "blocks (weights are given in this order)")

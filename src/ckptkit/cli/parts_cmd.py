@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from ..errors import counted
 from ..ops.parts import assemble, bake_vae, split
-from ..safe_text import json_safe, printable
+from ..safe_text import json_dumps, printable
 from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 
@@ -62,9 +61,9 @@ def run_split(args) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps(json_safe({"input": args.checkpoint, "written": written,
+        print(json_dumps({"input": args.checkpoint, "written": written,
                                     "left_out": written.left_out,
-                                    "warnings": written.warnings})))
+                                    "warnings": written.warnings}))
     else:
         for path in written:
             print(f"wrote {printable(path)}")
@@ -91,7 +90,7 @@ def run_assemble(args) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps(json_safe({"output": args.output, **result})))
+        print(json_dumps({"output": args.output, **result}))
     else:
         print(f"wrote {printable(args.output)}: {result['family']} with "
               f"{', '.join(result['components'])}"
@@ -115,7 +114,7 @@ def run_bake(args) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps(json_safe({"output": args.output, **result})))
+        print(json_dumps({"output": args.output, **result}))
     else:
         print(f"wrote {printable(args.output)}: {result['family']} with the VAE of "
               f"{printable(args.vae)}")

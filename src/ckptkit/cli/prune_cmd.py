@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 
 from ..errors import counted
 from ..formats.dtypes import CLI_NAMES
 from ..ops.prune import prune
-from ..safe_text import json_safe, printable
+from ..safe_text import json_dumps, printable
 from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 
@@ -58,7 +57,7 @@ def run(args) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps(json_safe({"output": args.output, **asdict(report)})))
+        print(json_dumps({"output": args.output, **asdict(report)}))
         return 0
     dropped = ", ".join(f"{g} ({counted(n, 'tensor')})" for g, n in report.dropped.items())
     print(f"wrote {printable(args.output)}: {counted(report.kept, 'tensor')} kept "

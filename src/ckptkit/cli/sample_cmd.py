@@ -3,11 +3,10 @@ diffusers pipeline folder with ``--layout diffusers``)."""
 
 from __future__ import annotations
 
-import json
-
 from ..arch.families import families
 from ..formats.dtypes import CLI_NAMES
 from ..ops.sample import LAYOUTS, sample
+from ..safe_text import json_dumps
 from .fmt import human_count
 from .progress import add_output_options, progress_for
 
@@ -53,7 +52,7 @@ def run(args) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({"output": args.output, **counts}))
+        print(json_dumps({"output": args.output, **counts}))
     else:
         print(f"wrote {args.output}: {counts['family']} ({args.layout} layout"
               f"{', tiny' if args.tiny else ''}), {counts['tensors']:,} tensors, "

@@ -2,19 +2,18 @@
 
 Every string that comes from a file (its name, a global it names, a ZIP member's name, a
 reason quoting it) is printed through ``printable``, so a hostile file cannot send escape
-sequences to the terminal. ``--json`` prints strict JSON: control characters are escaped by
-``json.dumps``, and a file name that is not valid UTF-8 has each such byte written as the four
-characters ``\\xNN`` in ``path`` (see ``json_text``), plus ``path_bytes``, the name's exact bytes
-in hex, for a consumer that needs to open the file.
+sequences to the terminal. ``--json`` prints strict JSON: control and bidi characters are
+escaped (``json_dumps``), and a file name that is not valid UTF-8 has each such byte
+written as the four characters ``\\xNN`` in ``path`` (see ``json_text``), plus ``path_bytes``,
+the name's exact bytes in hex, for a consumer that needs to open the file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 from ..ops.scan import ScanResult, exit_code, scan_file, walk
-from ..safe_text import has_surrogates, json_safe, printable
+from ..safe_text import has_surrogates, json_dumps, json_safe, printable
 from .progress import add_output_options, progress_for
 
 _LABELS = {"safe": "SAFE", "unsafe": "UNSAFE", "error": "ERROR", "skipped": "SKIP"}
@@ -53,7 +52,7 @@ def run(args) -> int:
     bar.close()
     counts = {v: sum(r.verdict == v for r in results) for v in _LABELS}
     if args.json:
-        print(json.dumps({"files": [_json_entry(r) for r in results],
+        print(json_dumps({"files": [_json_entry(r) for r in results],
                           "summary": {"files": len(results), **counts}}))
     elif not results:
         print("nothing was scanned: no files under the paths given (an empty scan proves "
