@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import time
+import weakref
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,9 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ckptkit.cli.main import main
+from ckptkit.engine.writer import PREFETCH
 from ckptkit.errors import UsageError
 from ckptkit.ops import hashing
-from ckptkit.ops.merge import merge
+from ckptkit.ops.merge import merge, run_recipe
+from ckptkit.ops.merge_methods import METHODS
 from ckptkit.ops.merge_recipe import Recipe, Step, checked, from_toml
 from ckptkit.ops.sample import sample
 
@@ -250,6 +254,42 @@ def test_cycles_and_duplicates_are_named():
         checked(Recipe({"a": "a", "b": "b"}, [*steps[-3:], steps[-2]], "s3"))
     with pytest.raises(UsageError, match="'a' is the name of an input and of a step"):
         checked(Recipe({"a": "a", "b": "b"}, [Step("a", "n-average", ("b", "b"), {})], "a"))
+
+
+# --- memory of a chain: each step's result released once no later step uses it ------------
+
+def _live_results_at_peak(monkeypatch, models, tmp_path, method: str, n: int) -> int:
+    """Runs a chain of ``n`` steps of ``method`` on the tiny models and returns the most
+    results of earlier steps still alive when a step starts (any key, any slice of rows)."""
+    live: weakref.WeakSet = weakref.WeakSet()
+    peak = 0
+    func = METHODS[method].func
+
+    def counted(tensors, **kwargs):
+        nonlocal peak
+        peak = max(peak, len(live))
+        result = func(tensors, **kwargs)
+        live.add(result)
+        return result
+
+    paths = {n: str(models / f"{n}.safetensors") for n in ("a", "b")}
+    steps = [replace(s, method=method) for s in _chain(n)]
+    recipe = checked(Recipe(paths, steps, f"s{n}"))
+    with monkeypatch.context() as patch:
+        patch.setitem(METHODS, method, replace(METHODS[method], func=counted))
+        run_recipe(recipe, str(tmp_path / f"{method}-{n}.safetensors"), fsync=False)
+    return peak
+
+
+@pytest.mark.parametrize("method", ["weighted-sum", "slerp"])  # by slices of rows; whole
+def test_a_chain_holds_no_more_results_as_it_grows(models, tmp_path, monkeypatch, method):
+    """A step's result is dropped as soon as its last user has run, so a chain of 50 steps
+    holds as many intermediate tensors at its peak as a chain of 5 (it held all 49): the
+    previous step's result, and the outputs of the keys the writer holds (produced ahead,
+    or being written) where a whole-tensor method's result is the output itself."""
+    short = _live_results_at_peak(monkeypatch, models, tmp_path, method, 5)
+    long = _live_results_at_peak(monkeypatch, models, tmp_path, method, 50)
+    assert long == short <= 2 + PREFETCH
 
 
 # --- values out of range --------------------------------------------------------------------

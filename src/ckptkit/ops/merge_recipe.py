@@ -112,6 +112,21 @@ class Recipe:
                 needed.update(step.models)
         return [s for s in self.steps if s.name in needed]
 
+    def releases(self) -> list[tuple[str, ...]]:
+        """For each step (in the order of ``steps``), the inputs and results that no later
+        step uses once it has run: what a key's evaluation can let go of there, so that a
+        chain of any length holds only the tensors still to be used (not every step's
+        result). The output is never released; a result nothing uses goes at once."""
+        last = {}
+        for i, step in enumerate(self.steps):
+            last.update((m, i) for m in step.models)
+            last.setdefault(step.name, i)
+        released: list[list[str]] = [[] for _ in self.steps]
+        for name, i in last.items():
+            if name != self.output:
+                released[i].append(name)
+        return [tuple(names) for names in released]
+
 
 # The schema: what each part of a recipe may be. Each piece's ``check`` walks a value along
 # it and raises UsageError naming the first part that does not fit (``step[2].alpha``); it
