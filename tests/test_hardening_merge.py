@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import weakref
@@ -290,6 +291,28 @@ def test_a_chain_holds_no_more_results_as_it_grows(models, tmp_path, monkeypatch
     short = _live_results_at_peak(monkeypatch, models, tmp_path, method, 5)
     long = _live_results_at_peak(monkeypatch, models, tmp_path, method, 50)
     assert long == short <= 2 + PREFETCH
+
+
+@pytest.mark.parametrize(("steps", "message"), [
+    ('name = "x"\nmethod = "n-average"\nmodels = ["y", "a"]\n[[step]]\nname = "y"\n'
+     'method = "n-average"\nmodels = ["x", "b"]', "steps x -> y -> x form a cycle"),
+    ('name = "x"\nmethod = "n-average"\nmodels = ["a", "b"]\n[[step]]\nname = "x"\n'
+     'method = "n-average"\nmodels = ["b", "a"]', "step 'x' is defined twice"),
+    ('name = "x"\nmethod = "n-average"\nmodels = ["a", "b"]\n[[step]]\nname = "y"\n'
+     'method = "n-average"\nmodels = ["b", "a"]', 'say which step is the result with '
+     'output = "..." (steps no other step uses: x, y)'),
+])
+def test_cycles_and_duplicates_are_named_when_no_output_is_given(tmp_path, capsys, steps,
+                                                                 message):
+    """Without ``output`` the result is the step no other uses; a cycle or a duplicate is
+    named as such, not reported as no such step ("none") or as one named twice ("x, x")."""
+    toml = tmp_path / "r.toml"
+    toml.write_text(f'[inputs]\na = "a.safetensors"\nb = "b.safetensors"\n[[step]]\n{steps}\n')
+    with pytest.raises(UsageError, match=re.escape(message)):
+        from_toml(str(toml))
+    assert main(["merge", "--recipe", str(toml), "-o", str(tmp_path / "o.safetensors"),
+                 "--quiet"]) == 2
+    assert f"{toml}: {message}" in _error(capsys)
 
 
 # --- values out of range --------------------------------------------------------------------
