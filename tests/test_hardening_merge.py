@@ -6,6 +6,7 @@ key names escaped in --list-blocks."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from ckptkit.cli.main import main
 from ckptkit.engine.writer import PREFETCH
 from ckptkit.errors import UsageError
 from ckptkit.ops import hashing
-from ckptkit.ops.merge import merge, run_recipe
+from ckptkit.ops.merge import _StepPlan, merge, run_recipe
 from ckptkit.ops.merge_methods import METHODS
 from ckptkit.ops.merge_recipe import Recipe, Step, checked, from_toml
 from ckptkit.ops.sample import sample
@@ -259,16 +260,19 @@ def test_cycles_and_duplicates_are_named():
 
 # --- memory of a chain: each step's result released once no later step uses it ------------
 
-def _live_results_at_peak(monkeypatch, models, tmp_path, method: str, n: int) -> int:
+def _live_results_at_peak(monkeypatch, models, tmp_path, method: str, n: int
+                          ) -> tuple[int, int]:
     """Runs a chain of ``n`` steps of ``method`` on the tiny models and returns the most
-    results of earlier steps still alive when a step starts (any key, any slice of rows)."""
+    results of earlier steps still alive when a step starts (any key, any slice of rows),
+    and how many plans of a step for a key exist once all keys are planned."""
     live: weakref.WeakSet = weakref.WeakSet()
-    peak = 0
+    peak = plans = 0
     func = METHODS[method].func
 
     def counted(tensors, **kwargs):
-        nonlocal peak
+        nonlocal peak, plans
         peak = max(peak, len(live))
+        plans = plans or sum(type(o) is _StepPlan for o in gc.get_objects())
         result = func(tensors, **kwargs)
         live.add(result)
         return result
@@ -279,7 +283,7 @@ def _live_results_at_peak(monkeypatch, models, tmp_path, method: str, n: int) ->
     with monkeypatch.context() as patch:
         patch.setitem(METHODS, method, replace(METHODS[method], func=counted))
         run_recipe(recipe, str(tmp_path / f"{method}-{n}.safetensors"), fsync=False)
-    return peak
+    return peak, plans
 
 
 @pytest.mark.parametrize("method", ["weighted-sum", "slerp"])  # by slices of rows; whole
@@ -287,10 +291,13 @@ def test_a_chain_holds_no_more_results_as_it_grows(models, tmp_path, monkeypatch
     """A step's result is dropped as soon as its last user has run, so a chain of 50 steps
     holds as many intermediate tensors at its peak as a chain of 5 (it held all 49): the
     previous step's result, and the outputs of the keys the writer holds (produced ahead,
-    or being written) where a whole-tensor method's result is the output itself."""
-    short = _live_results_at_peak(monkeypatch, models, tmp_path, method, 5)
-    long = _live_results_at_peak(monkeypatch, models, tmp_path, method, 50)
+    or being written) where a whole-tensor method's result is the output itself. Keys with
+    the same weights share one plan of the steps (there was one per key: 1,000 keys x 50
+    steps)."""
+    short, short_plans = _live_results_at_peak(monkeypatch, models, tmp_path, method, 5)
+    long, long_plans = _live_results_at_peak(monkeypatch, models, tmp_path, method, 50)
     assert long == short <= 2 + PREFETCH
+    assert (short_plans, long_plans) == (5, 50)
 
 
 @pytest.mark.parametrize(("steps", "message"), [

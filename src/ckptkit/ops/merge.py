@@ -231,6 +231,11 @@ def _plan(recipe: Recipe, fam: Family | None, first: Identification,
     replaced = tuple(fam.component(c).ldm_prefix for c in taken) if fam else ()
     params = _param_tables(recipe, first.family, [k for k in base])
     releases = recipe.releases()
+    # Keys with the same per-block weights share their steps' plans: one copy of the steps
+    # for each set of weights, not one per key (a long recipe would fill memory with them).
+    per_block = [(s.name, p) for s in recipe.steps for p, table in params[s.name].items()
+                 if isinstance(table, dict)]
+    shared: dict[tuple, tuple[_StepPlan, ...]] = {}
     planned: list[Planned] = []
     for key, tensor in base.items():
         if replaced and key.startswith(replaced):
@@ -256,12 +261,15 @@ def _plan(recipe: Recipe, fam: Family | None, first: Identification,
             continue
         sources = {n: checkpoints[n][key] for n in leaves}
         shape = _merged_shape(key, sources, recipe)
-        steps = tuple(_StepPlan(s.name, METHODS[s.method], s.models,
-                                {p: table[key] if isinstance(table, dict) else table
-                                 for p, table in params[s.name].items()}, release)
-                      for s, release in zip(recipe.steps, releases, strict=True))
-        plan = _KeyPlan(key, sources, steps, recipe.output, out_dtype, recipe.compute_dtype,
-                        recipe.device)
+        weights = tuple(params[s][p][key] for s, p in per_block)
+        if weights not in shared:
+            shared[weights] = tuple(
+                _StepPlan(s.name, METHODS[s.method], s.models,
+                          {p: table[key] if isinstance(table, dict) else table
+                           for p, table in params[s.name].items()}, release)
+                for s, release in zip(recipe.steps, releases, strict=True))
+        plan = _KeyPlan(key, sources, shared[weights], recipe.output, out_dtype,
+                        recipe.compute_dtype, recipe.device)
         planned.append(Planned(key, out_dtype, shape, partial(_evaluate, plan),
                                partial(_evaluate, plan) if _streams(plan) else None))
         report.merged += 1
