@@ -6,10 +6,14 @@ key names escaped in --list-blocks."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import re
 import shutil
 import time
+import weakref
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,9 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ckptkit.cli.main import main
+from ckptkit.engine.writer import PREFETCH
 from ckptkit.errors import UsageError
 from ckptkit.ops import hashing
-from ckptkit.ops.merge import merge
+from ckptkit.ops.merge import _StepPlan, merge, run_recipe
+from ckptkit.ops.merge_methods import METHODS
 from ckptkit.ops.merge_recipe import Recipe, Step, checked, from_toml
 from ckptkit.ops.sample import sample
 
@@ -250,6 +256,70 @@ def test_cycles_and_duplicates_are_named():
         checked(Recipe({"a": "a", "b": "b"}, [*steps[-3:], steps[-2]], "s3"))
     with pytest.raises(UsageError, match="'a' is the name of an input and of a step"):
         checked(Recipe({"a": "a", "b": "b"}, [Step("a", "n-average", ("b", "b"), {})], "a"))
+
+
+# --- memory of a chain: each step's result released once no later step uses it ------------
+
+def _live_results_at_peak(monkeypatch, models, tmp_path, method: str, n: int
+                          ) -> tuple[int, int]:
+    """Runs a chain of ``n`` steps of ``method`` on the tiny models and returns the most
+    results of earlier steps still alive when a step starts (any key, any slice of rows),
+    and how many plans of a step for a key exist once all keys are planned."""
+    live: weakref.WeakSet = weakref.WeakSet()
+    peak = plans = 0
+    func = METHODS[method].func
+
+    def counted(tensors, **kwargs):
+        nonlocal peak, plans
+        peak = max(peak, len(live))
+        plans = plans or sum(type(o) is _StepPlan for o in gc.get_objects())
+        result = func(tensors, **kwargs)
+        live.add(result)
+        return result
+
+    paths = {n: str(models / f"{n}.safetensors") for n in ("a", "b")}
+    steps = [replace(s, method=method) for s in _chain(n)]
+    recipe = checked(Recipe(paths, steps, f"s{n}"))
+    with monkeypatch.context() as patch:
+        patch.setitem(METHODS, method, replace(METHODS[method], func=counted))
+        run_recipe(recipe, str(tmp_path / f"{method}-{n}.safetensors"), fsync=False)
+    return peak, plans
+
+
+@pytest.mark.parametrize("method", ["weighted-sum", "slerp"])  # by slices of rows; whole
+def test_a_chain_holds_no_more_results_as_it_grows(models, tmp_path, monkeypatch, method):
+    """A step's result is dropped as soon as its last user has run, so a chain of 50 steps
+    holds as many intermediate tensors at its peak as a chain of 5 (it held all 49): the
+    previous step's result, and the outputs of the keys the writer holds (produced ahead,
+    or being written) where a whole-tensor method's result is the output itself. Keys with
+    the same weights share one plan of the steps (there was one per key: 1,000 keys x 50
+    steps)."""
+    short, short_plans = _live_results_at_peak(monkeypatch, models, tmp_path, method, 5)
+    long, long_plans = _live_results_at_peak(monkeypatch, models, tmp_path, method, 50)
+    assert long == short <= 2 + PREFETCH
+    assert (short_plans, long_plans) == (5, 50)
+
+
+@pytest.mark.parametrize(("steps", "message"), [
+    ('name = "x"\nmethod = "n-average"\nmodels = ["y", "a"]\n[[step]]\nname = "y"\n'
+     'method = "n-average"\nmodels = ["x", "b"]', "steps x -> y -> x form a cycle"),
+    ('name = "x"\nmethod = "n-average"\nmodels = ["a", "b"]\n[[step]]\nname = "x"\n'
+     'method = "n-average"\nmodels = ["b", "a"]', "step 'x' is defined twice"),
+    ('name = "x"\nmethod = "n-average"\nmodels = ["a", "b"]\n[[step]]\nname = "y"\n'
+     'method = "n-average"\nmodels = ["b", "a"]', 'say which step is the result with '
+     'output = "..." (steps no other step uses: x, y)'),
+])
+def test_cycles_and_duplicates_are_named_when_no_output_is_given(tmp_path, capsys, steps,
+                                                                 message):
+    """Without ``output`` the result is the step no other uses; a cycle or a duplicate is
+    named as such, not reported as no such step ("none") or as one named twice ("x, x")."""
+    toml = tmp_path / "r.toml"
+    toml.write_text(f'[inputs]\na = "a.safetensors"\nb = "b.safetensors"\n[[step]]\n{steps}\n')
+    with pytest.raises(UsageError, match=re.escape(message)):
+        from_toml(str(toml))
+    assert main(["merge", "--recipe", str(toml), "-o", str(tmp_path / "o.safetensors"),
+                 "--quiet"]) == 2
+    assert f"{toml}: {message}" in _error(capsys)
 
 
 # --- values out of range --------------------------------------------------------------------

@@ -81,12 +81,14 @@ class MergeReport:
 
 @dataclass(frozen=True)
 class _StepPlan:
-    """One step of the recipe for one key: parameters resolved (per-block weights)."""
+    """One step of the recipe for one key: parameters resolved (per-block weights), and the
+    tensors to let go of once it has run (``Recipe.releases``)."""
 
     name: str
     method: Method
     models: tuple[str, ...]
     params: dict[str, Any]
+    release: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,12 @@ def _plan(recipe: Recipe, fam: Family | None, first: Identification,
     selected = _prefixes(fam, first, recipe.components)
     replaced = tuple(fam.component(c).ldm_prefix for c in taken) if fam else ()
     params = _param_tables(recipe, first.family, [k for k in base])
+    releases = recipe.releases()
+    # Keys with the same per-block weights share their steps' plans: one copy of the steps
+    # for each set of weights, not one per key (a long recipe would fill memory with them).
+    per_block = [(s.name, p) for s in recipe.steps for p, table in params[s.name].items()
+                 if isinstance(table, dict)]
+    shared: dict[tuple, tuple[_StepPlan, ...]] = {}
     planned: list[Planned] = []
     for key, tensor in base.items():
         if replaced and key.startswith(replaced):
@@ -253,12 +261,15 @@ def _plan(recipe: Recipe, fam: Family | None, first: Identification,
             continue
         sources = {n: checkpoints[n][key] for n in leaves}
         shape = _merged_shape(key, sources, recipe)
-        steps = tuple(_StepPlan(s.name, METHODS[s.method], s.models,
-                                {p: table[key] if isinstance(table, dict) else table
-                                 for p, table in params[s.name].items()})
-                      for s in recipe.steps)
-        plan = _KeyPlan(key, sources, steps, recipe.output, out_dtype, recipe.compute_dtype,
-                        recipe.device)
+        weights = tuple(params[s][p][key] for s, p in per_block)
+        if weights not in shared:
+            shared[weights] = tuple(
+                _StepPlan(s.name, METHODS[s.method], s.models,
+                          {p: table[key] if isinstance(table, dict) else table
+                           for p, table in params[s.name].items()}, release)
+                for s, release in zip(recipe.steps, releases, strict=True))
+        plan = _KeyPlan(key, sources, shared[weights], recipe.output, out_dtype,
+                        recipe.compute_dtype, recipe.device)
         planned.append(Planned(key, out_dtype, shape, partial(_evaluate, plan),
                                partial(_evaluate, plan) if _streams(plan) else None))
         report.merged += 1
@@ -359,20 +370,27 @@ def _evaluate(plan: _KeyPlan, out=None):
 
 
 def _run_steps(plan: _KeyPlan, values: dict[str, Any]):
+    """The output of the steps on ``values`` (input name -> tensor), which it consumes: each
+    tensor is dropped after the last step that uses it, so memory stays that of the tensors
+    still needed, however long the recipe."""
     for step in plan.steps:
-        tensors = [values[m] for m in step.models]
-        kwargs = dict(step.params)
-        if "seed" in kwargs:
-            kwargs["seed"] = int(kwargs["seed"])
-            kwargs["key_seed"] = zlib.crc32(plan.key.encode())
-        if len({tuple(t.shape) for t in tensors}) > 1:  # extra input channels
-            shared = min(t.shape[1] for t in tensors)
-            widest = max(tensors, key=lambda t: t.shape[1]).clone()
-            widest[:, :shared] = step.method.func([t[:, :shared] for t in tensors], **kwargs)
-            values[step.name] = widest
-        else:
-            values[step.name] = step.method.func(tensors, **kwargs)
-    return values[plan.output]
+        values[step.name] = _run_step(step, [values[m] for m in step.models], plan.key)
+        for name in step.release:
+            del values[name]
+    return values.pop(plan.output)
+
+
+def _run_step(step: _StepPlan, tensors: list[Any], key: str):
+    kwargs = dict(step.params)
+    if "seed" in kwargs:
+        kwargs["seed"] = int(kwargs["seed"])
+        kwargs["key_seed"] = zlib.crc32(key.encode())
+    if len({tuple(t.shape) for t in tensors}) > 1:  # extra input channels
+        shared = min(t.shape[1] for t in tensors)
+        widest = max(tensors, key=lambda t: t.shape[1]).clone()
+        widest[:, :shared] = step.method.func([t[:, :shared] for t in tensors], **kwargs)
+        return widest
+    return step.method.func(tensors, **kwargs)
 
 
 def _cast(tensor: LazyTensor, dtype: DType):

@@ -71,7 +71,7 @@ class Step:
 class Recipe:
     inputs: dict[str, str]  # name -> path
     steps: list[Step]  # in an order where each step comes after the steps it uses
-    output: str
+    output: str  # "" until ``checked``: the one step no other step uses (TOML without output)
     dtype: str | None = None
     compute_dtype: str = "float32"
     components: list[str] | None = None
@@ -111,6 +111,21 @@ class Recipe:
             if step.name in needed:
                 needed.update(step.models)
         return [s for s in self.steps if s.name in needed]
+
+    def releases(self) -> list[tuple[str, ...]]:
+        """For each step (in the order of ``steps``), the inputs and results that no later
+        step uses once it has run: what a key's evaluation can let go of there, so that a
+        chain of any length holds only the tensors still to be used (not every step's
+        result). The output is never released; a result nothing uses goes at once."""
+        last = {}
+        for i, step in enumerate(self.steps):
+            last.update((m, i) for m in step.models)
+            last.setdefault(step.name, i)
+        released: list[list[str]] = [[] for _ in self.steps]
+        for name, i in last.items():
+            if name != self.output:
+                released[i].append(name)
+        return [tuple(names) for names in released]
 
 
 # The schema: what each part of a recipe may be. Each piece's ``check`` walks a value along
@@ -294,14 +309,15 @@ def _from_dict(data: dict[str, Any], folder: str, overrides: dict) -> Recipe:
     options = {k: data[k] for k in _OPTIONS if k in data}
     options.update({k: v for k, v in overrides.items() if v is not None})
     recipe = Recipe({k: _path(v, folder) for k, v in data["inputs"].items()}, steps,
-                    data.get("output") or _final_step(steps), **options)
+                    data.get("output", ""), **options)
     recipe.take = _takes(recipe, {k: v if v in recipe.inputs else _path(v, folder)
                                   for k, v in data.get("take", {}).items()})
     return checked(recipe)
 
 
 def _final_step(steps: list[Step]) -> str:
-    """The one step no other step uses; a recipe with several such names its output."""
+    """The one step no other step uses; a recipe with several such names its output. Run
+    once duplicates and cycles are refused, so there is at least one, each named once."""
     used = {m for s in steps for m in s.models}
     finals = [s.name for s in steps if s.name not in used]
     if len(finals) != 1:
@@ -316,8 +332,9 @@ def _path(value: str, folder: str) -> str:
 
 def checked(recipe: Recipe) -> Recipe:
     """Validates names, methods, arities, parameters and options, and orders the steps so
-    that each comes after the steps it uses; refuses duplicates, cycles and unknown names.
-    Linear in the number of steps."""
+    that each comes after the steps it uses; refuses duplicates, cycles and unknown names
+    (before an output not given is looked for, so that they are what is named). Linear in
+    the number of steps."""
     steps: dict[str, Step] = {}
     for step in recipe.steps:
         if step.name in steps:
@@ -327,9 +344,10 @@ def checked(recipe: Recipe) -> Recipe:
         steps[step.name] = step
     for step in recipe.steps:
         _check_step(step, recipe.inputs, steps)
+    recipe.steps = _ordered(steps)
+    recipe.output = recipe.output or _final_step(recipe.steps)
     if recipe.output not in steps:
         raise UsageError(f"the recipe's output {recipe.output!r} is not one of its steps")
-    recipe.steps = _ordered(steps)
     _check_options(recipe)
     return recipe
 
