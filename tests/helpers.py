@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,3 +55,54 @@ def mecha(config: str) -> dict[str, dict[str, dict]]:
     path = (Path(sd_mecha.__file__).parent / "extensions" / "builtin" / "model_configs"
             / f"{config}.yaml")
     return yaml.safe_load(path.read_text())["components"]
+
+
+class DataOnlyUnpickler(pickle.Unpickler):
+    """The reference for the pickle reader: CPython's C unpickler, allowed only the globals
+    protocol 2 uses for builtin data (bytes via _codecs.encode or bytes(), set)."""
+
+    def find_class(self, module, name):
+        if (module, name) in {("_codecs", "encode"), ("builtins", "set"), ("__builtin__", "set"),
+                              ("builtins", "bytes"), ("__builtin__", "bytes")}:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def comparable(value, path: tuple[int, ...] = ()):
+    """A value read by the pickle reader or by CPython in a comparable form: NaN equal to NaN,
+    containers compared by type and content (sets and frozensets alike), a global by its name
+    (ours is an emulation, CPython's the object itself), a container that holds itself (memo
+    references can build cycles) by how far up the cycle goes."""
+    from ckptkit.formats.pickle_vm import Emulated
+
+    if isinstance(value, Emulated):
+        return ("global", value.qualname.replace("__builtin__.", "builtins."))
+    if callable(value):
+        return ("global", f"{value.__module__}.{value.__qualname__}")
+    if isinstance(value, float) and math.isnan(value):
+        return ("nan",)
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        if id(value) in path:
+            return ("cycle", len(path) - path.index(id(value)))
+        inner = (*path, id(value))
+        if isinstance(value, dict):
+            return ("dict", [(comparable(k, inner), comparable(v, inner))
+                             for k, v in value.items()])
+        if isinstance(value, (set, frozenset)):
+            return ("set", sorted(repr(comparable(v, inner)) for v in value))
+        return (type(value).__name__, [comparable(v, inner) for v in value])
+    return (type(value).__name__, value)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``ckpt ARGV...`` in this process: its exit code (argparse's usage errors included),
+    stdout and stderr."""
+    from ckptkit.cli.main import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse ends usage errors with SystemExit(2)
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

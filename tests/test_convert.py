@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckptkit.cli.main import main
 from ckptkit.errors import UsageError
 from ckptkit.ops.convert import convert
 from ckptkit.samples import demo
@@ -36,16 +36,6 @@ def assert_same(got: torch.Tensor, expected: torch.Tensor, key: str = "") -> Non
     assert got.dtype == expected.dtype, key
     assert tuple(got.shape) == tuple(expected.shape), key
     assert torch.equal(_bits(got), _bits(expected)), key
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse ends usage errors with SystemExit(2)
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _state(legacy: bool = False) -> dict:

@@ -16,21 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckptkit.cli.main import main
 from ckptkit.ops.sample import sample
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 class _Runs:

@@ -18,7 +18,7 @@ import sys
 import zipfile
 
 import pytest
-from helpers import time_limit
+from helpers import DataOnlyUnpickler, comparable, time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -416,35 +416,6 @@ _values = st.recursive(
     max_leaves=25)
 
 
-class _DataOnly(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in {("_codecs", "encode"), ("builtins", "set"), ("__builtin__", "set"),
-                              ("builtins", "bytes"), ("__builtin__", "bytes")}:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
-
-
-def _normal(value, path: tuple[int, ...] = ()):
-    """Comparable form (as test_pickle_vm's, with frozensets): NaN equal to NaN, a global by
-    its name, a container that holds itself by how far up the cycle goes."""
-    from ckptkit.formats.pickle_vm import Emulated
-
-    if isinstance(value, Emulated):
-        return ("global", value.qualname.replace("__builtin__.", "builtins."))
-    if callable(value):
-        return ("global", f"{value.__module__}.{value.__qualname__}")
-    if isinstance(value, (list, tuple, dict, set, frozenset)):
-        if id(value) in path:
-            return ("cycle", len(path) - path.index(id(value)))
-        inner = (*path, id(value))
-        if isinstance(value, dict):
-            return ("dict", [(_normal(k, inner), _normal(v, inner)) for k, v in value.items()])
-        if isinstance(value, (set, frozenset)):
-            return ("set", sorted(repr(_normal(v, inner)) for v in value))
-        return (type(value).__name__, [_normal(v, inner) for v in value])
-    return (type(value).__name__, value)
-
-
 def _scan_read(data: bytes, findings: list):
     vm = PickleVM(data, 0, find_global=find_global, persistent_load=None, where="t",
                   findings=findings)
@@ -458,7 +429,7 @@ def test_the_scan_reads_every_protocol_as_cpython(value, protocol):
     data = pickle.dumps(value, protocol=protocol)
     (ours, end), vm = _scan_read(data, [])
     stream = io.BytesIO(data)
-    assert _normal(ours) == _normal(_DataOnly(stream, encoding="utf-8").load())
+    assert comparable(ours) == comparable(DataOnlyUnpickler(stream, encoding="utf-8").load())
     assert end == stream.tell() == len(data) and vm.deferred is None
 
 
@@ -476,7 +447,7 @@ def test_the_scan_never_stops_where_cpython_reads_on(value, protocol, edits):
     data = bytes(data)
     stream = io.BytesIO(data)
     try:
-        _DataOnly(stream, encoding="utf-8").load()
+        DataOnlyUnpickler(stream, encoding="utf-8").load()
         reference_end = stream.tell()
     except Exception:
         reference_end = None

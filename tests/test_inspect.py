@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 from safetensors.torch import load_file, save_file
 
 from ckptkit.cli.main import main
@@ -31,13 +32,6 @@ ST_NAMES = {
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _t(*shape: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -628,7 +622,6 @@ def test_a_bug_on_one_file_does_not_stop_the_others(tmp_path: Path, capsys, monk
 
 
 def test_a_diffusers_folder_inside_a_searched_folder_is_reported_as_one(tmp_path, capsys):
-    from ckptkit.cli.main import main
     from ckptkit.ops.sample import sample
 
     (tmp_path / "models").mkdir()

@@ -5,15 +5,15 @@ or our refusal, never a different reading (the parser desync that scanners were 
 from __future__ import annotations
 
 import io
-import math
 import pickle
 import pickletools
 
+from helpers import DataOnlyUnpickler, comparable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckptkit.errors import CkptError, UnsafeFileError
-from ckptkit.formats.pickle_vm import Emulated, PickleVM
+from ckptkit.formats.pickle_vm import PickleVM
 from ckptkit.formats.torch_globals import find_global
 
 _scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
@@ -26,39 +26,6 @@ _values = st.recursive(
                    | st.dictionaries(_hashable, inner, max_size=6)
                    | st.frozensets(_hashable, max_size=4).map(set)),
     max_leaves=30)
-
-
-class _DataOnly(pickle.Unpickler):
-    """The reference: CPython's C unpickler, allowed only the globals protocol 2 uses for
-    builtin data (bytes via _codecs.encode or bytes(), set)."""
-
-    def find_class(self, module, name):
-        if (module, name) in {("_codecs", "encode"), ("builtins", "set"), ("__builtin__", "set"),
-                              ("builtins", "bytes"), ("__builtin__", "bytes")}:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
-
-
-def _normal(value, path: tuple[int, ...] = ()):
-    """Comparable form: NaN equal to NaN, containers compared by type and content, a global
-    by its name (ours is an emulation, CPython's the object itself), a container that holds
-    itself (memo references can build cycles) by how far up the cycle goes."""
-    if isinstance(value, Emulated):
-        return ("global", value.qualname.replace("__builtin__.", "builtins."))
-    if callable(value):
-        return ("global", f"{value.__module__}.{value.__qualname__}")
-    if isinstance(value, float) and math.isnan(value):
-        return ("nan",)
-    if isinstance(value, (list, tuple, dict, set)):
-        if id(value) in path:
-            return ("cycle", len(path) - path.index(id(value)))
-        inner = (*path, id(value))
-        if isinstance(value, dict):
-            return ("dict", [(_normal(k, inner), _normal(v, inner)) for k, v in value.items()])
-        if isinstance(value, set):
-            return ("set", sorted(repr(_normal(v, inner)) for v in value))
-        return (type(value).__name__, [_normal(v, inner) for v in value])
-    return (type(value).__name__, value)
 
 
 def _ours(data: bytes):
@@ -80,8 +47,8 @@ def _stop_offset(data: bytes) -> int:
 def test_valid_pickles_read_as_cpython_reads_them(value):
     data = pickle.dumps(value, protocol=2)
     ours, end = _ours(data)
-    reference = _DataOnly(io.BytesIO(data)).load()
-    assert _normal(ours) == _normal(reference)
+    reference = DataOnlyUnpickler(io.BytesIO(data)).load()
+    assert comparable(ours) == comparable(reference)
     assert end == len(data) == _stop_offset(data)
 
 
@@ -99,8 +66,8 @@ def test_mutated_pickles_read_the_same_or_are_refused(value, edits):
     except CkptError:
         return  # refusing is always allowed
     reference_stream = io.BytesIO(data)
-    reference = _DataOnly(reference_stream).load()  # must not fail where we succeeded
-    assert _normal(ours) == _normal(reference)
+    reference = DataOnlyUnpickler(reference_stream).load()  # must not fail where we succeeded
+    assert comparable(ours) == comparable(reference)
     assert end == reference_stream.tell()
 
 

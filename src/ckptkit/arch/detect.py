@@ -389,11 +389,11 @@ def _conclude(ranked, layout: str, keys: set[str], shapes, dtypes, metadata, ext
     if len(tied) > 1:
         # Same key names (SD1 and SD2 UNets, components shared by several families): shapes
         # decide; where they cannot either, the file's metadata does.
-        def odd_shapes(candidate) -> int:
-            return sum(min(len(_shape_mismatches(e.full, shapes)),
-                           len(_shape_mismatches(e.tiny, shapes))) for e in candidate[1])
-        tied.sort(key=odd_shapes)
-        fitting = [r for r in tied if odd_shapes(r) == odd_shapes(tied[0])]
+        odd = {id(r): sum(min(len(_shape_mismatches(e.full, shapes)),
+                              len(_shape_mismatches(e.tiny, shapes))) for e in r[1])
+               for r in tied}  # shapes that fit neither full size nor tiny, per candidate
+        tied.sort(key=lambda r: odd[id(r)])
+        fitting = [r for r in tied if odd[id(r)] == odd[id(tied[0])]]
         chosen = next((r for r in fitting if named and r[0].id == named[0].id), fitting[0])
         tied.remove(chosen)
         tied.insert(0, chosen)

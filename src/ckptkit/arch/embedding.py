@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import counted
+
 Shape = tuple[int, ...]
 
 # width -> (the text encoder's name, its component name in ``families``, the families)
@@ -63,7 +65,7 @@ def detect_embedding(shapes: Mapping[str, Shape]) -> Embedding | None:
             return None
         (count,) = counts
         return Embedding("sdxl", None, count, dict(_SDXL), ["sdxl"], [
-            f"clip_l and clip_g hold {count} vector{'s' if count > 1 else ''} each, of "
+            f"clip_l and clip_g hold {counted(count, 'vector')} each, of "
             "768 and 1280: a textual-inversion embedding for SDXL's two text encoders; "
             "its trigger word is the file's name"])
     params = {k: s for k, s in shapes.items() if k.startswith("string_to_param.")}
@@ -93,6 +95,6 @@ def _single(fmt: str, shapes: Mapping[str, Shape], tokens: list[str]) -> Embeddi
     trigger = (f"its token is {token}" if fmt == "diffusers"
                else "its trigger word is the file's name")
     return Embedding(fmt, token, count, {component: width}, families, [
-        f"{', '.join(shapes)} hold{'s' if len(shapes) == 1 else ''} {count} vector"
-        f"{'s' if count > 1 else ''} of {width}: a textual-inversion embedding for {encoder} "
+        f"{', '.join(shapes)} hold{'s' if len(shapes) == 1 else ''} {counted(count, 'vector')}"
+        f" of {width}: a textual-inversion embedding for {encoder} "
         f"({', '.join(families)}); {trigger}"])

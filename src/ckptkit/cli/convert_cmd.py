@@ -58,14 +58,12 @@ def run(args) -> int:
     except (CkptError, OSError) as exc:
         if args.json:  # like inspect --json: an object on stdout, the error line on stderr
             reason = exc.reason if isinstance(exc, CkptError) else (exc.strerror or str(exc))
-            print(json_dumps({"input": args.input, "output": args.output,
-                                        "error": reason}))
+            print(json_dumps({"input": args.input, "output": args.output, "error": reason}))
         raise
     finally:
         bar.close()
     if args.json:
-        print(json_dumps({"input": args.input, "output": args.output,
-                                    **vars(report)}))
+        print(json_dumps({"input": args.input, "output": args.output, **vars(report)}))
         return 0
     print(printable(f"wrote {args.output}: {counted(report.tensors, 'tensor')}, "
                     f"{human_bytes(report.bytes)}")

@@ -1,4 +1,4 @@
-"""Number formatting for people: sizes in KB/MB/GB, counts in K/M/G, "1 tensor", "2 tensors"."""
+"""Number formatting for people: sizes in KB/MB/GB, counts in K/M/G (plurals: errors.counted)."""
 
 from __future__ import annotations
 

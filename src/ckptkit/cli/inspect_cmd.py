@@ -147,10 +147,11 @@ def run(args) -> int:
             status = worse_exit(status, 70)
             continue
         _clear_bar(bar)
-        report = json_safe(report)
-        if args.json:
+        if args.json:  # json_dumps makes it JSON-safe itself
             print(json_dumps(report))
-        elif args.brief:
+            continue
+        report = json_safe(report)
+        if args.brief:
             rows.append(_brief_row(report))
         else:
             if printed:

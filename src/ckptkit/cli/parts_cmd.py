@@ -62,8 +62,7 @@ def run_split(args) -> int:
         bar.close()
     if args.json:
         print(json_dumps({"input": args.checkpoint, "written": written,
-                                    "left_out": written.left_out,
-                                    "warnings": written.warnings}))
+                          "left_out": written.left_out, "warnings": written.warnings}))
     else:
         for path in written:
             print(f"wrote {printable(path)}")

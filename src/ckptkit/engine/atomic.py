@@ -20,6 +20,7 @@ user named. Only regular files are replaced: a FIFO or a device under the output
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -29,7 +30,7 @@ import stat
 
 from ..errors import OutputError
 
-_SUFFIX = ".ckptkit-tmp"
+TEMPORARY_SUFFIX = ".ckptkit-tmp"
 log = logging.getLogger("ckptkit")
 
 
@@ -76,11 +77,11 @@ def remove_stale_temporaries(target: str) -> None:
     start = f".{name}."
     try:
         entries = [e for e in os.scandir(folder)
-                   if e.name.startswith(start) and e.name.endswith(_SUFFIX)]
+                   if e.name.startswith(start) and e.name.endswith(TEMPORARY_SUFFIX)]
     except OSError:
         return  # nothing to clean where nothing can be listed; the write itself will say
     for entry in entries:
-        owner = entry.name[len(start):-len(_SUFFIX)].rpartition(".")[0]
+        owner = entry.name[len(start):-len(TEMPORARY_SUFFIX)].rpartition(".")[0]
         pid, _, host = owner.partition("@")
         if not pid.isdigit() or host != _host() or _alive(int(pid)):
             continue
@@ -91,6 +92,7 @@ def remove_stale_temporaries(target: str) -> None:
                 os.unlink(entry.path)
 
 
+@functools.cache
 def _host() -> str:
     return socket.gethostname().replace("/", "_") or "localhost"
 
@@ -123,7 +125,7 @@ class AtomicOutput:
         check_output_path(self.target, self.inputs)
         remove_stale_temporaries(self.target)
         folder, prefix = temporary_prefix(self.target)
-        tmp_path = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}{_SUFFIX}")
+        tmp_path = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
         try:
             self.fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except OSError as exc:

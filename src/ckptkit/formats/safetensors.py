@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor, checked_shape, paused_gc
 from .dtypes import BY_NAME
+from .sniff import EXTENSIONS, TORCH_LEGACY
 from .source import Source
 from .torch_pickle import refuse_what_torch_load_runs
 
@@ -31,7 +32,7 @@ MAX_HEADER_SIZE = 100_000_000
 # and 1.6 million empty ones within the 100 MB cap took minutes to convert.
 MAX_TENSORS = 250_000
 METADATA_KEY = "__metadata__"
-TORCH_NAMES = (".ckpt", ".pt", ".pth", ".bin")  # what users torch.load
+TORCH_NAMES = EXTENSIONS[TORCH_LEGACY]  # what users torch.load
 # A JSON escape such as \ud800 that is not half of a surrogate pair decodes, in Python, to a
 # lone surrogate: text no UTF-8 writer can encode. The reference reader refuses the header.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")

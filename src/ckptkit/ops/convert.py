@@ -32,7 +32,7 @@ from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
 from ..formats.torch_pickle import Summary
 from .inspect import identify_checkpoint
 from .provenance import inherited
-from .prune import cast_targets, clamped_cast
+from .prune import cast_targets, clamped_cast, parse_dtype
 
 CONVERT_DTYPES = tuple(CLI_NAMES)
 # Names that tell a loader to read something other than safetensors: A1111, ComfyUI,
@@ -82,18 +82,12 @@ def _source_metadata(checkpoint) -> dict[str, str]:
             if isinstance(v, (int, float, str)) and not isinstance(v, Summary)}
 
 
-def _target(name: str | None, option: str) -> DType | None:
-    if name is not None and name not in CONVERT_DTYPES:
-        raise UsageError(f"{option} must be one of {', '.join(CONVERT_DTYPES)}, not {name!r}")
-    return CLI_NAMES[name] if name else None
-
-
 def convert(src: str, dst: str, *, dtype: str | None = None, vae_dtype: str | None = None,
             keep_metadata: bool = True, progress: Progress | None = None,
             fsync: bool = True) -> ConvertReport:
     """Writes ``src`` as safetensors to ``dst``; ``dtype`` casts floating tensors (and
     ``vae_dtype`` the VAE's); ``keep_metadata=False`` writes none of the source's metadata."""
-    target, vae_target = _target(dtype, "--dtype"), _target(vae_dtype, "--vae-dtype")
+    target, vae_target = parse_dtype(dtype, "--dtype"), parse_dtype(vae_dtype, "--vae-dtype")
     suffix = os.path.splitext(os.fspath(dst))[1].lower()
     check_output_path(dst, (src,))  # an output over the input is that error first
     if suffix in _OTHER_FORMATS:

@@ -29,7 +29,7 @@ import threading
 from ..engine.writer import Progress
 
 CHUNK = 1 << 24
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA256 = re.compile(r"[0-9a-f]{64}")  # a SHA-256 as hex, as this cache and recipes write it
 
 
 def _chunks(path: str):
@@ -86,7 +86,7 @@ def _well_formed(entry: object) -> bool:
     stat, sha = entry["stat"], entry["sha256"]
     return (isinstance(stat, list) and len(stat) == 4
             and all(type(v) is int for v in stat)
-            and isinstance(sha, str) and _SHA256.fullmatch(sha) is not None)
+            and isinstance(sha, str) and SHA256.fullmatch(sha) is not None)
 
 
 def _load_cache() -> dict[str, dict]:

@@ -48,6 +48,7 @@ from typing import Any
 
 from ..errors import FormatError, UsageError
 from ..formats.dtypes import CLI_NAMES
+from .hashing import SHA256
 from .merge_methods import METHODS, param_problem
 
 MISSING = ("take-a", "skip", "error")
@@ -56,7 +57,6 @@ COMPUTE_DTYPES = {"float32": "float32", "float64": "float64", "fp32": "float32",
                   "fp64": "float64"}
 RECIPE_FORMAT = 2
 _OPTIONS = ("dtype", "compute_dtype", "components", "missing", "device")
-SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from ..formats.dtypes import BY_NAME
 from ..safe_text import json_text
 from .inspect import identify_checkpoint
 from .provenance import inherited, provenance, source_hashes
+from .prune import SDXL_VAE_FAMILIES
 
 SCALARS_KEY = "ckptkit.scalars"  # JSON: {name: [value, dtype]} of keys a part cannot hold
 # JSON: [name, ...], keys of its component that a split part lacks because its source did
@@ -270,7 +271,7 @@ def _other_family_warning(fam: Family, path: str, part: Checkpoint, name: str
 
 
 def _same_vae(a: str, b: str) -> bool:
-    return a == b or {a, b} == {"sdxl", "sdxl-refiner"}
+    return a == b or {a, b} <= set(SDXL_VAE_FAMILIES)
 
 
 def _moves_for(part: Checkpoint, keys: set[str], ident: Identification, fam: Family, comp,

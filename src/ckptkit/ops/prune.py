@@ -95,7 +95,8 @@ def cast_targets(ident: Identification, target: DType | None, vae_target: DType 
     return wanted, note
 
 
-def _dtype(name: str | None, option: str) -> DType | None:
+def parse_dtype(name: str | None, option: str) -> DType | None:
+    """The dtype a ``--dtype``-like option names (None: not given); a usage error if none."""
     if name is None:
         return None
     if name not in CLI_NAMES:
@@ -109,7 +110,7 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
           fsync: bool = True) -> PruneReport:
     if ema not in ("drop", "use", "keep"):
         raise UsageError(f"--ema must be drop, use or keep, not {ema!r}")
-    target, vae_target = _dtype(dtype, "--dtype"), _dtype(vae_dtype, "--vae-dtype")
+    target, vae_target = parse_dtype(dtype, "--dtype"), parse_dtype(vae_dtype, "--vae-dtype")
     with open_checkpoint(src) as checkpoint:
         ident = identify_checkpoint(checkpoint)
         report = PruneReport(ident.family)
@@ -119,7 +120,7 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
         if unknown:
             raise UsageError(f"{src} has no {unknown[0]} component to drop; it has "
                              f"{', '.join(prefixes) or 'no prefixed components'}")
-        if prefixes and set(drop or ()) >= set(prefixes):
+        if prefixes and set(drop) >= set(prefixes):
             raise UsageError(f"--drop {','.join(prefixes)} would leave none of {src}'s "
                              f"components; drop some of {', '.join(prefixes)}, not all")
         wanted_for, note = cast_targets(ident, target, vae_target)
@@ -130,7 +131,7 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
             k.startswith(EMA_PREFIX) for k in checkpoint) else "none"
         planned = []
         for key, tensor in checkpoint.items():
-            group = _drop_group(key, ema, drop or (), prefixes)
+            group = _drop_group(key, ema, drop, prefixes)
             if group:
                 report.dropped[group] = report.dropped.get(group, 0) + 1
                 continue
@@ -155,7 +156,7 @@ def prune(src: str, out: str, *, dtype: str | None = None, vae_dtype: str | None
         metadata = {**inherited(checkpoint.metadata),
                     **provenance("prune", [src], source_hashes([src], hash_sources),
                                  dtype=dtype or "", vae_dtype=vae_dtype or "", ema=ema,
-                                 drop=list(drop or ()))}
+                                 drop=drop)}
         write_safetensors(out, planned, metadata, inputs=(src,), progress=progress,
                           fsync=fsync)
     return report

@@ -33,7 +33,7 @@ from ..arch.detect import INPUT_CHANNEL_VARIANTS
 from ..arch.families import DIFFUSION_MODEL, Family, component_name, family
 from ..arch.keys import KeyTable
 from ..arch.layouts import Move, to_canonical
-from ..engine.atomic import remove_stale_temporaries, temporary_prefix
+from ..engine.atomic import TEMPORARY_SUFFIX, remove_stale_temporaries, temporary_prefix
 from ..engine.moves import plan_moves
 from ..engine.writer import Planned, Progress, Zeros, write_safetensors
 from ..errors import OutputError, UsageError
@@ -304,7 +304,7 @@ def _write_folder(out: str, fam: Family, tiny: bool, parts: list[_Conversion],
     if not os.path.isdir(parent):
         raise OutputError(f"the output folder {parent} does not exist", out)
     remove_stale_temporaries(target)
-    tmp = tempfile.mkdtemp(prefix=temporary_prefix(target)[1], suffix=".ckptkit-tmp",
+    tmp = tempfile.mkdtemp(prefix=temporary_prefix(target)[1], suffix=TEMPORARY_SUFFIX,
                            dir=parent)
     try:
         job = _Job(progress, [x for p in planned.values() for x in p]) if progress else None

@@ -15,20 +15,20 @@ never passes because it did not look (see ``walk``).
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import CkptError, FormatError, UnsafeFileError
+from ..errors import CkptError, FormatError, UnsafeFileError, worse_exit
 from ..formats import detect_format, open_checkpoint
 from ..formats.pickle_vm import Finding, RefusedGlobals
-from ..formats.sniff import EXTENSIONS, path_problem
+from ..formats.sniff import MODEL_EXTENSIONS, path_problem
 from ..formats.torch_zip import verify_crc
 
 SAFE, UNSAFE, ERROR, SKIPPED = "safe", "unsafe", "error", "skipped"
-_MODEL_EXTENSIONS = {e for exts in EXTENSIONS.values() for e in exts} | {".gguf"}
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _scan(path: str, verify_data: bool) -> ScanResult:
 def _unrecognised(path: str, reason: str) -> ScanResult:
     """A file that is no checkpoint format, and that torch.load would not run code from (the
     opening said so): skipped, or an error if it is named like a model file."""
-    if os.path.splitext(path)[1].lower() in _MODEL_EXTENSIONS:
+    if os.path.splitext(path)[1].lower() in MODEL_EXTENSIONS:
         return ScanResult(path, ERROR, reasons=[_reason("read", reason)])
     return ScanResult(path, SKIPPED, reasons=[_reason("format", reason)])
 
@@ -166,10 +166,12 @@ def exit_code(results: Iterable[ScanResult]) -> int:
     is unsafe (as ``inspect`` exits on one), else 70 when ckptkit failed on a file (a bug),
     else 3 when any path could not be read, else 0. An unsafe file outranks the rest: it is
     what a scan is run to find."""
-    results = list(results)
-    verdicts = {r.verdict for r in results}
-    if UNSAFE in verdicts:
+    return functools.reduce(worse_exit, map(_exit_code, results), 0)
+
+
+def _exit_code(result: ScanResult) -> int:
+    if result.verdict == UNSAFE:
         return UnsafeFileError.exit_code
-    if any(reason["kind"] == "internal" for r in results for reason in r.reasons):
+    if any(reason["kind"] == "internal" for reason in result.reasons):
         return 70
-    return FormatError.exit_code if ERROR in verdicts else 0
+    return FormatError.exit_code if result.verdict == ERROR else 0
