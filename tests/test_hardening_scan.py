@@ -397,10 +397,11 @@ def test_an_empty_scan_says_nothing_was_found(tmp_path, capsys):
 
 
 def test_one_file_is_one_file(tmp_path, capsys):
+    """The summary counts in English: "1 file", and "0 errors" (a noun), not "0 error"."""
     raw = b'{"__metadata__":{"a":"b"}}'
     (tmp_path / "a.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
     assert main(["scan", str(tmp_path)]) == 0
-    assert "1 file: 1 safe" in capsys.readouterr().out
+    assert "1 file: 1 safe, 0 unsafe, 0 errors, 0 skipped" in capsys.readouterr().out
 
 
 # -- one parser: the scan reads every protocol as CPython does --------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from ..errors import counted
 from ..ops.scan import ScanResult, exit_code, scan_file, walk
 from ..safe_text import has_surrogates, json_dumps, json_safe, printable
 from .progress import add_output_options, progress_for
@@ -58,12 +59,10 @@ def run(args) -> int:
         print("nothing was scanned: no files under the paths given (an empty scan proves "
               "nothing)")
     else:
-        print(f"{_files(len(results))}: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+        print(f"{counted(len(results), 'file')}: "
+              + ", ".join(counted(n, "error") if v == "error" else f"{n} {v}"
+                          for v, n in counts.items()))
     return exit_code(results)
-
-
-def _files(n: int) -> str:
-    return f"{n} file{'' if n == 1 else 's'}"
 
 
 def _json_entry(result: ScanResult) -> dict:
