@@ -6,12 +6,10 @@ goes through ``safe_text``: a key or file name cannot send escape sequences to t
 
 from __future__ import annotations
 
-import sys
-
 from ..errors import CkptError, counted
 from ..ops.convert import CONVERT_DTYPES, convert
 from ..safe_text import json_dumps, printable
-from .fmt import human_bytes
+from .fmt import human_bytes, warn_values
 from .progress import add_fsync_option, add_output_options, progress_for
 
 
@@ -82,12 +80,6 @@ def run(args) -> int:
         print(f"note: {which} {counted(held, 'tensor')}, not written: "
               f"{_names(names)}")
     targets = " or ".join(dict.fromkeys(d for d in (args.dtype, args.vae_dtype) if d))
-    for counts, became in ((report.overflowed, f"out of range for {targets} and became "
-                                               "infinite"),
-                           (report.clamped, f"beyond {targets}'s range and clamped")):
-        if counts:
-            total = sum(counts.values())
-            print(f"warning: {counted(total, 'value')} in "
-                  f"{counted(len(counts), 'tensor')} "
-                  f"{'was' if total == 1 else 'were'} {became}", file=sys.stderr)
+    warn_values(report.overflowed, f"out of range for {targets} and became infinite")
+    warn_values(report.clamped, f"beyond {targets}'s range and clamped")
     return 0

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict
 
 from ..errors import counted
 from ..formats.dtypes import CLI_NAMES
 from ..ops.prune import prune
 from ..safe_text import json_dumps, printable
+from .fmt import warn_values
 from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 
@@ -64,10 +64,6 @@ def run(args) -> int:
           f"({report.cast:,} cast), dropped {dropped or 'nothing'}; EMA {report.ema}")
     for note in report.notes:
         print(f"note: {printable(note)}")
-    if report.clamped:
-        targets = " or ".join(dict.fromkeys(d for d in (args.dtype, args.vae_dtype) if d))
-        print(f"warning: {counted(sum(report.clamped.values()), 'value')} in "
-              f"{counted(len(report.clamped), 'tensor')} "
-              f"{'was' if sum(report.clamped.values()) == 1 else 'were'} beyond {targets}'s "
-              "range and clamped", file=sys.stderr)
+    targets = " or ".join(dict.fromkeys(d for d in (args.dtype, args.vae_dtype) if d))
+    warn_values(report.clamped, f"beyond {targets}'s range and clamped")
     return 0
