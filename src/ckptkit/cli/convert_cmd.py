@@ -6,10 +6,11 @@ goes through ``safe_text``: a key or file name cannot send escape sequences to t
 
 from __future__ import annotations
 
-from ..errors import CkptError, counted
+from ..errors import counted
 from ..ops.convert import CONVERT_DTYPES, convert
 from ..safe_text import json_dumps, printable
 from .fmt import human_bytes, warn_values
+from .json_error import print_json_error
 from .progress import add_fsync_option, add_output_options, progress_for
 
 
@@ -53,10 +54,9 @@ def run(args) -> int:
     try:
         report = convert(args.input, args.output, dtype=args.dtype, vae_dtype=args.vae_dtype,
                          keep_metadata=not args.drop_metadata, progress=bar, fsync=args.fsync)
-    except (CkptError, OSError) as exc:
-        if args.json:  # like inspect --json: an object on stdout, the error line on stderr
-            reason = exc.reason if isinstance(exc, CkptError) else (exc.strerror or str(exc))
-            print(json_dumps({"input": args.input, "output": args.output, "error": reason}))
+    except (Exception, KeyboardInterrupt) as exc:
+        if args.json:
+            print_json_error(exc, input=args.input, output=args.output)
         raise
     finally:
         bar.close()

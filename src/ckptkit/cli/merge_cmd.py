@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from ..errors import CkptError, UsageError
+from ..errors import UsageError
 from ..formats.dtypes import CLI_NAMES
 from ..ops.merge import MISSING, from_metadata, list_blocks, run_recipe
 from ..ops.merge_methods import METHODS, PARAMS
 from ..ops.merge_recipe import COMPUTE_DTYPES, from_toml, one_step
 from ..safe_text import json_dumps, printable
+from .json_error import print_json_error
 from .progress import add_fsync_option, add_output_options, progress_for
 
 _PARAMS = ("alpha", "beta", "density", "drop")
@@ -107,20 +108,9 @@ def run(args) -> int:
     try:
         return _run(args)
     except (Exception, KeyboardInterrupt) as exc:
-        if args.json:  # as convert does: an object on stdout, the error line on stderr
-            print(json_dumps({"output": args.output, "error": _reason(exc)}))
+        if args.json:
+            print_json_error(exc, output=args.output)
         raise
-
-
-def _reason(exc: Exception | KeyboardInterrupt) -> str:
-    """What the error line on stderr says, without the prefix (``main`` prints it)."""
-    if isinstance(exc, CkptError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted; no output was written"
-    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 def _run(args) -> int:
