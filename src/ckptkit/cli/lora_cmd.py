@@ -96,7 +96,7 @@ def _one_line(report: dict[str, Any]) -> str:
     if against:
         text = f"{against['matched']:,} of {report['modules']:,} modules apply"
         if against["groups"]:
-            text += "; not: " + "; ".join(f"{g['modules']:,} {g['why']}"
+            text += "; not: " + "; ".join(f"{g['modules']:,} {g['why']} ({g['detail']})"
                                           for g in against["groups"])
     else:
         text = f"{counted(report['modules'], 'module')}, {report['family'] or 'family unknown'}"
