@@ -220,11 +220,13 @@ class _Plan:
                      for p in parts):
                 self._lora(out, span, parts)
             else:
-                bad = next(p.module for p in parts if p.module.adapter != "lora")
+                bad = next(p for p in parts if p.module.adapter != "lora"
+                           or "mid" in p.module.keys)
+                split = bad.canon[0] < span[0] or span[1] < bad.canon[1]
                 raise UsageError(
-                    f"{bad.name}: {_a(bad.adapter)} module cannot be "
-                    f"{'split' if len(parts) == 1 else 'fused'} into {self.fmt}'s "
-                    f"{out.name}: only plain LoRA modules can; nothing was written")
+                    f"{bad.module.name}: {_a(bad.module.adapter)} module cannot be "
+                    f"{'split' if split else 'fused'} into {self.fmt}'s {out.name}: only "
+                    "plain LoRA modules can; nothing was written")
 
     # --- a module renamed -------------------------------------------------------------
 
