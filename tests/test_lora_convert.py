@@ -243,3 +243,37 @@ def test_formats_that_cannot_hold_an_adapter_refuse(tmp_path, capsys):
                            "--family", "flux1-dev")
     assert code == 2 and "a LoKr module cannot be fused" in err
     assert not out.exists()
+
+
+def test_peft_alphas_from_diffusers_adapter_metadata(tmp_path, capsys):
+    """diffusers' save_lora_weights keeps alphas in lora_adapter_metadata (lora_alpha, and
+    alpha_pattern by module path): kohya's file gets them as .alpha tensors, the change kept,
+    and the metadata that would scale it a second time is left out."""
+    import json
+
+    paths = linear_modules(flux_model(), r"^transformer_blocks\.0\.attn\.(to_out\.0|add_q_proj)$")
+    original = random_lora(peft({f"transformer.{p}": s for p, s in paths.items()}, rank=4))
+    config = {"transformer.r": 4, "transformer.lora_alpha": 8,
+              "transformer.alpha_pattern": {"attn.to_out.0": 2}}
+    src = save(tmp_path, "peft", original,
+               {"lora_adapter_metadata": json.dumps(config)})
+    out = convert(capsys, src, "kohya", str(tmp_path / "kohya.safetensors"), "--family",
+                  "flux1-dev")
+    assert float(out["lora_unet_double_blocks_0_img_attn_proj.alpha"]) == 2.0
+    changes = deltas(out, ".lora_down.weight", ".lora_up.weight")
+    parts = deltas(original, ".lora_A.weight", ".lora_B.weight")
+    torch.testing.assert_close(changes["lora_unet_double_blocks_0_img_attn_proj"],
+                               parts["transformer.transformer_blocks.0.attn.to_out.0"] * 0.5)
+    # the txt qkv is fused from add_q alone: rows of k and v stay zero; alpha 8 of rank 4
+    qkv = changes["lora_unet_double_blocks_0_txt_attn_qkv"]
+    torch.testing.assert_close(qkv[:3072], parts[
+        "transformer.transformer_blocks.0.attn.add_q_proj"] * 2.0)
+    assert not qkv[3072:].any()
+    assert "lora_adapter_metadata" not in safe_open_metadata(tmp_path / "kohya.safetensors")
+
+
+def safe_open_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}

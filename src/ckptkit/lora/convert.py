@@ -42,7 +42,7 @@ from ..formats.dtypes import BY_NAME, DType
 from ..ops.provenance import inherited, provenance
 from .check import _alphas
 from .detect import KEY_FORMATS
-from .modules import Module, delta_size, modules_of, rank
+from .modules import Module, alpha, delta_size, modules_of, rank
 from .names import FORMATS, Named, module_names
 from .targets import Names, _compatible, _Miss, names, pieces
 
@@ -105,7 +105,8 @@ def convert_file(src: str, dst: str, fmt: str, family: str | None = None,
         if found.leftover:
             plan.notes.append(f"{counted(len(found.leftover), 'key')} in no adapter module "
                               "copied unchanged")
-        metadata = {**inherited(lora.metadata),
+        # diffusers' adapter config is not kept: the alphas it held are in the tensors now
+        metadata = {**inherited(lora.metadata, ("lora_adapter_metadata",)),
                     **provenance("lora convert", [src], to=fmt, family=fam)}
         write_safetensors(dst, plan.planned, metadata, inputs=(src,), progress=progress,
                           fsync=fsync)
@@ -246,6 +247,9 @@ class _Plan:
                                           _LOKR if module.adapter == "lokr" else {})}
         for role, key in module.keys.items():
             self.copy(name + suffixes[role], key)
+        scale = _scale(self.lora, module)
+        if "alpha" not in module.keys and scale != 1.0:  # PEFT's alpha from its metadata
+            self._alpha(name + suffixes["alpha"], scale * (rank(module) or 1), module)
 
     def _rename_peft(self, module: Module, name: str) -> None:
         if module.adapter not in ("lora", "dora") or "mid" in module.keys:
@@ -322,11 +326,14 @@ class _Plan:
             return
         if shared and "alpha" in mods[0].keys:
             self.copy(out.name + suffixes["alpha"], mods[0].keys["alpha"])
-        elif not shared:
-            alpha = scales[mods[0].name] * r if common else float(r)
-            dtype = _alpha_dtype(self.lora, mods[0])
-            self.planned.append(Planned(out.name + suffixes["alpha"], dtype, (),
-                                        partial(_scalar, alpha, dtype)))
+        elif not shared or scales[mods[0].name] != 1.0:
+            self._alpha(out.name + suffixes["alpha"],
+                        scales[mods[0].name] * r if common else float(r), mods[0])
+
+    def _alpha(self, key: str, value: float, like: Module) -> None:
+        """An alpha tensor, in the dtype of ``like``'s (fp32 where it has none)."""
+        dtype = _alpha_dtype(self.lora, like)
+        self.planned.append(Planned(key, dtype, (), partial(_scalar, value, dtype)))
 
 
 def _a(adapter: str) -> str:
@@ -345,13 +352,12 @@ def _swapped(rows: tuple[int, int], total: int) -> tuple[int, int]:
 
 
 def _scale(lora: Checkpoint, module: Module) -> float:
-    """alpha / rank (1 where the module stores no alpha: kohya's and ComfyUI's reading)."""
-    key = module.keys.get("alpha")
-    r = rank(module)
-    if key is None or not r:
+    """alpha / rank (1 where the module has no alpha: kohya's, ComfyUI's and diffusers'
+    reading; and where it is not finite, which no format can carry)."""
+    value, r = alpha(module, lora), rank(module)
+    if value is None or not r or not math.isfinite(value):
         return 1.0
-    alpha = lora.tensors[key].scalar()
-    return 1.0 if alpha == 0 or not math.isfinite(alpha) else alpha / r
+    return value / r
 
 
 def _alpha_dtype(lora: Checkpoint, module: Module) -> DType:
