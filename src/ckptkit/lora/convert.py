@@ -40,11 +40,10 @@ from ..errors import UsageError, a_or_an, counted
 from ..formats import Checkpoint, LazyTensor, open_checkpoint
 from ..formats.dtypes import BY_NAME, DType
 from ..ops.provenance import inherited, provenance
-from .check import _alphas
 from .detect import KEY_FORMATS
-from .modules import Module, alpha, delta_size, modules_of, rank
+from .modules import Module, alpha, alpha_values, delta_size, modules_of, rank
 from .names import FORMATS, Named, module_names
-from .targets import Names, _compatible, _Miss, names, pieces
+from .targets import Miss, Names, compatible, names, pieces
 
 # Tensor suffixes of each role in kohya's (and ComfyUI's) files, by adapter type.
 _KOHYA_SUFFIXES = {
@@ -94,7 +93,7 @@ def convert_file(src: str, dst: str, fmt: str, family: str | None = None,
     check_output_path(dst, (src,))
     with open_checkpoint(src) as lora:
         found = modules_of({k: t.shape for k, t in lora.tensors.items()}, lora.metadata,
-                           _alphas(lora), path=src)
+                           alpha_values(lora), path=src)
         fam = _family(found.modules, found.analysis.info.family, family, src)
         weights = _place(found.modules, fam, src)
         plan = _Plan(lora, fmt, fam)
@@ -126,7 +125,7 @@ def _family(modules: list[Module], detected: str | None, given: str | None, src:
         if fid not in families():
             raise UsageError(f"unknown family {given!r}; known: {', '.join(families())}")
         return fid
-    candidates = [f for f in families() if detected is None or _compatible(detected, f)]
+    candidates = [f for f in families() if detected is None or compatible(detected, f)]
     best, best_count = None, -1
     for fid in candidates:
         count = sum(1 for m in modules if _table(m, fid) is not None)
@@ -148,7 +147,7 @@ def _table(module: Module, fam: str) -> Names | None:
         table = names(fam, module.component, tiny)
         try:
             found = pieces(module, table)
-        except _Miss:
+        except Miss:
             return None
         rows = _delta_rows(module)
         whole = [table.rows.get(k) for k, canon, delta in found if canon is None and delta is None]

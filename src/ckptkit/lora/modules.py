@@ -34,6 +34,7 @@ its alpha ``alpha`` (None: scale 1).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,8 +45,8 @@ from .keys import DIFFUSION_MODEL, Parsed, Shape, fmt_shape, naming
 from .keys import path as name_path
 from .metadata import peft_alpha
 
-__all__ = ["ADAPTERS", "KEY_FORMATS", "LoraFile", "Module", "alpha", "delta_size", "modules_of",
-           "rank", "read_lora", "read_modules"]
+__all__ = ["ADAPTERS", "KEY_FORMATS", "LoraFile", "Module", "alpha", "alpha_values", "delta_size",
+           "modules_of", "rank", "read_lora", "read_modules"]
 
 @dataclass(frozen=True)
 class Module:
@@ -93,7 +94,7 @@ def read_modules(lora) -> tuple[str, list[Module], list[str]]:
 def read_lora(lora) -> LoraFile:
     """``read_modules``, with the detection report."""
     shapes = {k: t.shape for k, t in lora.tensors.items()}
-    return modules_of(shapes, lora.metadata, path=lora.path)
+    return modules_of(shapes, lora.metadata, alpha_values(lora), path=lora.path)
 
 
 def modules_of(shapes: Mapping[str, Shape], metadata: Mapping[str, str] | None = None,
@@ -179,6 +180,17 @@ def delta_size(module: Module) -> tuple[int | None, int | None]:
     if m.adapter == "set":
         return (sh("set")[0] if sh("set") else 1), _prod(sh("set")[1:])
     return None, None  # ia3: whether it scales inputs or outputs is a value, not a shape
+
+
+def alpha_values(lora) -> dict[str, float]:
+    """The values of an open LoRA's 0-d ``.alpha`` tensors, by key (the only data that
+    reading a LoRA's modules reads); one that cannot be decoded is left out."""
+    values = {}
+    for key, tensor in lora.tensors.items():
+        if key.endswith(".alpha") and tensor.numel == 1:
+            with contextlib.suppress(FormatError):  # an alpha we cannot decode stays unknown
+                values[key] = tensor.scalar()
+    return values
 
 
 def alpha(module: Module, lora) -> float | None:
