@@ -290,3 +290,48 @@ def safe_open_metadata(path) -> dict:
 
     with safe_open(str(path), "pt") as f:
         return f.metadata() or {}
+
+
+def test_diffusers_loads_and_fuses_our_flux_file(tmp_path, capsys):
+    """diffusers' own loader (load_lora_adapter, then fuse_lora) on our diffusers file of a
+    kohya FLUX LoRA, into a tiny FluxTransformer2DModel: every module is loaded, and each
+    fused weight changes by its rows of the kohya module's change (q, k, v and the MLP input
+    stacked in that order in BFL's qkv and linear1, as diffusers' single-file converter
+    splits them)."""
+    from diffusers import FluxTransformer2DModel
+
+    from ckptkit.arch.diffusers_layout import component_config
+    from ckptkit.arch.families import families
+
+    fam = families()["flux1-dev"]
+    model = FluxTransformer2DModel.from_config(
+        component_config(fam, "diffusion_model", tiny=True))
+    table = fam.component("diffusion_model").keys(tiny=True)
+    paths = {k[:-7]: s for k, s in table.items() if k.endswith(".weight") and len(s) == 2
+             and re.match(r"(double|single)_blocks\.\d+\.", k)}
+    original = random_lora(kohya(kohya_named(paths, "lora_unet"), rank=2), alpha=1.0)
+    ours = convert(capsys, save(tmp_path, "kohya", original), "diffusers",
+                   str(tmp_path / "ours.safetensors"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_lora_adapter(ours, prefix="transformer", adapter_name="ours")
+    loaded = [k for k in model.state_dict() if ".lora_A.ours." in k]
+    assert len(loaded) == sum(k.endswith(".lora_A.weight") for k in ours)
+    model.fuse_lora(lora_scale=1.0)
+    after = model.state_dict()
+
+    def change(diffusers_path):
+        return after[f"{diffusers_path}.base_layer.weight"] - before[f"{diffusers_path}.weight"]
+
+    def kohya_change(name):
+        down, up = (original[f"lora_unet_{name}.lora_{p}.weight"].float() for p in ("down", "up"))
+        return up @ down * (1.0 / 2)  # alpha 1, rank 2
+
+    torch.testing.assert_close(torch.cat([change(f"single_transformer_blocks.1.{p}") for p in (
+        "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]),
+        kohya_change("single_blocks_1_linear1"), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(torch.cat([change(f"transformer_blocks.0.attn.add_{p}_proj")
+                                          for p in "qkv"]),
+                               kohya_change("double_blocks_0_txt_attn_qkv"),
+                               rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(change("transformer_blocks.0.ff_context.net.0.proj"),
+                               kohya_change("double_blocks_0_txt_mlp_0"), rtol=1e-3, atol=1e-4)
