@@ -242,8 +242,7 @@ def test_fusing_parts_of_different_scales(tmp_path, capsys):
 
 def test_lycoris_adapters_round_trip_between_kohya_and_comfyui(tmp_path, capsys):
     """LoHa, LoKr, DoRA and full diffs keep their tensors (LyCORIS' suffixes) under the
-    other naming; a diffusers-named LyCORIS module (SimpleTuner's lycoris_ prefix) is named
-    as kohya names it."""
+    other naming."""
     unet = {p: s for p, s in sdxl_unet().items() if "attn2" in p}
     parts = [dict(list(kohya_named(unet, "lora_unet").items())[i::4]) for i in range(4)]
     header = (loha(parts[0]) | lokr(parts[1]) | kohya(parts[2], dora=True)
