@@ -15,9 +15,19 @@ import sys
 from .. import __version__
 from ..errors import CkptError
 from ..safe_text import printable
-from . import convert_cmd, inspect_cmd, merge_cmd, parts_cmd, prune_cmd, sample_cmd, scan_cmd
+from . import (
+    convert_cmd,
+    inspect_cmd,
+    lora_cmd,
+    merge_cmd,
+    parts_cmd,
+    prune_cmd,
+    sample_cmd,
+    scan_cmd,
+)
 
-COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd)
+COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd,
+            lora_cmd)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 EXIT_CODES = """exit codes (every command):
   0    success (scan: nothing unsafe or unreadable)
+  1    lora check: some modules do not apply (to the model given)
   2    bad usage
   3    an input is not a readable checkpoint
   4    an input is unsafe: it would run code when loaded
