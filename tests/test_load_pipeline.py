@@ -32,7 +32,7 @@ from ckptkit.formats.checkpoint import LazyTensor
 from ckptkit.ops.parts import split
 from ckptkit.ops.sample import sample
 
-SIZE = 64  # image side: 8x8 latents for the SD VAEs, 4x4 packed tokens for FLUX's
+SIZE = 32  # image side: 4x4 latents, 2x2 SD3 patches and FLUX tokens
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +47,30 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on one thread: on a busy machine torch's thread pool made each 32-wide
+    matrix product take 1.6 ms instead of 30 us (a 2-step SDXL run 3.5 s instead of 0.19)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny, tokenizers):
+    """family -> ckptkit's pipeline of its tiny sample, realigned (``_realigned``), made once
+    (loading is what most tests check; the pipelines are only read)."""
+    made = {}
+
+    def get(fid: str):
+        if fid not in made:
+            made[fid] = _realigned(load_pipeline(str(tiny(fid)), tokenizers=tokenizers))
+        return made[fid]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +131,7 @@ def test_the_network_is_blocked():
 @pytest.mark.parametrize("fid", list(families()))
 def test_every_family_loads_and_generates_deterministically(fid, tiny, tokenizers):
     assert fid in EXPECTED, "a family without an expected pipeline"
-    pipe = load_pipeline(str(tiny(fid)), tokenizers=tokenizers)
+    pipe = load_pipeline(str(tiny(fid)), tokenizers=tokenizers)  # as loaded, not realigned
     assert type(pipe).__name__ == EXPECTED[fid]
     first, again = _latents(pipe, fid), _latents(pipe, fid)
     assert torch.isfinite(first).all() and first.abs().sum() > 0
@@ -141,8 +165,8 @@ def _realigned(pipe):
 
 
 @pytest.mark.parametrize("fid", ["sd1", "sd2", "sdxl", "sd3.5-medium", "flux1-dev"])
-def test_same_latents_as_diffusers_from_our_folder(fid, tiny, tokenizers, tmp_path):
-    ours = _realigned(load_pipeline(str(tiny(fid)), tokenizers=tokenizers))
+def test_same_latents_as_diffusers_from_our_folder(fid, loaded, tmp_path):
+    ours = loaded(fid)
     folder = tmp_path / fid
     sample(fid, str(folder), layout="diffusers", tiny=True, dtype="fp32", seed=1)
     theirs = _realigned(_diffusers_folder(fid, folder, ours))
@@ -151,46 +175,44 @@ def test_same_latents_as_diffusers_from_our_folder(fid, tiny, tokenizers, tmp_pa
     assert torch.equal(_latents(ours, fid), _latents(theirs, fid))
 
 
-def test_diffusers_layout_files_load_too(tiny, tokenizers, tmp_path):
+def test_diffusers_layout_files_load_too(tiny, loaded, tokenizers, tmp_path):
     """A checkpoint whose diffusion model is a diffusers-named file, beside the monolithic
     file's other parts: the same model, the same latents."""
     model = tmp_path / "transformer.safetensors"
     sample("flux1-dev", str(model), layout="diffusers", components=["diffusion_model"],
            tiny=True, dtype="fp32", seed=1)
-    mono = _realigned(load_pipeline(str(tiny("flux1-dev")), tokenizers=tokenizers))
+    mono = loaded("flux1-dev")
     mixed = _realigned(load_pipeline(str(tiny("flux1-dev")), diffusion_model=str(model),
                                      tokenizers=tokenizers))
     assert torch.equal(_latents(mono, "flux1-dev"), _latents(mixed, "flux1-dev"))
 
 
 @pytest.mark.parametrize("fid", ["sd1", "flux1-schnell"])
-def test_parts_alone_give_the_monolithic_image(fid, tiny, tokenizers, tmp_path):
+def test_parts_alone_give_the_monolithic_image(fid, tiny, loaded, tokenizers, tmp_path):
     paths = split(str(tiny(fid)), str(tmp_path))
     model = next(p for p in paths if "diffusion_models" in p)
     encoders = [p for p in paths if "text_encoders" in p]
     vae = next(p for p in paths if os.sep + "vae" + os.sep in p)
     parts = _realigned(load_pipeline(diffusion_model=model, text_encoders=encoders, vae=vae,
                                      tokenizers=tokenizers))
-    mono = _realigned(load_pipeline(str(tiny(fid)), tokenizers=tokenizers))
-    assert torch.equal(_image(parts, fid), _image(mono, fid))
+    assert torch.equal(_image(parts, fid), _image(loaded(fid), fid))
 
 
-def test_another_vae_changes_the_decode_only(tiny, tokenizers, tmp_path):
+def test_another_vae_changes_the_decode_only(tiny, loaded, tokenizers, tmp_path):
     vae = tmp_path / "vae.safetensors"
     sample("sd1", str(vae), components=["vae"], tiny=True, dtype="fp32", seed=7)
-    own = _realigned(load_pipeline(str(tiny("sd1")), tokenizers=tokenizers))
+    own = loaded("sd1")
     swapped = _realigned(load_pipeline(str(tiny("sd1")), vae=str(vae), tokenizers=tokenizers))
     assert torch.equal(_latents(own, "sd1"), _latents(swapped, "sd1"))
     assert not torch.equal(_image(own, "sd1"), _image(swapped, "sd1"))
     assert torch.equal(own.unet.conv_in.weight, swapped.unet.conv_in.weight)
 
 
-def test_a_pickle_loads_as_its_safetensors_twin(tiny, tokenizers, tmp_path):
+def test_a_pickle_loads_as_its_safetensors_twin(loaded, tokenizers, tmp_path):
     ckpt = tmp_path / "sd1.ckpt"
     sample("sd1", str(ckpt), tiny=True, dtype="fp32", seed=1)
     from_pickle = _realigned(load_pipeline(str(ckpt), tokenizers=tokenizers))
-    from_safetensors = _realigned(load_pipeline(str(tiny("sd1")), tokenizers=tokenizers))
-    assert torch.equal(_latents(from_pickle, "sd1"), _latents(from_safetensors, "sd1"))
+    assert torch.equal(_latents(from_pickle, "sd1"), _latents(loaded("sd1"), "sd1"))
 
 
 def test_fp16_file_cast_on_load_equals_a_cast_afterwards(tokenizers, tmp_path):

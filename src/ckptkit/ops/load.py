@@ -35,6 +35,7 @@ from ..arch.families import DIFFUSION_MODEL, Family, families
 from ..arch.layouts import Move
 from ..errors import UsageError, a_or_an
 from ..formats import Checkpoint, LazyTensor, open_checkpoint
+from ..formats.checkpoint import paused_gc
 from ..formats.dtypes import CLI_NAMES, torch_dtype
 from .inspect import identify_checkpoint
 from .parts import canonical_moves
@@ -91,7 +92,7 @@ def load_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None 
     model's own float type on another device. ``tokenizers``: a folder holding them, or
     None to look where a user's copies usually are (``ops.tokenizers``). Offline: nothing
     is fetched. The plan's warnings are in ``pipeline.ckptkit_warnings``."""
-    with ExitStack() as stack:
+    with ExitStack() as stack, paused_gc():  # many small objects, few cycles
         plan = plan_pipeline(checkpoint, diffusion_model=diffusion_model,
                              text_encoders=text_encoders, vae=vae, stack=stack)
         return build(plan, dtype=dtype, device=device, tokenizers=tokenizers)
