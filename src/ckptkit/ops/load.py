@@ -42,6 +42,7 @@ from .parts import canonical_moves
 
 MISSING_EXTRA = ("ckptkit: loading a pipeline needs diffusers and transformers; install them "
                  "with: pip install 'ckptkit[generate]'")
+COMPUTE_DTYPES = ("fp32", "fp16", "bf16")  # what a pipeline computes in (not fp8)
 _SLICE_BYTES = 1 << 24  # how much of a tensor a cast reads at a time
 # The pipeline class of an input-channel variant, where diffusers has one.
 _VARIANT_PIPELINES = {
@@ -397,9 +398,8 @@ def _dtype(dtype: Any, device: str, plan: Plan):
                   if isinstance(n, _Rows) and n.tensor.dtype.is_float}
         return stored.pop() if len(stored) == 1 else torch.float32
     if isinstance(dtype, str):
-        if dtype not in CLI_NAMES or not CLI_NAMES[dtype].is_float:
-            floats = [n for n, d in CLI_NAMES.items() if d.is_float]
-            raise UsageError(f"dtype must be one of {', '.join(floats)}, not {dtype!r}")
+        if dtype not in COMPUTE_DTYPES:
+            raise UsageError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {dtype!r}")
         return torch_dtype(CLI_NAMES[dtype])
     return dtype
 
