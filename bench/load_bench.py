@@ -34,19 +34,29 @@ from measure import run, settle
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.join(os.path.dirname(HERE), "tests")
 
-_CKPTKIT = """
-import sys, torch
-from ckptkit import load_pipeline
-pipe = load_pipeline(sys.argv[1], dtype=sys.argv[2], tokenizers=sys.argv[3])
+# Each child writes the seconds of the load call alone to argv[4], once both have imported
+# the same classes (diffusers imports its pipelines lazily: seconds, on first use).
+_IMPORTS = """
+import json, os, sys, time, torch
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+import diffusers
 """
-_DIFFUSERS = """
-import sys, torch
-import diffusers, json, os
+_CKPTKIT = _IMPORTS + """
+from ckptkit import load_pipeline
+start = time.perf_counter()
+pipe = load_pipeline(sys.argv[1], dtype=sys.argv[2], tokenizers=sys.argv[3])
+open(sys.argv[4], "w").write(str(time.perf_counter() - start))
+"""
+_DIFFUSERS = _IMPORTS + """
 dtype = {"fp16": torch.float16, "fp32": torch.float32}[sys.argv[2]]
 with open(os.path.join(sys.argv[3], "model_index.json")) as f:
     cls = getattr(diffusers, json.load(f)["_class_name"])
+start = time.perf_counter()
 pipe = cls.from_single_file(sys.argv[1], config=sys.argv[3], torch_dtype=dtype,
                             local_files_only=True)
+open(sys.argv[4], "w").write(str(time.perf_counter() - start))
 """
 _STEP = """
 import json, sys, time, torch
@@ -119,20 +129,25 @@ def main() -> int:
                 order.reverse()
             for name, code, extra in order:
                 settle([src], [])
-                results.setdefault(f"{fid} {dtype} {name}", []).append(
-                    run([python, "-c", code, src, dtype, extra]))
-    print(f"load into a pipeline, median of {args.repeat} (x: against diffusers):")
-    print(f"{'':22} {'seconds':>8} {'peak RSS':>11} {'x time':>7} {'x RSS':>6}")
+                timing = os.path.join(work, "load-seconds")
+                row = run([python, "-c", code, src, dtype, extra, timing])
+                with open(timing) as f:
+                    row["load"] = float(f.read())
+                results.setdefault(f"{fid} {dtype} {name}", []).append(row)
+    print(f"load into a pipeline, median of {args.repeat} (x: against diffusers; process: "
+          "the whole child, imports included; load: the call alone):")
+    print(f"{'':22} {'process':>8} {'load':>6} {'peak RSS':>11} {'x load':>7} {'x RSS':>6}")
     for fid, _, dtype in cases:
         base = results[f"{fid} {dtype} diffusers"]
         for name in ("ckptkit", "diffusers"):
             rows = results[f"{fid} {dtype} {name}"]
             seconds = statistics.median(r["seconds"] for r in rows)
+            load = statistics.median(r["load"] for r in rows)
             rss = statistics.median(r["peak_rss"] for r in rows)
-            ratio_t = seconds / statistics.median(r["seconds"] for r in base)
+            ratio_t = load / statistics.median(r["load"] for r in base)
             ratio_m = rss / statistics.median(r["peak_rss"] for r in base)
-            print(f"{fid + ' ' + dtype + ' ' + name:22} {seconds:8.1f} {rss / 2**30:8.2f} GB "
-                  f"{ratio_t:7.2f} {ratio_m:6.2f}")
+            print(f"{fid + ' ' + dtype + ' ' + name:22} {seconds:8.1f} {load:6.1f} "
+                  f"{rss / 2**30:8.2f} GB {ratio_t:7.2f} {ratio_m:6.2f}")
     if not args.tiny:
         os.unlink(cases[0][1])  # 6.9 GB
     out = subprocess.run([python, "-c", _STEP, cases[1][1], tokenizers], capture_output=True,

@@ -215,9 +215,12 @@ def test_a_pickle_loads_as_its_safetensors_twin(loaded, tokenizers, tmp_path):
     assert torch.equal(_latents(from_pickle, "sd1"), _latents(loaded("sd1"), "sd1"))
 
 
-def test_fp16_file_cast_on_load_equals_a_cast_afterwards(tokenizers, tmp_path):
+def test_fp16_file_cast_on_load_equals_a_cast_afterwards(tokenizers, tmp_path, monkeypatch):
     """An fp16 file loaded as fp32 holds exactly the stored values, cast: the slice-at-a-time
-    cast is torch's cast."""
+    cast (slices of 256 bytes here, so that every tensor takes several) is torch's cast."""
+    from ckptkit.ops import load
+
+    monkeypatch.setattr(load, "_SLICE_BYTES", 256)
     path = tmp_path / "sd1.safetensors"
     sample("sd1", str(path), tiny=True, dtype="fp16", seed=2)
     as_stored = load_pipeline(str(path), dtype="fp16", tokenizers=tokenizers)
@@ -306,6 +309,36 @@ def test_tokenizers_are_found_in_a_comfyui_install_and_the_hub_cache(tiny, token
     shutil.copy(tiny("flux1-schnell"), models / "f.safetensors")
     pipe = load_pipeline(str(models / "f.safetensors"))
     assert pipe.tokenizer_2("a cat").input_ids[-1] == 1  # T5's end token
+
+
+def test_clip_vocabulary_from_the_bpe_file_of_an_installed_package(tokenizers, tmp_path,
+                                                                  monkeypatch):
+    """OpenAI's BPE merges file (as clip-anytorch and open_clip ship it) makes the same
+    tokenizer as the vocab.json and merges.txt built from it; found in an installed package
+    when nothing else has one. (Checked by hand against the real 1.3 MB file and OpenAI's
+    SimpleTokenizer: the same ids for every prompt tried.)"""
+    import gzip
+
+    from tiny_tokenizers import MERGES
+
+    from ckptkit.ops import tokenizers as tk
+
+    package = tmp_path / "site" / "clip"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    with gzip.open(package / "bpe_simple_vocab_16e6.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("bpe_simple_vocab_16e6.txt#version: 0.2\n" + "\n".join(MERGES) + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in ("CKPTKIT_TOKENIZERS", "COMFYUI_PATH", "HF_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    found = tk.find("clip")
+    assert found == package / "bpe_simple_vocab_16e6.txt.gz"
+    from_bpe, from_folder = tk._clip(found, False), tk._clip(tokenizers / "clip", False)
+    assert from_bpe.get_vocab() == from_folder.get_vocab()
+    for text in ("a cat on the dog", "the Cat, 42!"):
+        assert from_bpe(text).input_ids == from_folder(text).input_ids
 
 
 # --------------------------------------------------------------------------- memory

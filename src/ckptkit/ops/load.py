@@ -396,7 +396,11 @@ def _dtype(dtype: Any, device: str, plan: Plan):
         model = next(p for p in plan.parts if p.name == DIFFUSION_MODEL)
         stored = {torch_dtype(n.tensor.dtype) for n in model.nodes.values()
                   if isinstance(n, _Rows) and n.tensor.dtype.is_float}
-        return stored.pop() if len(stored) == 1 else torch.float32
+        if stored == {torch.float16} or stored == {torch.bfloat16}:
+            return stored.pop()
+        # fp8 weights are computed in bf16 (the FLUX releases' own dtype); mixed or fp32, fp32
+        return torch.bfloat16 if stored and all(d.itemsize == 1 for d in stored) \
+            else torch.float32
     if isinstance(dtype, str):
         if dtype not in COMPUTE_DTYPES:
             raise UsageError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {dtype!r}")

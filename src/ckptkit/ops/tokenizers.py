@@ -20,9 +20,9 @@ SentencePiece vocabulary without a model hub behind it. So they are looked for, 
 A CLIP folder is one with ``vocab.json`` and ``merges.txt``; a T5 folder one with a
 ``tokenizer.json`` whose model is a Unigram (T5's SentencePiece, converted), or a
 ``spiece.model`` where the ``sentencepiece`` package is installed. The CLIP tokenizer pads
-with its end token for OpenAI's CLIP-L (SD 1.x, SDXL's first encoder, FLUX) and with ``!``
-for the open_clip encoders (SD 2.x, CLIP-G) and SD3's two, as the official tokenizer folders
-set ``pad_token``.
+with its end token for OpenAI's CLIP-L (SD 1.x, SDXL, SD3, FLUX) and with ``!`` (id 0) for
+the open_clip encoders (SD 2.x's ViT-H, CLIP-G), as ComfyUI's tokenizers do
+(``SDXLClipGTokenizer``: ``pad_with_end=False``; CLIP-L's ``SDTokenizer`` pads with the end).
 """
 
 from __future__ import annotations
@@ -73,13 +73,13 @@ def tokenizers_for(plan, given: Any = None) -> dict[str, Any]:
             continue
         kind = kind_of(part.name)
         source = find(kind, given, model_path)
-        found[attribute] = (_clip(source, _pads_with_bang(plan.family.id, part.name))
+        found[attribute] = (_clip(source, _pads_with_bang(part.name))
                             if kind == "clip" else _t5(source))
     return found
 
 
-def _pads_with_bang(family: str, component: str) -> bool:
-    return component in ("clip_g", "openclip_h") or family.startswith("sd3")
+def _pads_with_bang(component: str) -> bool:
+    return component in ("clip_g", "openclip_h")
 
 
 def _candidates(root: Path) -> Iterator[Path]:
@@ -197,7 +197,7 @@ def _bpe_vocabulary(path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
     then the start and end tokens (49,408 in all: what vocab.json holds)."""
     with gzip.open(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")[1:_BPE_MERGES + 1]
-    merges = tuple(lines)
+    merges = tuple(line for line in lines if line)
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
     vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
