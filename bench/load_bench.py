@@ -117,6 +117,9 @@ def main() -> int:
     cases = [("sdxl", os.path.join(work, f"sdxl{size}_fp16.safetensors"), "fp16"),
              ("sd1", os.path.join(work, f"sd15{size}_fp16.safetensors"), "fp32")]
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # as ``ckpt`` runs: torch's idle OpenMP workers sleep rather than spin (cli/main.py);
+    # on this busy 2-core machine spinning doubled the time of every cast in both loaders
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     python = sys.executable
     results: dict[str, list[dict[str, float]]] = {}
     for fid, src, dtype in cases:

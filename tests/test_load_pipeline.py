@@ -247,8 +247,9 @@ def test_inpainting_and_v_prediction(tokenizers, tmp_path):
                                          "stable-diffusion-v2-768-v"})
     assert load_pipeline(str(v), tokenizers=tokenizers).scheduler.config.prediction_type \
         == "v_prediction"
-    assert load_pipeline(str(plain), tokenizers=tokenizers).scheduler.config.prediction_type \
-        == "epsilon"
+    unsaid = load_pipeline(str(plain), tokenizers=tokenizers)
+    assert unsaid.scheduler.config.prediction_type == "epsilon"
+    assert any("768-v" in w for w in unsaid.ckptkit_warnings)
 
 
 def _no_reads(monkeypatch):
