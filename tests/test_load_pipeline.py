@@ -373,4 +373,6 @@ def test_loading_a_full_size_file_takes_the_weights_memory_only(tmp_path):
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     base, peak, weights = map(int, out.stdout.split()[-3:])
     assert weights > 3.9e9  # about 1.07 G parameters in fp32
+    print(f"peak RSS of the load: {(peak - base) / weights:.3f}x the weights' "
+          f"{weights / 2**30:.2f} GiB")
     assert peak - base <= 1.15 * weights, (peak - base) / weights
