@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from .api import open, save_safetensors
+__version__ = "0.1.0"  # before the imports: ops.provenance reads it
 
-__version__ = "0.1.0"
-__all__ = ["__version__", "open", "save_safetensors"]
+from .api import load_pipeline, open, save_safetensors
+
+__all__ = ["__version__", "load_pipeline", "open", "save_safetensors"]

@@ -1,4 +1,5 @@
-"""The public Python surface: open any checkpoint lazily, write safetensors streaming."""
+"""The public Python surface: open any checkpoint lazily, write safetensors streaming, load
+a checkpoint (or a mix of parts) as a diffusers pipeline (``ops.load``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from .engine.moves import copy_range
 from .engine.writer import Planned, write_safetensors
 from .formats import Checkpoint, LazyTensor, open_checkpoint
 from .formats.dtypes import from_torch_tensor
+from .ops.load import load_pipeline
+
+__all__ = ["load_pipeline", "open", "save_safetensors"]
 
 
 def open(path: str | os.PathLike[str]) -> Checkpoint:

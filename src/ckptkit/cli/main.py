@@ -17,6 +17,7 @@ from ..errors import CkptError
 from ..safe_text import printable
 from . import (
     convert_cmd,
+    generate_cmd,
     inspect_cmd,
     lora_cmd,
     merge_cmd,
@@ -27,7 +28,7 @@ from . import (
 )
 
 COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd,
-            lora_cmd)
+            lora_cmd, generate_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -14,11 +14,12 @@ from .fmt import human_bytes
 
 class ProgressBar:
     def __init__(self, label: str, unit: str = "tensors", enabled: bool | None = None,
-                 stream=None):
+                 stream=None, counts_only: bool = False):
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.label = label
         self.unit = unit
+        self.counts_only = counts_only  # work measured in items alone (denoising steps)
         self.total_bytes = 0
         self.total_items = 0
         self.bytes = 0
@@ -51,6 +52,14 @@ class ProgressBar:
         left = (self.total_bytes - self.bytes) / speed if speed > 0 else 0.0
         filled = int(fraction * 24)
         bar = "█" * filled + " " * (24 - filled)
+        if self.counts_only:
+            rate = self.items / elapsed
+            left = (self.total_items - self.items) / rate if rate > 0 else 0.0
+            self.stream.write(f"\r{self.label} {fraction:4.0%} |{bar}| {self.items}/"
+                              f"{self.total_items} {self.unit} {rate:.2f} {self.unit}/s "
+                              f"{left:4.0f}s left ")
+            self.stream.flush()
+            return
         self.stream.write(
             f"\r{self.label} {fraction:4.0%} |{bar}| {human_bytes(self.bytes)}/"
             f"{human_bytes(self.total_bytes)} {self.items}/{self.total_items} {self.unit} "

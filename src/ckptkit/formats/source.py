@@ -31,14 +31,24 @@ class Source:
         self._map: mmap.mmap | None = None
 
     def read(self, offset: int, n: int) -> bytearray:
+        self._check(offset, n)
+        buf = bytearray(n)
+        self.read_into(offset, memoryview(buf))
+        return buf
+
+    def _check(self, offset: int, n: int) -> None:
         if self._fd < 0:
             raise FormatError("the checkpoint was closed before this tensor was read",
                               self.path)
         if offset < 0 or n < 0 or offset + n > self.size:
             raise FormatError(f"needs bytes {offset}..{offset + n} but the file has only "
                               f"{self.size} (truncated?)", self.path)
-        buf = bytearray(n)
-        view = memoryview(buf)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fills ``view`` (bytes) from ``offset``: a caller reading many ranges reuses one
+        buffer, where a new one each time costs a page fault per page it touches."""
+        n = len(view)
+        self._check(offset, n)
         done = 0
         while done < n:
             got = os.preadv(self._fd, [view[done:]], offset + done)
@@ -47,7 +57,6 @@ class Source:
                                   f"{n} bytes at {offset} (truncated, or changed while open?)",
                                   self.path)
             done += got
-        return buf
 
     def copy_to(self, fd: int, offset: int, n: int) -> None:
         """Appends bytes ``offset..offset+n`` to the file open as ``fd``, in the kernel where

@@ -532,6 +532,44 @@ def component_from(fam: Family, path: str, checkpoint: Checkpoint, name: str, ti
     return _planned_part(checkpoint, ident, fam, name, tiny, left_out)
 
 
+def canonical_moves(fam: Family, path: str, checkpoint: Checkpoint, ident: Identification,
+                    name: str, tiny: bool, warnings: list[str]) -> tuple[Checkpoint, list[Move]]:
+    """Moves from the keys of ``checkpoint`` that hold component ``name`` of ``fam`` to its
+    standalone (canonical) names, checked first as ``assemble`` checks a part: a file that
+    holds the component alone (any layout; under another family's prefix it is rebased, as
+    for assemble), or a checkpoint of ``fam`` whose other components are left aside. Returns
+    the checkpoint the moves read (a rebased part's view) and the moves; what the user should
+    check (a VAE its metadata calls another family's) is added to ``warnings``. Reads no
+    tensor data."""
+    comp = fam.component(name)
+    if ident.kind == "checkpoint":
+        if ident.family != fam.id:
+            raise UsageError(f"{path} is {a_or_an(ident.describe())}; a {name} for {fam.name} "
+                             "must come from one of the same family, or alone")
+        if name not in [c.name for c in ident.components]:
+            raise UsageError(f"{path} has no {name}")
+        keys = _claimed(fam, ident, set(checkpoint), tiny)[0][name]
+        present = set(current_names(comp, keys).values()) if ident.layout == "ldm" else keys
+        expected = (comp.keys(tiny=tiny, layout="ldm") if ident.layout == "ldm" else
+                    diffusers_layout.layout_table(fam, name, tiny, ident.layout))
+        _refuse_incomplete(fam, path, name, expected, present)
+    else:
+        names = [c.name for c in ident.components]
+        if names != [name]:
+            raise UsageError(f"{path} is {a_or_an(ident.kind)}"
+                             f"{' with ' + ', '.join(names) if names else ''}, not a {name}")
+        checkpoint, ident = _rebased(fam, path, checkpoint, ident, name)
+        warnings += _check_fits(fam, path, ident, name, checkpoint, tiny)
+        warnings += _other_family_warning(fam, path, checkpoint, name)
+        expected = diffusers_layout.layout_table(fam, name, tiny, ident.layout)
+        keys = _sort_out(_part_names(fam, ident, name, checkpoint), expected, {})
+    if ident.layout == "comfyui":
+        current = standalone_current_names(comp, keys)
+        return checkpoint, [Move(current[k], (k,)) for k in sorted(keys, key=current.get)]
+    prefix = next(c.prefix for c in ident.components if c.name == name)
+    return checkpoint, _to_standalone(fam, comp, ident.layout, prefix, keys, tiny)[0]
+
+
 def bake_vae(src: str, vae: str, out: str, progress: Progress | None = None,
              hash_sources: bool = False, fsync: bool = True) -> dict[str, Any]:
     """``src`` with its VAE replaced by ``vae`` (a VAE file in any supported layout, or

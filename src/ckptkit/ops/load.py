@@ -1,0 +1,513 @@
+"""``load_pipeline``: a checkpoint, or any mix of parts, as a diffusers pipeline, offline and
+without a second copy of the weights.
+
+diffusers' own single-file loader needs the model's config repository from the Hub (offline it
+fails, or retries online), wants a transformer-only FLUX file's other parts passed as built
+models, and reads the whole state dict into memory before converting it. ckptkit already
+declares every family's components, layouts and diffusers configs, so here:
+
+1. Every file is identified from its header and each component it gives is checked against
+   the family as ``assemble`` checks a part (``parts.canonical_moves``), before any weight is
+   read: parts that do not belong together are refused with assemble's reasons.
+2. The modules are built from ckptkit's configs with their parameters on the meta device
+   (buffers, which are small and computed, stay real), and the keys the moves make are
+   compared with each module's state dict, still before any weight is read.
+3. The weights go in with ``load_state_dict(assign=True)``: a tensor the module takes as it
+   is stored becomes a view of the memory-mapped file (no copy at all; pages are read when
+   touched); one that needs a cast or another device is allocated once in its final dtype and
+   filled a slice of rows at a time from the file, so the only memory a load takes is the
+   weights' own. A split or fused tensor (SD3/FLUX q, k, v) is a view of the rows it needs.
+
+Pickles go through ckptkit's restricted reader like any other file; nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..arch import diffusers_layout
+from ..arch.detect import Identification
+from ..arch.families import DIFFUSION_MODEL, Family, families
+from ..arch.layouts import Move
+from ..errors import UsageError, a_or_an
+from ..formats import Checkpoint, LazyTensor, open_checkpoint
+from ..formats.checkpoint import paused_gc
+from ..formats.dtypes import CLI_NAMES, torch_dtype
+from .inspect import identify_checkpoint
+from .parts import canonical_moves
+
+MISSING_EXTRA = ("ckptkit: loading a pipeline needs diffusers and transformers; install them "
+                 "with: pip install 'ckptkit[generate]'")
+COMPUTE_DTYPES = ("fp32", "fp16", "bf16")  # what a pipeline computes in (not fp8)
+_SLICE_BYTES = 1 << 24  # how much of a tensor a cast reads at a time
+# The pipeline class of an input-channel variant, where diffusers has one.
+_VARIANT_PIPELINES = {
+    ("StableDiffusionPipeline", "inpaint"): "StableDiffusionInpaintPipeline",
+    ("StableDiffusionPipeline", "pix2pix"): "StableDiffusionInstructPix2PixPipeline",
+    ("StableDiffusionXLPipeline", "inpaint"): "StableDiffusionXLInpaintPipeline",
+    ("StableDiffusionXLPipeline", "pix2pix"): "StableDiffusionXLInstructPix2PixPipeline",
+    ("FluxPipeline", "fill"): "FluxFillPipeline",
+    ("FluxPipeline", "depth"): "FluxControlPipeline",
+}
+_INPUTS = ("conv_in.weight", "x_embedder.weight")  # [out, in, ...]: the model's input width
+
+
+@dataclass
+class Part:
+    """One component of the pipeline: where it comes from and how its keys become the
+    diffusers names (``nodes``: diffusers key -> how to make that tensor)."""
+
+    name: str  # ckptkit's component name (clip_l, vae...)
+    attribute: str  # the pipeline's (text_encoder_2, unet...)
+    path: str
+    config: dict
+    nodes: dict[str, Any]
+
+
+@dataclass
+class Plan:
+    """What ``load_pipeline`` will build, decided from headers alone."""
+
+    family: Family
+    pipeline: str  # the diffusers class name
+    parts: list[Part]
+    scheduler: dict
+    extras: dict
+    tiny: bool
+    variants: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    model_path: str = ""  # the file the diffusion model comes from
+
+
+def load_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None = None,
+                  text_encoders: Sequence[str] = (), vae: str | None = None,
+                  dtype: Any = None, device: str = "cpu", tokenizers: Any = None):
+    """The diffusers pipeline of ``checkpoint`` (a monolithic file, or a diffusion model
+    alone) with any of its parts replaced or given by other files: ``diffusion_model``,
+    ``text_encoders`` (files holding one text encoder each) and ``vae``. ``dtype``: a torch
+    dtype or a name (fp16, bf16, fp32); by default float32 on the CPU and the diffusion
+    model's own float type on another device. ``tokenizers``: a folder holding them, or
+    None to look where a user's copies usually are (``ops.tokenizers``). Offline: nothing
+    is fetched. The plan's warnings are in ``pipeline.ckptkit_warnings``."""
+    with ExitStack() as stack, paused_gc():  # many small objects, few cycles
+        plan = plan_pipeline(checkpoint, diffusion_model=diffusion_model,
+                             text_encoders=text_encoders, vae=vae, stack=stack)
+        return build(plan, dtype=dtype, device=device, tokenizers=tokenizers)
+
+
+def _diffusers():
+    try:
+        import diffusers
+        import transformers
+    except ImportError:
+        raise UsageError(MISSING_EXTRA) from None
+    return diffusers, transformers
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _open(path: str, stack: ExitStack) -> tuple[str, Checkpoint, Identification]:
+    checkpoint = stack.enter_context(open_checkpoint(path))
+    return path, checkpoint, identify_checkpoint(checkpoint)
+
+
+def _one_component(path: str, ident: Identification, role: str) -> str:
+    names = [c.name for c in ident.components]
+    if len(names) != 1 or ident.kind == "checkpoint":
+        raise UsageError(f"{path} was given as {a_or_an(role)} but is "
+                         f"{a_or_an(ident.describe())}")
+    return names[0]
+
+
+def plan_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None = None,
+                  text_encoders: Iterable[str] = (), vae: str | None = None,
+                  stack: ExitStack) -> Plan:
+    """Identifies every file, checks the parts belong together and plans every tensor's
+    moves to its diffusers name; reads no tensor data. The files stay open in ``stack``."""
+    base = _open(checkpoint, stack) if checkpoint else None
+    if base and base[2].kind != "checkpoint":
+        if base[2].kind != "diffusion-model" or diffusion_model:
+            raise UsageError(f"{checkpoint} is {a_or_an(base[2].describe())}, not a checkpoint "
+                             "or a diffusion model")
+        diffusion_model, base = checkpoint, None
+    given: dict[str, tuple[str, Checkpoint, Identification]] = {}
+    if diffusion_model:
+        model = _open(diffusion_model, stack)
+        if _one_component(diffusion_model, model[2], "diffusion model") != DIFFUSION_MODEL:
+            raise UsageError(f"{diffusion_model} is {a_or_an(model[2].describe())}, not a "
+                             "diffusion model")
+        given[DIFFUSION_MODEL] = model
+    elif base:
+        model = base
+    else:
+        raise UsageError("give a checkpoint or a diffusion model to load")
+    fam_id = model[2].family
+    if not fam_id:
+        raise UsageError(f"{model[0]} is {a_or_an(model[2].describe())} of no family ckptkit can "
+                         "name: " + "; ".join(model[2].reasons[-1:]))
+    fam = families()[fam_id]
+    if base and base[2].family != fam.id:
+        raise UsageError(f"{base[0]} is {a_or_an(base[2].describe())} and {model[0]} "
+                         f"{a_or_an(model[2].describe())}: they are not parts of one model")
+    for role, path in [*(("text encoder", p) for p in text_encoders),
+                       *((["VAE", vae],) if vae else ())]:
+        found = _open(path, stack)
+        name = _one_component(path, found[2], role)
+        if (role == "VAE") != (name == "vae"):
+            raise UsageError(f"{path} was given as {a_or_an(role)} but is {a_or_an(name)}")
+        if name in given:
+            raise UsageError(f"{path} and {given[name][0]} are both {a_or_an(name)}")
+        given[name] = found
+    size = next(c.size for c in model[2].components if c.name == DIFFUSION_MODEL)
+    if size == "other":
+        raise UsageError(f"{model[0]}'s diffusion model has shapes of neither the released "
+                         f"{fam.name} nor ckptkit's tiny sample; ckptkit has no config for it")
+    tiny = size == "tiny"
+    index, subfolders = diffusers_layout.folder(fam)
+    sources = {name: given.get(name, base) for _, (name, _) in subfolders.items()}
+    missing = [n for n, src in sources.items() if src is None or (
+        src is base and n not in [c.name for c in base[2].components])]
+    if missing:
+        raise UsageError(f"{fam.name} also needs {', '.join(missing)}; give "
+                         f"{'them' if len(missing) > 1 else 'it'} as separate files")
+    unused = [n for n in given if n not in sources]
+    if unused:
+        raise UsageError(f"{given[unused[0]][0]} is {a_or_an(unused[0])}, which "
+                         f"{fam.name}'s pipeline does not use")
+    warnings: list[str] = []
+    moved = {}
+    for name, (path, ckpt, ident) in sources.items():
+        moved[name] = (path, *canonical_moves(fam, path, ckpt, ident, name, tiny, warnings))
+    variants = list(model[2].variants)
+    if "v-prediction" in model[2].ambiguous:
+        warnings.append(f"{model[0]}: nothing in the file says whether it is an SD 2.x 512 "
+                        "model (predicting noise) or a 768-v one (predicting v); loaded as "
+                        "predicting noise")
+    pipeline = index["_class_name"]
+    for variant in variants:
+        pipeline = _VARIANT_PIPELINES.get((pipeline, variant), pipeline)
+    parts = []
+    for attribute, (name, _) in subfolders.items():
+        path, ckpt, moves = moved[name]
+        nodes = _diffusers_nodes(fam, name, tiny, ckpt, moves)
+        parts.append(Part(name, attribute, path, _config(fam, name, tiny, nodes), nodes))
+    extras = {k: v for k, v in index.items()
+              if k not in subfolders and k not in ("_class_name", "scheduler")}
+    return Plan(fam, pipeline, parts, _scheduler(fam, variants), extras, tiny, variants,
+                warnings, model[0])
+
+
+def _config(fam: Family, name: str, tiny: bool, nodes: Mapping[str, Any]) -> dict:
+    """The component's config, its input widened for an input-channel variant (inpainting,
+    pix2pix, FLUX Fill and Depth), as the weights say."""
+    config = diffusers_layout.component_config(fam, name, tiny)
+    if name == DIFFUSION_MODEL:
+        key = next((k for k in _INPUTS if k in nodes), None)
+        channels = nodes[key].shape[1] if key else None
+        if channels and channels != config.get("in_channels"):
+            config["out_channels"] = config.get("out_channels") or config["in_channels"]
+            config["in_channels"] = channels
+    return config
+
+
+def _scheduler(fam: Family, variants: list[str]) -> dict:
+    """The family's scheduler, predicting v where the file says the model does."""
+    config = diffusers_layout.scheduler_config(fam)
+    if "prediction_type" in config and "v-prediction" in variants:
+        config["prediction_type"] = "v_prediction"
+    return config
+
+
+# --------------------------------------------------------------------------- tensor recipes
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Rows ``start:stop`` of a file tensor, seen as ``shape``: a view of the mapped file, or
+    read a slice at a time into a tensor of another dtype."""
+
+    tensor: LazyTensor
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Op:
+    """Any other move (a stack, swapped halves, a transpose) of tensors made first."""
+
+    move: Move
+    inputs: tuple[Any, ...]
+    shape: tuple[int, ...]
+
+
+def _leaf(tensor: LazyTensor) -> _Rows:
+    rows = tensor.shape[0] if tensor.shape else 1
+    return _Rows(tensor, 0, rows, tensor.shape)
+
+
+def _apply(move: Move, inputs: list[Any]) -> Any:
+    """The node that ``move`` makes of ``inputs``: still rows of one file tensor where it can
+    be (a copy, rows of rows, a reshape), else an ``_Op``."""
+    first = inputs[0] if inputs else None
+    if move.op == "copy":
+        return first
+    if isinstance(first, _Rows) and first.shape and first.shape[0] == first.stop - first.start:
+        if move.op == "rows":
+            start, stop = move.row_range(first.shape[0])
+            return _Rows(first.tensor, first.start + start, first.start + stop,
+                         (stop - start, *first.shape[1:]))
+        if move.op == "reshape":
+            return _Rows(first.tensor, first.start, first.stop, tuple(move.shape))
+    if move.op == "rows":
+        start, stop = move.row_range(first.shape[0])
+        shape = (stop - start, *first.shape[1:])
+    elif move.op == "reshape":
+        shape = tuple(move.shape)
+    elif move.op == "concat":
+        shape = (sum(i.shape[0] for i in inputs), *first.shape[1:])
+    elif move.op == "transpose":
+        shape = tuple(reversed(first.shape))
+    elif move.op == "swap_halves":
+        shape = first.shape
+    else:
+        raise AssertionError(f"{move.target}: no loader for a {move.op} move")
+    return _Op(move, tuple(inputs), shape)
+
+
+def _diffusers_nodes(fam: Family, name: str, tiny: bool, checkpoint: Checkpoint,
+                     moves: list[Move]) -> dict[str, Any]:
+    """Diffusers key -> how to make it, from the file's keys through the canonical names."""
+    canonical = {m.target: _apply(m, [_leaf(checkpoint[s]) for s in m.sources])
+                 for m in moves}
+    try:
+        to_diffusers = diffusers_layout.to_diffusers(fam, name, tiny, set(canonical))
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"{name} cannot be loaded into diffusers: {exc}") from None
+    return {m.target: _apply(m, [canonical[s] for s in m.sources]) for m in to_diffusers}
+
+
+class _Scratch:
+    """One read buffer for every slice a load casts: a new 16 MB buffer for each slice cost
+    a page fault per 4 KB page every time (an SD 1.5 load cast to fp32 took 1.45x the time
+    of diffusers' until the buffer was reused)."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+
+    def rows(self, lazy: LazyTensor, start: int, stop: int):
+        """Rows ``start:stop`` of a contiguous file tensor, as a [rows, -1] view of the
+        buffer (valid until the next call)."""
+        import torch
+
+        row = lazy.nbytes // lazy.shape[0]
+        n = (stop - start) * row
+        if len(self.buffer) < n:
+            self.buffer = bytearray(n)
+        lazy.source.read_into(lazy.data_offset + start * row, memoryview(self.buffer)[:n])
+        flat = torch.frombuffer(self.buffer, dtype=torch.uint8, count=n)
+        return flat.view(torch_dtype(lazy.dtype)).view(stop - start, -1)
+
+
+def _materialise(node: Any, dtype, device, zero_copy: bool, scratch: _Scratch):
+    """The tensor ``node`` describes, in ``dtype`` on ``device`` (``dtype`` None: as
+    stored). ``zero_copy``: a view of the mapped file where the stored tensor is taken as
+    it is."""
+    import torch
+
+    if isinstance(node, _Op):
+        from ..engine.moves import _produce
+
+        inputs = [_materialise(i, None, "cpu", False, scratch) for i in node.inputs]
+        made = _produce(node.move, [_Ready(t) for t in inputs], None)
+        return made.to(device=device, dtype=dtype or made.dtype)
+    lazy: LazyTensor = node.tensor
+    stored = torch_dtype(lazy.dtype)
+    target = dtype or stored
+    if zero_copy and target == stored and str(device) == "cpu":
+        view = lazy.load()
+        if lazy.shape:
+            view = view[node.start:node.stop]
+        return view.reshape(node.shape)
+    out = torch.empty(node.shape, dtype=target, device=device)
+    if not lazy.shape or not out.numel():
+        return out.copy_(lazy.read().reshape(node.shape))
+    rows = out.view(node.stop - node.start, -1)
+    row_bytes = max(1, lazy.nbytes // lazy.shape[0])
+    step = max(1, _SLICE_BYTES // row_bytes)
+    for start in range(node.start, node.stop, step):
+        stop = min(start + step, node.stop)
+        part = (scratch.rows(lazy, start, stop) if lazy.byte_rows else
+                lazy.read_rows(start, stop).reshape(stop - start, -1))
+        rows[start - node.start:stop - node.start].copy_(part)
+    return out
+
+
+class _Ready:
+    """A tensor already read, as ``engine.moves._produce`` takes its sources."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def read(self):
+        return self.tensor
+
+
+# --------------------------------------------------------------------------- building
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no random
+    initialisation that counts) and their buffers real: buffers are small values computed
+    at construction (CLIP's position ids) that no file needs to hold."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"),
+                                                          requires_grad=False)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _no_init_weights():
+    """transformers' own switch that skips initialising weights that will be loaded (its
+    ``from_pretrained`` uses it): on meta parameters the initialisation computes nothing but
+    still took half of an SDXL load's second. Where a version lacks it, a no-op."""
+    import importlib
+
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            found = getattr(importlib.import_module(where), "no_init_weights", None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found()
+    return nullcontext()
+
+
+def _module(config: dict):
+    diffusers, transformers = _diffusers()
+    with _parameters_on_meta():
+        if "_class_name" in config:
+            return getattr(diffusers, config["_class_name"]).from_config(config)
+        cls = getattr(transformers, config["architectures"][0])
+        with _no_init_weights():
+            return cls._from_config(cls.config_class.from_dict(config))
+
+
+def _state_names(module, nodes: Mapping[str, Any], part: Part) -> dict[str, str]:
+    """The module's state-dict name of each planned key: the same, but for a CLIP text
+    model of transformers 5, whose ``CLIPTextModel`` has no ``text_model.`` level in
+    memory; position ids (a buffer it makes itself) are left to it. Refuses a plan that
+    does not fill the module exactly."""
+    state = module.state_dict()
+    names = {}
+    for key in nodes:
+        name = key if key in state else key.removeprefix("text_model.")
+        if name in state:
+            names[key] = name
+        elif not key.endswith("position_ids"):
+            raise AssertionError(f"{part.path}: {key} has no place in {type(module).__name__}")
+    tied = {t for t in (getattr(module, "_tied_weights_keys", None) or ())}
+    missing = [k for k, v in state.items() if v.device.type == "meta"
+               and k not in names.values() and k not in tied]
+    if missing:
+        raise UsageError(f"{part.path}: its {part.name} lacks {len(missing)} tensors "
+                         f"diffusers' {type(module).__name__} needs, e.g. {missing[0]}")
+    return names
+
+
+def _dtype(dtype: Any, device: str, plan: Plan):
+    import torch
+
+    if dtype is None:
+        if str(device).startswith("cpu"):
+            return torch.float32
+        model = next(p for p in plan.parts if p.name == DIFFUSION_MODEL)
+        stored = {torch_dtype(n.tensor.dtype) for n in model.nodes.values()
+                  if isinstance(n, _Rows) and n.tensor.dtype.is_float}
+        if stored == {torch.float16} or stored == {torch.bfloat16}:
+            return stored.pop()
+        # fp8 weights are computed in bf16 (the FLUX releases' own dtype); mixed or fp32, fp32
+        return torch.bfloat16 if stored and all(d.itemsize == 1 for d in stored) \
+            else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in COMPUTE_DTYPES:
+            raise UsageError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {dtype!r}")
+        return torch_dtype(CLI_NAMES[dtype])
+    return dtype
+
+
+def _fill(module, part: Part, dtype, device, scratch: _Scratch) -> None:
+    """Puts the part's weights into ``module`` (``assign``: the tensors made become its
+    parameters); parameters of modules the class keeps in float32 stay float32."""
+    import torch
+
+    names = _state_names(module, part.nodes, part)
+    keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+    state = {}
+    for key, name in names.items():
+        node = part.nodes[key]
+        floating = isinstance(node, _Op) or node.tensor.dtype.is_float
+        wanted = dtype if floating else None
+        if wanted in (torch.float16, torch.bfloat16) and any(
+                f".{m}." in f".{name}" for m in keep):
+            wanted = torch.float32
+        state[name] = _materialise(node, wanted, device, True, scratch)
+    module.load_state_dict(state, strict=False, assign=True)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise AssertionError(f"{part.path}: {left[0]} was not loaded")
+    module.to(device)
+    module.eval()
+    module.requires_grad_(False)
+
+
+def build(plan: Plan, *, dtype: Any = None, device: str = "cpu", tokenizers: Any = None):
+    """The pipeline of ``plan``: its modules built on the meta device and checked against
+    the plan before any weight is read, then filled."""
+    diffusers, _ = _diffusers()
+    from .tokenizers import tokenizers_for
+
+    dtype = _dtype(dtype, device, plan)
+    found_tokenizers = tokenizers_for(plan, tokenizers)
+    modules = {}
+    for part in plan.parts:
+        modules[part.attribute] = _module(part.config)
+        _state_names(modules[part.attribute], part.nodes, part)
+    scratch = _Scratch()
+    for part in plan.parts:
+        _fill(modules[part.attribute], part, dtype, device, scratch)
+    scheduler = getattr(diffusers, plan.scheduler["_class_name"]).from_config(plan.scheduler)
+    cls = getattr(diffusers, plan.pipeline)
+    params = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {"scheduler": scheduler, **modules, **found_tokenizers}
+    for key, value in plan.extras.items():
+        if key in params and key not in kwargs:
+            kwargs[key] = None if isinstance(value, list) else value
+    if "add_watermarker" in params:
+        kwargs["add_watermarker"] = False
+    for key, param in params.items():
+        if key != "self" and key not in kwargs and param.default is inspect.Parameter.empty:
+            kwargs[key] = None
+    pipe = cls(**{k: v for k, v in kwargs.items() if k in params})
+    pipe.ckptkit_warnings = list(plan.warnings)
+    pipe.ckptkit_plan = plan
+    return pipe
+
