@@ -1,0 +1,1 @@
+"""LoRAs and other adapters: their key formats, their math, and what ckpt does with them."""
