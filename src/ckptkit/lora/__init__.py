@@ -1,1 +1,3 @@
-"""LoRAs and other adapters: their key formats, their math, and what ckpt does with them."""
+"""LoRAs and other adapters: their key formats and detection, their matching against a model,
+``ckpt lora check`` and ``convert`` (and the adapter math, bake, extract, resize and merge
+built on these)."""
