@@ -57,7 +57,7 @@ def peft_parts(model, name):
          "up": layer.lora_B["default"].weight.detach().clone()}
     if layer.use_dora["default"]:
         # PEFT's magnitude is per output channel, (1, out, 1, 1) on a conv: passed as (out,)
-        t["dora"] = layer.lora_magnitude_vector["default"].weight.detach().reshape(-1)
+        t["dora_scale"] = layer.lora_magnitude_vector["default"].weight.detach().reshape(-1)
     return layer.base_layer.weight.detach().clone(), t
 
 
@@ -106,17 +106,17 @@ def test_peft_bias_is_scaled_like_the_weight():
     model = peft.get_peft_model(base, config)
     randomize(model, 0.2, skip=("base_layer",))
     layer = model.base_model.model.lin
-    t = {"down": layer.lora_A["default"].weight.detach().clone(),
-         "bias": layer.lora_B["default"].bias.detach().clone()}
+    bias = layer.lora_B["default"].bias.detach().clone()
     b = layer.base_layer.bias.detach().clone()
-    close(adapters.patch_bias(b, t, alpha=2.0, strength=1.0), model.merge_and_unload().lin.bias)
+    close(adapters.patch_bias(b, bias, 1.0, scale=adapters.scale(2.0, 4)),
+          model.merge_and_unload().lin.bias)
 
 
 # ---- lycoris-lora ----
 
 LYCORIS_ROLES = {
     "lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.weight": "mid",
-    "dora_scale": "dora", "oft_blocks": "blocks", "rescale": "rescale",
+    "dora_scale": "dora_scale", "oft_blocks": "blocks", "rescale": "rescale",
     "a1.weight": "a1", "a2.weight": "a2", "b1.weight": "b1", "b2.weight": "b2",
     "weight": "weight", "on_input": "on_input", "diff": "diff", "diff_b": "diff_b",
 }
@@ -129,7 +129,7 @@ def lycoris_parts(module):
         if key == "alpha":
             alpha = float(value)
         elif key.startswith(("hada_", "lokr_")):
-            t[key.split("_", 1)[1]] = value
+            t[key.split("_", 1)[1].replace("_", "")] = value  # hada_w1_a: w1a
         else:
             t[LYCORIS_ROLES[key]] = value
     return t, alpha
@@ -171,7 +171,7 @@ def test_locon_equals_lycoris(case):
     t, alpha = lycoris_parts(module)
     w = org.weight.detach().clone()
     close(adapters.patch("lora", w, t, alpha, 1.0), module.get_merged_weight(1.0)[0].detach())
-    if "dora" not in t:  # LyCORIS's DoRA strength is its own (see the module docstring)
+    if "dora_scale" not in t:  # LyCORIS's DoRA strength is its own (see the module docstring)
         close(adapters.patch("lora", w, t, alpha, 0.7),
               module.get_merged_weight(0.7)[0].detach())
 
@@ -337,9 +337,9 @@ def test_full_equals_lycoris(make, strength):
     # before apply_to the module's parameters are the diffs (its state_dict assumes after)
     t = {"diff": module.weight.detach().clone(), "diff_b": module.bias.detach().clone()}
     weight, bias = module.get_merged_weight(strength)
-    close(adapters.patch("full", org.weight.detach().clone(), t, None, strength),
+    close(adapters.patch("diff", org.weight.detach().clone(), t, None, strength),
           weight.detach())
-    close(adapters.patch_bias(org.bias.detach().clone(), t, None, strength), bias.detach())
+    close(adapters.patch_bias(org.bias.detach().clone(), t["diff_b"], strength), bias.detach())
 
 
 # ---- rows: a fused module applied to part of its output at a time ----
@@ -366,8 +366,9 @@ def test_rows_of_a_module_patch_like_the_whole(adapter, cls, kwargs):
 
 def test_what_cannot_be_split_says_so():
     assert adapters.split_problem("boft", {"blocks": (2, 4, 4, 4)})
-    assert adapters.split_problem("lora", {"up": (12, 4), "down": (4, 16), "dora": (1, 16)})
-    assert adapters.split_problem("lora", {"up": (12, 4), "down": (4, 16), "dora": (12,)}) is None
+    assert adapters.split_problem("lora", {"up": (12, 4), "down": (4, 16), "dora_scale": (1, 16)})
+    on_rows = {"up": (12, 4), "down": (4, 16), "dora_scale": (12,)}
+    assert adapters.split_problem("dora", on_rows) is None
     blocks = torch.zeros(4, 3, 3)
     with pytest.raises(adapters.AdapterError):
         adapters.patch("oft", torch.zeros(4, 16), {"blocks": blocks}, None, 1.0,
@@ -386,3 +387,11 @@ def test_a_change_that_does_not_fit_the_weight_is_an_adapter_error():
     with pytest.raises(adapters.AdapterError):
         adapters.patch("lora", torch.zeros(6, 5), {"up": torch.ones(6, 2),
                                                    "down": torch.ones(2, 4)}, None, 1.0)
+
+
+def test_set_replaces_the_weight_unless_the_strength_is_0():
+    w, new = torch.zeros(4, 3), torch.ones(4, 3)
+    close(adapters.patch("set", w, {"set": new}, None, 0.5), new)
+    close(adapters.patch("set", w, {"set": new}, None, 0.0), w)
+    close(adapters.patch("set", w[2:], {"set": new}, None, 1.0, rows=slice(2, 4), out=4),
+          new[2:])

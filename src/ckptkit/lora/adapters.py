@@ -22,10 +22,13 @@ lycoris-lora themselves:
   alpha says (LyCORIS and ComfyUI agree).
 - GLoRA: ΔW = W a1 a2 + b1 b2 (LyCORIS's layout; the older one, W a2 a1 + b2 b1, is told
   apart by shapes as ComfyUI does). Rank: a2's rows (a1's in the old layout).
-- Full: ΔW = diff; biases get ``diff_b``. (IA)^3: W ⊙ (1 + s w), on the output axis or,
-  with ``on_input``, the input axis. These three ignore alpha.
+- Full difference (``diff``): ΔW = diff; biases get ``diff_b``. (IA)^3: W ⊙ (1 + s w), on
+  the output axis or, with ``on_input``, the input axis. ``set``: the weight replaced (BFL
+  control LoRAs' norm scales), unless the strength is 0 (ComfyUI then skips the LoRA).
+  These ignore alpha.
 
-All of the above give W + s scale ΔW, except:
+The adapter names and roles are ``lora.modules``'. All of the above give W + s scale ΔW,
+except:
 
 - **DoRA** (``dora_scale``, PEFT's ``lora_magnitude_vector``) on LoRA, LoHa, LoKr or GLoRA:
   D = m ⊙ (W + scale ΔW) / ||W + scale ΔW||, and at strength s the result is W + s (D - W),
@@ -110,24 +113,24 @@ def lora_delta(t: Tensors, rows: Rows, w: torch.Tensor) -> torch.Tensor:
 
 def loha_delta(t: Tensors, rows: Rows, w: torch.Tensor) -> torch.Tensor:
     if "t1" in t:  # Tucker: w?_a (r, out), w?_b (r, in), t? (r, r, *k)
-        half1 = _tucker(t["t1"], _rows(t["w1_a"].T, rows), t["w1_b"])
-        half2 = _tucker(t["t2"], _rows(t["w2_a"].T, rows), t["w2_b"])
+        half1 = _tucker(t["t1"], _rows(t["w1a"].T, rows), t["w1b"])
+        half2 = _tucker(t["t2"], _rows(t["w2a"].T, rows), t["w2b"])
         return _fit(half1 * half2, w)
-    half1 = _rows(t["w1_a"], rows) @ _flat(t["w1_b"])
-    half2 = _rows(t["w2_a"], rows) @ _flat(t["w2_b"])
+    half1 = _rows(t["w1a"], rows) @ _flat(t["w1b"])
+    half2 = _rows(t["w2a"], rows) @ _flat(t["w2b"])
     return _fit(half1 * half2, w)
 
 
 def lokr_delta(t: Tensors, rows: Rows, w: torch.Tensor) -> torch.Tensor:
     import torch
 
-    w1 = t["w1"] if "w1" in t else t["w1_a"] @ t["w1_b"]
+    w1 = t["w1"] if "w1" in t else t["w1a"] @ t["w1b"]
     if "w2" in t:
         w2 = t["w2"]
     elif "t2" in t:  # w2_a (r, out2), w2_b (r, in2)
-        w2 = _tucker(t["t2"], t["w2_a"].T, t["w2_b"])
+        w2 = _tucker(t["t2"], t["w2a"].T, t["w2b"])
     else:
-        w2 = t["w2_a"] @ _flat(t["w2_b"])
+        w2 = t["w2a"] @ _flat(t["w2b"])
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
     full = torch.kron(w1.contiguous(), w2.contiguous())
@@ -200,8 +203,8 @@ def _low_rank(delta: Callable[..., torch.Tensor], rank: Callable[[Shapes], int])
               rows: Rows, out: int) -> torch.Tensor:
         k = scale(alpha, rank({r: tuple(x.shape) for r, x in t.items()}))
         d = delta(t, rows, w)
-        if "dora" in t:
-            return dora(w, w + k * d, t["dora"], strength, rows, out)
+        if "dora_scale" in t:
+            return dora(w, w + k * d, t["dora_scale"], strength, rows, out)
         return w + (strength * k) * d
     return patch
 
@@ -209,8 +212,8 @@ def _low_rank(delta: Callable[..., torch.Tensor], rank: Callable[[Shapes], int])
 def _glora(w, t, alpha, strength, rows, out):
     k = scale(alpha, glora_rank({r: tuple(x.shape) for r, x in t.items()}, out, w.shape[1]))
     d = glora_delta(t, rows, w, out)
-    if "dora" in t:
-        return dora(w, w + k * d, t["dora"], strength, rows, out)
+    if "dora_scale" in t:
+        return dora(w, w + k * d, t["dora_scale"], strength, rows, out)
     return w + (strength * k) * d
 
 
@@ -285,19 +288,24 @@ def _full(w, t, alpha, strength, rows, out):
     return w + strength * _fit(_rows(_flat(t["diff"]), rows), w)
 
 
+def _set(w, t, alpha, strength, rows, out):
+    return w if strength == 0 else _fit(_rows(t["set"].reshape(out, -1), rows), w).clone()
+
+
 def _lokr_rank(s: Shapes) -> int:
-    if "w1_b" in s:
-        return s["w1_b"][0]
-    if "w2_b" in s:
-        return s["w2_b"][0]
+    if "w1b" in s:
+        return s["w1b"][0]
+    if "w2b" in s:
+        return s["w2b"][0]
     return 0  # both halves full: scale 1 whatever alpha says
 
 
 _lokr_low_rank = _low_rank(lokr_delta, _lokr_rank)
+_dora_lora = _low_rank(lora_delta, lambda s: s["down"][0])
 
 
 def _lokr(w, t, alpha, strength, rows, out):
-    if "w1_b" not in t and "w2_b" not in t:
+    if "w1b" not in t and "w2b" not in t:
         alpha = None
     return _lokr_low_rank(w, t, alpha, strength, rows, out)
 
@@ -313,9 +321,9 @@ class Adapter:
 
 
 ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
-    Adapter("lora", _low_rank(lora_delta, lambda s: s["down"][0]),
+    Adapter("lora", _dora_lora,
             "W + s alpha/r up @ down (LoCon; Tucker mid)"),
-    Adapter("loha", _low_rank(loha_delta, lambda s: s["w1_b"][0]),
+    Adapter("loha", _low_rank(loha_delta, lambda s: s["w1b"][0]),
             "W + s alpha/r (w1a @ w1b) * (w2a @ w2b) (Tucker t1, t2)"),
     Adapter("lokr", _lokr, "W + s alpha/r kron(w1, w2), each half full or factored (Tucker t2)"),
     Adapter("glora", _glora, "W + s alpha/r (W a1 a2 + b1 b2)"),
@@ -323,7 +331,9 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
             "rescale * blockdiag(s R + (1 - s) I)^T W, R = Cayley(B - B^T clamped to alpha out)"),
     Adapter("boft", _boft, "butterfly stages of s R + (1 - s) I applied to W, times rescale"),
     Adapter("ia3", _ia3, "W * (1 + s w) on the output (or input) axis"),
-    Adapter("full", _full, "W + s diff"),
+    Adapter("dora", _dora_lora, "DoRA: W + s (dora_scale (W + alpha/r up @ down) / ||.|| - W)"),
+    Adapter("diff", _full, "W + s diff"),
+    Adapter("set", _set, "the weight replaced (unless the strength is 0, as ComfyUI skips it)"),
 )}
 
 
@@ -334,14 +344,12 @@ def patch(adapter: str, w: torch.Tensor, t: Tensors, alpha: float | None, streng
     return ADAPTERS[adapter].patch(w, t, alpha, strength, rows, w.shape[0] if out is None else out)
 
 
-def patch_bias(b: torch.Tensor, t: Tensors, alpha: float | None, strength: float,
-               rows: Rows = None) -> torch.Tensor:
-    """A bias patched by a module's ``diff_b`` (full, ComfyUI's bias_diff: b + s diff_b) or
-    its ``bias`` (PEFT's lora_B bias, BFL control LoRAs: b + s alpha/r bias)."""
-    if "diff_b" in t:
-        return b + strength * _rows(t["diff_b"].reshape(-1), rows).reshape(b.shape)
-    k = scale(alpha, t["down"].shape[0]) if "down" in t else 1.0
-    return b + (strength * k) * _rows(t["bias"].reshape(-1), rows).reshape(b.shape)
+def patch_bias(b: torch.Tensor, diff_b: torch.Tensor, strength: float, rows: Rows = None,
+               scale: float = 1.0) -> torch.Tensor:
+    """A bias patched by a module's ``diff_b``: b + s scale diff_b (``scale`` 1 for a full
+    difference, LyCORIS's and ComfyUI's bias_diff; alpha/r for a LoRA's ``lora_B.bias``, as
+    PEFT merges it)."""
+    return b + (strength * scale) * _rows(diff_b.reshape(-1), rows).reshape(b.shape)
 
 
 def split_problem(adapter: str, shapes: Shapes) -> str | None:
@@ -349,7 +357,7 @@ def split_problem(adapter: str, shapes: Shapes) -> str | None:
     module whose rows land on separate tensors), or None; from shapes, before any reading."""
     if adapter == "boft":
         return "BOFT mixes all rows of its layer"
-    dora_shape = shapes.get("dora")
+    dora_shape = shapes.get("dora_scale")
     if dora_shape is not None and len(dora_shape) > 1 and dora_shape[0] == 1:
         return "DoRA normalised per input column needs the whole layer"
     return None
