@@ -365,10 +365,13 @@ def test_rows_of_a_module_patch_like_the_whole(adapter, cls, kwargs):
 
 
 def test_what_cannot_be_split_says_so():
-    assert adapters.split_problem("boft", {"blocks": (2, 4, 4, 4)})
-    assert adapters.split_problem("lora", {"up": (12, 4), "down": (4, 16), "dora_scale": (1, 16)})
+    assert adapters.split_problem("boft", {"blocks": (2, 4, 4, 4)}, (0, 8))
+    on_columns = {"up": (12, 4), "down": (4, 16), "dora_scale": (1, 16)}
+    assert adapters.split_problem("dora", on_columns, (0, 6))
     on_rows = {"up": (12, 4), "down": (4, 16), "dora_scale": (12,)}
-    assert adapters.split_problem("dora", on_rows) is None
+    assert adapters.split_problem("dora", on_rows, (0, 6)) is None
+    assert adapters.split_problem("oft", {"blocks": (4, 3, 3)}, (3, 9)) is None
+    assert adapters.split_problem("oft", {"blocks": (4, 3, 3)}, (4, 9))
     blocks = torch.zeros(4, 3, 3)
     with pytest.raises(adapters.AdapterError):
         adapters.patch("oft", torch.zeros(4, 16), {"blocks": blocks}, None, 1.0,

@@ -304,6 +304,20 @@ _lokr_low_rank = _low_rank(lokr_delta, _lokr_rank)
 _dora_lora = _low_rank(lora_delta, lambda s: s["down"][0])
 
 
+def _lora(w, t, alpha, strength, rows, out):
+    """Plain LoRA in one ``addmm``: no ΔW the size of the weight beside the result."""
+    import torch
+
+    if "mid" in t or "dora_scale" in t:
+        return _dora_lora(w, t, alpha, strength, rows, out)
+    up, down = _rows(_flat(t["up"]), rows), _flat(t["down"])
+    if up.shape[1] != down.shape[0] or w.numel() != up.shape[0] * down.shape[1]:
+        raise AdapterError(f"up {tuple(t['up'].shape)} and down {tuple(t['down'].shape)} do "
+                           f"not make a change of the weight's shape {tuple(w.shape)}")
+    k = scale(alpha, down.shape[0])
+    return torch.addmm(_flat(w), up, down, alpha=strength * k).reshape(w.shape)
+
+
 def _lokr(w, t, alpha, strength, rows, out):
     if "w1b" not in t and "w2b" not in t:
         alpha = None
@@ -321,7 +335,7 @@ class Adapter:
 
 
 ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
-    Adapter("lora", _dora_lora,
+    Adapter("lora", _lora,
             "W + s alpha/r up @ down (LoCon; Tucker mid)"),
     Adapter("loha", _low_rank(loha_delta, lambda s: s["w1b"][0]),
             "W + s alpha/r (w1a @ w1b) * (w2a @ w2b) (Tucker t1, t2)"),
@@ -352,12 +366,16 @@ def patch_bias(b: torch.Tensor, diff_b: torch.Tensor, strength: float, rows: Row
     return b + (strength * scale) * _rows(diff_b.reshape(-1), rows).reshape(b.shape)
 
 
-def split_problem(adapter: str, shapes: Shapes) -> str | None:
-    """Why a module of this type cannot be applied to part of its rows at a time (a fused
+def split_problem(adapter: str, shapes: Shapes, rows: tuple[int, int]) -> str | None:
+    """Why a module of this type cannot be applied to ``rows`` of its output alone (a fused
     module whose rows land on separate tensors), or None; from shapes, before any reading."""
     if adapter == "boft":
         return "BOFT mixes all rows of its layer"
+    if adapter == "oft":
+        size = shapes["blocks"][-1]
+        if rows[0] % size or rows[1] % size:
+            return f"rows {rows[0]}:{rows[1]} cut through its OFT blocks of {size}"
     dora_shape = shapes.get("dora_scale")
     if dora_shape is not None and len(dora_shape) > 1 and dora_shape[0] == 1:
-        return "DoRA normalised per input column needs the whole layer"
+        return "DoRA normalised per input column needs all rows of the layer"
     return None
