@@ -189,10 +189,12 @@ def _legacy(path: str) -> str:
 
 def pieces(module: Module, table: Names) -> list[_Piece]:
     """Where a module's change lands, in the canonical names of ``table``'s component;
-    raises _Miss when no layer has its name."""
+    raises _Miss when no layer has its name. A CLIP layer named without transformers'
+    ``text_model.`` level (transformers 5's own names) is read as if it were there, as
+    ckptkit reads such text encoders."""
     delta = _rows_or_none(module)
     if module.naming in FLAT_NAMINGS:
-        found = table.flat.get(module.path)
+        found = table.flat.get(module.path) or table.flat.get("text_model_" + module.path)
         if found is None:
             raise _Miss("unknown-module", "no layer of the model has these names")
         tries = [found]
@@ -205,7 +207,7 @@ def pieces(module: Module, table: Names) -> list[_Piece]:
         dotted = _legacy(module.path)
         order = ("diffusers", "canonical") if module.naming in ("diffusers", "peft") \
             else ("canonical", "diffusers")
-        tries = [(n, dotted) for n in order]
+        tries = [(n, p) for n in order for p in (dotted, "text_model." + dotted)]
     leaf = ".scale" if module.adapter == "set" and module.keys["set"].endswith(".scale") \
         else ".weight"
     for naming, p in tries:
@@ -375,7 +377,7 @@ def match(modules: list[Module], model: Checkpoint, lora_family: str | None = No
     for module in modules:
         try:
             if other:
-                raise _Miss("other-family", f"the LoRA is for {lora_family}, the model is "
+                raise _Miss("other-family", f"the LoRA is for {lora_family}; the model is "
                             f"{' / '.join(fams)}")
             targets[module.name] = _targets(module, parts, shapes)
         except _Miss as miss:
@@ -398,7 +400,7 @@ def _targets(module: Module, parts: dict[str, _Part], shapes: Mapping[str, Shape
     if part is None:
         what = "no component ckptkit knows" if module.component == "other" else \
             f"no {module.component}"
-        raise _Miss("missing-component", f"the model has {what}; these modules adapt it"
+        raise _Miss("missing-component", f"the model has {what}"
                     if module.component != "other" else
                     "these modules adapt no component ckptkit knows")
     try:
