@@ -45,9 +45,15 @@ from .targets import REASONS, Target, Unmatched, bias_key, match
 
 class NotApplied(CkptError):
     """Some module of a LoRA lands nowhere in the model: the bake is refused (as ``lora
-    check`` exits 1 when some module does not apply)."""
+    check`` exits 1 when some module does not apply). ``groups``: per LoRA file, its groups
+    of modules that land nowhere (reason, why, detail, modules, example)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, path: str | None = None,
+                 groups: list[dict[str, Any]] | None = None):
+        super().__init__(message, path)
+        self.groups = groups or []
 
 
 @dataclass(frozen=True)
@@ -303,7 +309,8 @@ def _refuse_unmatched(report: BakeReport, model: str, allow: bool) -> None:
                          f"({u['why']}: {u['detail']}; e.g. {u['example']})"
                          for r, u in groups)
         raise NotApplied(f"some modules land nowhere in {model}, so nothing was written: "
-                         f"{said}; --allow-unmatched bakes the others")
+                         f"{said}; --allow-unmatched bakes the others",
+                         groups=[{"lora": r.file, **u} for r, u in groups])
     if applied == 0:
         raise NotApplied(f"no module of the LoRAs lands in {model}; nothing was written")
     for r, u in groups:
