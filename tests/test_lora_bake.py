@@ -423,3 +423,48 @@ def test_the_command_bakes_refuses_and_reports(tmp_path, samples, capsys):
     assert code == 3 and "LoRA" in err  # a model given as the LoRA
     code, _, _ = run_cli(capsys, "lora", "bake", ldm, lora, "-o", ldm)
     assert code == 5  # never over an input
+
+
+# ---- LyCORIS files ----
+
+def test_lycoris_modules_in_a_file_bake_as_lycoris_merges_them(tmp_path, samples):
+    """LoHa, LoKr, diag-OFT and DoRA modules written as LyCORIS saves them (kohya names),
+    each on a weight of the tiny SD 1.x U-Net: the baked weights are lycoris-lora's own
+    merged weights (alpha = rank where its get_merged_weight applies alpha/rank twice)."""
+    lycoris = pytest.importorskip("lycoris.modules")
+    ldm, _ = samples("sd1")
+    base = load_file(str(ldm))
+    prefix = "model.diffusion_model."
+    chosen = {
+        "input_blocks.1.1.transformer_blocks.0.attn1.to_q": (
+            lycoris.LohaModule, {"lora_dim": 4, "alpha": 4}),
+        "input_blocks.1.1.transformer_blocks.0.ff.net.2": (
+            lycoris.LokrModule, {"lora_dim": 2, "alpha": 2, "factor": 4}),
+        "input_blocks.1.1.transformer_blocks.0.attn1.to_v": (
+            lycoris.DiagOFTModule, {"lora_dim": 4, "constraint": 1e-3, "rescaled": True}),
+        "output_blocks.9.1.transformer_blocks.0.attn2.to_out.0": (
+            lycoris.LoConModule, {"lora_dim": 4, "alpha": 2, "weight_decompose": True}),
+    }
+    tensors, expected = {}, {}
+    for i, (path, (cls, kwargs)) in enumerate(chosen.items()):
+        weight = base[prefix + path + ".weight"]
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+        module = cls("x", layer, multiplier=1.0, **kwargs)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0, 0.1)
+        name = "lora_unet_" + path.replace(".", "_")
+        tensors.update({f"{name}.{k}": v.detach().clone().contiguous()
+                        for k, v in module.state_dict().items()})
+        expected[prefix + path + ".weight"] = module.get_merged_weight(1.0)[0].detach()
+    lora = tmp_path / "lycoris.safetensors"
+    save_file(tensors, str(lora))
+    out = tmp_path / "o.safetensors"
+    report = bake(str(ldm), [LoraSpec(str(lora))], str(out))
+    assert report.loras[0].applied == len(chosen)
+    baked = load_file(str(out))
+    for key, value in expected.items():
+        assert (baked[key] - value).abs().max() < TOL, key
