@@ -285,8 +285,9 @@ def test_a_peft_dora_lora_at_strength_1(tmp_path, samples):
 
 # ---- bakes against bakes ----
 
-def test_several_loras_in_one_bake_are_the_sequential_bakes(tmp_path, samples):
+def test_several_loras_in_one_bake_are_the_sequential_bakes(tmp_path, samples, file_sha256):
     ldm, _ = samples("sd1")
+    before = file_sha256(ldm)
     a = make_lora(tmp_path / "a.safetensors", "sd1", ["diffusion_model", "clip_l"], "kohya",
                   seed=1)
     b = make_lora(tmp_path / "b.safetensors", "sd1", ["diffusion_model"], "diffusers",
@@ -302,6 +303,7 @@ def test_several_loras_in_one_bake_are_the_sequential_bakes(tmp_path, samples):
     assert all(torch.equal(x[k], y[k]) for k in x)
     base = load_file(str(ldm))
     assert sum(not torch.equal(x[k], base[k]) for k in x) > 100
+    assert file_sha256(ldm) == before
 
 
 def test_a_pickle_model_bakes_as_its_safetensors_twin(tmp_path, samples):

@@ -350,7 +350,12 @@ def _baked(key: str, tensor: LazyTensor, changes: list[_Apply], out_dtype: DType
            clamped: dict[str, int], out=None):
     """The tensor with every change applied in fp32, cast to ``out_dtype`` (into ``out``,
     the output file's pages, when given)."""
-    weight = (tensor.load() if tensor.is_contiguous else tensor.read()).float()
+    import torch
+
+    # A copy in fp32 even when the model is fp32: the view of the mapped file is not ours
+    # to patch (its pages are copy-on-write: other readers of the map would see the change).
+    source = tensor.load() if tensor.is_contiguous else tensor.read()
+    weight = source.to(torch.float32, copy=True)
     for change in changes:
         try:
             _apply(weight, change)
