@@ -37,7 +37,7 @@ from ckptkit.ops.parts import split  # noqa: E402
 from ckptkit.ops.sample import sample  # noqa: E402
 
 PIPELINES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-             "flux1-dev": "FluxPipeline"}
+             "sd3-medium": "StableDiffusion3Pipeline", "flux1-dev": "FluxPipeline"}
 TOL = 1e-5
 
 
@@ -117,7 +117,8 @@ def make_lora(path, fid: str, components, fmt: str, *, rank=4, alpha=2.0, seed=0
 
 def pipeline(fid: str, folder):
     cls = getattr(diffusers, PIPELINES[fid])
-    skip = {k: None for k in ("tokenizer", "tokenizer_2", "safety_checker", "feature_extractor",
+    skip = {k: None for k in ("tokenizer", "tokenizer_2", "tokenizer_3", "safety_checker",
+                              "feature_extractor",
                               "image_encoder") if k in cls._get_signature_keys(cls)[0]
             or k in getattr(cls, "_optional_components", [])}
     if "requires_safety_checker" in cls._get_signature_keys(cls)[0]:
@@ -243,6 +244,21 @@ def test_flux_diffusers_lora_lands_on_rows_of_fused_weights(tmp_path, samples):
                 {"transformer": unbaked("flux1-dev", folder)["transformer"]})
     fused_rows = [k for k in theirs["transformer"] if k.endswith("attn.to_k.weight")]
     assert fused_rows  # a to_k module changed rows of a fused qkv
+
+
+@pytest.mark.slow  # 10 s: the SD3 pipeline with its three text encoders
+def test_sd3_diffusers_lora_baked_into_the_sai_file(tmp_path, samples):
+    """SD3: diffusers' separate q, k, v of the joint blocks land on rows of SAI's fused qkv;
+    the CLIP-L modules on the checkpoint's text encoder."""
+    ldm, folder = samples("sd3-medium")
+    lora = make_lora(tmp_path / "sd3.safetensors", "sd3-medium", ["diffusion_model", "clip_l"],
+                     "diffusers", every=3)
+    out = tmp_path / "baked.safetensors"
+    bake(str(ldm), [LoraSpec(str(lora), 0.6)], str(out))
+    theirs = diffusers_fused("sd3-medium", folder, lora, 0.6)
+    ours = as_diffusers(out, "sd3-medium", ["diffusion_model", "clip_l"])
+    before = unbaked("sd3-medium", folder)
+    assert_same(ours, {n: theirs[n] for n in ours}, 5, before)
 
 
 def test_flux_kohya_fused_qkv_lands_on_separate_diffusers_weights(tmp_path, samples):
