@@ -35,7 +35,7 @@ rank mismatch inside the module, another width)."""
 
 def add_parser(commands) -> None:
     p = commands.add_parser(
-        "lora", help="check, convert (bake, extract, resize, merge) LoRAs and other adapters",
+        "lora", help="LoRAs and other adapters: check them against a model, convert them",
         description="Work with LoRAs and the other adapters (LoCon, LoHa, LoKr, DoRA, GLoRA, "
                     "OFT/BOFT, (IA)^3, full diffs) of every key format ckptkit reads.")
     sub = p.add_subparsers(dest="lora_command", metavar="SUBCOMMAND", parser_class=type(p))

@@ -10,15 +10,13 @@ read, so checking a LoRA against a 24 GB checkpoint takes as long as reading two
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from ..arch.detect import Identification
-from ..errors import FormatError
 from ..formats import Checkpoint, open_checkpoint
 from ..ops.inspect import identify_checkpoint
 from .detect import KEY_FORMATS
-from .modules import Module, delta_size, modules_of
+from .modules import Module, alpha_values, delta_size, modules_of
 from .targets import REASONS, Matching, match
 
 MAX_NAMES = 5  # module names listed per group of modules that do not apply
@@ -30,7 +28,7 @@ def check_file(path: str, against: Checkpoint | None = None,
     open model ``against`` when given (identified once by the caller: ``model_ident``).
     Raises FormatError when the file is no LoRA."""
     with open_checkpoint(path) as lora:
-        values = _alphas(lora)
+        values = alpha_values(lora)
         found = modules_of({k: t.shape for k, t in lora.tensors.items()}, lora.metadata,
                            values, path=path)
     info = found.analysis.info
@@ -48,16 +46,6 @@ def check_file(path: str, against: Checkpoint | None = None,
         matching = match(found.modules, against, info.family, ident)
         report["against"] = _against(against.path, ident, matching)
     return report
-
-
-def _alphas(lora: Checkpoint) -> dict[str, float]:
-    """The 0-d ``.alpha`` tensors' values (the only data read)."""
-    values = {}
-    for key, tensor in lora.tensors.items():
-        if key.endswith(".alpha") and tensor.numel == 1:
-            with contextlib.suppress(FormatError):  # an alpha we cannot decode stays unknown
-                values[key] = tensor.scalar()
-    return values
 
 
 def _inconsistent(module: Module) -> str:

@@ -40,11 +40,10 @@ from ..errors import UsageError, a_or_an, counted
 from ..formats import Checkpoint, LazyTensor, open_checkpoint
 from ..formats.dtypes import BY_NAME, DType
 from ..ops.provenance import inherited, provenance
-from .check import _alphas
 from .detect import KEY_FORMATS
-from .modules import Module, delta_size, modules_of, rank
+from .modules import Module, alpha, alpha_values, delta_size, modules_of, rank
 from .names import FORMATS, Named, module_names
-from .targets import Names, _compatible, _Miss, names, pieces
+from .targets import Miss, Names, compatible, names, pieces
 
 # Tensor suffixes of each role in kohya's (and ComfyUI's) files, by adapter type.
 _KOHYA_SUFFIXES = {
@@ -94,7 +93,7 @@ def convert_file(src: str, dst: str, fmt: str, family: str | None = None,
     check_output_path(dst, (src,))
     with open_checkpoint(src) as lora:
         found = modules_of({k: t.shape for k, t in lora.tensors.items()}, lora.metadata,
-                           _alphas(lora), path=src)
+                           alpha_values(lora), path=src)
         fam = _family(found.modules, found.analysis.info.family, family, src)
         weights = _place(found.modules, fam, src)
         plan = _Plan(lora, fmt, fam)
@@ -105,7 +104,8 @@ def convert_file(src: str, dst: str, fmt: str, family: str | None = None,
         if found.leftover:
             plan.notes.append(f"{counted(len(found.leftover), 'key')} in no adapter module "
                               "copied unchanged")
-        metadata = {**inherited(lora.metadata),
+        # diffusers' adapter config is not kept: the alphas it held are in the tensors now
+        metadata = {**inherited(lora.metadata, ("lora_adapter_metadata",)),
                     **provenance("lora convert", [src], to=fmt, family=fam)}
         write_safetensors(dst, plan.planned, metadata, inputs=(src,), progress=progress,
                           fsync=fsync)
@@ -125,7 +125,7 @@ def _family(modules: list[Module], detected: str | None, given: str | None, src:
         if fid not in families():
             raise UsageError(f"unknown family {given!r}; known: {', '.join(families())}")
         return fid
-    candidates = [f for f in families() if detected is None or _compatible(detected, f)]
+    candidates = [f for f in families() if detected is None or compatible(detected, f)]
     best, best_count = None, -1
     for fid in candidates:
         count = sum(1 for m in modules if _table(m, fid) is not None)
@@ -147,7 +147,7 @@ def _table(module: Module, fam: str) -> Names | None:
         table = names(fam, module.component, tiny)
         try:
             found = pieces(module, table)
-        except _Miss:
+        except Miss:
             return None
         rows = _delta_rows(module)
         whole = [table.rows.get(k) for k, canon, delta in found if canon is None and delta is None]
@@ -220,11 +220,13 @@ class _Plan:
                      for p in parts):
                 self._lora(out, span, parts)
             else:
-                bad = next(p.module for p in parts if p.module.adapter != "lora")
+                bad = next(p for p in parts if p.module.adapter != "lora"
+                           or "mid" in p.module.keys)
+                split = bad.canon[0] < span[0] or span[1] < bad.canon[1]
                 raise UsageError(
-                    f"{bad.name}: {_a(bad.adapter)} module cannot be "
-                    f"{'split' if len(parts) == 1 else 'fused'} into {self.fmt}'s "
-                    f"{out.name}: only plain LoRA modules can; nothing was written")
+                    f"{bad.module.name}: {_a(bad.module.adapter)} module cannot be "
+                    f"{'split' if split else 'fused'} into {self.fmt}'s {out.name}: only "
+                    "plain LoRA modules can; nothing was written")
 
     # --- a module renamed -------------------------------------------------------------
 
@@ -244,6 +246,9 @@ class _Plan:
                                           _LOKR if module.adapter == "lokr" else {})}
         for role, key in module.keys.items():
             self.copy(name + suffixes[role], key)
+        scale = _scale(self.lora, module)
+        if "alpha" not in module.keys and scale != 1.0:  # PEFT's alpha from its metadata
+            self._alpha(name + suffixes["alpha"], scale * (rank(module) or 1), module)
 
     def _rename_peft(self, module: Module, name: str) -> None:
         if module.adapter not in ("lora", "dora") or "mid" in module.keys:
@@ -320,11 +325,14 @@ class _Plan:
             return
         if shared and "alpha" in mods[0].keys:
             self.copy(out.name + suffixes["alpha"], mods[0].keys["alpha"])
-        elif not shared:
-            alpha = scales[mods[0].name] * r if common else float(r)
-            dtype = _alpha_dtype(self.lora, mods[0])
-            self.planned.append(Planned(out.name + suffixes["alpha"], dtype, (),
-                                        partial(_scalar, alpha, dtype)))
+        elif not shared or scales[mods[0].name] != 1.0:
+            self._alpha(out.name + suffixes["alpha"],
+                        scales[mods[0].name] * r if common else float(r), mods[0])
+
+    def _alpha(self, key: str, value: float, like: Module) -> None:
+        """An alpha tensor, in the dtype of ``like``'s (fp32 where it has none)."""
+        dtype = _alpha_dtype(self.lora, like)
+        self.planned.append(Planned(key, dtype, (), partial(_scalar, value, dtype)))
 
 
 def _a(adapter: str) -> str:
@@ -343,13 +351,12 @@ def _swapped(rows: tuple[int, int], total: int) -> tuple[int, int]:
 
 
 def _scale(lora: Checkpoint, module: Module) -> float:
-    """alpha / rank (1 where the module stores no alpha: kohya's and ComfyUI's reading)."""
-    key = module.keys.get("alpha")
-    r = rank(module)
-    if key is None or not r:
+    """alpha / rank (1 where the module has no alpha: kohya's, ComfyUI's and diffusers'
+    reading; and where it is not finite, which no format can carry)."""
+    value, r = alpha(module, lora), rank(module)
+    if value is None or not r or not math.isfinite(value):
         return 1.0
-    alpha = lora.tensors[key].scalar()
-    return 1.0 if alpha == 0 or not math.isfinite(alpha) else alpha / r
+    return value / r
 
 
 def _alpha_dtype(lora: Checkpoint, module: Module) -> DType:

@@ -28,11 +28,13 @@ Adapter types (``Module.adapter``) and the roles of their tensors (``Module.keys
 ``diff_b`` (a bias difference: ``.diff_b``, ``.b_norm``, and a BFL control LoRA's
 ``lora_B.bias``) may come beside any of them.
 
-A module's delta shape, for matching it against a model, is ``delta_size``; its rank ``rank``.
+A module's delta shape, for matching it against a model, is ``delta_size``; its rank ``rank``;
+its alpha ``alpha`` (None: scale 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,9 +43,10 @@ from ..errors import FormatError
 from .detect import ADAPTERS, KEY_FORMATS, Analysis, adapter_type, analyse
 from .keys import DIFFUSION_MODEL, Parsed, Shape, fmt_shape, naming
 from .keys import path as name_path
+from .metadata import peft_alpha
 
-__all__ = ["ADAPTERS", "KEY_FORMATS", "LoraFile", "Module", "delta_size", "modules_of", "rank",
-           "read_lora", "read_modules"]
+__all__ = ["ADAPTERS", "KEY_FORMATS", "LoraFile", "Module", "alpha", "alpha_values", "delta_size",
+           "modules_of", "rank", "read_lora", "read_modules"]
 
 @dataclass(frozen=True)
 class Module:
@@ -91,7 +94,7 @@ def read_modules(lora) -> tuple[str, list[Module], list[str]]:
 def read_lora(lora) -> LoraFile:
     """``read_modules``, with the detection report."""
     shapes = {k: t.shape for k, t in lora.tensors.items()}
-    return modules_of(shapes, lora.metadata, path=lora.path)
+    return modules_of(shapes, lora.metadata, alpha_values(lora), path=lora.path)
 
 
 def modules_of(shapes: Mapping[str, Shape], metadata: Mapping[str, str] | None = None,
@@ -177,6 +180,34 @@ def delta_size(module: Module) -> tuple[int | None, int | None]:
     if m.adapter == "set":
         return (sh("set")[0] if sh("set") else 1), _prod(sh("set")[1:])
     return None, None  # ia3: whether it scales inputs or outputs is a value, not a shape
+
+
+def alpha_values(lora) -> dict[str, float]:
+    """The values of an open LoRA's 0-d ``.alpha`` tensors, by key (the only data that
+    reading a LoRA's modules reads); one that cannot be decoded is left out."""
+    values = {}
+    for key, tensor in lora.tensors.items():
+        if key.endswith(".alpha") and tensor.numel == 1:
+            with contextlib.suppress(FormatError):  # an alpha we cannot decode stays unknown
+                values[key] = tensor.scalar()
+    return values
+
+
+def alpha(module: Module, lora) -> float | None:
+    """The module's alpha: its ``.alpha`` tensor's value (0 read as "none", as kohya and
+    ComfyUI do), else for diffusers/PEFT names what diffusers' ``lora_adapter_metadata``
+    gives it (``metadata.peft_alpha``), else None: scale 1 (alpha = rank), as kohya, ComfyUI
+    and diffusers read a module without one. ``lora`` is the open LoRA checkpoint; only the
+    0-d alpha tensor is read."""
+    key = module.keys.get("alpha")
+    if key is not None:
+        value = lora.tensors[key].scalar()
+        return value if value != 0 else None
+    r = rank(module)
+    if module.naming in ("diffusers", "peft") and r:
+        component, _, path = module.name.partition(".")
+        return peft_alpha(lora.metadata, component, path, r)
+    return None
 
 
 def _prod(dims) -> int:
