@@ -40,6 +40,7 @@ from ..ops.prune import LIMITS, cast_targets, clamped_cast, parse_dtype
 from .adapters import AdapterError, patch, patch_bias, scale, split_problem
 from .keys import DIFFUSION_MODEL
 from .modules import Module, delta_size, read_lora
+from .modules import alpha as module_alpha
 from .targets import REASONS, Target, Unmatched, bias_key, match
 
 
@@ -245,7 +246,7 @@ def _add_unmatched(groups: list[Unmatched], name: str, reason: str, detail: str)
 
 def _plan_module(path: str, lora: Checkpoint, module: Module, targets: tuple[Target, ...],
                  strength: float, applies: dict[str, list[_Apply]]) -> None:
-    alpha = _alpha(lora, module)
+    alpha = module_alpha(module, lora)
     tensors = {role: lora[key] for role, key in module.keys.items()
                if role not in ("alpha", "diff_b")}
     out = _module_rows(module)
@@ -266,39 +267,6 @@ def _module_rows(module: Module) -> int | None:
         return delta_size(module)[0]
     except (ValueError, KeyError, IndexError):
         return None
-
-
-def _alpha(lora: Checkpoint, module: Module) -> float | None:
-    """The module's alpha: its ``.alpha`` tensor, else what diffusers' adapter config says
-    for its component (``lora_adapter_metadata``: lora_alpha, alpha_pattern, use_rslora),
-    else None (alpha = rank)."""
-    if "alpha" in module.keys:
-        return lora[module.keys["alpha"]].scalar()
-    raw = lora.metadata.get("lora_adapter_metadata")
-    if not raw or "down" not in module.shapes:
-        return None
-    try:
-        config = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    prefix = module.name.split(".", 1)[0] + "."
-
-    def get(name: str):
-        return config.get(prefix + name, config.get(name))
-
-    alpha = get("lora_alpha")
-    patterns = get("alpha_pattern")
-    if isinstance(patterns, dict):
-        for pattern, value in patterns.items():
-            if module.path == pattern or module.path.endswith("." + pattern):
-                alpha = value
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-        return None
-    if get("use_rslora") is True:  # PEFT's scale alpha / sqrt(r), as alpha' / r
-        alpha = alpha * module.shapes["down"][0] ** 0.5
-    return float(alpha)
 
 
 def _refuse_unmatched(report: BakeReport, model: str, allow: bool) -> None:
