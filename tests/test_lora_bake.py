@@ -36,6 +36,9 @@ from ckptkit.lora.names import module_names  # noqa: E402
 from ckptkit.ops.parts import split  # noqa: E402
 from ckptkit.ops.sample import sample  # noqa: E402
 
+# PEFT says when a LoRA adapts some of the layers one name stands for (FLUX's proj_out).
+pytestmark = pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters")
+
 PIPELINES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
              "sd3-medium": "StableDiffusion3Pipeline", "flux1-dev": "FluxPipeline"}
 TOL = 1e-5
