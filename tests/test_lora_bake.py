@@ -449,9 +449,10 @@ def test_the_command_bakes_refuses_and_reports(tmp_path, samples, capsys):
 # ---- LyCORIS files ----
 
 def test_lycoris_modules_in_a_file_bake_as_lycoris_merges_them(tmp_path, samples):
-    """LoHa, LoKr, diag-OFT and DoRA modules written as LyCORIS saves them (kohya names),
-    each on a weight of the tiny SD 1.x U-Net: the baked weights are lycoris-lora's own
-    merged weights (alpha = rank where its get_merged_weight applies alpha/rank twice)."""
+    """LoHa, LoKr, diag-OFT, DoRA and full (with a bias) modules written as LyCORIS saves
+    them (kohya names), each on a weight of the tiny SD 1.x U-Net: the baked weights are
+    lycoris-lora's own merged weights (alpha = rank where its get_merged_weight applies
+    alpha/rank twice)."""
     lycoris = pytest.importorskip("lycoris.modules")
     ldm, _ = samples("sd1")
     base = load_file(str(ldm))
@@ -465,22 +466,32 @@ def test_lycoris_modules_in_a_file_bake_as_lycoris_merges_them(tmp_path, samples
             lycoris.DiagOFTModule, {"lora_dim": 4, "constraint": 1e-3, "rescaled": True}),
         "output_blocks.9.1.transformer_blocks.0.attn2.to_out.0": (
             lycoris.LoConModule, {"lora_dim": 4, "alpha": 2, "weight_decompose": True}),
+        "output_blocks.9.1.transformer_blocks.0.attn1.to_out.0": (lycoris.FullModule, {}),
     }
     tensors, expected = {}, {}
     for i, (path, (cls, kwargs)) in enumerate(chosen.items()):
-        weight = base[prefix + path + ".weight"]
-        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        weight, bias = base[prefix + path + ".weight"], base.get(prefix + path + ".bias")
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         with torch.no_grad():
             layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
         module = cls("x", layer, multiplier=1.0, **kwargs)
         torch.manual_seed(i)
         with torch.no_grad():
             for p in module.parameters():
                 p.normal_(0, 0.1)
         name = "lora_unet_" + path.replace(".", "_")
+        if cls is lycoris.FullModule:  # its parameters are the diffs until applied
+            saved = {"diff": module.weight, "diff_b": module.bias}
+        else:
+            saved = module.state_dict()
         tensors.update({f"{name}.{k}": v.detach().clone().contiguous()
-                        for k, v in module.state_dict().items()})
-        expected[prefix + path + ".weight"] = module.get_merged_weight(1.0)[0].detach()
+                        for k, v in saved.items()})
+        merged, merged_bias = module.get_merged_weight(1.0)
+        expected[prefix + path + ".weight"] = merged.detach()
+        if merged_bias is not None:
+            expected[prefix + path + ".bias"] = merged_bias.detach()
     lora = tmp_path / "lycoris.safetensors"
     save_file(tensors, str(lora))
     out = tmp_path / "o.safetensors"

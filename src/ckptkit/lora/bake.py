@@ -256,8 +256,10 @@ def _plan_module(path: str, lora: Checkpoint, module: Module, targets: tuple[Tar
                 _Apply(path, module, tensors, alpha, strength, t.rows, t.delta_rows, out))
         if "diff_b" in module.keys:
             bias = {"diff_b": lora[module.keys["diff_b"]]}
-            # a LoRA's lora_B.bias is scaled with its weights, a full bias difference is not
-            k = scale(alpha, module.shapes["down"][0]) if "down" in module.shapes else 1.0
+            # a LoRA's lora_B.bias is scaled with its weights (PEFT), a bias difference
+            # (.diff_b, .b_norm) is not (ComfyUI)
+            lora_bias = module.keys["diff_b"].endswith("lora_B.bias") and "down" in module.shapes
+            k = scale(alpha, module.shapes["down"][0]) if lora_bias else 1.0
             applies.setdefault(bias_key(t), []).append(
                 _Apply(path, module, bias, None, strength, t.rows, t.delta_rows, out, k))
 
