@@ -500,3 +500,28 @@ def test_lycoris_modules_in_a_file_bake_as_lycoris_merges_them(tmp_path, samples
     baked = load_file(str(out))
     for key, value in expected.items():
         assert (baked[key] - value).abs().max() < TOL, key
+
+
+def test_blocks_of_rows_patch_as_the_whole_weight(tmp_path, samples, monkeypatch):
+    """Weights patched a few rows at a time (blocks far smaller than any weight, cutting
+    through the q, k, v rows of fused weights and through modules' rows) give what one pass
+    over each weight gives."""
+    import ckptkit.lora.bake as bake_module
+
+    ldm, folder = samples("flux1-dev")
+    cases = [
+        (ldm, make_lora(tmp_path / "d.safetensors", "flux1-dev", ["diffusion_model"],
+                        "diffusers", every=5)),
+        (folder / "transformer" / "diffusion_pytorch_model.safetensors",
+         make_lora(tmp_path / "k.safetensors", "flux1-dev", ["diffusion_model"], "kohya",
+                   every=5, seed=3)),
+    ]
+    for i, (model, lora) in enumerate(cases):
+        whole, blocks = tmp_path / f"whole{i}.safetensors", tmp_path / f"blocks{i}.safetensors"
+        monkeypatch.setattr(bake_module, "CHUNK", 1 << 30)
+        bake(str(model), [LoraSpec(str(lora), 0.7)], str(whole))
+        monkeypatch.setattr(bake_module, "CHUNK", 1000)  # 1000 // width: a few rows
+        bake(str(model), [LoraSpec(str(lora), 0.7)], str(blocks))
+        x, y = load_file(str(whole)), load_file(str(blocks))
+        for key in x:
+            assert torch.allclose(x[key], y[key], rtol=1e-6, atol=1e-7), key

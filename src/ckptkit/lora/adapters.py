@@ -154,7 +154,8 @@ def glora_delta(t: Tensors, rows: Rows, w: torch.Tensor, out: int) -> torch.Tens
     a1, a2, b1, b2 = (_flat(t[k]) for k in ("a1", "a2", "b1", "b2"))
     if _glora_old(t, w, out):
         a1, a2, b1, b2 = a2, a1, b2, b1
-    wa = torch.einsum("o i ..., i j -> o j ...", w, a1 @ a2)
+    wa = torch.einsum("o i ..., i j -> o j ...", w, a1)  # W a1 first: r columns, not in
+    wa = torch.einsum("o i ..., i j -> o j ...", wa, a2)
     return wa + _fit(_rows(b1, rows) @ b2, w)
 
 
@@ -364,6 +365,17 @@ def patch_bias(b: torch.Tensor, diff_b: torch.Tensor, strength: float, rows: Row
     difference, LyCORIS's and ComfyUI's bias_diff; alpha/r for a LoRA's ``lora_B.bias``, as
     PEFT merges it)."""
     return b + (strength * scale) * _rows(diff_b.reshape(-1), rows).reshape(b.shape)
+
+
+def by_rows(adapter: str, shapes: Shapes) -> bool:
+    """Whether a module of this type patches a block of rows for that block's share of the
+    work (so a big weight can be patched a slice of rows at a time): LoRA, LoHa, GLoRA and
+    full differences compute just those rows, and so does DoRA per output row; LoKr builds
+    its whole Kronecker product, OFT's blocks and BOFT's butterflies and DoRA per input
+    column need every row."""
+    if adapter in ("lokr", "oft", "boft", "ia3"):
+        return False
+    return split_problem(adapter, shapes, (0, 0)) is None
 
 
 def split_problem(adapter: str, shapes: Shapes, rows: tuple[int, int]) -> str | None:
