@@ -9,11 +9,12 @@ reads the file's own text from (module names, metadata) is printed through ``pri
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import asdict
 from typing import Any
 
-from ..errors import CkptError, counted, worse_exit
+from ..errors import CkptError, UsageError, counted, worse_exit
 from ..formats import open_checkpoint
 from ..formats.dtypes import CLI_NAMES
 from ..lora.bake import NotApplied, bake, parse_spec
@@ -64,6 +65,10 @@ def _add_check(sub) -> None:
 
 
 def _check(args) -> int:
+    if args.against and os.path.isdir(args.against):
+        raise UsageError("--against takes a weights file; for a diffusers folder, give the "
+                         "file of the component to check (unet/, transformer/, text_encoder/)",
+                         args.against)
     if args.against:
         with open_checkpoint(args.against) as model:
             ident = identify_checkpoint(model)
