@@ -22,10 +22,11 @@ lycoris-lora themselves:
   alpha says (LyCORIS and ComfyUI agree).
 - GLoRA: ΔW = W a1 a2 + b1 b2 (LyCORIS's layout; the older one, W a2 a1 + b2 b1, is told
   apart by shapes as ComfyUI does). Rank: a2's rows (a1's in the old layout).
-- Full difference (``diff``): ΔW = diff; biases get ``diff_b``. (IA)^3: W ⊙ (1 + s w), on
-  the output axis or, with ``on_input``, the input axis. ``set``: the weight replaced (BFL
+- Full difference (``diff``): ΔW = diff; biases get ``diff_b``. ``set``: the weight replaced (BFL
   control LoRAs' norm scales), unless the strength is 0 (ComfyUI then skips the LoRA).
-  These ignore alpha.
+  These ignore alpha. (IA)^3 has no function here: ``lora.targets`` refuses it, as ComfyUI
+  and diffusers do not apply it either (it scales activations at run time; a user baking one
+  expects what their loader shows).
 
 The adapter names and roles are ``lora.modules``'. All of the above give W + s scale ΔW,
 except:
@@ -276,15 +277,6 @@ def _boft(w, t, alpha, strength, rows, out):
     return _rescale(x, t, rows)
 
 
-def _ia3(w, t, alpha, strength, rows, out):
-    vec = t["weight"].reshape(-1)
-    if "on_input" in t and bool(t["on_input"].reshape(-1)[0]):
-        factor = vec.reshape(1, -1, *[1] * (w.dim() - 2))
-    else:
-        factor = _rows(vec, rows).reshape(-1, *[1] * (w.dim() - 1))
-    return w * (1 + strength * factor)
-
-
 def _full(w, t, alpha, strength, rows, out):
     return w + strength * _fit(_rows(_flat(t["diff"]), rows), w)
 
@@ -345,7 +337,6 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
     Adapter("oft", _oft,
             "rescale * blockdiag(s R + (1 - s) I)^T W, R = Cayley(B - B^T clamped to alpha out)"),
     Adapter("boft", _boft, "butterfly stages of s R + (1 - s) I applied to W, times rescale"),
-    Adapter("ia3", _ia3, "W * (1 + s w) on the output (or input) axis"),
     Adapter("dora", _dora_lora, "DoRA: W + s (dora_scale (W + alpha/r up @ down) / ||.|| - W)"),
     Adapter("diff", _full, "W + s diff"),
     Adapter("set", _set, "the weight replaced (unless the strength is 0, as ComfyUI skips it)"),
@@ -373,7 +364,7 @@ def by_rows(adapter: str, shapes: Shapes) -> bool:
     full differences compute just those rows, and so does DoRA per output row; LoKr builds
     its whole Kronecker product, OFT's blocks and BOFT's butterflies and DoRA per input
     column need every row."""
-    if adapter in ("lokr", "oft", "boft", "ia3"):
+    if adapter in ("lokr", "oft", "boft"):
         return False
     return split_problem(adapter, shapes, (0, 0)) is None
 
