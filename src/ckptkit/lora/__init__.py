@@ -1,0 +1,1 @@
+"""LoRA: key formats, adapter math, check, bake, extract, resize and merge (issue 13)."""
