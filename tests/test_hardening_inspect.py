@@ -316,7 +316,7 @@ def test_lora_key_patterns_take_time_linear_in_the_key(tmp_path):
     a second (quadratic: minutes); the bound is loose on purpose."""
     import time
 
-    from ckptkit.arch.lora import detect_lora
+    from ckptkit.lora.detect import detect_lora
 
     key = "double_blocks.0." * 65_536 + "x"
     started = time.process_time()

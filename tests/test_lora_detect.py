@@ -1,6 +1,6 @@
-"""``arch.lora.detect_lora`` on LoRA headers with the real key names of each format and family.
+"""``lora.detect.detect_lora`` on LoRA headers with the real key names of each format and family.
 
-Where the module lists come from (none from ``arch.lora`` itself):
+Where the module lists come from (none from ``ckptkit.lora`` itself):
 
 - sd-mecha 1.1.8's shipped key tables (YAML read directly): ``sd1-kohya`` and ``sdxl-kohya``
   (+ ``_but_diffusers``) hold the module paths and shapes of the networks kohya's sd-scripts
@@ -36,7 +36,7 @@ import pytest
 import torch
 import yaml
 
-from ckptkit.arch.lora import LoraInfo, detect_lora
+from ckptkit.lora.detect import LoraInfo, detect_lora
 
 Shape = tuple[int, ...]
 Header = dict[str, Shape]

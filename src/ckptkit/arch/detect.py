@@ -28,7 +28,6 @@ from .embedding import detect_embedding
 from .families import COMPONENT_KINDS, DIFFUSION_MODEL, Family, families
 from .keys import KeyTable, Shape
 from .layouts import TEXT_MODEL_CHILDREN, lacks_text_model_level
-from .lora import detect_lora
 from .releases import lookup
 
 # Keys of the original training code that are not model weights.
@@ -256,11 +255,11 @@ def _outermost(exps: list[_Expected], keys: set[str]) -> list[_Expected]:
 
 
 def identify(shapes: Mapping[str, Shape], dtypes: Mapping[str, str],
-             metadata: Mapping[str, str], values: Mapping[str, float] | None = None,
-             sha256: str | None = None) -> Identification:
+             metadata: Mapping[str, str], sha256: str | None = None) -> Identification:
     """Identifies a file from its header: ``shapes`` and ``dtypes`` by key, its metadata,
-    the values of its LoRA alphas if read, and its SHA-256 if computed."""
-    result = _identify(shapes, dtypes, metadata, values)
+    and its SHA-256 if computed. LoRAs are not told apart here but above, by ``lora.detect``
+    (``ops.inspect.identify_checkpoint``)."""
+    result = _identify(shapes, dtypes, metadata)
     if sha256:
         _apply_release(result, sha256)
     return result
@@ -311,20 +310,15 @@ def _unalias(shapes, dtypes):
              "layout, or transformers 5's own names); read as if it were there"])
 
 
-def _identify(shapes, dtypes, metadata, values) -> Identification:
+def _identify(shapes, dtypes, metadata) -> Identification:
     shapes, dtypes, notes = _unalias(shapes, dtypes)
-    result = _identify_keys(shapes, dtypes, metadata, values)
+    result = _identify_keys(shapes, dtypes, metadata)
     result.reasons[:0] = notes
     return result
 
 
-def _identify_keys(shapes, dtypes, metadata, values) -> Identification:
+def _identify_keys(shapes, dtypes, metadata) -> Identification:
     all_keys = set(shapes)
-    lora = detect_lora(shapes, metadata, values)
-    if lora is not None:
-        result = Identification("lora", family=lora.family, reasons=list(lora.reasons),
-                                lora=asdict(lora))
-        return result
     embedding = detect_embedding(shapes)
     if embedding is not None:
         return Identification("embedding", compatible_families=embedding.families,

@@ -1,1 +1,3 @@
-"""LoRA: key formats, adapter math, check, bake, extract, resize and merge (issue 13)."""
+"""LoRAs and other adapters: their key formats and detection, their matching against a model,
+``ckpt lora check`` and ``convert`` (and the adapter math, bake, extract, resize and merge
+built on these)."""

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+from dataclasses import asdict
 from typing import Any
 
 from ..arch.detect import Identification, identify
@@ -27,6 +28,7 @@ from ..engine.writer import Progress
 from ..errors import FormatError, UnsafeFileError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.checkpoint import paused_gc
+from ..lora.detect import detect_lora
 from .hashing import file_hashes
 
 _CONTAINERS = {"text_encoders", "embedders"}  # their children are separate components
@@ -53,7 +55,9 @@ MAX_PREFIX_DEPTH = 8  # components of a key-prefix group, at most
 
 
 def identify_checkpoint(checkpoint: Checkpoint, sha256: str | None = None) -> Identification:
-    """What the file is (``arch.detect``), from its header; LoRA alphas are decoded too.
+    """What the file is, from its header: a LoRA (``lora.detect``, with its alphas decoded),
+    else what ``arch.detect`` says. LoRAs are told apart here, above ``arch``, because the
+    ``lora`` package sits at the ops level (it does tensor math too).
 
     A file of more tensors than ``MAX_IDENTIFIED_TENSORS`` is no model ckptkit knows, and is
     said so at once: matching its keys against every family took seconds and hundreds of MB
@@ -71,7 +75,11 @@ def identify_checkpoint(checkpoint: Checkpoint, sha256: str | None = None) -> Id
             # An alpha we cannot decode stays unknown rather than guessed.
             with contextlib.suppress(FormatError):
                 values[key] = tensors[key].scalar()
-    return identify(shapes, dtypes, checkpoint.metadata, values, sha256)
+    lora = detect_lora(shapes, checkpoint.metadata, values)
+    if lora is not None:
+        return Identification("lora", family=lora.family, reasons=list(lora.reasons),
+                              lora=asdict(lora))
+    return identify(shapes, dtypes, checkpoint.metadata, sha256)
 
 
 def describe_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:

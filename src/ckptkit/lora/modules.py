@@ -1,0 +1,237 @@
+"""A LoRA file as a list of adapted modules: what every other LoRA operation starts from.
+
+``read_modules(lora)`` turns an open LoRA checkpoint (any key format ``keys`` parses: kohya
+``lora_unet_``/``lora_te*_``, LyCORIS, diffusers/PEFT and its older spellings, ComfyUI
+``diffusion_model.``/``text_encoders.``, AI-toolkit, XLabs, BFL control) into ``Module``s:
+one per adapted layer, with its adapter type, the key of each of its tensors by role, and
+the component it adapts. Headers only: no tensor data is read.
+
+Adapter types (``Module.adapter``) and the roles of their tensors (``Module.keys``):
+
+- ``lora``: ``down`` (r x in[, k, k]), ``up`` (out x r[, 1, 1]), optional ``mid`` (LoCon's
+  Tucker core, r x r x k x k) and ``alpha`` (0-d). kohya, LyCORIS LoCon, PEFT ``lora_A``/
+  ``lora_B``, the older diffusers spellings, XLabs and BFL control LoRAs alike.
+- ``dora``: a ``lora`` with ``dora_scale`` (LyCORIS/kohya ``dora_scale``, PEFT's
+  ``lora_magnitude_vector``, whose shape differs: see the adapter math). Other adapters
+  may carry a ``dora_scale`` role too (LyCORIS' ``wd`` option for LoHa/LoKr).
+- ``loha``: ``w1a w1b w2a w2b`` (+ ``t1 t2`` Tucker cores), ``alpha``.
+- ``lokr``: ``w1`` or ``w1a w1b``, ``w2`` or ``w2a w2b`` (+ ``t2``), ``alpha``.
+- ``glora``: ``a1 a2 b1 b2``, ``alpha``.
+- ``oft`` (LyCORIS diag-OFT, and kohya's OFT: ``Module.convention`` "kohya-oft" tells them
+  apart, their constraints differ) and ``boft``: ``blocks`` (+ ``rescale``), ``alpha``.
+- ``ia3``: ``weight`` and ``on_input``.
+- ``diff``: a full difference ``diff`` (LyCORIS full, ComfyUI's ``full_diff``; ``w_norm`` of
+  a norm layer), or a bias difference alone.
+- ``set``: ``set`` replaces the weight (BFL control LoRAs' ``*_norm.scale``, ComfyUI's
+  ``.set_weight``).
+
+``diff_b`` (a bias difference: ``.diff_b``, ``.b_norm``, and a BFL control LoRA's
+``lora_B.bias``) may come beside any of them.
+
+A module's delta shape, for matching it against a model, is ``delta_rows``/``delta_cols``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..errors import FormatError
+from .detect import Analysis, analyse
+from .keys import DIFFUSION_MODEL, Parsed, Shape, fmt_shape, naming, path
+
+# The adapter type of each tensor convention (keys.Parsed.fmt); "dora" where a lora has a
+# dora_scale.
+_ADAPTERS = {"kohya-lora": "lora", "peft": "lora", "diffusers-legacy": "lora",
+             "xlabs-flux": "lora", "lycoris-loha": "loha", "lycoris-lokr": "lokr",
+             "lycoris-glora": "glora", "lycoris-oft": "oft", "kohya-oft": "oft",
+             "lycoris-boft": "boft", "lycoris-ia3": "ia3", "lycoris-full": "diff"}
+ADAPTERS = ("lora", "dora", "loha", "lokr", "glora", "oft", "boft", "ia3", "diff", "set")
+
+
+@dataclass(frozen=True)
+class Module:
+    """One adapted layer of a LoRA file.
+
+    ``name``: the module's key prefix in the file (its keys are ``name`` + a suffix);
+    ``adapter``: one of ``ADAPTERS``; ``keys``: role -> key in the file (see the module doc);
+    ``component``: "diffusion_model", "clip_l", "clip_g", "openclip_h", "t5xxl" (or "other"
+    for a module in no component ckptkit knows). ``naming``: how ``path`` names the layer
+    ("kohya"/"lycoris" flatten the path with "_"; "comfyui", "diffusers", "peft", "bare",
+    "xlabs" keep its dots); ``path``: the name after its prefix; ``convention``: the tensor
+    convention of the module (``keys``' format names: "kohya-lora", "peft", "kohya-oft"...).
+    """
+
+    name: str
+    adapter: str
+    keys: Mapping[str, str]
+    component: str
+    naming: str = ""
+    path: str = ""
+    convention: str = ""
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """What ``read_modules`` found, with the detection report (``analysis.info``)."""
+
+    format: str
+    modules: list[Module]
+    leftover: list[str]
+    analysis: Analysis = field(repr=False)
+
+
+# The key format of a file, by the naming most of its modules have and its tensor convention.
+KEY_FORMATS = {"kohya": "kohya (lora_unet_/lora_te*_)", "lycoris": "LyCORIS (lycoris_)",
+               "comfyui": "ComfyUI (diffusion_model./text_encoders.)",
+               "diffusers": "diffusers/PEFT (unet./transformer./text_encoder.)",
+               "diffusers-legacy": "pre-PEFT diffusers (unet./text_encoder. with .lora.down)",
+               "peft": "PEFT (base_model.model.)", "ai-toolkit": "AI-toolkit (diffusers/PEFT "
+               "names)", "xlabs": "XLabs (double_blocks.N.processor.*_lora)",
+               "bfl-control": "BFL control LoRA (FLUX names, lora_A/lora_B, norm scales)",
+               "bare": "the model's own names, no prefix"}
+
+
+def read_modules(lora) -> tuple[str, list[Module], list[str]]:
+    """``(key format, modules, leftover keys)`` of an open LoRA checkpoint (``ckptkit.open``'s
+    ``Checkpoint``): the key format is one of ``KEY_FORMATS``; leftover keys are in no
+    complete module (bundled embeddings, stray tensors). Raises FormatError when the file
+    is no LoRA."""
+    found = read_lora(lora)
+    return found.format, found.modules, found.leftover
+
+
+def read_lora(lora) -> LoraFile:
+    """``read_modules``, with the detection report."""
+    shapes = {k: t.shape for k, t in lora.tensors.items()}
+    return modules_of(shapes, lora.metadata, path=lora.path)
+
+
+def modules_of(shapes: Mapping[str, Shape], metadata: Mapping[str, str] | None = None,
+               values: Mapping[str, float] | None = None, path: str | None = None) -> LoraFile:
+    """``read_lora`` from a header: key -> shape, the metadata, the decoded alphas."""
+    found = analyse(shapes, metadata or {}, values)
+    if found is None:
+        raise FormatError("is not a LoRA or other adapter ckptkit knows (too many of its keys "
+                          "belong to no adapter module)", path)
+    modules = [_module(p) for p in found.adapters]
+    modules += [Module(k[: -len(".scale")], "set", {"set": k}, DIFFUSION_MODEL, "bare",
+                       k[: -len(".scale")], "bfl-control-lora") for k in found.scales]
+    return LoraFile(_key_format(found, metadata or {}), modules, list(found.leftover), found)
+
+
+def _module(p: Parsed) -> Module:
+    adapter = _ADAPTERS[p.fmt or "lycoris-full"] if p.fmt != "bfl-control-lora" else "lora"
+    if adapter == "lora" and "dora_scale" in p.roles:
+        adapter = "dora"
+    return Module(p.name, adapter, dict(p.roles), p.component, naming(p), path(p), p.fmt or "")
+
+
+def _key_format(found: Analysis, metadata: Mapping[str, str]) -> str:
+    if found.info.format == "bfl-control-lora":
+        return "bfl-control"
+    namings = Counter(naming(p) for p in found.adapters)
+    name = namings.most_common(1)[0][0]
+    if name == "diffusers" and found.info.format == "diffusers-legacy":
+        return "diffusers-legacy"
+    if name == "diffusers" and "ai-toolkit" in (metadata.get("software") or ""):
+        return "ai-toolkit"
+    return name
+
+
+# --- the shape of a module's change ------------------------------------------------------
+
+
+def delta_rows(module: Module, shapes: Mapping[str, Shape]) -> int | None:
+    """Rows (output features) of the weight the module changes, or None where its tensors do
+    not say ((IA)^3 on the input). Raises ValueError, one sentence, when its tensors do not
+    fit together (a rank mismatch)."""
+    return _delta(module, shapes)[0]
+
+
+def delta_cols(module: Module, shapes: Mapping[str, Shape]) -> int | None:
+    """The product of the other dimensions of the weight it changes (in x k x k), or None
+    where its tensors do not say (OFT, (IA)^3). Raises ValueError as ``delta_rows``."""
+    return _delta(module, shapes)[1]
+
+
+def delta_size(module: Module, shapes: Mapping[str, Shape]) -> tuple[int | None, int | None]:
+    """``(delta_rows, delta_cols)``."""
+    return _delta(module, shapes)
+
+
+def _prod(dims) -> int:
+    return math.prod(dims) if dims else 1
+
+
+def _delta(m: Module, shapes: Mapping[str, Shape]) -> tuple[int | None, int | None]:
+    k = m.keys
+
+    def sh(role: str) -> Shape:
+        return tuple(shapes[k[role]])
+
+    def rank_check(a: str, ax: int, b: str, bx: int) -> None:
+        if sh(a)[ax] != sh(b)[bx]:
+            raise ValueError(f"rank mismatch: {k[a]} is {fmt_shape(sh(a))} but {k[b]} is "
+                             f"{fmt_shape(sh(b))}")
+
+    if m.adapter in ("lora", "dora"):
+        rank_check("up", 1, "down", 0)
+        if "mid" in k:
+            rank_check("mid", 0, "down", 0)
+            rank_check("mid", 1, "up", 1)
+            return sh("up")[0], sh("down")[1] * _prod(sh("mid")[2:])
+        return sh("up")[0], sh("down")[1] * _prod(sh("down")[2:])
+    if m.adapter == "loha":
+        for a, b in (("w1a", "w1b"), ("w2a", "w2b")):
+            t = "t" + a[1]
+            if t in k:
+                rank_check(a, 0, b, 0)
+            else:
+                rank_check(a, 1, b, 0)
+        if "t1" in k:
+            return sh("w1a")[1], sh("w1b")[1] * _prod(sh("t1")[2:])
+        return sh("w1a")[0], sh("w1b")[1]
+    if m.adapter == "lokr":
+        if "w1" in k:
+            a, c = sh("w1")[:2]
+        else:
+            rank_check("w1a", 1, "w1b", 0)
+            a, c = sh("w1a")[0], sh("w1b")[1]
+        if "w2" in k:
+            b, d = sh("w2")[0], sh("w2")[1] * _prod(sh("w2")[2:])
+        elif "t2" in k:
+            rank_check("w2a", 0, "w2b", 0)
+            b, d = sh("w2a")[1], sh("w2b")[1] * _prod(sh("t2")[2:])
+        else:
+            rank_check("w2a", 1, "w2b", 0)
+            b, d = sh("w2a")[0], sh("w2b")[1]
+        return a * b, c * d
+    if m.adapter == "glora":
+        rank_check("b1", 1, "b2", 0)
+        rank_check("a1", 1, "a2", 0)
+        return sh("b1")[0], sh("b2")[1] * _prod(sh("b2")[2:])
+    if m.adapter in ("oft", "boft"):
+        blocks = sh("blocks")
+        return blocks[-3] * blocks[-1], None
+    if m.adapter == "diff":
+        if "diff" in k:
+            return sh("diff")[0], _prod(sh("diff")[1:])
+        return sh("diff_b")[0], None
+    if m.adapter == "set":
+        return (sh("set")[0] if sh("set") else 1), _prod(sh("set")[1:])
+    return None, None  # ia3: whether it scales inputs or outputs is a value, not a shape
+
+
+def rank(module: Module, shapes: Mapping[str, Shape]) -> int | None:
+    """The rank of a module's low-rank factors (None for adapters without one)."""
+    k = module.keys
+    role = {"lora": "down", "dora": "down", "glora": "a2"}.get(module.adapter)
+    if role:
+        return shapes[k[role]][0]
+    for role in ("w1b", "w2b"):
+        if role in k and module.adapter in ("loha", "lokr"):
+            return shapes[k[role]][0]
+    return None
