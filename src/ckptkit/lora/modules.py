@@ -28,7 +28,7 @@ Adapter types (``Module.adapter``) and the roles of their tensors (``Module.keys
 ``diff_b`` (a bias difference: ``.diff_b``, ``.b_norm``, and a BFL control LoRA's
 ``lora_B.bias``) may come beside any of them.
 
-A module's delta shape, for matching it against a model, is ``delta_rows``/``delta_cols``.
+A module's delta shape, for matching it against a model, is ``delta_size``; its rank ``rank``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class Module:
     for a module in no component ckptkit knows). ``naming``: how ``path`` names the layer
     ("kohya"/"lycoris" flatten the path with "_"; "comfyui", "diffusers", "peft", "bare",
     "xlabs" keep its dots); ``path``: the name after its prefix; ``convention``: the tensor
-    convention of the module (``keys``' format names: "kohya-lora", "peft", "kohya-oft"...).
+    convention of the module (``keys``' format names: "kohya-lora", "peft", "kohya-oft"...);
+    ``shapes``: role -> the shape of that tensor (from the header).
     """
 
     name: str
@@ -71,6 +72,7 @@ class Module:
     naming: str = ""
     path: str = ""
     convention: str = ""
+    shapes: Mapping[str, Shape] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,17 +118,19 @@ def modules_of(shapes: Mapping[str, Shape], metadata: Mapping[str, str] | None =
     if found is None:
         raise FormatError("is not a LoRA or other adapter ckptkit knows (too many of its keys "
                           "belong to no adapter module)", path)
-    modules = [_module(p) for p in found.adapters]
+    modules = [_module(p, shapes) for p in found.adapters]
     modules += [Module(k[: -len(".scale")], "set", {"set": k}, DIFFUSION_MODEL, "bare",
-                       k[: -len(".scale")], "bfl-control-lora") for k in found.scales]
+                       k[: -len(".scale")], "bfl-control-lora", {"set": tuple(shapes[k])})
+                for k in found.scales]
     return LoraFile(_key_format(found, metadata or {}), modules, list(found.leftover), found)
 
 
-def _module(p: Parsed) -> Module:
+def _module(p: Parsed, shapes: Mapping[str, Shape]) -> Module:
     adapter = _ADAPTERS[p.fmt or "lycoris-full"] if p.fmt != "bfl-control-lora" else "lora"
     if adapter == "lora" and "dora_scale" in p.roles:
         adapter = "dora"
-    return Module(p.name, adapter, dict(p.roles), p.component, naming(p), path(p), p.fmt or "")
+    return Module(p.name, adapter, dict(p.roles), p.component, naming(p), path(p), p.fmt or "",
+                  {role: tuple(shapes[key]) for role, key in p.roles.items()})
 
 
 def _key_format(found: Analysis, metadata: Mapping[str, str]) -> str:
@@ -144,33 +148,15 @@ def _key_format(found: Analysis, metadata: Mapping[str, str]) -> str:
 # --- the shape of a module's change ------------------------------------------------------
 
 
-def delta_rows(module: Module, shapes: Mapping[str, Shape]) -> int | None:
-    """Rows (output features) of the weight the module changes, or None where its tensors do
-    not say ((IA)^3 on the input). Raises ValueError, one sentence, when its tensors do not
-    fit together (a rank mismatch)."""
-    return _delta(module, shapes)[0]
-
-
-def delta_cols(module: Module, shapes: Mapping[str, Shape]) -> int | None:
-    """The product of the other dimensions of the weight it changes (in x k x k), or None
-    where its tensors do not say (OFT, (IA)^3). Raises ValueError as ``delta_rows``."""
-    return _delta(module, shapes)[1]
-
-
-def delta_size(module: Module, shapes: Mapping[str, Shape]) -> tuple[int | None, int | None]:
-    """``(delta_rows, delta_cols)``."""
-    return _delta(module, shapes)
-
-
-def _prod(dims) -> int:
-    return math.prod(dims) if dims else 1
-
-
-def _delta(m: Module, shapes: Mapping[str, Shape]) -> tuple[int | None, int | None]:
-    k = m.keys
+def delta_size(module: Module) -> tuple[int | None, int | None]:
+    """``(rows, cols)`` of the weight the module changes: its output features, and the
+    product of its other dimensions (in x k x k); None where the tensors do not say (OFT's
+    inputs, (IA)^3). Raises ValueError, one sentence, when the module's tensors do not fit
+    together (a rank mismatch)."""
+    k, m = module.keys, module
 
     def sh(role: str) -> Shape:
-        return tuple(shapes[k[role]])
+        return tuple(module.shapes[role])
 
     def rank_check(a: str, ax: int, b: str, bx: int) -> None:
         if sh(a)[ax] != sh(b)[bx]:
@@ -225,13 +211,16 @@ def _delta(m: Module, shapes: Mapping[str, Shape]) -> tuple[int | None, int | No
     return None, None  # ia3: whether it scales inputs or outputs is a value, not a shape
 
 
-def rank(module: Module, shapes: Mapping[str, Shape]) -> int | None:
+def _prod(dims) -> int:
+    return math.prod(dims) if dims else 1
+
+
+def rank(module: Module) -> int | None:
     """The rank of a module's low-rank factors (None for adapters without one)."""
-    k = module.keys
     role = {"lora": "down", "dora": "down", "glora": "a2"}.get(module.adapter)
     if role:
-        return shapes[k[role]][0]
+        return module.shapes[role][0]
     for role in ("w1b", "w2b"):
-        if role in k and module.adapter in ("loha", "lokr"):
-            return shapes[k[role]][0]
+        if role in module.shapes and module.adapter in ("loha", "lokr"):
+            return module.shapes[role][0]
     return None
