@@ -44,9 +44,14 @@ from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
 from ..ops.inspect import identify_checkpoint
 from ..ops.provenance import provenance, source_hashes
 from . import lowrank
+from .names import FORMATS, Named, module_names
 
 MIN_DIFF = 0.01  # kohya extract_lora_from_models.py: a text encoder that moved less is "the same"
-FORMATS = ("kohya", "comfyui", "diffusers")
+# The down and up tensors' names: kohya's (which ComfyUI's LoraSave writes too), PEFT's for
+# diffusers (``save_lora_weights``), which stores no alpha.
+_LEAVES = {"kohya": (".lora_down.weight", ".lora_up.weight"),
+           "comfyui": (".lora_down.weight", ".lora_up.weight"),
+           "diffusers": (".lora_A.weight", ".lora_B.weight")}
 _MODELS = ("checkpoint", "diffusion-model", "text-encoder")
 # kohya's ss_base_model_version and ss_network_module by family (sd-scripts model_util,
 # sdxl_model_util, flux_utils, sd3_utils; networks/lora*.py).
@@ -71,6 +76,7 @@ class ExtractReport:
     retained: dict[str, float] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)  # component -> why
     unchanged_modules: int = 0
+    unnamed: int = 0  # layers the output format has no name for (left out)
     # changed tensors a LoRA cannot hold (biases, norms, embeddings), by component
     not_held: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -90,6 +96,7 @@ class _Pair:
     rank: int = 0
     kept_sq: float = 0.0
     factors: tuple[Any, Any] | None = None
+    named: tuple[Named, ...] = ()  # the output modules (``names.module_names``)
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,7 @@ def extract(base: str, tuned: str, out: str, options: Options, *,
         else:
             for pair in pairs:
                 pair.rank = _cap(pair, options)
-        planned = [p for pair in pairs for p in _planned(fam, pair, options, device)]
+        planned = [p for pair in pairs for p in _planned(pair, options, device)]
         report.modules = len(pairs)
         metadata = {**_kohya_metadata(fam, pairs, options),
                     **provenance("lora extract", [base, tuned],
@@ -260,8 +267,12 @@ def _pairs(fam: Family, paths: tuple[str, str], opened: list[Checkpoint],
                 continue
             if len(shape_a) == 4 and shape_a[2:] != (1, 1) and _conv_rank(options) == 0:
                 continue
+            named = _named(fam, name, key, shape_a[0], options.fmt)
+            if named is None:
+                report.unnamed += 1
+                continue
             pairs.append(_Pair(name, key, partial(read_moved, a[key], opened[0]),
-                               partial(read_moved, b[key], opened[1]), shape_a))
+                               partial(read_moved, b[key], opened[1]), shape_a, named=named))
         report.not_held[name] = _changed_elsewhere(opened, a, b, {p.key for p in pairs
                                                                   if p.component == name})
     return pairs
@@ -391,44 +402,61 @@ def _decompose(pair: _Pair, options: Options, device) -> tuple[Any, Any]:
     return factors
 
 
-def _names(fam: Family, pair: _Pair, fmt: str) -> tuple[str, str, str]:
-    """The module's down, up and alpha keys (ComfyUI's naming: ``diffusion_model.<key>``)."""
-    module = pair.key[:-len(".weight")]
-    prefix = "diffusion_model." if pair.component == DIFFUSION_MODEL else \
-        f"text_encoders.{pair.component}.transformer."
-    return (f"{prefix}{module}.lora_down.weight", f"{prefix}{module}.lora_up.weight",
-            f"{prefix}{module}.alpha")
+def _named(fam: Family, component: str, key: str, rows: int, fmt: str
+           ) -> tuple[Named, ...] | None:
+    """The output modules of a weight in ``fmt`` (several where the format splits a fused
+    weight, each with its rows), or None where the format has no name for it."""
+    try:
+        return module_names(fam.id, component, key, fmt, rows=rows)
+    except (KeyError, ValueError):
+        return None
 
 
-def _planned(fam: Family, pair: _Pair, options: Options, device) -> list[Planned]:
+def _planned(pair: _Pair, options: Options, device) -> list[Planned]:
+    """down, up and alpha of each output module of the pair: one decomposition, its up
+    split by rows where the format names the weight's rows as several modules (each keeps
+    the same down: the truncation restricted to its rows, exactly)."""
+    import torch
+
     dtype: DType = CLI_NAMES[options.dtype]
-    rank = pair.rank
-    down_key, up_key, alpha_key = _names(fam, pair, options.fmt)
+    wanted = torch_dtype(dtype)
+    rank, out_rows = pair.rank, pair.shape[0]
     rest = pair.shape[1:]
     conv = len(pair.shape) == 4
-    down_shape = (rank, *rest)
-    up_shape = (pair.shape[0], rank, 1, 1) if conv else (pair.shape[0], rank)
     held: dict[str, Any] = {}
+    named = pair.named
+    left = [2 * len(named)]  # tensors still to hand out from the decomposition
 
-    def down():
-        if pair.factors is None:
-            up_t, down_t = _decompose(pair, options, device)
-            held["up"] = up_t
-            return down_t.to(torch_dtype(dtype))
-        return pair.factors[1]
+    def take(which: str, piece: Named):
+        if not held:
+            if pair.factors is None:
+                held["up"], held["down"] = _decompose(pair, options, device)
+            else:
+                held["up"], held["down"] = pair.factors
+        tensor = held[which]
+        left[0] -= 1
+        if left[0] == 0:
+            held.clear()
+        if which == "up" and (piece.rows or piece.swap):
+            start, stop = piece.rows or (0, out_rows)
+            tensor = tensor[start:stop]
+            if piece.swap:
+                half = tensor.shape[0] // 2
+                tensor = torch.cat([tensor[half:], tensor[:half]])
+        return tensor.to(wanted).contiguous()
 
-    def up():
-        if pair.factors is None:
-            return held.pop("up").to(torch_dtype(dtype))
-        return pair.factors[0]
-
-    def alpha():
-        import torch
-
-        return torch.tensor(float(rank), dtype=torch_dtype(dtype))
-
-    return [Planned(down_key, dtype, down_shape, down), Planned(up_key, dtype, up_shape, up),
-            Planned(alpha_key, dtype, (), alpha)]
+    down_leaf, up_leaf = _LEAVES[options.fmt]
+    planned = []
+    for piece in named:
+        start, stop = piece.rows or (0, out_rows)
+        up_shape = (stop - start, rank, 1, 1) if conv else (stop - start, rank)
+        planned += [Planned(piece.name + down_leaf, dtype, (rank, *rest),
+                            partial(take, "down", piece)),
+                    Planned(piece.name + up_leaf, dtype, up_shape, partial(take, "up", piece))]
+        if options.fmt != "diffusers":  # PEFT's default alpha is the rank: the same scale 1
+            planned.append(Planned(piece.name + ".alpha", dtype, (),
+                                   partial(torch.tensor, float(rank), dtype=wanted)))
+    return planned
 
 
 def _retained(pairs: list[_Pair]) -> dict[str, float]:
