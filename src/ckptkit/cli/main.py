@@ -15,9 +15,19 @@ import sys
 from .. import __version__
 from ..errors import CkptError
 from ..safe_text import printable
-from . import convert_cmd, inspect_cmd, merge_cmd, parts_cmd, prune_cmd, sample_cmd, scan_cmd
+from . import (
+    convert_cmd,
+    inspect_cmd,
+    lora_cmd,
+    merge_cmd,
+    parts_cmd,
+    prune_cmd,
+    sample_cmd,
+    scan_cmd,
+)
 
-COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd)
+COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd,
+            lora_cmd)
 
 
 class _Parser(argparse.ArgumentParser):
