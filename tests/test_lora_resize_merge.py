@@ -15,14 +15,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # Four layers of SD 1.5's U-Net: diffusers name (kohya's SD 1.x names), canonical (ComfyUI)
-# name, weight shape. attn2.to_k's 768 inputs say SD 1.x.
+# name, weight shape (the convolution narrowed to 32 inputs, for time). attn2.to_k's 768
+# inputs say SD 1.x.
 LAYERS = {
     "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k":
         ("input_blocks.1.1.transformer_blocks.0.attn2.to_k", (320, 768)),
     "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
         ("input_blocks.1.1.transformer_blocks.0.attn1.to_q", (320, 320)),
     "down_blocks.0.attentions.0.proj_in": ("input_blocks.1.1.proj_in", (320, 320, 1, 1)),
-    "down_blocks.0.resnets.0.conv1": ("input_blocks.1.0.in_layers.2", (320, 320, 3, 3)),
+    "down_blocks.0.resnets.0.conv1": ("input_blocks.1.0.in_layers.2", (320, 32, 3, 3)),
 }
 LEAVES = {"kohya": (".lora_down.weight", ".lora_up.weight"),
           "comfyui": (".lora_down.weight", ".lora_up.weight"),
@@ -106,7 +107,7 @@ def test_resize_is_the_truncated_svd_of_the_product(tmp_path, capsys):
         ref = _svd(full)[1][:4]
         assert torch.allclose(ours, ref, rtol=1e-4, atol=0)
     conv = got[_name("kohya", "down_blocks.0.resnets.0.conv1") + ".lora_down.weight"]
-    assert conv.shape == (4, 320, 3, 3)  # LoCon: the kernel stays in down
+    assert conv.shape == (4, 32, 3, 3)  # LoCon: the kernel stays in down
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and meta["ckptkit.operation"] == "lora resize"
@@ -252,7 +253,7 @@ def test_merge_writes_a_diff_above_half_the_layer(tmp_path, capsys):
                                   for t in (ta, tb))
     _same(got[q + ".diff"].double(), (sa * ua @ da + sb * ub @ db).double())
     conv = _name("kohya", "down_blocks.0.resnets.0.conv1")
-    assert got[conv + ".diff"].shape == (320, 320, 3, 3)
+    assert got[conv + ".diff"].shape == (320, 32, 3, 3)
     assert "4 modules written as a full .diff" in text
     code, _, err = run_cli(capsys, "lora", "merge", a, b, "-o", out, "--rank", "150")
     assert code == 0, err
