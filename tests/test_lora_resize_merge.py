@@ -274,3 +274,18 @@ def test_merge_refusals(tmp_path, capsys):
     code, _, err = run_cli(capsys, "lora", "merge", a, b, "-o", out)
     assert code == 2
     assert not out.exists()
+
+
+def test_merge_names_a_layer_only_a_later_lora_has_in_the_first_ones_format(tmp_path, capsys):
+    a, b, out = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "m.safetensors"
+    write_lora(a, "comfyui", 4, 4.0, seed=14)
+    tb = write_lora(b, "kohya", 4, 2.0, seed=15)
+    state = load_file(str(a))
+    only_b = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({k: v for k, v in state.items() if LAYERS[only_b][0] not in k}, str(a))
+    code, _, err = run_cli(capsys, "lora", "merge", a, b, "-o", out, "--concat")
+    assert code == 0, err
+    got = load_file(str(out))
+    assert all(k.startswith("diffusion_model.") for k in got)  # ComfyUI's names throughout
+    up, down, scale = tb[only_b]
+    _same(_change(got, _name("comfyui", only_b)), (up @ down * scale).double())

@@ -12,8 +12,10 @@ its factors there.
 Modules are matched across files by the layer they change, not by name: names in any key
 format the LoRAs use are turned into the family's canonical weight names
 (``targets.pieces``), so a kohya LoRA and a diffusers/PEFT one of the same family merge.
-The output takes its names from the first LoRA that has each module; its factors carry the
-scales (alpha = rank, scale 1). Only LoRA and LoCon modules can be summed as products: a
+The output is in the first LoRA's key format: a layer that LoRA has keeps its module's
+names; one only later LoRAs have is named as the first LoRA's format names that layer
+(``names.module_name``), or keeps its own name where that format has none for it. The factors
+carry the scales (alpha = rank, scale 1). Only LoRA and LoCon modules can be summed as products: a
 file with other adapter types (LoHa, LoKr, DoRA, ...) is refused, naming them.
 """
 
@@ -33,6 +35,7 @@ from ..formats.dtypes import DType, torch_dtype
 from ..ops.provenance import provenance, source_hashes
 from . import factored, lowrank
 from .modules import Module, read_lora
+from .names import module_name
 from .targets import _Miss, names, pieces
 
 _KOHYA_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "modelspec.architecture")
@@ -49,10 +52,13 @@ class MergeReport:
 
 @dataclass
 class _Layer:
-    """One layer's modules across the LoRAs: (input index, module, weight x scale)."""
+    """One layer's modules across the LoRAs: (input index, module, weight x scale); what it
+    is (``_identity``); its tensors' names in the output: down, up, alpha (None: none)."""
 
     parts: list[tuple[int, Module, float]]
     shape: tuple[int, ...]
+    identity: tuple
+    keys: tuple[str, str, str | None] = ("", "", None)
     rank: int = 0
     diff: bool = False
     total_sq: float = 0.0
@@ -149,7 +155,8 @@ def _layers(inputs: list[tuple[str, float]], loras: list[Checkpoint]) -> dict[tu
                              "modules only")
         for module in file.modules:
             shape = factored.layer_shape(module)
-            layer = layers.setdefault(_identity(module, family), _Layer([], shape))
+            identity = _identity(module, family)
+            layer = layers.setdefault(identity, _Layer([], shape, identity))
             if layer.shape != shape:
                 raise UsageError(f"{module.name} of {path} changes a {list(shape)} weight, "
                                  f"where another LoRA's module for that layer changes "
@@ -157,7 +164,33 @@ def _layers(inputs: list[tuple[str, float]], loras: list[Checkpoint]) -> dict[tu
             if any(j == i for j, _, _ in layer.parts):
                 raise UsageError(f"{path} has two modules for the layer of {module.name}")
             layer.parts.append((i, module, weight * factored.scale(module, lora)))
+    for layer in layers.values():
+        layer.keys = _output_keys(layer, files[0].format, family)
     return layers
+
+
+# The down and up leaves of each output format; kohya's and ComfyUI's carry an alpha.
+_LEAVES = {"kohya": (".lora_down.weight", ".lora_up.weight"),
+           "comfyui": (".lora_down.weight", ".lora_up.weight"),
+           "diffusers": (".lora_A.weight", ".lora_B.weight")}
+
+
+def _output_keys(layer: _Layer, first_format: str, family: str | None
+                 ) -> tuple[str, str, str | None]:
+    """The layer's down, up and alpha keys in the output (see the module doc)."""
+    index, module, _ = layer.parts[0]
+    pieces_ = layer.identity[1]
+    if index != 0 and family and first_format in _LEAVES and isinstance(pieces_, tuple) \
+            and len(pieces_) == 1 and pieces_[0][1:] == (None, None):
+        try:
+            name = module_name(family, module.component, pieces_[0][0], first_format)
+        except (KeyError, ValueError):
+            name = None
+        if name:
+            down, up = _LEAVES[first_format]
+            alpha = name + ".alpha" if first_format != "diffusers" else None
+            return name + down, name + up, alpha
+    return module.keys["down"], module.keys["up"], module.keys.get("alpha")
 
 
 def _product(layer: _Layer, loras: list[Checkpoint]) -> tuple[list[Any], list[Any]]:
@@ -170,13 +203,14 @@ def _product(layer: _Layer, loras: list[Checkpoint]) -> tuple[list[Any], list[An
 
 
 def _plan(layer: _Layer, loras: list[Checkpoint], concat: bool) -> list[Planned]:
-    """The layer's tensors under the first module's names: down, up and alpha (= rank, where
-    that module has one), or one ``.diff``."""
+    """The layer's tensors (``layer.keys``): down, up and alpha (= rank, where the format
+    has one), or one ``.diff``."""
     import torch
 
     first_index, first, _ = layer.parts[0]
     dtype: DType = loras[first_index][first.keys["up"]].dtype
     shape, r = layer.shape, layer.rank
+    down_key, up_key, alpha_key = layer.keys
     held: dict[str, Any] = {}
 
     def factors():
@@ -195,7 +229,7 @@ def _plan(layer: _Layer, loras: list[Checkpoint], concat: bool) -> list[Planned]
         return (up @ down).reshape(shape).to(torch_dtype(dtype))
 
     if layer.diff:
-        return [Planned(first.name + ".diff", dtype, shape, diff)]
+        return [Planned(down_key.rsplit(".", 2)[0] + ".diff", dtype, shape, diff)]
 
     def down():
         up, down = lowrank.to_lora_shapes(*factors(), shape)
@@ -203,10 +237,10 @@ def _plan(layer: _Layer, loras: list[Checkpoint], concat: bool) -> list[Planned]
         return down.to(torch_dtype(dtype))
 
     conv = len(shape) == 4
-    planned = [Planned(first.keys["down"], dtype, (r, *shape[1:]), down),
-               Planned(first.keys["up"], dtype, (shape[0], r, 1, 1) if conv else (shape[0], r),
+    planned = [Planned(down_key, dtype, (r, *shape[1:]), down),
+               Planned(up_key, dtype, (shape[0], r, 1, 1) if conv else (shape[0], r),
                        lambda: held.pop("up"))]
-    if "alpha" in first.keys:  # else the loaders' default, alpha = rank, is the same scale
-        planned.append(Planned(first.keys["alpha"], dtype, (),
+    if alpha_key:  # else the loaders' default, alpha = rank, is the same scale
+        planned.append(Planned(alpha_key, dtype, (),
                                lambda: torch.tensor(float(r), dtype=torch_dtype(dtype))))
     return planned
