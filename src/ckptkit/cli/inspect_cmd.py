@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import CkptError, FormatError, UnsafeFileError, counted, worse_exit
 from ..formats import detect_format
 from ..formats.sniff import MODEL_EXTENSIONS
+from ..lora.detect import KEY_FORMATS
 from ..ops.inspect import inspect_diffusers_folder, inspect_file, is_diffusers_folder
 from ..ops.scan import ERROR, ScanResult, walk
 from ..safe_text import json_dumps, json_safe, printable
@@ -348,6 +349,10 @@ def _print_identification(ident: dict[str, Any], out) -> None:
             alphas = f"[{', '.join(str(a) for a in alphas)}]"
         out(f"  {'lora':<11}{lora['format']}, ranks {lora['ranks']}, alphas {alphas}, "
             f"{counted(lora['modules'], 'module')} in {', '.join(lora['components'])}\n")
+        if lora.get("key_format"):  # what `ckpt lora check` says of it too
+            adapters = ", ".join(f"{n:,} {a}" for a, n in lora["adapters"].items())
+            name = KEY_FORMATS.get(lora["key_format"], lora["key_format"])
+            out(f"  {'key format':<11}{name}; modules: {adapters}\n")
     sampling = ident.get("sampling")
     if sampling:
         w, h = sampling["resolution"]

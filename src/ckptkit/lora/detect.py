@@ -14,10 +14,46 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .families import SD3_FAMILIES, diffusion_families, encoder_families, encoder_of, names
-from .keys import BFL_ROOT, DIFFUSION_MODEL, Parsed, locate, measured, split_keys
+from .keys import BFL_ROOT, DIFFUSION_MODEL, Parsed, locate, measured, naming, split_keys
 from .metadata import metadata_families, read_alphas
 
 COMPONENT_ORDER = ("diffusion_model", "clip_l", "clip_g", "openclip_h", "t5xxl")
+
+# The adapter type of each tensor convention (keys.Parsed.fmt); "dora" where a lora has a
+# dora_scale.
+_ADAPTER_OF = {"kohya-lora": "lora", "peft": "lora", "diffusers-legacy": "lora",
+             "xlabs-flux": "lora", "lycoris-loha": "loha", "lycoris-lokr": "lokr",
+             "lycoris-glora": "glora", "lycoris-oft": "oft", "kohya-oft": "oft",
+             "lycoris-boft": "boft", "lycoris-ia3": "ia3", "lycoris-full": "diff"}
+ADAPTERS = ("lora", "dora", "loha", "lokr", "glora", "oft", "boft", "ia3", "diff", "set")
+
+# The key format of a file, by the naming most of its modules have and its tensor convention.
+KEY_FORMATS = {"kohya": "kohya (lora_unet_/lora_te*_)", "lycoris": "LyCORIS (lycoris_)",
+               "comfyui": "ComfyUI (diffusion_model./text_encoders.)",
+               "diffusers": "diffusers/PEFT (unet./transformer./text_encoder.)",
+               "diffusers-legacy": "pre-PEFT diffusers (unet./text_encoder. with .lora.down)",
+               "peft": "PEFT (base_model.model.)", "ai-toolkit": "AI-toolkit (diffusers/PEFT "
+               "names)", "xlabs": "XLabs (double_blocks.N.processor.*_lora)",
+               "bfl-control": "BFL control LoRA (FLUX names, lora_A/lora_B, norm scales)",
+               "bare": "the model's own names, no prefix"}
+
+
+def adapter_type(mod: Parsed) -> str:
+    """A module's adapter type (one of ``ADAPTERS``)."""
+    adapter = _ADAPTER_OF.get(mod.fmt or "lycoris-full", "lora")
+    return "dora" if adapter == "lora" and "dora_scale" in mod.roles else adapter
+
+
+def _key_format(adapters: list[Parsed], fmt: str, metadata: Mapping[str, str]) -> str:
+    """The naming most modules have (``KEY_FORMATS``), told apart further by the tensors."""
+    if fmt == "bfl-control-lora":
+        return "bfl-control"
+    name = Counter(naming(p) for p in adapters).most_common(1)[0][0]
+    if name == "diffusers" and fmt == "diffusers-legacy":
+        return "diffusers-legacy"
+    if name == "diffusers" and "ai-toolkit" in (metadata.get("software") or ""):
+        return "ai-toolkit"
+    return name
 
 _FORMAT_NAMES = {
     "kohya-lora": "kohya LoRA/LoCon (.lora_down/.lora_up)",
@@ -53,6 +89,9 @@ class LoraInfo:
     ranks: list[int]
     alphas: list[float] | None
     reasons: list[str] = field(default_factory=list)
+    # The naming of the module names (KEY_FORMATS) and the modules by adapter type.
+    key_format: str = ""
+    adapters: dict[str, int] = field(default_factory=dict)
     # Modules by component and format: {"component", "format", "modules", "ranks": [lo, hi]},
     # what a report shows instead of a line per module.
     groups: list[dict] = field(default_factory=list)
@@ -145,6 +184,9 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str],
     info = LoraInfo(format=fmt, dora=dora, family=family,
                     components=[c for c in COMPONENT_ORDER if c in components],
                     modules=len(adapters), ranks=ranks, alphas=alphas, reasons=reasons,
+                    key_format=_key_format(adapters, fmt, metadata),
+                    adapters=dict(Counter(adapter_type(m) for m in adapters)
+                                  + Counter({"set": len(scales)})),
                     groups=_groups(adapters))
     return Analysis(info, adapters, scales, leftover)
 

@@ -122,6 +122,37 @@ def _diffusers_config(metadata: Mapping[str, str], reasons: list[str]) -> dict |
     return out
 
 
+def peft_alpha(metadata: Mapping[str, str], component: str, path: str,
+               rank: int) -> float | None:
+    """The alpha diffusers' ``lora_adapter_metadata`` gives the module at ``path`` (dotted, in
+    the component whose prefix is ``component``: "unet", "transformer", "text_encoder"...): its
+    ``alpha_pattern`` entry (a module path or a suffix of one, as PEFT matches them; read as
+    plain text, never as a regular expression), else the component's ``lora_alpha``. With
+    ``use_rslora`` the scale is alpha/sqrt(r): the alpha returned gives that scale as
+    alpha/r. None when the metadata says nothing usable."""
+    config = _json_metadata(metadata.get("lora_adapter_metadata") or "")
+    if not isinstance(config, dict):
+        return None
+    patterns = config.get(f"{component}.alpha_pattern")
+    found = None
+    if isinstance(patterns, dict):
+        for pattern, value in patterns.items():
+            if isinstance(pattern, str) and (path == pattern or path.endswith("." + pattern)):
+                found = _number(value)
+                break
+    if found is None:
+        found = _number(config.get(f"{component}.lora_alpha"))
+    if found is not None and config.get(f"{component}.use_rslora") is True:
+        found *= math.sqrt(rank)
+    return found
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return _as_float(value)
+
+
 def _as_float(text: object) -> float | None:
     """A finite number from metadata, or None (not a number, NaN, infinite, too large)."""
     try:

@@ -28,28 +28,25 @@ Adapter types (``Module.adapter``) and the roles of their tensors (``Module.keys
 ``diff_b`` (a bias difference: ``.diff_b``, ``.b_norm``, and a BFL control LoRA's
 ``lora_B.bias``) may come beside any of them.
 
-A module's delta shape, for matching it against a model, is ``delta_size``; its rank ``rank``.
+A module's delta shape, for matching it against a model, is ``delta_size``; its rank ``rank``;
+its alpha ``alpha`` (None: scale 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import FormatError
-from .detect import Analysis, analyse
-from .keys import DIFFUSION_MODEL, Parsed, Shape, fmt_shape, naming, path
+from .detect import ADAPTERS, KEY_FORMATS, Analysis, adapter_type, analyse
+from .keys import DIFFUSION_MODEL, Parsed, Shape, fmt_shape, naming
+from .keys import path as name_path
+from .metadata import peft_alpha
 
-# The adapter type of each tensor convention (keys.Parsed.fmt); "dora" where a lora has a
-# dora_scale.
-_ADAPTERS = {"kohya-lora": "lora", "peft": "lora", "diffusers-legacy": "lora",
-             "xlabs-flux": "lora", "lycoris-loha": "loha", "lycoris-lokr": "lokr",
-             "lycoris-glora": "glora", "lycoris-oft": "oft", "kohya-oft": "oft",
-             "lycoris-boft": "boft", "lycoris-ia3": "ia3", "lycoris-full": "diff"}
-ADAPTERS = ("lora", "dora", "loha", "lokr", "glora", "oft", "boft", "ia3", "diff", "set")
-
+__all__ = ["ADAPTERS", "KEY_FORMATS", "LoraFile", "Module", "alpha", "alpha_values", "delta_size",
+           "modules_of", "rank", "read_lora", "read_modules"]
 
 @dataclass(frozen=True)
 class Module:
@@ -85,17 +82,6 @@ class LoraFile:
     analysis: Analysis = field(repr=False)
 
 
-# The key format of a file, by the naming most of its modules have and its tensor convention.
-KEY_FORMATS = {"kohya": "kohya (lora_unet_/lora_te*_)", "lycoris": "LyCORIS (lycoris_)",
-               "comfyui": "ComfyUI (diffusion_model./text_encoders.)",
-               "diffusers": "diffusers/PEFT (unet./transformer./text_encoder.)",
-               "diffusers-legacy": "pre-PEFT diffusers (unet./text_encoder. with .lora.down)",
-               "peft": "PEFT (base_model.model.)", "ai-toolkit": "AI-toolkit (diffusers/PEFT "
-               "names)", "xlabs": "XLabs (double_blocks.N.processor.*_lora)",
-               "bfl-control": "BFL control LoRA (FLUX names, lora_A/lora_B, norm scales)",
-               "bare": "the model's own names, no prefix"}
-
-
 def read_modules(lora) -> tuple[str, list[Module], list[str]]:
     """``(key format, modules, leftover keys)`` of an open LoRA checkpoint (``ckptkit.open``'s
     ``Checkpoint``): the key format is one of ``KEY_FORMATS``; leftover keys are in no
@@ -108,7 +94,7 @@ def read_modules(lora) -> tuple[str, list[Module], list[str]]:
 def read_lora(lora) -> LoraFile:
     """``read_modules``, with the detection report."""
     shapes = {k: t.shape for k, t in lora.tensors.items()}
-    return modules_of(shapes, lora.metadata, path=lora.path)
+    return modules_of(shapes, lora.metadata, alpha_values(lora), path=lora.path)
 
 
 def modules_of(shapes: Mapping[str, Shape], metadata: Mapping[str, str] | None = None,
@@ -122,27 +108,12 @@ def modules_of(shapes: Mapping[str, Shape], metadata: Mapping[str, str] | None =
     modules += [Module(k[: -len(".scale")], "set", {"set": k}, DIFFUSION_MODEL, "bare",
                        k[: -len(".scale")], "bfl-control-lora", {"set": tuple(shapes[k])})
                 for k in found.scales]
-    return LoraFile(_key_format(found, metadata or {}), modules, list(found.leftover), found)
+    return LoraFile(found.info.key_format, modules, list(found.leftover), found)
 
 
 def _module(p: Parsed, shapes: Mapping[str, Shape]) -> Module:
-    adapter = _ADAPTERS[p.fmt or "lycoris-full"] if p.fmt != "bfl-control-lora" else "lora"
-    if adapter == "lora" and "dora_scale" in p.roles:
-        adapter = "dora"
-    return Module(p.name, adapter, dict(p.roles), p.component, naming(p), path(p), p.fmt or "",
-                  {role: tuple(shapes[key]) for role, key in p.roles.items()})
-
-
-def _key_format(found: Analysis, metadata: Mapping[str, str]) -> str:
-    if found.info.format == "bfl-control-lora":
-        return "bfl-control"
-    namings = Counter(naming(p) for p in found.adapters)
-    name = namings.most_common(1)[0][0]
-    if name == "diffusers" and found.info.format == "diffusers-legacy":
-        return "diffusers-legacy"
-    if name == "diffusers" and "ai-toolkit" in (metadata.get("software") or ""):
-        return "ai-toolkit"
-    return name
+    return Module(p.name, adapter_type(p), dict(p.roles), p.component, naming(p), name_path(p),
+                  p.fmt or "", {role: tuple(shapes[key]) for role, key in p.roles.items()})
 
 
 # --- the shape of a module's change ------------------------------------------------------
@@ -209,6 +180,34 @@ def delta_size(module: Module) -> tuple[int | None, int | None]:
     if m.adapter == "set":
         return (sh("set")[0] if sh("set") else 1), _prod(sh("set")[1:])
     return None, None  # ia3: whether it scales inputs or outputs is a value, not a shape
+
+
+def alpha_values(lora) -> dict[str, float]:
+    """The values of an open LoRA's 0-d ``.alpha`` tensors, by key (the only data that
+    reading a LoRA's modules reads); one that cannot be decoded is left out."""
+    values = {}
+    for key, tensor in lora.tensors.items():
+        if key.endswith(".alpha") and tensor.numel == 1:
+            with contextlib.suppress(FormatError):  # an alpha we cannot decode stays unknown
+                values[key] = tensor.scalar()
+    return values
+
+
+def alpha(module: Module, lora) -> float | None:
+    """The module's alpha: its ``.alpha`` tensor's value (0 read as "none", as kohya and
+    ComfyUI do), else for diffusers/PEFT names what diffusers' ``lora_adapter_metadata``
+    gives it (``metadata.peft_alpha``), else None: scale 1 (alpha = rank), as kohya, ComfyUI
+    and diffusers read a module without one. ``lora`` is the open LoRA checkpoint; only the
+    0-d alpha tensor is read."""
+    key = module.keys.get("alpha")
+    if key is not None:
+        value = lora.tensors[key].scalar()
+        return value if value != 0 else None
+    r = rank(module)
+    if module.naming in ("diffusers", "peft") and r:
+        component, _, path = module.name.partition(".")
+        return peft_alpha(lora.metadata, component, path, r)
+    return None
 
 
 def _prod(dims) -> int:

@@ -104,7 +104,7 @@ class Matching:
         return sum(len(u.modules) for u in self.unmatched)
 
 
-class _Miss(Exception):
+class Miss(Exception):
     """A module that lands nowhere: ``reason`` of ``REASONS`` and a sentence."""
 
     def __init__(self, reason: str, detail: str, example: str = ""):
@@ -189,23 +189,25 @@ def _legacy(path: str) -> str:
 
 def pieces(module: Module, table: Names) -> list[_Piece]:
     """Where a module's change lands, in the canonical names of ``table``'s component;
-    raises _Miss when no layer has its name."""
+    raises Miss when no layer has its name. A CLIP layer named without transformers'
+    ``text_model.`` level (transformers 5's own names) is read as if it were there, as
+    ckptkit reads such text encoders."""
     delta = _rows_or_none(module)
     if module.naming in FLAT_NAMINGS:
-        found = table.flat.get(module.path)
+        found = table.flat.get(module.path) or table.flat.get("text_model_" + module.path)
         if found is None:
-            raise _Miss("unknown-module", "no layer of the model has these names")
+            raise Miss("unknown-module", "no layer of the model has these names")
         tries = [found]
     elif module.naming == "xlabs" or (".processor." in module.path and "_lora" in module.path):
         got = _xlabs(module.path, delta)
         if got is None:
-            raise _Miss("unknown-module", "no layer of the model has these names")
+            raise Miss("unknown-module", "no layer of the model has these names")
         return got
     else:
         dotted = _legacy(module.path)
         order = ("diffusers", "canonical") if module.naming in ("diffusers", "peft") \
             else ("canonical", "diffusers")
-        tries = [(n, dotted) for n in order]
+        tries = [(n, p) for n in order for p in (dotted, "text_model." + dotted)]
     leaf = ".scale" if module.adapter == "set" and module.keys["set"].endswith(".scale") \
         else ".weight"
     for naming, p in tries:
@@ -215,7 +217,7 @@ def pieces(module: Module, table: Names) -> list[_Piece]:
                 return [(key, None, None)]
         if naming == "diffusers" and p in table.diffusers:
             return _from_diffusers(table.diffusers[p], table)
-    raise _Miss("unknown-module", "no layer of the model has these names")
+    raise Miss("unknown-module", "no layer of the model has these names")
 
 
 def _rows_or_none(module: Module) -> int | None:
@@ -335,12 +337,12 @@ def _model_family(ident: Identification, lora_family: str | None) -> Family:
         return families()[ident.family]
     fits = ident.compatible_families
     for fid in fits:
-        if lora_family and _compatible(lora_family, fid):
+        if lora_family and compatible(lora_family, fid):
             return families()[fid]
     return families()[fits[0]]
 
 
-def _compatible(lora_family: str, model_family: str) -> bool:
+def compatible(lora_family: str, model_family: str) -> bool:
     """Whether a LoRA detected as ``lora_family`` (``lora.detect``'s ids: "flux1" for both
     FLUX.1 models, "sd3" when the variant is open) was made for ``model_family``."""
     if lora_family == "flux1":
@@ -369,16 +371,16 @@ def match(modules: list[Module], model: Checkpoint, lora_family: str | None = No
     shapes = {k: t.shape for k, t in model.tensors.items()}
     parts = _model_parts(ident, list(shapes), shapes, lora_family)
     fams = [ident.family] if ident.family else list(ident.compatible_families)
-    other = lora_family is not None and not any(_compatible(lora_family, f) for f in fams)
+    other = lora_family is not None and not any(compatible(lora_family, f) for f in fams)
     targets: dict[str, tuple[Target, ...]] = {}
     groups: dict[tuple[str, str], Unmatched] = {}
     for module in modules:
         try:
             if other:
-                raise _Miss("other-family", f"the LoRA is for {lora_family}, the model is "
+                raise Miss("other-family", f"the LoRA is for {lora_family}; the model is "
                             f"{' / '.join(fams)}")
             targets[module.name] = _targets(module, parts, shapes)
-        except _Miss as miss:
+        except Miss as miss:
             group = groups.setdefault((miss.reason, miss.detail),
                                       Unmatched(miss.reason, miss.detail, example=miss.example))
             group.modules.append(module.name)
@@ -392,30 +394,30 @@ def match(modules: list[Module], model: Checkpoint, lora_family: str | None = No
 def _targets(module: Module, parts: dict[str, _Part], shapes: Mapping[str, Shape]
              ) -> tuple[Target, ...]:
     if module.adapter not in SUPPORTED:
-        raise _Miss("unsupported-adapter", f"{module.adapter} modules are not supported "
+        raise Miss("unsupported-adapter", f"{module.adapter} modules are not supported "
                     "(ComfyUI and diffusers do not apply them either)")
     part = parts.get(module.component)
     if part is None:
         what = "no component ckptkit knows" if module.component == "other" else \
             f"no {module.component}"
-        raise _Miss("missing-component", f"the model has {what}; these modules adapt it"
+        raise Miss("missing-component", f"the model has {what}"
                     if module.component != "other" else
                     "these modules adapt no component ckptkit knows")
     try:
         rows, cols = delta_size(module)
     except (ValueError, KeyError, IndexError) as exc:
-        raise _Miss("shape", "the module's own tensors do not fit together",
+        raise Miss("shape", "the module's own tensors do not fit together",
                     f"{module.name}: {exc}") from None
     found = pieces(module, part.names)
     out: list[Target] = []
     covered = 0
     for canonical, canon_rows, d_rows in found:
         if canonical in part.unreachable:
-            raise _Miss("other-layout", f"the model stores {canonical} transposed or "
+            raise Miss("other-layout", f"the model stores {canonical} transposed or "
                         "reshaped, which ckptkit does not apply a LoRA to")
         segments = part.segments.get(canonical)
         if segments is None:
-            raise _Miss("other-layout", f"the model file has no weight for {canonical} "
+            raise Miss("other-layout", f"the model file has no weight for {canonical} "
                         f"(its {part.name} is in the {part.layout} layout)")
         total = sum(s[3] for s in segments)
         a, b = canon_rows or (0, total)
@@ -428,7 +430,7 @@ def _targets(module: Module, parts: dict[str, _Part], shapes: Mapping[str, Shape
                               (d0 + lo - a, d0 + hi - a)))
             covered += hi - lo
     if rows is not None and covered != rows:
-        raise _Miss("shape", "the module changes another number of rows than the model's "
+        raise Miss("shape", "the module changes another number of rows than the model's "
                     "weight has", f"{module.name} changes {rows} rows; {_where(out)} has "
                     f"{covered}")
     if rows is None:
@@ -437,7 +439,7 @@ def _targets(module: Module, parts: dict[str, _Part], shapes: Mapping[str, Shape
     for t in out:
         shape = shapes[t.key]
         if cols is not None and _cols(shape) != cols:
-            raise _Miss("shape", "the module's input width differs from the model's weight",
+            raise Miss("shape", "the module's input width differs from the model's weight",
                         f"{module.name} changes a {rows} x {cols} weight; {t.key} is "
                         f"{fmt_shape(shape)}")
         whole = (0, _rows(shape))
@@ -464,7 +466,7 @@ def _check_bias(module: Module, targets: list[Target], shapes: Mapping[str, Shap
     for t in targets:
         key = bias_key(t)
         if key is None or key not in shapes:
-            raise _Miss("shape", "the module changes a bias the model's layer does not have",
+            raise Miss("shape", "the module changes a bias the model's layer does not have",
                         f"{module.name}: no {key or 'bias beside ' + t.key}")
 
 
