@@ -36,7 +36,7 @@ from ..ops.provenance import provenance, source_hashes
 from . import factored, lowrank
 from .modules import Module, read_lora
 from .names import module_name
-from .targets import _Miss, names, pieces
+from .targets import Miss, names, pieces
 
 _KOHYA_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "modelspec.architecture")
 
@@ -132,7 +132,7 @@ def _identity(module: Module, family: str | None) -> tuple:
             try:
                 return module.component, tuple(pieces(module, names(family, module.component,
                                                                      tiny)))
-            except (_Miss, KeyError):
+            except (Miss, KeyError):
                 continue
     return module.component, module.path.replace(".", "_")
 
