@@ -109,8 +109,9 @@ def merge(inputs: list[tuple[str, float]], out: str, *, rank: int | None = None,
                     **provenance("lora merge", paths, source_hashes(paths, hash_sources),
                                  weights=[w for _, w in inputs],
                                  rank="concat" if concat else str(rank))}
-        write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress,
-                          fsync=fsync)
+        with lowrank.one_thread():
+            write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress,
+                              fsync=fsync)
     ranks = [la.rank for la in layers.values() if not la.diff]
     report.ranks = {"min": min(ranks), "max": max(ranks)} if ranks else {}
     total = sum(la.total_sq for la in layers.values())

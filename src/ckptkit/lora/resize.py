@@ -97,8 +97,9 @@ def resize(src: str, out: str, options: Options, *, progress: Progress | None = 
         if not jobs:
             raise UsageError(f"{src} has no LoRA or LoCon modules to resize (it has "
                              f"{', '.join(factored.describe(a) for a in report.kept)})")
-        for job in jobs.values():
-            job.rank = _new_rank(job, lora, options)
+        with lowrank.one_thread():
+            for job in jobs.values():
+                job.rank = _new_rank(job, lora, options)
         planned = _plan(lora, jobs)
         folded = any("alpha" not in j.module.keys for j in jobs.values())
         metadata = {**inherited(lora.metadata, ("lora_adapter_metadata",) if folded else ()),
@@ -107,8 +108,9 @@ def resize(src: str, out: str, options: Options, *, progress: Progress | None = 
                                  rank=str(options.rank or ""), conv_rank=str(
                                      options.conv_rank or ""), dynamic=options.dynamic or "",
                                  value=str(options.value or ""))}
-        write_safetensors(out, planned, metadata, inputs=(src,), progress=progress,
-                          fsync=fsync)
+        with lowrank.one_thread():
+            write_safetensors(out, planned, metadata, inputs=(src,), progress=progress,
+                              fsync=fsync)
     ranks = [j.rank for j in jobs.values()]
     old = [factored.rank_of(j.module) for j in jobs.values()]
     total = sum(j.total_sq for j in jobs.values())
