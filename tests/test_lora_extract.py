@@ -200,3 +200,22 @@ def test_refusals(base, tmp_path, capsys):
                               "--json")
     assert code == 2 and "nothing to extract" in json.loads(text)["error"]
     assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_diffusers_reads_the_kohya_names(base, tmp_path, capsys):
+    """diffusers' own converter of kohya LoRAs (what ``load_lora_weights`` runs on them)
+    takes every module and puts each change on the layer it was extracted from."""
+    convert = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
+    tuned_path, out = tmp_path / "tuned.safetensors", tmp_path / "lora.safetensors"
+    tuned(base, tuned_path, [*CHANGED, *TE_CHANGED], rank=2)
+    code, _, err = run_cli(capsys, "lora", "extract", base, tuned_path, "-o", out,
+                           "--rank", "2")
+    assert code == 0, err
+    converted, alphas = convert._convert_non_diffusers_lora_to_diffusers(load_file(str(out)))
+    downs = [k for k in converted if k.endswith("down.weight")]
+    assert len(downs) == len(CHANGED) + len(TE_CHANGED) == len(alphas)
+    for layer, leaf in (("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.", "to_q"),
+                        ("unet.down_blocks.0.resnets.0.conv1.", ""),
+                        ("unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.", "to_v"),
+                        ("text_encoder.text_model.encoder.layers.0.self_attn.", "to_q")):
+        assert any(k.startswith(layer) and leaf in k for k in downs), layer
