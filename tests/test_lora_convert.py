@@ -30,6 +30,7 @@ from test_lora_detect import (
     peft,
     sd1_kohya,
     sdxl_kohya,
+    sdxl_unet,
 )
 
 # First and last blocks of each kind (kohya's names, "_"-joined): SD's down/up/mid and
@@ -237,6 +238,25 @@ def test_fusing_parts_of_different_scales(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- refusals
+
+
+def test_lycoris_adapters_round_trip_between_kohya_and_comfyui(tmp_path, capsys):
+    """LoHa, LoKr, DoRA and full diffs keep their tensors (LyCORIS' suffixes) under the
+    other naming."""
+    unet = {p: s for p, s in sdxl_unet().items() if "attn2" in p}
+    parts = [dict(list(kohya_named(unet, "lora_unet").items())[i::4]) for i in range(4)]
+    header = (loha(parts[0]) | lokr(parts[1]) | kohya(parts[2], dora=True)
+              | {f"{n}.diff": s for n, s in parts[3].items()})
+    original = random_lora(header, alpha=3.0)
+    comfy = convert(capsys, save(tmp_path, "lyco", original), "comfyui",
+                    str(tmp_path / "comfy.safetensors"))
+    first, second = list(unet)[:2]  # LoHa, LoKr: ComfyUI's dotted names, LyCORIS' suffixes
+    assert f"diffusion_model.{first}.hada_w1_a" in comfy
+    assert f"diffusion_model.{second}.lokr_w2_b" in comfy
+    assert any(k.endswith(".dora_scale") for k in comfy)
+    back = convert(capsys, str(tmp_path / "comfy.safetensors"), "kohya",
+                   str(tmp_path / "back.safetensors"))
+    assert same(back, original)
 
 
 def test_formats_that_cannot_hold_an_adapter_refuse(tmp_path, capsys):

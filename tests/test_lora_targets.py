@@ -20,6 +20,7 @@ from test_lora_detect import (
     REFINER_UNET,
     SD2_UNET,
     UNET_ATTN_DIFFUSERS,
+    UNET_CONV_DIFFUSERS,
     bfl_control_header,
     clip_model,
     flux,
@@ -34,6 +35,8 @@ from test_lora_detect import (
     modules_of,
     peft,
     sd1_kohya,
+    sd1_unet,
+    sd3_medium,
     sd3_model,
     sdxl_kohya,
     unet_model,
@@ -85,6 +88,19 @@ def sd2_header():
     return kohya(kohya_named(unet, "lora_unet")) | kohya(kohya_named(te, "lora_te"))
 
 
+def sd3_kohya():
+    sd3 = sd3_medium()
+    return functools.reduce(lambda a, b: a | b, (
+        kohya(kohya_named(sd3[part], f"lora_{part}")) for part in ("unet", "te1", "te2", "te3")))
+
+
+def sd1_locon():
+    """kohya's LoCon: the U-Net's resnets and resamplers too, 3x3 convolutions included."""
+    return kohya(kohya_named(sd1_unet() | linear_weights(mecha("sd1-kohya")["diffuser"], "unet.",
+                                                         UNET_CONV_DIFFUSERS), "lora_unet"),
+                 conv_rank=2)
+
+
 def peft_transformer(model, select: str = r".") -> dict:
     return peft({f"transformer.{p}": s for p, s in linear_modules(model, select).items()})
 
@@ -92,11 +108,13 @@ def peft_transformer(model, select: str = r".") -> dict:
 # (LoRA, family, layouts with every component, layouts of the diffusion model alone)
 CASES = {
     "sd1-kohya": (sd1_kohya, "sd1", ("ldm", "kohya"), ("comfyui", "diffusers")),
+    "sd1-locon": (sd1_locon, "sd1", ("ldm",), ("diffusers",)),
     "sdxl-kohya": (sdxl_kohya, "sdxl", ("ldm", "kohya"), ("comfyui", "diffusers")),
     "sd2-kohya": (sd2_header, "sd2", ("ldm",), ("comfyui", "diffusers")),
     "refiner-peft": (lambda: peft({f"unet.{p}": s for p, s in linear_modules(
         unet_model(tuple(REFINER_UNET.items())), UNET_ATTN_DIFFUSERS).items()}),
         "sdxl-refiner", ("ldm",), ("comfyui", "diffusers")),
+    "sd3-kohya": (sd3_kohya, "sd3-medium", ("ldm",), ("comfyui",)),
     "sd3-peft": (lambda: peft_transformer(sd3_model("sd3-medium")), "sd3-medium", ("ldm",),
                  ("comfyui", "diffusers")),
     "sd35m-peft": (lambda: peft_transformer(sd3_model("sd3.5-medium")), "sd3.5-medium",

@@ -9,10 +9,11 @@ reads the file's own text from (module names, metadata) is printed through ``pri
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
-from ..errors import CkptError, counted, worse_exit
+from ..errors import CkptError, UsageError, counted, worse_exit
 from ..formats import open_checkpoint
 from ..lora.check import applies, check_file
 from ..lora.convert import FORMATS, convert_file
@@ -62,6 +63,10 @@ def _add_check(sub) -> None:
 
 
 def _check(args) -> int:
+    if args.against and os.path.isdir(args.against):
+        raise UsageError("--against takes a weights file; for a diffusers folder, give the "
+                         "file of the component to check (unet/, transformer/, text_encoder/)",
+                         args.against)
     if args.against:
         with open_checkpoint(args.against) as model:
             ident = identify_checkpoint(model)
