@@ -2,7 +2,7 @@
 
 A module's change at strength 1 is ``scale · up @ down``, with scale = alpha / rank (a
 missing or zero alpha meaning alpha = rank, kohya's and LyCORIS's rule; a PEFT file without
-alpha tensors gets its ``lora_alpha`` from diffusers' ``lora_adapter_metadata``, else 1).
+alpha tensors gets its alpha from diffusers' ``lora_adapter_metadata``: ``modules.alpha``).
 A LoCon with a Tucker core (``mid``, r x r x k x k) is a product too: row ``o`` of its
 flattened change is Σ_a up[o, a] · M_a, with M_a = Σ_b mid[a, b] ⊗ down[b], so its down is
 M (r x in·k·k) and nothing needs the full matrix. Other adapter types (LoHa, LoKr, GLoRA,
@@ -11,13 +11,10 @@ OFT, (IA)^3, full diffs, DoRA) are not such products of a rank: ``LOW_RANK`` say
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Mapping
 from typing import Any
 
 from ..formats import Checkpoint
-from .modules import Module
+from .modules import Module, alpha
 
 LOW_RANK = ("lora",)
 _DESCRIBED = {"dora": "DoRA (its magnitudes were trained for this change; a new rank would "
@@ -43,26 +40,11 @@ def layer_shape(module: Module) -> tuple[int, ...]:
     return (up[0], *down[1:])
 
 
-def peft_alpha(metadata: Mapping[str, str]) -> float | None:
-    """``lora_alpha`` from diffusers' ``lora_adapter_metadata`` (a PEFT LoraConfig as JSON),
-    where a file has it."""
-    try:
-        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
-        alpha = config.get("lora_alpha") if isinstance(config, dict) else None
-    except (ValueError, RecursionError):
-        return None
-    return float(alpha) if isinstance(alpha, int | float) and math.isfinite(alpha) else None
-
-
 def scale(module: Module, lora: Checkpoint) -> float:
-    """alpha / rank for ``module`` (see the module doc)."""
-    if "alpha" in module.keys:
-        alpha: float | None = lora[module.keys["alpha"]].scalar()
-    else:
-        alpha = peft_alpha(lora.metadata)
-    if alpha is None or alpha == 0:
-        return 1.0
-    return alpha / rank_of(module)
+    """alpha / rank for ``module`` (``modules.alpha``: its .alpha tensor, or diffusers'
+    ``lora_adapter_metadata`` for PEFT names; none means scale 1)."""
+    value = alpha(module, lora)
+    return 1.0 if value is None else value / rank_of(module)
 
 
 def factors(module: Module, lora: Checkpoint, device: Any = "cpu") -> tuple[Any, Any]:
