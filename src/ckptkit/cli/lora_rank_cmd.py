@@ -7,7 +7,6 @@ import argparse
 from dataclasses import asdict
 
 from ..errors import CkptError, counted
-from ..formats.dtypes import CLI_NAMES
 from ..lora import extract as extract_op
 from ..lora import lowrank
 from ..lora import merge as merge_op
@@ -66,8 +65,8 @@ def add_extract(commands) -> None:
                    help="key names: kohya (default; ComfyUI, AUTOMATIC1111/Forge and "
                         "diffusers load it), comfyui (diffusion_model.*), diffusers "
                         "(unet./transformer. with lora_A/lora_B)")
-    p.add_argument("--dtype", choices=[n for n, d in CLI_NAMES.items() if d.is_float],
-                   default="fp16", help="precision of the LoRA (default fp16)")
+    p.add_argument("--dtype", choices=extract_op.DTYPES, default="fp16",
+                   help="precision of the LoRA (default fp16)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     _common(p)
     p.set_defaults(run=_extract)

@@ -46,6 +46,7 @@ from ..ops.provenance import provenance, source_hashes
 from . import lowrank
 from .names import FORMATS, Named, module_names
 
+DTYPES = ("fp16", "bf16", "fp32")  # what loaders take for a LoRA's factors
 MIN_DIFF = 0.01  # kohya extract_lora_from_models.py: a text encoder that moved less is "the same"
 # The down and up tensors' names: kohya's (which ComfyUI's LoraSave writes too), PEFT's for
 # diffusers (``save_lora_weights``), which stores no alpha.
@@ -118,8 +119,8 @@ class Options:
                              f"not {self.conv_rank}")
         if self.fmt not in FORMATS:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {self.fmt!r}")
-        if self.dtype not in CLI_NAMES or not CLI_NAMES[self.dtype].is_float:
-            raise UsageError(f"--dtype must be a floating type, not {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.dynamic is None:
             if self.value is not None:
                 raise UsageError("--value goes with --dynamic")
