@@ -80,7 +80,6 @@ class ExtractReport:
     unnamed: int = 0  # layers the output format has no name for (left out)
     # changed tensors a LoRA cannot hold (biases, norms, embeddings), by component
     not_held: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
