@@ -137,6 +137,10 @@ def test_kohya_names_metadata_and_a_changed_text_encoder(base, tmp_path, capsys)
     assert meta["ckptkit.operation"] == "lora extract"
     assert json.loads(meta["ckptkit.sources"]) == ["base.safetensors", "tuned.safetensors"]
     assert set(json.loads(meta["ckptkit.retained"])) == {"diffusion_model", "clip_l"}
+    code, _, err = run_cli(capsys, "lora", "extract", base, tuned_path, "-o", out, "--rank",
+                           "4", "--components", "clip_l")
+    assert code == 0, err
+    assert {k.split(".")[0] for k in load_file(str(out))} == set(TE_CHANGED.values())
 
 
 def test_a_text_encoder_that_barely_moved_is_left_out(base, tmp_path, capsys):

@@ -111,6 +111,13 @@ def test_resize_is_the_truncated_svd_of_the_product(tmp_path, capsys):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and meta["ckptkit.operation"] == "lora resize"
+    code, _, err = run_cli(capsys, "lora", "resize", src, "-o", out, "--rank", "4",
+                           "--conv-rank", "2")
+    assert code == 0, err
+    got = load_file(str(out))
+    assert got[_name("kohya", "down_blocks.0.resnets.0.conv1") + ".lora_down.weight"].shape[0] == 2
+    assert got[_name("kohya", "down_blocks.0.attentions.0.proj_in") + ".lora_down.weight"
+               ].shape[0] == 4  # a 1 x 1 convolution takes --rank
 
 
 def test_resize_keeps_dtypes_and_folds_the_scale_where_there_is_no_alpha(tmp_path, capsys):
