@@ -22,6 +22,7 @@ from ..lora.check import applies, check_file
 from ..lora.convert import FORMATS, convert_file
 from ..ops.inspect import identify_checkpoint
 from ..safe_text import json_dumps, printable
+from . import lora_rank_cmd
 from .progress import add_fsync_option, add_output_options, progress_for
 
 CHECK_EPILOG = """exit codes: 0 every module of every LoRA applies (without --against: every
@@ -271,4 +272,5 @@ def _bake(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_check, _add_convert, _add_bake)
+SUBCOMMANDS = (_add_check, _add_convert, _add_bake, lora_rank_cmd.add_extract,
+               lora_rank_cmd.add_resize, lora_rank_cmd.add_merge)

@@ -129,3 +129,10 @@ def plan_moves(moves: Sequence[Move], tensors: Mapping[str, LazyTensor],
             produce = partial(_produce, move, sources, dtype)
         planned.append(Planned(move.target, dtype, _shape(move, sources), produce))
     return planned
+
+
+def read_moved(move: Move, tensors: Mapping[str, LazyTensor]):
+    """The torch tensor a (non-scalar) move makes from ``tensors``: what a computation over
+    files of different layouts reads, where a plain rewrite would copy bytes."""
+    sources = [tensors[k] for k in move.sources]
+    return _produce(move, sources, sources[0].dtype)
