@@ -23,6 +23,8 @@ from ..lora.convert import FORMATS, convert_file
 from ..ops.inspect import identify_checkpoint
 from ..safe_text import json_dumps, printable
 from . import lora_rank_cmd
+from .fmt import warn_values
+from .json_error import print_json_error
 from .progress import add_fsync_option, add_output_options, progress_for
 
 CHECK_EPILOG = """exit codes: 0 every module of every LoRA applies (without --against: every
@@ -180,9 +182,9 @@ def _convert(args) -> int:
     try:
         report = convert_file(args.lora, args.output, args.to, family=args.family,
                               progress=bar, fsync=args.fsync)
-    except CkptError as exc:
+    except (Exception, KeyboardInterrupt) as exc:
         if args.json:
-            print(json_dumps({"output": args.output, "error": str(exc)}))
+            print_json_error(exc, output=args.output)
         raise
     finally:
         bar.close()
@@ -249,11 +251,10 @@ def _bake(args) -> int:
         report = bake(args.model, [parse_spec(s) for s in args.loras], args.output,
                       dtype=args.dtype, allow_unmatched=args.allow_unmatched,
                       hash_model=args.hash, progress=bar, fsync=args.fsync)
-    except CkptError as exc:
+    except (Exception, KeyboardInterrupt) as exc:
         if args.json:
-            print(json_dumps({"output": args.output, "error": str(exc),
-                              **({"unmatched": exc.groups} if isinstance(exc, NotApplied)
-                                 else {})}))
+            print_json_error(exc, output=args.output,
+                             **({"unmatched": exc.groups} if isinstance(exc, NotApplied) else {}))
         raise
     finally:
         bar.close()
@@ -264,9 +265,7 @@ def _bake(args) -> int:
     print(printable(f"wrote {args.output}: {counted(applied, 'module')} of "
                     f"{counted(len(report.loras), 'LoRA')} baked into "
                     f"{counted(report.patched, 'tensor')}, {report.copied:,} copied"))
-    for key, n in report.clamped.items():
-        print(printable(f"note: {key}: {counted(n, 'value')} beyond {args.dtype}'s range "
-                        "clamped"))
+    warn_values(report.clamped, f"beyond {args.dtype}'s range and clamped")
     for note in report.notes:
         print(printable(f"note: {note}"))
     return 0

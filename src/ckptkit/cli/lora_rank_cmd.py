@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from ..errors import CkptError, counted
+from ..errors import counted
 from ..lora import extract as extract_op
 from ..lora import lowrank
 from ..lora import merge as merge_op
@@ -14,6 +14,7 @@ from ..lora import resize as resize_op
 from ..lora.factored import describe
 from ..lora.names import FORMATS
 from ..safe_text import json_dumps, printable
+from .json_error import print_json_error
 from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 
@@ -133,10 +134,7 @@ def _run(args, label: str, work) -> int:
         return work(bar)
     except (Exception, KeyboardInterrupt) as exc:
         if args.json:
-            reason = str(exc) if isinstance(exc, CkptError) else (
-                "interrupted; no output was written" if isinstance(exc, KeyboardInterrupt)
-                else f"{type(exc).__name__}: {exc}")
-            print(json_dumps({"output": args.output, "error": reason}))
+            print_json_error(exc, output=args.output)
         raise
     finally:
         bar.close()

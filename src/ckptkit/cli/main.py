@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 EXIT_CODES = """exit codes (every command):
   0    success (scan: nothing unsafe or unreadable)
-  1    lora check: some modules do not apply (to the model given)
+  1    lora check, lora bake: some modules apply to nothing in the model given
   2    bad usage
   3    an input is not a readable checkpoint
   4    an input is unsafe: it would run code when loaded
