@@ -54,6 +54,12 @@ def add_parser(commands) -> None:
     p.add_argument("--text-encoder", action="append", default=[], metavar="FILE",
                    help="may be given once per text encoder")
     p.add_argument("--vae", metavar="FILE")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH[:TE]]",
+                   help="a LoRA applied as the weights load, with ckpt lora bake's code "
+                        "(repeatable, in order; TE: the text encoders' strength)")
+    p.add_argument("--allow-unmatched", action="store_true",
+                   help="load the LoRA modules that land somewhere and leave out the others "
+                        "(by default, any that lands nowhere refuses)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--dtype", choices=list(COMPUTE_DTYPES),
                    help="default: fp32 on the CPU, the model's own on a GPU")
@@ -69,6 +75,7 @@ def run(args) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
+        from ..lora.bake import parse_spec
         from ..ops.generate import generate, parse_size
     except ImportError:
         raise UsageError(MISSING_EXTRA) from None
@@ -89,7 +96,9 @@ def run(args) -> int:
             size=parse_size(args.size) if args.size else None, sampler=args.sampler,
             diffusion_model=args.diffusion_model, text_encoders=args.text_encoder,
             vae=args.vae, device=args.device, dtype=args.dtype, preset=args.preset,
-            tokenizers=args.tokenizers, on_step=on_step, fsync=args.fsync)
+            tokenizers=args.tokenizers, on_step=on_step, fsync=args.fsync,
+            loras=[parse_spec(text) for text in args.lora],
+            allow_unmatched=args.allow_unmatched)
     finally:
         bar.close()
     if args.json:
