@@ -14,9 +14,12 @@ declares every family's components, layouts and diffusers configs, so here:
    compared with each module's state dict, still before any weight is read.
 3. The weights go in with ``load_state_dict(assign=True)``: a tensor the module takes as it
    is stored becomes a view of the memory-mapped file (no copy at all; pages are read when
-   touched); one that needs a cast or another device is allocated once in its final dtype and
-   filled a slice of rows at a time from the file, so the only memory a load takes is the
-   weights' own. A split or fused tensor (SD3/FLUX q, k, v) is a view of the rows it needs.
+   touched) where its data is 64-byte aligned; one that is not (safetensors aligns no tensor
+   but the first: the same weights at another offset computed another last bit), or needs a
+   cast or another device, is allocated once in its final dtype and filled from the file (a
+   slice of rows at a time for a cast), so the only memory a load takes is the weights' own
+   and the image does not depend on where a file put a tensor. A split or fused tensor
+   (SD3/FLUX q, k, v) is a view of the rows it needs.
 4. LoRAs (``loras``) are matched against the files' headers as ``ckpt lora bake`` matches
    them (a module that lands nowhere refuses the load, before any weight is read, unless
    ``allow_unmatched``), and applied by the bake's own code (``lora.bake.patch_rows``) as
@@ -49,6 +52,10 @@ MISSING_EXTRA = ("ckptkit: loading a pipeline needs diffusers and transformers; 
                  "with: pip install 'ckptkit[generate]'")
 COMPUTE_DTYPES = ("fp32", "fp16", "bf16")  # what a pipeline computes in (not fp8)
 _SLICE_BYTES = 1 << 24  # how much of a tensor a cast reads at a time
+# A view of the mapped file is taken only where its data is aligned as torch aligns what it
+# allocates: CPU matrix kernels round the last bit differently for unaligned data, so the
+# same weights at another offset (a part split from a checkpoint) gave another image.
+_ALIGN = 64
 # The pipeline class of an input-channel variant, where diffusers has one.
 _VARIANT_PIPELINES = {
     ("StableDiffusionPipeline", "inpaint"): "StableDiffusionInpaintPipeline",
@@ -375,7 +382,8 @@ def _materialise(node: Any, dtype, device, zero_copy: bool, scratch: _Scratch,
                  patches: Mapping[LazyTensor, tuple[str, list]]):
     """The tensor ``node`` describes, in ``dtype`` on ``device`` (``dtype`` None: as
     stored, or fp32 where a LoRA changes it). ``zero_copy``: a view of the mapped file where
-    the stored tensor is taken as it is."""
+    the stored tensor is taken as it is and its data is aligned (``_ALIGN``); unaligned, it
+    is read into memory of its own."""
     import torch
 
     if isinstance(node, _Op):
@@ -389,14 +397,21 @@ def _materialise(node: Any, dtype, device, zero_copy: bool, scratch: _Scratch,
         return _patched(node, patches[lazy], dtype or torch.float32, device)
     stored = torch_dtype(lazy.dtype)
     target = dtype or stored
-    if zero_copy and target == stored and str(device) == "cpu":
+    as_stored = target == stored and str(device) == "cpu"
+    if zero_copy and as_stored:
         view = lazy.load()
         if lazy.shape:
             view = view[node.start:node.stop]
-        return view.reshape(node.shape)
+        if view.data_ptr() % _ALIGN == 0:
+            return view.reshape(node.shape)
     out = torch.empty(node.shape, dtype=target, device=device)
     if not lazy.shape or not out.numel():
         return out.copy_(lazy.read().reshape(node.shape))
+    if as_stored and lazy.byte_rows:  # straight from the file into its own memory
+        row = lazy.nbytes // lazy.shape[0]
+        lazy.source.read_into(lazy.data_offset + node.start * row,
+                              memoryview(out.view(-1).view(torch.uint8).numpy()))
+        return out
     rows = out.view(node.stop - node.start, -1)
     row_bytes = max(1, lazy.nbytes // lazy.shape[0])
     step = max(1, _SLICE_BYTES // row_bytes)
