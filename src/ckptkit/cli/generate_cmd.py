@@ -24,7 +24,8 @@ def _epilog() -> str:
                      f"({', '.join(p.families)}; {p.source})")
     lines += ["", f"samplers (SD 1.x, 2.x, XL; SD3 and FLUX use euler): {', '.join(SAMPLERS)}",
               "", "defaults: the family's published settings (SD 1.x 50 steps at 7.5, SDXL 50 "
-              "at 5, SD3.5 40 at 4.5, FLUX.1 dev 28 at 3.5, schnell 4 without guidance); "
+              "at 5, SD3 Medium 28 at 7, SD3.5 Medium 40 at 4.5, SD3.5 Large 28 at 3.5, FLUX.1 "
+              "dev 50 at 3.5, schnell 4 without guidance: each model card's); "
               "tokenizers are looked for in --tokenizers DIR, $CKPTKIT_TOKENIZERS, a ComfyUI "
               "install and the Hugging Face cache; nothing is downloaded"]
     return "\n".join(lines)
