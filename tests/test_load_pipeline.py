@@ -61,13 +61,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def loaded(tiny, tokenizers):
-    """family -> ckptkit's pipeline of its tiny sample, realigned (``_realigned``), made once
-    (loading is what most tests check; the pipelines are only read)."""
+    """family -> ckptkit's pipeline of its tiny sample, as loaded, made once (loading is
+    what most tests check; the pipelines are only read)."""
     made = {}
 
     def get(fid: str):
         if fid not in made:
-            made[fid] = _realigned(load_pipeline(str(tiny(fid)), tokenizers=tokenizers))
+            made[fid] = load_pipeline(str(tiny(fid)), tokenizers=tokenizers)
         return made[fid]
 
     return get
@@ -152,11 +152,12 @@ def _diffusers_folder(fid: str, folder, pipe):
 
 
 def _realigned(pipe):
-    """``pipe`` with every parameter copied into memory of its own. Both loaders leave
-    parameters as views of the mapped file where they can, at the offsets their files put
-    them; CPU matrix kernels round the last bit differently for data that is not 64-byte
-    aligned (an SDXL pooled embedding differed by 6e-8 until both were copied), which says
-    nothing about the weights or the configs."""
+    """diffusers' ``pipe`` with every parameter copied into memory of its own. diffusers
+    leaves parameters as views of the mapped file at the offsets the file put them; CPU
+    matrix kernels round the last bit differently for data that is not 64-byte aligned (an
+    SDXL pooled embedding differed by 6e-8), which says nothing about the weights or the
+    configs. ckptkit's own pipelines are compared as loaded: ``load_pipeline`` maps only
+    aligned tensors and reads the others into memory of their own."""
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             for param in module.parameters():
@@ -182,8 +183,8 @@ def test_diffusers_layout_files_load_too(tiny, loaded, tokenizers, tmp_path):
     sample("flux1-dev", str(model), layout="diffusers", components=["diffusion_model"],
            tiny=True, dtype="fp32", seed=1)
     mono = loaded("flux1-dev")
-    mixed = _realigned(load_pipeline(str(tiny("flux1-dev")), diffusion_model=str(model),
-                                     tokenizers=tokenizers))
+    mixed = load_pipeline(str(tiny("flux1-dev")), diffusion_model=str(model),
+                          tokenizers=tokenizers)
     assert torch.equal(_latents(mono, "flux1-dev"), _latents(mixed, "flux1-dev"))
 
 
@@ -193,8 +194,11 @@ def test_parts_alone_give_the_monolithic_image(fid, tiny, loaded, tokenizers, tm
     model = next(p for p in paths if "diffusion_models" in p)
     encoders = [p for p in paths if "text_encoders" in p]
     vae = next(p for p in paths if os.sep + "vae" + os.sep in p)
-    parts = _realigned(load_pipeline(diffusion_model=model, text_encoders=encoders, vae=vae,
-                                     tokenizers=tokenizers))
+    parts = load_pipeline(diffusion_model=model, text_encoders=encoders, vae=vae,
+                          tokenizers=tokenizers)
+    params = [p for m in parts.components.values() if isinstance(m, torch.nn.Module)
+              for p in m.parameters()]
+    assert all(p.data_ptr() % 64 == 0 for p in params)  # what makes the image bit for bit
     assert torch.equal(_image(parts, fid), _image(loaded(fid), fid))
 
 
@@ -202,7 +206,7 @@ def test_another_vae_changes_the_decode_only(tiny, loaded, tokenizers, tmp_path)
     vae = tmp_path / "vae.safetensors"
     sample("sd1", str(vae), components=["vae"], tiny=True, dtype="fp32", seed=7)
     own = loaded("sd1")
-    swapped = _realigned(load_pipeline(str(tiny("sd1")), vae=str(vae), tokenizers=tokenizers))
+    swapped = load_pipeline(str(tiny("sd1")), vae=str(vae), tokenizers=tokenizers)
     assert torch.equal(_latents(own, "sd1"), _latents(swapped, "sd1"))
     assert not torch.equal(_image(own, "sd1"), _image(swapped, "sd1"))
     assert torch.equal(own.unet.conv_in.weight, swapped.unet.conv_in.weight)
@@ -211,7 +215,7 @@ def test_another_vae_changes_the_decode_only(tiny, loaded, tokenizers, tmp_path)
 def test_a_pickle_loads_as_its_safetensors_twin(loaded, tokenizers, tmp_path):
     ckpt = tmp_path / "sd1.ckpt"
     sample("sd1", str(ckpt), tiny=True, dtype="fp32", seed=1)
-    from_pickle = _realigned(load_pipeline(str(ckpt), tokenizers=tokenizers))
+    from_pickle = load_pipeline(str(ckpt), tokenizers=tokenizers)
     assert torch.equal(_latents(from_pickle, "sd1"), _latents(loaded("sd1"), "sd1"))
 
 

@@ -202,6 +202,17 @@ def _flux_family(fid: str, name: str, full, tiny, sampling: Sampling,
         sampling, 16, architectures)
 
 
+# Sampling defaults are each release's own published settings (checked 2026-12-03):
+# - SD 1.x, 2.x, SDXL base: their model cards call the diffusers pipeline with its defaults
+#   (StableDiffusionPipeline 50 steps at 7.5, StableDiffusionXLPipeline 50 at 5.0).
+# - SD3 Medium: stabilityai/stable-diffusion-3-medium card and diffusers' SD3 docs, 28 steps
+#   at 7.0. SD3.5 Medium: its card, 40 at 4.5 (Stability's sd3_infer.py runs 50 at 5.0 with
+#   skip-layer guidance). SD3.5 Large: its card, 28 at 3.5 (sd3_infer.py: 40 at 4.5 with
+#   dpmpp_2m). Shift 3.0: every SD3.x scheduler_config.json.
+# - FLUX.1 dev: black-forest-labs/FLUX.1-dev card, 50 steps at guidance 3.5 (BFL's own CLI
+#   also defaults to 50); schnell: its card, 4 steps at 0.
+
+
 @cache
 def families() -> dict[str, Family]:
     """Every family by id, in the order detection reports alternatives."""
@@ -260,12 +271,12 @@ def families() -> dict[str, Family]:
                     ("stable-diffusion-v3-5-medium", "stable-diffusion-3-5-medium")),
         _sd3_family("sd3.5-large", "Stable Diffusion 3.5 Large",
                     mmdit_keys.SD35_LARGE, mmdit_keys.SD35_LARGE_TINY,
-                    Sampling((1024, 1024), 40, 4.5, "flow", "FlowMatch Euler", 3.0),
+                    Sampling((1024, 1024), 28, 3.5, "flow", "FlowMatch Euler", 3.0),
                     ("stable-diffusion-v3-5-large", "stable-diffusion-3-5-large"),
                     {"turbo": Sampling((1024, 1024), 4, 1.0, "flow", "FlowMatch Euler", 3.0,
                                        note="SD3.5 Large Turbo: 4 steps, guidance off")}),
         _flux_family("flux1-dev", "FLUX.1 [dev]", flux_keys.FLUX_DEV, flux_keys.FLUX_DEV_TINY,
-                     Sampling((1024, 1024), 28, 3.5, "flow", "FlowMatch Euler", 1.15,
+                     Sampling((1024, 1024), 50, 3.5, "flow", "FlowMatch Euler", 1.15,
                               note="guidance is distilled (a model input), not CFG"),
                      ("flux-1-dev", "flux1")),
         _flux_family("flux1-schnell", "FLUX.1 [schnell]", flux_keys.FLUX_SCHNELL,

@@ -24,7 +24,8 @@ def _epilog() -> str:
                      f"({', '.join(p.families)}; {p.source})")
     lines += ["", f"samplers (SD 1.x, 2.x, XL; SD3 and FLUX use euler): {', '.join(SAMPLERS)}",
               "", "defaults: the family's published settings (SD 1.x 50 steps at 7.5, SDXL 50 "
-              "at 5, SD3.5 40 at 4.5, FLUX.1 dev 28 at 3.5, schnell 4 without guidance); "
+              "at 5, SD3 Medium 28 at 7, SD3.5 Medium 40 at 4.5, SD3.5 Large 28 at 3.5, FLUX.1 "
+              "dev 50 at 3.5, schnell 4 without guidance: each model card's); "
               "tokenizers are looked for in --tokenizers DIR, $CKPTKIT_TOKENIZERS, a ComfyUI "
               "install and the Hugging Face cache; nothing is downloaded"]
     return "\n".join(lines)
@@ -54,6 +55,12 @@ def add_parser(commands) -> None:
     p.add_argument("--text-encoder", action="append", default=[], metavar="FILE",
                    help="may be given once per text encoder")
     p.add_argument("--vae", metavar="FILE")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH[:TE]]",
+                   help="a LoRA applied as the weights load, with ckpt lora bake's code "
+                        "(repeatable, in order; TE: the text encoders' strength)")
+    p.add_argument("--allow-unmatched", action="store_true",
+                   help="load the LoRA modules that land somewhere and leave out the others "
+                        "(by default, any that lands nowhere refuses)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--dtype", choices=list(COMPUTE_DTYPES),
                    help="default: fp32 on the CPU, the model's own on a GPU")
@@ -69,6 +76,7 @@ def run(args) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
+        from ..lora.bake import parse_spec
         from ..ops.generate import generate, parse_size
     except ImportError:
         raise UsageError(MISSING_EXTRA) from None
@@ -89,7 +97,9 @@ def run(args) -> int:
             size=parse_size(args.size) if args.size else None, sampler=args.sampler,
             diffusion_model=args.diffusion_model, text_encoders=args.text_encoder,
             vae=args.vae, device=args.device, dtype=args.dtype, preset=args.preset,
-            tokenizers=args.tokenizers, on_step=on_step, fsync=args.fsync)
+            tokenizers=args.tokenizers, on_step=on_step, fsync=args.fsync,
+            loras=[parse_spec(text) for text in args.lora],
+            allow_unmatched=args.allow_unmatched)
     finally:
         bar.close()
     if args.json:

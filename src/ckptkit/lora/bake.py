@@ -149,7 +149,7 @@ def bake(model: str, loras: list[LoraSpec], out: str, *, dtype: str | None = Non
         applies: dict[str, list[_Apply]] = {}
         for spec in loras:
             lora = stack.enter_context(open_checkpoint(spec.path))
-            report.loras.append(_plan_lora(spec, lora, checkpoint, ident, applies))
+            report.loras.append(_plan_lora(spec, lora, [(checkpoint, ident, applies)]))
         _refuse_unmatched(report, model, allow_unmatched)
         wanted_for, note = cast_targets(ident, target, None)
         if note:
@@ -203,19 +203,29 @@ def _loras_record(report: BakeReport, known: dict[str, str | None],
 # --- planning ------------------------------------------------------------------------------
 
 
-def _plan_lora(spec: LoraSpec, lora: Checkpoint, model: Checkpoint, ident,
-               applies: dict[str, list[_Apply]]) -> LoraReport:
+def _plan_lora(spec: LoraSpec, lora: Checkpoint,
+               models: list[tuple[Checkpoint, Any, dict[str, list[_Apply]]]]) -> LoraReport:
+    """Matches the LoRA's modules against each model file (checkpoint, identification, the
+    changes planned for it): a module lands in every file it matches and is unmatched only
+    when it matches none (``load_pipeline`` gives a model as several files; a bake, one)."""
     found = read_lora(lora)
     info = found.analysis.info
     report = LoraReport(spec.path, found.format, info.family, spec.strength, spec.te,
                         len(found.modules))
-    matching = match(found.modules, model, info.family, ident)
-    unmatched = list(matching.unmatched)
+    matchings = [match(found.modules, model, info.family, ident) for model, ident, _ in models]
+    landed = {name for m in matchings for name in m.targets}
+    unmatched = []
+    for group in matchings[0].unmatched:
+        left = [n for n in group.modules if n not in landed]
+        if left:
+            example = group.example if group.example and group.modules[0] in left else ""
+            unmatched.append(Unmatched(group.reason, group.detail, left, example))
     for module in found.modules:
-        targets = matching.targets.get(module.name)
-        if targets is None:
+        places = [(m.targets[module.name], applies) for m, (_, _, applies)
+                  in zip(matchings, models, strict=True) if module.name in m.targets]
+        if not places:
             continue
-        problem = _split_problem(module, targets)
+        problem = next(filter(None, (_split_problem(module, t) for t, _ in places)), None)
         if problem:
             _add_unmatched(unmatched, module.name, "other-layout", problem)
             continue
@@ -223,7 +233,8 @@ def _plan_lora(spec: LoraSpec, lora: Checkpoint, model: Checkpoint, ident,
         report.applied += 1
         if strength == 0:  # ComfyUI does not load a LoRA at strength 0: nothing changes
             continue
-        _plan_module(spec.path, lora, module, targets, strength, applies)
+        for targets, applies in places:
+            _plan_module(spec.path, lora, module, targets, strength, applies)
     report.unmatched = [{"reason": u.reason, "why": REASONS[u.reason], "detail": u.detail,
                          "modules": len(u.modules), "example": u.example or u.modules[0]}
                         for u in unmatched]
@@ -274,18 +285,21 @@ def _module_rows(module: Module) -> int | None:
         return None
 
 
-def _refuse_unmatched(report: BakeReport, model: str, allow: bool) -> None:
+def _refuse_unmatched(report: BakeReport, model: str, allow: bool,
+                      done: tuple[str, str] = ("written", "--allow-unmatched bakes")) -> None:
+    """Refuses when a module lands nowhere (unless ``allow``) or none lands anywhere;
+    ``done``: what was not done, and the option that does it for the others."""
     groups = [(r, u) for r in report.loras for u in r.unmatched]
     applied = sum(r.applied for r in report.loras)
     if groups and not allow:
         said = "; ".join(f"{os.path.basename(r.file)}: {counted(u['modules'], 'module')} "
                          f"({u['why']}: {u['detail']}; e.g. {u['example']})"
                          for r, u in groups)
-        raise NotApplied(f"some modules land nowhere in {model}, so nothing was written: "
-                         f"{said}; --allow-unmatched bakes the others",
+        raise NotApplied(f"some modules land nowhere in {model}, so nothing was {done[0]}: "
+                         f"{said}; {done[1]} the others",
                          groups=[{"lora": r.file, **u} for r, u in groups])
     if applied == 0:
-        raise NotApplied(f"no module of the LoRAs lands in {model}; nothing was written")
+        raise NotApplied(f"no module of the LoRAs lands in {model}; nothing was {done[0]}")
     for r, u in groups:
         report.notes.append(f"{os.path.basename(r.file)}: {counted(u['modules'], 'module')} "
                             f"left out ({u['why']}: {u['detail']})")
@@ -322,29 +336,43 @@ def _plan(checkpoint: Checkpoint, applies: dict[str, list[_Apply]], wanted_for,
 def _baked(key: str, tensor: LazyTensor, changes: list[_Apply], out_dtype: DType,
            clamped: dict[str, int], out=None):
     """The tensor with every change applied in fp32, cast to ``out_dtype`` (into ``out``,
-    the output file's pages, when given). Where every change can be made a block of rows at
-    a time (``adapters.by_rows``: plain LoRA, LoHa, row-wise DoRA... the common case), it
-    is, in blocks of ``CHUNK`` elements: each block's fp32 copy stays in the cache while it
-    is patched, checked and cast (on SDXL's weights several times faster than whole-tensor
+    the output file's pages, when given)."""
+    import torch
+
+    result = out if out is not None else torch.empty(tensor.shape,
+                                                     dtype=torch_dtype(out_dtype))
+    outside = patch_rows(key, tensor, changes, result, limit=LIMITS.get(out_dtype.name))
+    if outside:
+        clamped[key] = outside
+    return None if out is not None else result
+
+
+def patch_rows(key: str, tensor: LazyTensor, changes: list[_Apply], out,
+               rows: tuple[int, int] | None = None, limit: float | None = None) -> int:
+    """Rows ``rows`` (None: all) of the model tensor with every change applied in fp32, in
+    the order given, cast into ``out`` (those rows' own storage: a bake's output pages, a
+    loaded module's parameter); values beyond ``limit`` are clamped and their number
+    returned. The tensor is read once; where every change can be made a block of rows at a
+    time (``adapters.by_rows``: plain LoRA, LoHa, row-wise DoRA... the common case), it is,
+    in blocks of ``CHUNK`` elements: each block's fp32 copy stays in the cache while it is
+    patched, checked and cast (on SDXL's weights several times faster than whole-tensor
     passes, and no fp32 copy of the whole weight)."""
     import torch
 
     parts = [(c, {role: _fp32(c.module, role, lazy) for role, lazy in c.tensors.items()})
              for c in changes]
     source = tensor.load() if tensor.is_contiguous else tensor.read()
-    result = out if out is not None else torch.empty(source.shape, dtype=torch_dtype(out_dtype))
     if source.dim() == 0:  # a weight of one value: as one row
-        source, target = source.reshape(1), result.reshape(1)
-    else:
-        target = result
+        source = source.reshape(1)
     total = source.shape[0]
+    first, last = rows or (0, total)
+    target = out.reshape(last - first, *source.shape[1:])
     rowwise = all("diff_b" in t or by_rows(c.module.adapter, c.module.shapes)
                   for c, t in parts)
-    step = max(1, CHUNK // max(1, source[0].numel())) if rowwise else total
-    limit = LIMITS.get(out_dtype.name)
+    step = max(1, CHUNK // max(1, source[0].numel())) if rowwise else last - first
     outside = 0
-    for start in range(0, total, step):
-        stop = min(start + step, total)
+    for start in range(first, last, step):
+        stop = min(start + step, last)
         # a copy even when the model is fp32: the view of the mapped file is not ours to
         # patch (its pages are copy-on-write: other readers of the map would see it)
         block = source[start:stop].to(torch.float32, copy=True)
@@ -357,10 +385,8 @@ def _baked(key: str, tensor: LazyTensor, changes: list[_Apply], out_dtype: DType
         if limit is not None and may_exceed(block, limit):
             outside += int((block.abs() > limit).sum())
             block.clamp_(-limit, limit)
-        target[start:stop].copy_(block)
-    if outside:
-        clamped[key] = outside
-    return None if out is not None else result
+        target[start - first:stop - first].copy_(block)
+    return outside
 
 
 def _apply(block, start: int, stop: int, total: int, change: _Apply, t):

@@ -32,8 +32,8 @@ from ..arch.releases import lookup
 from ..engine.atomic import AtomicOutput, check_output_path
 from ..errors import UsageError, a_or_an
 from ..formats.checkpoint import paused_gc
-from .hashing import BackgroundSha256
-from .load import Plan, build, plan_pipeline
+from .hashing import BackgroundSha256, lora_sha256
+from .load import Plan, build, lora_spec, plan_loras, plan_pipeline
 
 
 @dataclass(frozen=True)
@@ -221,9 +221,10 @@ def _number(value: float) -> str:
 
 
 def infotext(prompt: str, negative: str, chosen: Settings, plan: Plan,
-             model: tuple[str, str | None], vae: tuple[str, str | None] | None) -> str:
+             model: tuple[str, str | None], vae: tuple[str, str | None] | None,
+             loras: Sequence[tuple[str, Any, str]] = ()) -> str:
     """The ``parameters`` text, as A1111's ``create_infotext`` writes it. ``model`` and
-    ``vae``: (name, SHA-256 or None)."""
+    ``vae``: (name, SHA-256 or None); ``loras``: (name, ``LoraSpec``, A1111's hash)."""
     flux = plan.family.id.startswith("flux")
     params: dict[str, str | None] = {
         "Steps": str(chosen.steps),
@@ -241,11 +242,30 @@ def infotext(prompt: str, negative: str, chosen: Settings, plan: Plan,
         "Model": model[0],
         "VAE hash": vae[1][:10] if vae and vae[1] else None,
         "VAE": vae[0] if vae else None,
+        # A1111's Lora extension (scripts/lora_script.py): "name: short hash, ...", the name
+        # as in the prompt's tag less ":" and ","
+        "Lora hashes": ", ".join(f"{name.translate(_NO_SEPARATORS)}: {sha[:12]}"
+                                 for name, _, sha in loras) or None,
         "Version": f"ckptkit {__version__}",
     }
     text = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
     negative_text = f"\nNegative prompt: {negative}" if negative else ""
-    return f"{prompt}{negative_text}\n{text}".strip()
+    return f"{_with_tags(prompt, loras)}{negative_text}\n{text}".strip()
+
+
+_NO_SEPARATORS = str.maketrans("", "", ":,")
+
+
+def _with_tags(prompt: str, loras: Sequence[tuple[str, Any, str]]) -> str:
+    """The prompt with a ``<lora:name:weight>`` tag per LoRA, as A1111's prompt holds one
+    (so the text loads them again there): ``<lora:name:te:unet>`` when the text encoders'
+    strength differs (A1111's ``extra_networks_lora``: the first number is the text
+    encoders', the second the UNet's, which defaults to the first)."""
+    tags = []
+    for name, spec, _ in loras:
+        weights = [spec.strength] if spec.te == spec.strength else [spec.te, spec.strength]
+        tags.append(f"<lora:{name.replace(':', '')}:{':'.join(_number(w) for w in weights)}>")
+    return " ".join([prompt, *tags]) if tags else prompt
 
 
 def _stem(path: str) -> str:
@@ -259,21 +279,25 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
              text_encoders: Sequence[str] = (), vae: str | None = None,
              device: str = "cpu", dtype: Any = None, preset: str | None = None,
              tokenizers: Any = None, on_step: Callable[[int, int], None] | None = None,
-             fsync: bool = True) -> dict[str, Any]:
+             fsync: bool = True, loras: Sequence[Any] = (),
+             allow_unmatched: bool = False) -> dict[str, Any]:
     """Makes the image and writes ``out`` (a PNG, atomically); returns what was done:
     the settings, where they came from, the infotext and the plan's warnings. ``models``:
     files in any order, each taken as what it is (a checkpoint, a diffusion model, a text
-    encoder or a VAE); ``on_step(done, total)`` is called after each denoising step."""
+    encoder or a VAE); ``on_step(done, total)`` is called after each denoising step;
+    ``loras``: as ``load_pipeline`` takes them."""
     import torch
 
+    specs = [lora_spec(entry) for entry in loras]
     inputs = [*models, *([diffusion_model] if diffusion_model else []), *text_encoders,
-              *([vae] if vae else [])]
+              *([vae] if vae else []), *(s.path for s in specs)]
     check_output_path(out, tuple(inputs))
     with ExitStack() as stack, paused_gc():
         roles = _roles(models, diffusion_model, list(text_encoders), vae)
         plan = plan_pipeline(roles["checkpoint"], diffusion_model=roles["diffusion_model"],
                              text_encoders=roles["text_encoders"], vae=roles["vae"],
                              stack=stack)
+        plan_loras(plan, specs, allow_unmatched=allow_unmatched, stack=stack)
         if plan.pipeline in _NEEDS_AN_IMAGE:
             raise UsageError(f"{plan.model_path}: {_NEEDS_AN_IMAGE[plan.pipeline]}; ckpt "
                              "generate makes images from a prompt alone")
@@ -316,7 +340,8 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
         image = pipe(**kwargs).images[0]
     text = infotext(prompt, negative, chosen, plan,
                     (_stem(plan.model_path), digests.get(plan.model_path)),
-                    (_stem(vae_path), digests.get(vae_path)) if vae_path else None)
+                    (_stem(vae_path), digests.get(vae_path)) if vae_path else None,
+                    [(_stem(s.path), s, lora_sha256(s.path)) for s in specs])
     _save_png(image, out, text, tuple(inputs), fsync)
     return {"output": out, "family": plan.family.id, "pipeline": plan.pipeline,
             "settings": {**asdict(chosen), "sampler": chosen.sampler.label},

@@ -175,3 +175,19 @@ class BackgroundSha256:
 
     def cancel(self) -> None:
         self._stop.set()
+
+
+def lora_sha256(path: str) -> str:
+    """A LoRA's hash as AUTOMATIC1111 records it (``Lora hashes``, the first 12 digits;
+    Civitai's AutoV3): for a ``.safetensors`` file the SHA-256 of the bytes after its header,
+    so that editing the metadata keeps it ("addnet" hash: A1111's
+    ``extensions-builtin/Lora/network.py`` with ``modules/hashes.py``), else of the whole file."""
+    if not path.lower().endswith(".safetensors"):
+        return sha256(path) or ""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header)
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -14,9 +14,17 @@ declares every family's components, layouts and diffusers configs, so here:
    compared with each module's state dict, still before any weight is read.
 3. The weights go in with ``load_state_dict(assign=True)``: a tensor the module takes as it
    is stored becomes a view of the memory-mapped file (no copy at all; pages are read when
-   touched); one that needs a cast or another device is allocated once in its final dtype and
-   filled a slice of rows at a time from the file, so the only memory a load takes is the
-   weights' own. A split or fused tensor (SD3/FLUX q, k, v) is a view of the rows it needs.
+   touched) where its data is 64-byte aligned; one that is not (safetensors aligns no tensor
+   but the first: the same weights at another offset computed another last bit), or needs a
+   cast or another device, is allocated once in its final dtype and filled from the file (a
+   slice of rows at a time for a cast), so the only memory a load takes is the weights' own
+   and the image does not depend on where a file put a tensor. A split or fused tensor
+   (SD3/FLUX q, k, v) is a view of the rows it needs.
+4. LoRAs (``loras``) are matched against the files' headers as ``ckpt lora bake`` matches
+   them (a module that lands nowhere refuses the load, before any weight is read, unless
+   ``allow_unmatched``), and applied by the bake's own code (``lora.bake.patch_rows``) as
+   each weight they change is put into its module: read once, patched in fp32 by every
+   module of every LoRA in order, cast once into the module's storage.
 
 Pickles go through ckptkit's restricted reader like any other file; nothing is fetched.
 """
@@ -44,6 +52,10 @@ MISSING_EXTRA = ("ckptkit: loading a pipeline needs diffusers and transformers; 
                  "with: pip install 'ckptkit[generate]'")
 COMPUTE_DTYPES = ("fp32", "fp16", "bf16")  # what a pipeline computes in (not fp8)
 _SLICE_BYTES = 1 << 24  # how much of a tensor a cast reads at a time
+# A view of the mapped file is taken only where its data is aligned as torch aligns what it
+# allocates: CPU matrix kernels round the last bit differently for unaligned data, so the
+# same weights at another offset (a part split from a checkpoint) gave another image.
+_ALIGN = 64
 # The pipeline class of an input-channel variant, where diffusers has one.
 _VARIANT_PIPELINES = {
     ("StableDiffusionPipeline", "inpaint"): "StableDiffusionInpaintPipeline",
@@ -81,21 +93,29 @@ class Plan:
     variants: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     model_path: str = ""  # the file the diffusion model comes from
+    files: dict[str, tuple[Checkpoint, Identification]] = field(default_factory=dict)
+    loras: list[Any] = field(default_factory=list)  # lora.bake.LoraReport, one per LoRA
+    patches: dict[LazyTensor, tuple[str, list]] = field(default_factory=dict)  # key, changes
 
 
 def load_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None = None,
                   text_encoders: Sequence[str] = (), vae: str | None = None,
+                  loras: Sequence[Any] = (), allow_unmatched: bool = False,
                   dtype: Any = None, device: str = "cpu", tokenizers: Any = None):
     """The diffusers pipeline of ``checkpoint`` (a monolithic file, or a diffusion model
     alone) with any of its parts replaced or given by other files: ``diffusion_model``,
     ``text_encoders`` (files holding one text encoder each) and ``vae``. ``dtype``: a torch
     dtype or a name (fp16, bf16, fp32); by default float32 on the CPU and the diffusion
     model's own float type on another device. ``tokenizers``: a folder holding them, or
-    None to look where a user's copies usually are (``ops.tokenizers``). Offline: nothing
-    is fetched. The plan's warnings are in ``pipeline.ckptkit_warnings``."""
+    None to look where a user's copies usually are (``ops.tokenizers``). ``loras``: each a
+    path, (path, strength) or (path, strength, text encoders' strength), applied in order
+    as ``ckpt lora bake`` applies them; a module that lands nowhere refuses the load
+    unless ``allow_unmatched``. Offline: nothing is fetched. The plan's warnings are in
+    ``pipeline.ckptkit_warnings``."""
     with ExitStack() as stack, paused_gc():  # many small objects, few cycles
         plan = plan_pipeline(checkpoint, diffusion_model=diffusion_model,
                              text_encoders=text_encoders, vae=vae, stack=stack)
+        plan_loras(plan, loras, allow_unmatched=allow_unmatched, stack=stack)
         return build(plan, dtype=dtype, device=device, tokenizers=tokenizers)
 
 
@@ -198,8 +218,52 @@ def plan_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None 
         parts.append(Part(name, attribute, path, _config(fam, name, tiny, nodes), nodes))
     extras = {k: v for k, v in index.items()
               if k not in subfolders and k not in ("_class_name", "scheduler")}
+    files = {path: (ckpt, ident) for path, ckpt, ident in sources.values()}
     return Plan(fam, pipeline, parts, _scheduler(fam, variants), extras, tiny, variants,
-                warnings, model[0])
+                warnings, model[0], files)
+
+
+def lora_spec(entry: Any):
+    """A ``loras`` entry as a ``lora.bake.LoraSpec``: a path, or (path, strength[, te])."""
+    from ..lora.bake import LoraSpec
+
+    if isinstance(entry, LoraSpec):
+        return entry
+    if isinstance(entry, (str, bytes)) or hasattr(entry, "__fspath__"):
+        return LoraSpec(str(entry))
+    entry = tuple(entry)
+    if not 1 <= len(entry) <= 3:
+        raise UsageError(f"a LoRA is a path or (path, strength[, te_strength]), not {entry!r}")
+    return LoraSpec(str(entry[0]), *(float(x) for x in entry[1:]))
+
+
+def plan_loras(plan: Plan, loras: Iterable[Any], *, allow_unmatched: bool = False,
+               stack: ExitStack) -> None:
+    """Matches each LoRA's modules against the plan's files, as ``lora bake`` does, and
+    records in ``plan.patches`` the changes to each file tensor; reads no model weight. A
+    module that lands nowhere refuses the load with bake's reasons (``NotApplied``)."""
+    from ..lora.bake import BakeReport, _plan_lora, _refuse_unmatched
+
+    specs = [lora_spec(entry) for entry in loras]
+    if not specs:
+        return
+    # a VAE file holds no layer a LoRA adapts (and ``lora.targets`` takes no VAE)
+    applies: dict[str, dict[str, list]] = {
+        path: {} for path, (_, ident) in plan.files.items()
+        if ident.kind in ("checkpoint", "diffusion-model", "text-encoder")}
+    models = [(*plan.files[path], found) for path, found in applies.items()]
+    report = BakeReport(plan.family.id, None)
+    for spec in specs:
+        lora = stack.enter_context(open_checkpoint(spec.path))
+        report.loras.append(_plan_lora(spec, lora, models))
+    where = plan.model_path if len(plan.files) == 1 else f"{plan.model_path} and its parts"
+    _refuse_unmatched(report, where, allow_unmatched, ("loaded", "allow_unmatched loads"))
+    plan.loras = report.loras
+    plan.warnings.extend(report.notes)
+    for path, changes in applies.items():
+        checkpoint = plan.files[path][0]
+        for key, found in changes.items():
+            plan.patches[checkpoint[key]] = (key, found)
 
 
 def _config(fam: Family, name: str, tiny: bool, nodes: Mapping[str, Any]) -> dict:
@@ -314,29 +378,40 @@ class _Scratch:
         return flat.view(torch_dtype(lazy.dtype)).view(stop - start, -1)
 
 
-def _materialise(node: Any, dtype, device, zero_copy: bool, scratch: _Scratch):
+def _materialise(node: Any, dtype, device, zero_copy: bool, scratch: _Scratch,
+                 patches: Mapping[LazyTensor, tuple[str, list]]):
     """The tensor ``node`` describes, in ``dtype`` on ``device`` (``dtype`` None: as
-    stored). ``zero_copy``: a view of the mapped file where the stored tensor is taken as
-    it is."""
+    stored, or fp32 where a LoRA changes it). ``zero_copy``: a view of the mapped file where
+    the stored tensor is taken as it is and its data is aligned (``_ALIGN``); unaligned, it
+    is read into memory of its own."""
     import torch
 
     if isinstance(node, _Op):
         from ..engine.moves import _produce
 
-        inputs = [_materialise(i, None, "cpu", False, scratch) for i in node.inputs]
+        inputs = [_materialise(i, None, "cpu", False, scratch, patches) for i in node.inputs]
         made = _produce(node.move, [_Ready(t) for t in inputs], None)
         return made.to(device=device, dtype=dtype or made.dtype)
     lazy: LazyTensor = node.tensor
+    if lazy in patches:
+        return _patched(node, patches[lazy], dtype or torch.float32, device)
     stored = torch_dtype(lazy.dtype)
     target = dtype or stored
-    if zero_copy and target == stored and str(device) == "cpu":
+    as_stored = target == stored and str(device) == "cpu"
+    if zero_copy and as_stored:
         view = lazy.load()
         if lazy.shape:
             view = view[node.start:node.stop]
-        return view.reshape(node.shape)
+        if view.data_ptr() % _ALIGN == 0:
+            return view.reshape(node.shape)
     out = torch.empty(node.shape, dtype=target, device=device)
     if not lazy.shape or not out.numel():
         return out.copy_(lazy.read().reshape(node.shape))
+    if as_stored and lazy.byte_rows:  # straight from the file into its own memory
+        row = lazy.nbytes // lazy.shape[0]
+        lazy.source.read_into(lazy.data_offset + node.start * row,
+                              memoryview(out.view(-1).view(torch.uint8).numpy()))
+        return out
     rows = out.view(node.stop - node.start, -1)
     row_bytes = max(1, lazy.nbytes // lazy.shape[0])
     step = max(1, _SLICE_BYTES // row_bytes)
@@ -346,6 +421,22 @@ def _materialise(node: Any, dtype, device, zero_copy: bool, scratch: _Scratch):
                 lazy.read_rows(start, stop).reshape(stop - start, -1))
         rows[start - node.start:stop - node.start].copy_(part)
     return out
+
+
+def _patched(node: _Rows, patch: tuple[str, list], dtype, device):
+    """The node's rows with the LoRAs' changes, made by the bake's code straight into a
+    tensor of ``dtype`` (cast once; fp16 values beyond its range clamped as a bake clamps
+    them)."""
+    import torch
+
+    from ..lora.bake import patch_rows
+
+    key, changes = patch
+    out = torch.empty(node.shape, dtype=dtype)
+    limit = torch.finfo(dtype).max if dtype == torch.float16 else None  # as bake: fp16 only
+    rows = (node.start, node.stop) if node.tensor.shape else None
+    patch_rows(key, node.tensor, changes, out, rows, limit)
+    return out.to(device)
 
 
 class _Ready:
@@ -452,7 +543,8 @@ def _dtype(dtype: Any, device: str, plan: Plan):
     return dtype
 
 
-def _fill(module, part: Part, dtype, device, scratch: _Scratch) -> None:
+def _fill(module, part: Part, dtype, device, scratch: _Scratch,
+          patches: Mapping[LazyTensor, tuple[str, list]]) -> None:
     """Puts the part's weights into ``module`` (``assign``: the tensors made become its
     parameters); parameters of modules the class keeps in float32 stay float32."""
     import torch
@@ -467,7 +559,7 @@ def _fill(module, part: Part, dtype, device, scratch: _Scratch) -> None:
         if wanted in (torch.float16, torch.bfloat16) and any(
                 f".{m}." in f".{name}" for m in keep):
             wanted = torch.float32
-        state[name] = _materialise(node, wanted, device, True, scratch)
+        state[name] = _materialise(node, wanted, device, True, scratch, patches)
     module.load_state_dict(state, strict=False, assign=True)
     if hasattr(module, "tie_weights"):
         module.tie_weights()
@@ -493,7 +585,7 @@ def build(plan: Plan, *, dtype: Any = None, device: str = "cpu", tokenizers: Any
         _state_names(modules[part.attribute], part.nodes, part)
     scratch = _Scratch()
     for part in plan.parts:
-        _fill(modules[part.attribute], part, dtype, device, scratch)
+        _fill(modules[part.attribute], part, dtype, device, scratch, plan.patches)
     scheduler = getattr(diffusers, plan.scheduler["_class_name"]).from_config(plan.scheduler)
     cls = getattr(diffusers, plan.pipeline)
     params = inspect.signature(cls.__init__).parameters
