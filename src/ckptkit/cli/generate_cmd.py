@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..errors import UsageError
+from ..errors import UsageError, counted
 from ..ops.load import COMPUTE_DTYPES, MISSING_EXTRA
 from ..safe_text import json_dumps, printable
 from .progress import ProgressBar, add_fsync_option, add_output_options
 
 
 def _epilog() -> str:
+    from ..arch.families import families
     from ..ops.generate import PRESETS, SAMPLERS
 
     lines = ["presets (--preset; a file recognised as a distilled release gets its own "
@@ -20,13 +21,14 @@ def _epilog() -> str:
     for p in PRESETS.values():
         size = f", {p.size[0]}x{p.size[1]}" if p.size else ""
         sampler = f", {p.sampler.label}" if p.sampler else ""
-        lines.append(f"  {p.name:<10} {p.steps} steps, guidance {p.guidance:g}{sampler}{size} "
+        lines.append(f"  {p.name:<10} {counted(p.steps, 'step')}, guidance {p.guidance:g}"
+                     f"{sampler}{size} "
                      f"({', '.join(p.families)}; {p.source})")
     lines += ["", f"samplers (SD 1.x, 2.x, XL; SD3 and FLUX use euler): {', '.join(SAMPLERS)}",
-              "", "defaults: the family's published settings (SD 1.x 50 steps at 7.5, SDXL 50 "
-              "at 5, SD3 Medium 28 at 7, SD3.5 Medium 40 at 4.5, SD3.5 Large 28 at 3.5, FLUX.1 "
-              "dev 50 at 3.5, schnell 4 without guidance: each model card's); "
-              "tokenizers are looked for in --tokenizers DIR, $CKPTKIT_TOKENIZERS, a ComfyUI "
+              "", "defaults: each family's model card ("
+              + ", ".join(f"{f.name} {counted(f.sampling.steps, 'step')} at "
+                          f"{f.sampling.guidance:g}" for f in families().values())
+              + "); tokenizers are looked for in --tokenizers DIR, $CKPTKIT_TOKENIZERS, a ComfyUI "
               "install and the Hugging Face cache; nothing is downloaded"]
     return "\n".join(lines)
 
