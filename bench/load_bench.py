@@ -8,8 +8,8 @@ the time of one denoising step of a 512x512 SD 1.5 generation on this CPU.
 Each load runs as a child process under GNU time (wall seconds, peak RSS), from the same
 start (``measure.settle``: outputs removed, the page cache dropped where we may and the input
 read back into it), taking turns. SDXL as stored, fp16 (ckptkit maps the file and assigns its
-tensors, so the load reads nothing until they are used; diffusers reads and copies every
-tensor); SD 1.5 cast to fp32 by both (SDXL in fp32 takes 14 GB, more than this machine can
+tensors where they are 64-byte aligned, as in every file ckptkit writes, so the load reads
+nothing until they are used; diffusers reads and copies every tensor); SD 1.5 cast to fp32 by both (SDXL in fp32 takes 14 GB, more than this machine can
 spare for diffusers' load, which holds the state dict beside the model). The tokenizers
 are the tests' tiny ones: they take no measurable time in either loader. The SD 1.5 step
 is the second of a 2-step run (the first one pays for warm-up), with classifier-free

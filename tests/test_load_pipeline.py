@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 
@@ -200,6 +201,29 @@ def test_parts_alone_give_the_monolithic_image(fid, tiny, loaded, tokenizers, tm
               for p in m.parameters()]
     assert all(p.data_ptr() % 64 == 0 for p in params)  # what makes the image bit for bit
     assert torch.equal(_image(parts, fid), _image(loaded(fid), fid))
+
+
+def test_a_file_that_aligns_no_tensor_gives_the_same_image(tiny, loaded, tokenizers, tmp_path):
+    """safetensors' own writer aligns the data to 8 bytes only: with a metadata entry that
+    makes the data start off a 64-byte boundary, the weights sit unaligned in the file.
+    ckptkit reads those into aligned memory of their own, so the image is the one its own
+    (aligned) file gives, bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tiny("sd1")))
+    out = tmp_path / "unaligned.safetensors"
+    for pad in range(64):
+        save_file(tensors, str(out), metadata={"pad": "x" * pad})
+        with open(out, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+        if (8 + size) % 64:
+            break
+    assert (8 + size) % 64, "no padding put the data off a 64-byte boundary"
+    pipe = load_pipeline(str(out), tokenizers=tokenizers)
+    params = [p for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+              for p in m.parameters()]
+    assert all(p.data_ptr() % 64 == 0 for p in params)
+    assert torch.equal(_image(pipe, "sd1"), _image(loaded("sd1"), "sd1"))
 
 
 def test_another_vae_changes_the_decode_only(tiny, loaded, tokenizers, tmp_path):

@@ -127,19 +127,42 @@ def test_copy_range_producer_copies_input_bytes(tmp_path: Path):
 
 
 @pytest.mark.parametrize("metadata", [None, {}, {"a": "b"}, {"x" * 3: "y" * 5}])
-def test_header_is_8_byte_aligned_and_data_tiles_the_file(tmp_path: Path, metadata):
+def test_header_is_aligned_and_data_tiles_the_file(tmp_path: Path, metadata):
     for n in range(1, 9):  # key lengths that shift the header's length through every residue
         out = tmp_path / f"align{n}.safetensors"
         ckptkit.save_safetensors({"k" * n: torch.ones(n, dtype=torch.uint8)}, out, metadata)
         raw = out.read_bytes()
         (size,) = struct.unpack("<Q", raw[:8])
-        assert size % 8 == 0
+        assert (8 + size) % 64 == 0
         header = json.loads(raw[8:8 + size])
         assert header["k" * n]["data_offsets"] == [0, n]
         assert len(raw) == 8 + size + n
         assert raw[8 + size:] == b"\x01" * n
         assert header.get("__metadata__", {}) == (metadata or {})
         assert load_file(str(out))["k" * n].tolist() == [1] * n
+
+
+@pytest.mark.parametrize("metadata", [None, {"a": "b"}, {"x" * 37: "y" * 11}])
+def test_tensors_of_aligned_sizes_start_64_byte_aligned(tmp_path: Path, metadata):
+    """The data starts on a 64-byte boundary and tensors whose size is a multiple of 64 come
+    first (safetensors allows no gaps), so each of them starts aligned: what load_pipeline
+    maps without a copy. The others follow, in their order; the official reader reads all."""
+    tensors = {"a.odd": torch.arange(3, dtype=torch.float16),
+               "b.weight": torch.randn(32, 8), "c.position_ids": torch.arange(77),
+               "d.bias": torch.randn(16), "e.weight": torch.randn(8, 4, dtype=torch.float16)}
+    out = tmp_path / "aligned.safetensors"
+    ckptkit.save_safetensors(tensors, out, metadata)
+    raw = out.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    assert (8 + size) % 64 == 0
+    header = json.loads(raw[8:8 + size])
+    header.pop("__metadata__", None)
+    order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    assert order == ["b.weight", "d.bias", "e.weight", "a.odd", "c.position_ids"]
+    for key in ("b.weight", "d.bias", "e.weight"):
+        assert (8 + size + header[key]["data_offsets"][0]) % 64 == 0
+    for key, value in load_file(str(out)).items():
+        assert torch.equal(value, tensors[key])
 
 
 @pytest.mark.parametrize("metadata", [{"a": 1}, {"a": None}, {"a": ["x"]}, {1: "a"},

@@ -96,8 +96,23 @@ class Planned:
         return self.dtype.nbytes(math.prod(self.shape))
 
 
+# Where tensor data starts, and where every tensor whose size is a multiple of it starts:
+# CPU kernels take other code paths (and round the last bit otherwise) on unaligned data, so
+# ``ops.load`` maps a tensor into a model only when it is aligned, and reads it otherwise.
+ALIGNMENT = 64
+
+
+def aligned_order(planned: Sequence[Planned]) -> list[Planned]:
+    """``planned`` with the tensors whose byte size is a multiple of ``ALIGNMENT`` first (in
+    their order), then the others: behind a header that ends on an aligned offset, every
+    tensor of the first group (all weights of usual widths) starts aligned; safetensors
+    allows no gaps between tensors, so the order is the only way to align them."""
+    return sorted(planned, key=lambda item: item.nbytes % ALIGNMENT != 0)
+
+
 def build_header(planned: Sequence[Planned], metadata: dict[str, str] | None) -> bytes:
-    """The header bytes (length prefix included), padded with spaces to 8-byte alignment."""
+    """The header bytes (length prefix included), padded with spaces so that the data starts
+    on an ``ALIGNMENT`` boundary (the format asks for 8)."""
     header: dict[str, Any] = {}
     if metadata:
         bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
@@ -112,7 +127,7 @@ def build_header(planned: Sequence[Planned], metadata: dict[str, str] | None) ->
                             "data_offsets": [offset, offset + item.nbytes]}
         offset += item.nbytes
     body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    body += b" " * (-len(body) % 8)
+    body += b" " * (-(8 + len(body)) % ALIGNMENT)
     return len(body).to_bytes(8, "little") + body
 
 
@@ -146,6 +161,7 @@ def write_safetensors(target: str, planned: Sequence[Planned],
     """Writes ``planned`` to ``target`` atomically, streaming one tensor at a time; with a
     ``batch``, the file is finished (deferred metadata, check, rename) with the others."""
     metadata = metadata or {}
+    planned = aligned_order(planned)
     header = build_header(planned, _placeholders(metadata))
     if progress:
         progress.start(sum(p.nbytes for p in planned), len(planned))

@@ -14,8 +14,9 @@ declares every family's components, layouts and diffusers configs, so here:
    compared with each module's state dict, still before any weight is read.
 3. The weights go in with ``load_state_dict(assign=True)``: a tensor the module takes as it
    is stored becomes a view of the memory-mapped file (no copy at all; pages are read when
-   touched) where its data is 64-byte aligned; one that is not (safetensors aligns no tensor
-   but the first: the same weights at another offset computed another last bit), or needs a
+   touched) where its data is 64-byte aligned (every weight of a file ckptkit wrote:
+   ``engine.writer.ALIGNMENT``); one that is not (safetensors' own writer aligns to 8 bytes:
+   the same weights at another offset computed another last bit), or needs a
    cast or another device, is allocated once in its final dtype and filled from the file (a
    slice of rows at a time for a cast), so the only memory a load takes is the weights' own
    and the image does not depend on where a file put a tensor. A split or fused tensor
@@ -41,6 +42,7 @@ from ..arch import diffusers_layout
 from ..arch.detect import Identification
 from ..arch.families import DIFFUSION_MODEL, Family, families
 from ..arch.layouts import Move
+from ..engine.writer import ALIGNMENT
 from ..errors import UsageError, a_or_an
 from ..formats import Checkpoint, LazyTensor, open_checkpoint
 from ..formats.checkpoint import paused_gc
@@ -55,7 +57,7 @@ _SLICE_BYTES = 1 << 24  # how much of a tensor a cast reads at a time
 # A view of the mapped file is taken only where its data is aligned as torch aligns what it
 # allocates: CPU matrix kernels round the last bit differently for unaligned data, so the
 # same weights at another offset (a part split from a checkpoint) gave another image.
-_ALIGN = 64
+_ALIGN = ALIGNMENT
 # The pipeline class of an input-channel variant, where diffusers has one.
 _VARIANT_PIPELINES = {
     ("StableDiffusionPipeline", "inpaint"): "StableDiffusionInpaintPipeline",
