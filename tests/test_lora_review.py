@@ -1,0 +1,85 @@
+"""Failures a review of ``ckpt lora`` found, each pinned by the case that showed it.
+
+The expected values are computed here with plain torch (a LoRA's change is
+up @ down x alpha/rank), not with ckptkit's adapter code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from helpers import run_cli  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from ckptkit.ops.sample import sample  # noqa: E402
+
+WIDTH = 48  # the tiny FLUX sample's hidden size (full size: 3072)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    """The tiny FLUX.1 diffusion model alone, in ComfyUI's layout (BFL names, fused qkv)."""
+    path = tmp_path_factory.mktemp("flux") / "flux.safetensors"
+    sample("flux1-dev", str(path), layout="comfyui", components=["diffusion_model"],
+           tiny=True, dtype="fp32")
+    return str(path)
+
+
+def peft_qkv(path, rows: int = WIDTH) -> dict[str, torch.Tensor]:
+    """AI-toolkit's way: q, k, v of double block 0's image attention as separate PEFT
+    modules, rank 2, no alphas (scale 1)."""
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for p in ("to_q", "to_k", "to_v"):
+        name = f"transformer.transformer_blocks.0.attn.{p}"
+        state[name + ".lora_A.weight"] = torch.randn(2, WIDTH, generator=gen)
+        state[name + ".lora_B.weight"] = torch.randn(rows, 2, generator=gen)
+    save_file(state, str(path))
+    return state
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
+def test_tiny_flux_q_k_v_fuse_into_the_tiny_qkv(tmp_path, capsys, tiny_flux, fmt):
+    """Converting q/k/v modules of a FLUX narrower than the full-size one used to place
+    them in the full model's 3 x 3072 rows (an internal error); they fuse into 3 x 48."""
+    parts = peft_qkv(tmp_path / "peft.safetensors")
+    out = tmp_path / "fused.safetensors"
+    code, _, err = run_cli(capsys, "lora", "convert", tmp_path / "peft.safetensors",
+                           "--to", fmt, "-o", out, "--quiet", "--family", "flux1-dev")
+    assert code == 0, err  # (--family: diffusers' names of q, k, v are SD3's too)
+    fused = load_file(str(out))
+    name = {"kohya": "lora_unet_double_blocks_0_img_attn_qkv",
+            "comfyui": "diffusion_model.double_blocks.0.img_attn.qkv"}[fmt]
+    up, down = fused[name + ".lora_up.weight"], fused[name + ".lora_down.weight"]
+    scale = fused[name + ".alpha"].item() / down.shape[0] if name + ".alpha" in fused else 1.0
+    expected = torch.cat([parts[f"transformer.transformer_blocks.0.attn.{p}.lora_B.weight"]
+                          @ parts[f"transformer.transformer_blocks.0.attn.{p}.lora_A.weight"]
+                          for p in ("to_q", "to_k", "to_v")])
+    torch.testing.assert_close(up @ down * scale, expected)
+    # and it bakes into the ComfyUI-layout file as the unconverted LoRA does
+    baked = []
+    for i, lora in enumerate((tmp_path / "peft.safetensors", out)):
+        target = tmp_path / f"baked{i}.safetensors"
+        code, _, err = run_cli(capsys, "lora", "bake", tiny_flux, lora, "-o", target,
+                               "--quiet")
+        assert code == 0, err
+        baked.append(load_file(str(target)))
+    key = "double_blocks.0.img_attn.qkv.weight"
+    torch.testing.assert_close(baked[0][key], baked[1][key])
+    torch.testing.assert_close(baked[0][key] - load_file(tiny_flux)[key], expected)
+
+
+def test_a_module_of_a_width_no_flux_has_is_refused(tmp_path, capsys):
+    """q/k/v modules 40 rows tall fit neither FLUX's full-size nor its tiny qkv: a usage
+    error naming the file and the module, nothing written."""
+    peft_qkv(tmp_path / "odd.safetensors", rows=40)
+    out = tmp_path / "out.safetensors"
+    code, _, err = run_cli(capsys, "lora", "convert", tmp_path / "odd.safetensors",
+                           "--to", "kohya", "-o", out, "--quiet", "--family", "flux1-dev")
+    assert code == 2, err
+    assert "odd.safetensors" in err and "40 rows" in err and "Traceback" not in err
+    assert not os.path.exists(out)
