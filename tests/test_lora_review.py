@@ -83,3 +83,40 @@ def test_a_module_of_a_width_no_flux_has_is_refused(tmp_path, capsys):
     assert code == 2, err
     assert "odd.safetensors" in err and "40 rows" in err and "Traceback" not in err
     assert not os.path.exists(out)
+
+
+def tiny_kohya_lora(path) -> None:
+    """One kohya module on a layer every SD 1.x model has (rank 2, alpha 1)."""
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    gen = torch.Generator().manual_seed(1)
+    save_file({name + ".lora_down.weight": torch.randn(2, 32, generator=gen),
+               name + ".lora_up.weight": torch.randn(32, 2, generator=gen),
+               name + ".alpha": torch.tensor(1.0)}, str(path))
+
+
+@pytest.mark.parametrize("suffix", ["abc", "1:abc", "1:2:3", "nan", "inf", "1e999"])
+def test_a_strength_that_is_no_finite_number_is_a_usage_error(tmp_path, capsys, suffix):
+    """``x.safetensors:abc`` used to be read as a file named so: "no such file", exit 3."""
+    lora = tmp_path / "x.safetensors"
+    tiny_kohya_lora(lora)
+    before = lora.read_bytes()
+    out = tmp_path / "out.safetensors"
+    for argv in (("lora", "bake", tmp_path / "model.safetensors", f"{lora}:{suffix}"),
+                 ("lora", "merge", f"{lora}:{suffix}", lora, "--concat")):
+        code, _, err = run_cli(capsys, *argv, "-o", out, "--quiet")
+        assert code == 2, err
+        assert err.count("\n") == 1 and "x.safetensors" in err and "no such file" not in err
+        assert not os.path.exists(out)
+    assert lora.read_bytes() == before
+
+
+def test_colons_in_file_names_and_good_numbers_still_parse(tmp_path, monkeypatch):
+    from ckptkit.lora.bake import LoraSpec, parse_spec
+    from ckptkit.lora.merge import parse_input
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dir:name.safetensors").write_bytes(b"")
+    assert parse_spec("dir:name.safetensors:0.5:-1") == LoraSpec("dir:name.safetensors", 0.5, -1)
+    assert parse_spec("dir:name.safetensors") == LoraSpec("dir:name.safetensors")
+    assert parse_input("dir:name.safetensors:-0.25") == ("dir:name.safetensors", -0.25)
+    assert parse_input("missing.safetensors:2") == ("missing.safetensors", 2.0)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +41,7 @@ from .adapters import AdapterError, by_rows, patch, patch_bias, scale, split_pro
 from .keys import DIFFUSION_MODEL
 from .modules import Module, delta_size, read_lora
 from .modules import alpha as module_alpha
+from .specs import split_numbers
 from .targets import REASONS, Target, Unmatched, bias_key, match
 
 CHUNK = 1 << 20  # elements of a weight patched at a time where the changes allow (4 MiB fp32)
@@ -73,19 +73,9 @@ class LoraSpec:
         return self.strength if self.te_strength is None else self.te_strength
 
 
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-
-
 def parse_spec(text: str) -> LoraSpec:
-    """``LORA[:STRENGTH[:TE_STRENGTH]]``; a path that itself holds ":" is taken whole when
-    what follows is no number."""
-    parts = text.split(":")
-    numbers: list[float] = []
-    while len(parts) > 1 and len(numbers) < 2 and _NUMBER.match(parts[-1]):
-        numbers.insert(0, float(parts.pop()))
-    path = ":".join(parts)
-    if not path:
-        raise UsageError(f"{text!r}: give the LoRA file before its strengths")
+    """``LORA[:STRENGTH[:TE_STRENGTH]]`` (see ``specs.split_numbers``)."""
+    path, numbers = split_numbers(text, 2, "STRENGTH[:TE_STRENGTH]")
     return LoraSpec(path, *numbers)
 
 
