@@ -120,3 +120,19 @@ def test_colons_in_file_names_and_good_numbers_still_parse(tmp_path, monkeypatch
     assert parse_spec("dir:name.safetensors") == LoraSpec("dir:name.safetensors")
     assert parse_input("dir:name.safetensors:-0.25") == ("dir:name.safetensors", -0.25)
     assert parse_input("missing.safetensors:2") == ("missing.safetensors", 2.0)
+
+
+@pytest.mark.parametrize("command", ["check", "resize", "merge", "convert"])
+def test_an_empty_file_is_said_to_hold_no_tensors(tmp_path, capsys, command):
+    """An empty safetensors file was said to have "too many keys in no adapter module"."""
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty))
+    out = tmp_path / "out.safetensors"
+    argv = {"check": ("check", empty), "resize": ("resize", empty, "-o", out, "--rank", 1),
+            "merge": ("merge", tmp_path / "lora.safetensors", empty, "--concat", "-o", out),
+            "convert": ("convert", empty, "--to", "kohya", "-o", out)}[command]
+    tiny_kohya_lora(tmp_path / "lora.safetensors")
+    code, _, err = run_cli(capsys, "lora", *argv, "--quiet")
+    assert code == 3, err
+    assert "empty.safetensors" in err and "holds no tensors" in err and err.count("\n") == 1
+    assert not os.path.exists(out)

@@ -100,6 +100,8 @@ def read_lora(lora) -> LoraFile:
 def modules_of(shapes: Mapping[str, Shape], metadata: Mapping[str, str] | None = None,
                values: Mapping[str, float] | None = None, path: str | None = None) -> LoraFile:
     """``read_lora`` from a header: key -> shape, the metadata, the decoded alphas."""
+    if not shapes:  # no key can belong to a module: say so, not that too many do not
+        raise FormatError("holds no tensors, so no LoRA or other adapter", path)
     found = analyse(shapes, metadata or {}, values)
     if found is None:
         raise FormatError("is not a LoRA or other adapter ckptkit knows (too many of its keys "
