@@ -136,3 +136,30 @@ def test_an_empty_file_is_said_to_hold_no_tensors(tmp_path, capsys, command):
     assert code == 3, err
     assert "empty.safetensors" in err and "holds no tensors" in err and err.count("\n") == 1
     assert not os.path.exists(out)
+
+
+def test_the_sdxl_vae_note_names_an_option_bake_has(tmp_path, capsys):
+    """bake's note said "--vae-dtype casts it" while bake had no --vae-dtype: it has now,
+    as prune and convert do."""
+    from safetensors import safe_open
+
+    model = tmp_path / "sdxl.safetensors"
+    sample("sdxl", str(model), tiny=True, dtype="fp32", components=["diffusion_model", "vae"])
+    lora = tmp_path / "lora.safetensors"
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    save_file({name + ".lora_down.weight": torch.ones(1, 64),
+               name + ".lora_up.weight": torch.ones(64, 1)}, str(lora))
+
+    def vae_dtypes(*extra):
+        out = tmp_path / f"out{len(extra)}.safetensors"
+        code, stdout, err = run_cli(capsys, "lora", "bake", model, lora, "-o", out,
+                                    "--dtype", "fp16", "--quiet", *extra)
+        assert code == 0, err
+        with safe_open(str(out), "pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys()  # noqa: SIM118 (safe_open)
+                    if k.startswith("first_stage_model.")}, stdout
+
+    kept, said = vae_dtypes()
+    assert kept == {"F32"} and "--vae-dtype casts it" in said
+    cast, said = vae_dtypes("--vae-dtype", "bf16")
+    assert cast == {"BF16"} and "--vae-dtype" not in said

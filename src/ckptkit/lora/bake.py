@@ -120,13 +120,13 @@ class _Apply:
 
 
 def bake(model: str, loras: list[LoraSpec], out: str, *, dtype: str | None = None,
-         allow_unmatched: bool = False, hash_model: bool = False,
+         vae_dtype: str | None = None, allow_unmatched: bool = False, hash_model: bool = False,
          progress: Progress | None = None, fsync: bool = True) -> BakeReport:
     """Writes ``model`` with ``loras`` baked in to ``out``; refuses, before anything is
     written, when a module lands nowhere (unless ``allow_unmatched``)."""
     if not loras:
         raise UsageError("lora bake needs at least one LoRA")
-    target = parse_dtype(dtype, "--dtype")
+    target, vae_target = parse_dtype(dtype, "--dtype"), parse_dtype(vae_dtype, "--vae-dtype")
     paths = [model, *[spec.path for spec in loras]]
     check_output_path(out, tuple(paths))
     with ExitStack() as stack:
@@ -141,7 +141,7 @@ def bake(model: str, loras: list[LoraSpec], out: str, *, dtype: str | None = Non
             lora = stack.enter_context(open_checkpoint(spec.path))
             report.loras.append(_plan_lora(spec, lora, checkpoint, ident, applies))
         _refuse_unmatched(report, model, allow_unmatched)
-        wanted_for, note = cast_targets(ident, target, None)
+        wanted_for, note = cast_targets(ident, target, vae_target)
         if note:
             report.notes.append(note)
         planned = _plan(checkpoint, applies, wanted_for, report)
@@ -149,7 +149,8 @@ def bake(model: str, loras: list[LoraSpec], out: str, *, dtype: str | None = Non
         hashing = BackgroundSha256([p for p in paths if p not in known])
         metadata = {**inherited(checkpoint.metadata),
                     **provenance("lora bake", paths, _hashes(paths, known, hashing),
-                                 dtype=dtype or "", allow_unmatched=allow_unmatched),
+                                 dtype=dtype or "", vae_dtype=vae_dtype or "",
+                                 allow_unmatched=allow_unmatched),
                     "ckptkit.loras": _loras_record(report, known, hashing)}
         write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress,
                           fsync=fsync)
