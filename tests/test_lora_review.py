@@ -163,3 +163,42 @@ def test_the_sdxl_vae_note_names_an_option_bake_has(tmp_path, capsys):
     assert kept == {"F32"} and "--vae-dtype casts it" in said
     cast, said = vae_dtypes("--vae-dtype", "bf16")
     assert cast == {"BF16"} and "--vae-dtype" not in said
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_lora_that_makes_weights_nan_is_refused(tmp_path, capsys, bad):
+    """NaN factors (at alpha 0, so scale 0 x NaN) used to be baked in silently: a model of
+    black images. Refused, naming the LoRA and the module; nothing written."""
+    model = tmp_path / "unet.safetensors"
+    sample("sd1", str(model), tiny=True, dtype="fp32", components=["diffusion_model"],
+           layout="comfyui")
+    lora = tmp_path / "broken.safetensors"
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    down = torch.zeros(2, 32)
+    down[0, 3] = float(bad)
+    save_file({name + ".lora_down.weight": down, name + ".lora_up.weight": torch.ones(32, 2),
+               name + ".alpha": torch.tensor(0.0 if bad == "nan" else 1.0)}, str(lora))
+    out = tmp_path / "out.safetensors"
+    code, _, err = run_cli(capsys, "lora", "bake", model, lora, "-o", out, "--quiet")
+    assert code == 3, err
+    assert "broken.safetensors" in err and name in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors",
+                                                          "unet.safetensors"]
+
+
+def test_nan_the_model_already_held_is_not_the_loras_doing(tmp_path, capsys):
+    """A weight with a NaN of its own still bakes (the LoRA's change lands elsewhere)."""
+    model = tmp_path / "unet.safetensors"
+    sample("sd1", str(model), tiny=True, dtype="fp32", components=["diffusion_model"],
+           layout="comfyui")
+    state = load_file(str(model))
+    key = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    state[key][0, 0] = float("nan")
+    save_file(state, str(model))
+    lora = tmp_path / "lora.safetensors"
+    tiny_kohya_lora(lora)
+    out = tmp_path / "out.safetensors"
+    code, _, err = run_cli(capsys, "lora", "bake", model, lora, "-o", out, "--quiet")
+    assert code == 0, err
+    baked = load_file(str(out))[key]
+    assert baked.isnan().sum() == 1 and baked[0, 0].isnan()

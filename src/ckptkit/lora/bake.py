@@ -373,10 +373,25 @@ def _apply(block, start: int, stop: int, total: int, change: _Apply, t):
         out = change.out if change.out is not None else b - a
         new = patch(change.module.adapter, block[local], t, change.alpha, change.strength,
                     module_rows, out)
+    _refuse_non_finite(new, block[local], change)
     if (lo, hi) == (start, stop):
         return new  # the whole block: no copy back
     block[local] = new
     return block
+
+
+def _refuse_non_finite(new, old, change: _Apply) -> None:
+    """A module that turns finite weights into NaN or infinity (a LoRA broken in training,
+    or an alpha of 0 on NaN factors) would bake black images; it is refused, and the
+    output, written to a temporary file until the end, never appears. Values the model
+    already held as NaN are not the module's doing."""
+    import torch
+
+    if torch.isfinite(new).all() or torch.isfinite(new[torch.isfinite(old)]).all():
+        return
+    raise FormatError(f"module {change.module.name} turns finite weights into NaN or "
+                      "infinity (its tensors hold such values); nothing was written",
+                      change.lora)
 
 
 _PEFT_MAGNITUDE = ("lora_magnitude_vector", "lora_magnitude_vector.weight")
