@@ -202,3 +202,32 @@ def test_nan_the_model_already_held_is_not_the_loras_doing(tmp_path, capsys):
     assert code == 0, err
     baked = load_file(str(out))[key]
     assert baked.isnan().sum() == 1 and baked[0, 0].isnan()
+
+
+def test_convolutions_left_out_by_conv_rank_0_are_not_called_biases(tmp_path, capsys):
+    """--conv-rank 0 leaves changed 3 x 3 convolutions out; they were counted among the
+    "biases, norms, embeddings" a LoRA cannot hold. Now they are counted on their own."""
+    import json
+
+    base = tmp_path / "base.safetensors"
+    sample("sd1", str(base), tiny=True, dtype="fp32", components=["diffusion_model"],
+           layout="comfyui")
+    state = load_file(str(base))
+    state["input_blocks.1.0.in_layers.2.weight"] += 0.5  # a 3 x 3 convolution
+    state["input_blocks.1.0.in_layers.2.bias"] += 0.5  # a bias
+    state["input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"] += 0.5  # a linear layer
+    tuned = tmp_path / "tuned.safetensors"
+    save_file(state, str(tuned))
+    out = tmp_path / "lora.safetensors"
+    code, stdout, err = run_cli(capsys, "lora", "extract", base, tuned, "-o", out,
+                                "--rank", 2, "--conv-rank", 0, "--quiet", "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["modules"] == 1
+    assert report["convs_left_out"] == {"diffusion_model": 1}
+    assert report["not_held"] == {"diffusion_model": 1}
+    code, stdout, err = run_cli(capsys, "lora", "extract", base, tuned, "-o",
+                                tmp_path / "again.safetensors", "--rank", 2, "--conv-rank", 0,
+                                "--quiet")
+    assert "1 k x k convolution changed and left out" in stdout
+    assert "1 other tensor (biases" in stdout
