@@ -231,3 +231,31 @@ def test_convolutions_left_out_by_conv_rank_0_are_not_called_biases(tmp_path, ca
                                 "--quiet")
     assert "1 k x k convolution changed and left out" in stdout
     assert "1 other tensor (biases" in stdout
+
+
+def test_an_old_layout_glora_on_a_square_layer_applies(tmp_path, capsys):
+    """The older LyCORIS GLoRA layout (a1 (r, in), a2 (in, r), b1 (r, in), b2 (out, r)) on
+    a square layer also passes the new layout's rank checks, so check and bake read b1's r
+    rows as the module's output and refused it ("changes 4 rows"); the adapter math already
+    told the layouts apart as ComfyUI does. Expected: ComfyUI's old-layout formula,
+    W + s alpha/r (b2 b1 + W a2 a1), in plain torch."""
+    model = tmp_path / "unet.safetensors"
+    sample("sd1", str(model), tiny=True, dtype="fp32", components=["diffusion_model"],
+           layout="comfyui")
+    gen = torch.Generator().manual_seed(4)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    t = {"a1": torch.randn(4, 32, generator=gen), "a2": torch.randn(32, 4, generator=gen),
+         "b1": torch.randn(4, 32, generator=gen), "b2": torch.randn(32, 4, generator=gen)}
+    lora = tmp_path / "glora.safetensors"
+    save_file({**{f"{name}.{r}.weight": v * 0.1 for r, v in t.items()},
+               name + ".alpha": torch.tensor(2.0)}, str(lora))
+    code, _, err = run_cli(capsys, "lora", "check", lora, "--against", model, "--quiet")
+    assert code == 0, err
+    out = tmp_path / "out.safetensors"
+    code, _, err = run_cli(capsys, "lora", "bake", model, f"{lora}:0.5", "-o", out, "--quiet")
+    assert code == 0, err
+    key = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    w = load_file(str(model))[key]
+    f = {r: v * 0.1 for r, v in t.items()}
+    expected = w + 0.5 * (2.0 / 4) * (f["b2"] @ f["b1"] + w @ f["a2"] @ f["a1"])
+    torch.testing.assert_close(load_file(str(out))[key], expected)
