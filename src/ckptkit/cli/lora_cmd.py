@@ -236,6 +236,9 @@ def _add_bake(sub) -> None:
     p.add_argument("--dtype", choices=list(CLI_NAMES),
                    help="output precision of floating tensors (default: the model's; values "
                         "beyond the range clamped and counted)")
+    p.add_argument("--vae-dtype", choices=list(CLI_NAMES),
+                   help="the VAE's precision (default: --dtype, but SDXL's VAE, which "
+                        "overflows in fp16, stays as it is)")
     p.add_argument("--allow-unmatched", action="store_true",
                    help="bake the modules that apply and leave out the others (named)")
     p.add_argument("--hash", action="store_true",
@@ -249,7 +252,8 @@ def _bake(args) -> int:
     bar = progress_for(args, "bake")
     try:
         report = bake(args.model, [parse_spec(s) for s in args.loras], args.output,
-                      dtype=args.dtype, allow_unmatched=args.allow_unmatched,
+                      dtype=args.dtype, vae_dtype=args.vae_dtype,
+                      allow_unmatched=args.allow_unmatched,
                       hash_model=args.hash, progress=bar, fsync=args.fsync)
     except (Exception, KeyboardInterrupt) as exc:
         if args.json:

@@ -165,6 +165,10 @@ def _extract(args) -> int:
         if held:
             print(f"note: {counted(held, 'other tensor')} (biases, norms, embeddings) changed "
                   "too; a LoRA does not hold them")
+        convs = sum(report.convs_left_out.values())
+        if convs:
+            print(f"note: {counted(convs, 'k x k convolution')} changed and left out "
+                  "(--conv-rank 0); the shares above leave them out")
         if report.unnamed:
             print(f"note: {counted(report.unnamed, 'layer')} that changed {args.fmt} has no "
                   "name for: left out")

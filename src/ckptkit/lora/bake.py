@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +41,7 @@ from .adapters import AdapterError, by_rows, patch, patch_bias, scale, split_pro
 from .keys import DIFFUSION_MODEL
 from .modules import Module, delta_size, read_lora
 from .modules import alpha as module_alpha
+from .specs import split_numbers
 from .targets import REASONS, Target, Unmatched, bias_key, match
 
 CHUNK = 1 << 20  # elements of a weight patched at a time where the changes allow (4 MiB fp32)
@@ -73,19 +73,9 @@ class LoraSpec:
         return self.strength if self.te_strength is None else self.te_strength
 
 
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-
-
 def parse_spec(text: str) -> LoraSpec:
-    """``LORA[:STRENGTH[:TE_STRENGTH]]``; a path that itself holds ":" is taken whole when
-    what follows is no number."""
-    parts = text.split(":")
-    numbers: list[float] = []
-    while len(parts) > 1 and len(numbers) < 2 and _NUMBER.match(parts[-1]):
-        numbers.insert(0, float(parts.pop()))
-    path = ":".join(parts)
-    if not path:
-        raise UsageError(f"{text!r}: give the LoRA file before its strengths")
+    """``LORA[:STRENGTH[:TE_STRENGTH]]`` (see ``specs.split_numbers``)."""
+    path, numbers = split_numbers(text, 2, "STRENGTH[:TE_STRENGTH]")
     return LoraSpec(path, *numbers)
 
 
@@ -130,13 +120,13 @@ class _Apply:
 
 
 def bake(model: str, loras: list[LoraSpec], out: str, *, dtype: str | None = None,
-         allow_unmatched: bool = False, hash_model: bool = False,
+         vae_dtype: str | None = None, allow_unmatched: bool = False, hash_model: bool = False,
          progress: Progress | None = None, fsync: bool = True) -> BakeReport:
     """Writes ``model`` with ``loras`` baked in to ``out``; refuses, before anything is
     written, when a module lands nowhere (unless ``allow_unmatched``)."""
     if not loras:
         raise UsageError("lora bake needs at least one LoRA")
-    target = parse_dtype(dtype, "--dtype")
+    target, vae_target = parse_dtype(dtype, "--dtype"), parse_dtype(vae_dtype, "--vae-dtype")
     paths = [model, *[spec.path for spec in loras]]
     check_output_path(out, tuple(paths))
     with ExitStack() as stack:
@@ -151,7 +141,7 @@ def bake(model: str, loras: list[LoraSpec], out: str, *, dtype: str | None = Non
             lora = stack.enter_context(open_checkpoint(spec.path))
             report.loras.append(_plan_lora(spec, lora, [(checkpoint, ident, applies)]))
         _refuse_unmatched(report, model, allow_unmatched)
-        wanted_for, note = cast_targets(ident, target, None)
+        wanted_for, note = cast_targets(ident, target, vae_target)
         if note:
             report.notes.append(note)
         planned = _plan(checkpoint, applies, wanted_for, report)
@@ -159,7 +149,8 @@ def bake(model: str, loras: list[LoraSpec], out: str, *, dtype: str | None = Non
         hashing = BackgroundSha256([p for p in paths if p not in known])
         metadata = {**inherited(checkpoint.metadata),
                     **provenance("lora bake", paths, _hashes(paths, known, hashing),
-                                 dtype=dtype or "", allow_unmatched=allow_unmatched),
+                                 dtype=dtype or "", vae_dtype=vae_dtype or "",
+                                 allow_unmatched=allow_unmatched),
                     "ckptkit.loras": _loras_record(report, known, hashing)}
         write_safetensors(out, planned, metadata, inputs=tuple(paths), progress=progress,
                           fsync=fsync)
@@ -408,10 +399,25 @@ def _apply(block, start: int, stop: int, total: int, change: _Apply, t):
         out = change.out if change.out is not None else b - a
         new = patch(change.module.adapter, block[local], t, change.alpha, change.strength,
                     module_rows, out)
+    _refuse_non_finite(new, block[local], change)
     if (lo, hi) == (start, stop):
         return new  # the whole block: no copy back
     block[local] = new
     return block
+
+
+def _refuse_non_finite(new, old, change: _Apply) -> None:
+    """A module that turns finite weights into NaN or infinity (a LoRA broken in training,
+    or an alpha of 0 on NaN factors) would bake black images; it is refused, and the
+    output, written to a temporary file until the end, never appears. Values the model
+    already held as NaN are not the module's doing."""
+    import torch
+
+    if torch.isfinite(new).all() or torch.isfinite(new[torch.isfinite(old)]).all():
+        return
+    raise FormatError(f"module {change.module.name} turns finite weights into NaN or "
+                      "infinity (its tensors hold such values); nothing was written",
+                      change.lora)
 
 
 _PEFT_MAGNITUDE = ("lora_magnitude_vector", "lora_magnitude_vector.weight")

@@ -138,22 +138,38 @@ def _family(modules: list[Module], detected: str | None, given: str | None, src:
     return best
 
 
-def _table(module: Module, fam: str) -> Names | None:
+def _table(module: Module, fam: str, src: str | None = None) -> Names | None:
     """The names (full size, else tiny) of the module's component in which its change has
-    the rows of the canonical weight it lands on; None when no layer has its name."""
+    the rows of the canonical weight(s) it lands on; None when no layer has its name (or,
+    while the family is still being chosen, ``src`` None, when its rows fit no layer).
+    A module of one part of a fused weight (FLUX's ``to_q`` of ``qkv``) is sized by that
+    part's rows, not the whole weight's, so a tiny model's pieces are not placed in the
+    full-size rows; a module that fits neither is refused here, before anything is read."""
     if module.component not in families()[fam].component_names:
         return None
+    rows = _delta_rows(module)
     for tiny in (False, True):
         table = names(fam, module.component, tiny)
         try:
             found = pieces(module, table)
         except Miss:
             return None
-        rows = _delta_rows(module)
-        whole = [table.rows.get(k) for k, canon, delta in found if canon is None and delta is None]
-        if rows is None or all(r == rows for r in whole):
+        if rows is None or all(_fits(table, rows, *piece) for piece in found):
             return table
-    return None
+    if src is None:
+        return None
+    raise UsageError(f"{src}: module {module.name} changes {rows} rows, which fits no layer "
+                     f"of {fam} it names; nothing was written")
+
+
+def _fits(table: Names, rows: int, key: str, canon: tuple[int, int] | None,
+          delta: tuple[int, int] | None) -> bool:
+    """Whether a module of ``rows`` rows can land as this piece: its rows (or the part of
+    them the piece takes) within the canonical weight's."""
+    if delta is not None:
+        return delta[1] <= rows
+    size = canon[1] - canon[0] if canon else table.rows.get(key)
+    return size == rows
 
 
 def _delta_rows(module: Module) -> int | None:
@@ -168,7 +184,7 @@ def _place(modules: list[Module], fam: str, src: str) -> list[_Weight]:
     weights: dict[tuple[str, str], _Weight] = {}
     lost = []
     for module in modules:
-        table = _table(module, fam)
+        table = _table(module, fam, src)
         if table is None:
             lost.append(module.name)
             continue

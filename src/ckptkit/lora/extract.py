@@ -80,6 +80,8 @@ class ExtractReport:
     unnamed: int = 0  # layers the output format has no name for (left out)
     # changed tensors a LoRA cannot hold (biases, norms, embeddings), by component
     not_held: dict[str, int] = field(default_factory=dict)
+    # changed k x k convolutions --conv-rank 0 leaves out, by component (not in ``retained``)
+    convs_left_out: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -255,6 +257,7 @@ def _pairs(fam: Family, paths: tuple[str, str], opened: list[Checkpoint],
     pairs = []
     for name in shared:
         a, b = views[0][name], views[1][name]
+        skipped = []
         for key in sorted(set(a) & set(b)):
             ta, tb = _tensor(opened[0], a[key]), _tensor(opened[1], b[key])
             if ta is None or tb is None or not ta.dtype.is_float:
@@ -266,6 +269,7 @@ def _pairs(fam: Family, paths: tuple[str, str], opened: list[Checkpoint],
             if not _is_layer(key, shape_a):
                 continue
             if len(shape_a) == 4 and shape_a[2:] != (1, 1) and _conv_rank(options) == 0:
+                skipped.append(key)
                 continue
             named = _named(fam, name, key, shape_a[0], options.fmt)
             if named is None:
@@ -273,8 +277,11 @@ def _pairs(fam: Family, paths: tuple[str, str], opened: list[Checkpoint],
                 continue
             pairs.append(_Pair(name, key, partial(read_moved, a[key], opened[0]),
                                partial(read_moved, b[key], opened[1]), shape_a, named=named))
-        report.not_held[name] = _changed_elsewhere(opened, a, b, {p.key for p in pairs
-                                                                  if p.component == name})
+        layers = {p.key for p in pairs if p.component == name} | set(skipped)
+        report.not_held[name] = _count_changed(
+            opened, a, b, [k for k in sorted(set(a) & set(b)) if k not in layers])
+        if skipped:  # told apart: these are layers a LoRA could hold, left out on request
+            report.convs_left_out[name] = _count_changed(opened, a, b, skipped)
     return pairs
 
 
@@ -297,17 +304,16 @@ def _shape(checkpoint: Checkpoint, move: Move) -> tuple[int, ...]:
     return tuple(source)
 
 
-def _changed_elsewhere(opened: list[Checkpoint], a: dict[str, Move], b: dict[str, Move],
-                       layers: set[str]) -> int:
-    """How many float tensors outside the LoRA's layers (biases, norms, embeddings) differ:
-    what the LoRA cannot carry, told to the user. Compared as bytes, where they are the same
-    in both files (one layout, one dtype); else as values."""
+def _count_changed(opened: list[Checkpoint], a: dict[str, Move], b: dict[str, Move],
+                   keys: list[str]) -> int:
+    """How many of the float tensors ``keys`` differ (those outside the LoRA's layers:
+    biases, norms, embeddings the LoRA cannot carry; the convolutions --conv-rank 0 leaves
+    out), told to the user. Compared as bytes, where they are the same in both files (one
+    layout, one dtype); else as values."""
     import torch
 
     count = 0
-    for key in set(a) & set(b):
-        if key in layers:
-            continue
+    for key in keys:
         ta, tb = _tensor(opened[0], a[key]), _tensor(opened[1], b[key])
         if ta is None or tb is None or not ta.dtype.is_float:
             continue
@@ -352,6 +358,7 @@ def _changed(pairs: list[_Pair], report: ExtractReport) -> list[_Pair]:
             report.left_out[name] = ("unchanged" if most == 0 else
                                      f"unchanged (no weight moved by more than {MIN_DIFF})")
             report.not_held.pop(name, None)
+            report.convs_left_out.pop(name, None)
             continue
         changed = [p for p in mine if p.max_abs > 0]
         report.unchanged_modules += len(mine) - len(changed)

@@ -36,6 +36,7 @@ from ..ops.provenance import provenance, source_hashes
 from . import factored, lowrank
 from .modules import Module, read_lora
 from .names import module_name
+from .specs import split_numbers
 from .targets import Miss, names, pieces
 
 _KOHYA_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "modelspec.architecture")
@@ -66,18 +67,9 @@ class _Layer:
 
 
 def parse_input(text: str) -> tuple[str, float]:
-    """``PATH[:WEIGHT]``: a weight is what follows the last colon when it reads as a number
-    (a path may hold colons)."""
-    path, sep, weight = text.rpartition(":")
-    if sep and path:
-        try:
-            value = float(weight)
-        except ValueError:
-            return text, 1.0
-        if not math.isfinite(value):
-            raise UsageError(f"{text}: the weight must be a finite number")
-        return path, value
-    return text, 1.0
+    """``PATH[:WEIGHT]`` (see ``specs.split_numbers``)."""
+    path, numbers = split_numbers(text, 1, "WEIGHT")
+    return path, numbers[0] if numbers else 1.0
 
 
 def merge(inputs: list[tuple[str, float]], out: str, *, rank: int | None = None,

@@ -100,6 +100,8 @@ def read_lora(lora) -> LoraFile:
 def modules_of(shapes: Mapping[str, Shape], metadata: Mapping[str, str] | None = None,
                values: Mapping[str, float] | None = None, path: str | None = None) -> LoraFile:
     """``read_lora`` from a header: key -> shape, the metadata, the decoded alphas."""
+    if not shapes:  # no key can belong to a module: say so, not that too many do not
+        raise FormatError("holds no tensors, so no LoRA or other adapter", path)
     found = analyse(shapes, metadata or {}, values)
     if found is None:
         raise FormatError("is not a LoRA or other adapter ckptkit knows (too many of its keys "
@@ -167,6 +169,13 @@ def delta_size(module: Module) -> tuple[int | None, int | None]:
             b, d = sh("w2a")[0], sh("w2b")[1]
         return a * b, c * d
     if m.adapter == "glora":
+        a1, a2, b1, b2 = (sh(r) for r in ("a1", "a2", "b1", "b2"))
+        # the older LyCORIS layout (b2 b1 + W a2 a1), by adapters._glora_old's rule with
+        # that layout's own out (b2's rows) and in (b1's columns); on a square layer the
+        # new layout's rank checks pass too, and would read b1's r rows as the output
+        if b2[1] == b1[0] == a1[0] == a2[1] and (
+                not b2[0] == b1[1] == a1[1] == a2[0] or a2[0] == b2[0] == b1[1]):
+            return b2[0], b1[1] * _prod(b1[2:])
         rank_check("b1", 1, "b2", 0)
         rank_check("a1", 1, "a2", 0)
         return sh("b1")[0], sh("b2")[1] * _prod(sh("b2")[2:])
