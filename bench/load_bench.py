@@ -1,19 +1,20 @@
 """Benchmark: loading a full-size SDXL checkpoint (6.9 GB fp16, random weights) into a
 diffusers pipeline with ``ckptkit.load_pipeline``, against diffusers' own
 ``StableDiffusionXLPipeline.from_single_file(path, config=LOCAL_DIR)`` with the configs (and
-tokenizers) written to a local folder first and the Hub switched off (``HF_HUB_OFFLINE=1``), in
-the same run; the same for a full-size SD 1.5 checkpoint (2.1 GB fp16) loaded as fp32; then
-the time of one denoising step of a 512x512 SD 1.5 generation on this CPU.
+tokenizers) written to a local folder first and the Hub switched off (``HF_HUB_OFFLINE=1``),
+in the same run; the same for a full-size SD 1.5 checkpoint (2.1 GB fp16) loaded as fp32;
+then the time of one denoising step of a 512x512 SD 1.5 generation on this CPU.
 
 Each load runs as a child process under GNU time (wall seconds, peak RSS), from the same
-start (``measure.settle``: outputs removed, the page cache dropped where we may and the input
-read back into it), taking turns. SDXL as stored, fp16 (ckptkit maps the file and assigns its
-tensors where they are 64-byte aligned, as in every file ckptkit writes, so the load reads
-nothing until they are used; diffusers reads and copies every tensor); SD 1.5 cast to fp32 by both (SDXL in fp32 takes 14 GB, more than this machine can
-spare for diffusers' load, which holds the state dict beside the model). The tokenizers
-are the tests' tiny ones: they take no measurable time in either loader. The SD 1.5 step
-is the second of a 2-step run (the first one pays for warm-up), with classifier-free
-guidance (a batch of 2), fp32.
+start (``measure.settle``: outputs removed, the page cache dropped where we may and the
+input read back into it), taking turns. SDXL as stored, fp16 (ckptkit maps the file and
+assigns its tensors where they are 64-byte aligned, as in every file ckptkit writes, so the
+load reads nothing until they are used; diffusers reads and copies every tensor); SD 1.5
+cast to fp32 by both (SDXL in fp32 takes 14 GB, more than this machine can spare for
+diffusers' load, which holds the state dict beside the model). The tokenizers are the tests'
+tiny ones: they take no measurable time in either loader. The SD 1.5 step is the second of a
+2-step run (the first one pays for warm-up), with classifier-free guidance (a batch of 2),
+fp32.
 
     .venv/bin/python bench/load_bench.py [--workdir bench/out] [--repeat 2] [--tiny]
 """
