@@ -413,7 +413,9 @@ def _refuse_non_finite(new, old, change: _Apply) -> None:
     already held as NaN are not the module's doing."""
     import torch
 
-    if torch.isfinite(new).all() or torch.isfinite(new[torch.isfinite(old)]).all():
+    # A sum is non-finite when any term is, so a finite one clears the block in one pass
+    # without a mask; only a non-finite sum (or an overflow of a finite one) looks closer.
+    if torch.isfinite(new.sum()) or torch.isfinite(new[torch.isfinite(old)]).all():
         return
     raise FormatError(f"module {change.module.name} turns finite weights into NaN or "
                       "infinity (its tensors hold such values); nothing was written",
