@@ -293,10 +293,12 @@ def test_a_chain_holds_no_more_results_as_it_grows(models, tmp_path, monkeypatch
     previous step's result, and the outputs of the keys the writer holds (produced ahead,
     or being written) where a whole-tensor method's result is the output itself. Keys with
     the same weights share one plan of the steps (there was one per key: 1,000 keys x 50
-    steps)."""
+    steps). How many of the writer's tensors are alive at the peak depends on how far its
+    prefetching thread has run ahead, so the two chains are held to the same bound rather
+    than to the same count."""
     short, short_plans = _live_results_at_peak(monkeypatch, models, tmp_path, method, 5)
     long, long_plans = _live_results_at_peak(monkeypatch, models, tmp_path, method, 50)
-    assert long == short <= 2 + PREFETCH
+    assert short <= 2 + PREFETCH and long <= 2 + PREFETCH
     assert (short_plans, long_plans) == (5, 50)
 
 
