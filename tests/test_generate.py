@@ -15,15 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import socket
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import run_cli
 from PIL import Image
-from tiny_tokenizers import write_all
 
 from ckptkit import open as ckpt_open
 from ckptkit import save_safetensors
@@ -31,30 +28,7 @@ from ckptkit.ops.generate import generate
 from ckptkit.ops.parts import split
 from ckptkit.ops.sample import sample
 
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a network connection was attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run on one thread (see test_load_pipeline.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return write_all(tmp_path_factory.mktemp("tokenizers"))
+pytestmark = pytest.mark.usefixtures("no_network", "one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,42 +32,14 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from test_load_pipeline import _latents  # noqa: E402
 from test_lora_bake import make_lora  # noqa: E402
-from tiny_tokenizers import write_all  # noqa: E402
 
 from ckptkit import load_pipeline  # noqa: E402
 from ckptkit.formats.checkpoint import LazyTensor  # noqa: E402
 from ckptkit.lora.bake import LoraSpec, NotApplied, bake  # noqa: E402
 from ckptkit.ops.parts import split  # noqa: E402
-from ckptkit.ops.sample import sample  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return write_all(tmp_path_factory.mktemp("tokenizers"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    made = {}
-
-    def get(fid: str):
-        if fid not in made:
-            made[fid] = root / f"{fid}.safetensors"
-            sample(fid, str(made[fid]), tiny=True, dtype="fp32", seed=1)
-        return made[fid]
-
-    return get
+pytestmark = [pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _state(pipe) -> dict[str, torch.Tensor]:

@@ -24,7 +24,6 @@ import sys
 
 import pytest
 import torch
-from tiny_tokenizers import write_all
 
 from ckptkit import load_pipeline
 from ckptkit.arch.families import families
@@ -33,31 +32,9 @@ from ckptkit.formats.checkpoint import LazyTensor
 from ckptkit.ops.parts import split
 from ckptkit.ops.sample import sample
 
+pytestmark = pytest.mark.usefixtures("no_network", "one_thread")
+
 SIZE = 32  # image side: 4x4 latents, 2x2 SD3 patches and FLUX tokens
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any connection attempt fails the test; nothing tells the Hub client to stay offline."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a network connection was attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on one thread: on a busy machine torch's thread pool made each 32-wide
-    matrix product take 1.6 ms instead of 30 us (a 2-step SDXL run 3.5 s instead of 0.19)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -69,26 +46,6 @@ def loaded(tiny, tokenizers):
     def get(fid: str):
         if fid not in made:
             made[fid] = load_pipeline(str(tiny(fid)), tokenizers=tokenizers)
-        return made[fid]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return write_all(tmp_path_factory.mktemp("tokenizers"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """family -> its tiny monolithic sample (fp32, seed 1), made once."""
-    root = tmp_path_factory.mktemp("tiny")
-    made = {}
-
-    def get(fid: str):
-        if fid not in made:
-            made[fid] = root / f"{fid}.safetensors"
-            sample(fid, str(made[fid]), tiny=True, dtype="fp32", seed=1)
         return made[fid]
 
     return get
