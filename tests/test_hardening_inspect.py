@@ -285,6 +285,9 @@ def test_messages_that_name_a_kind_take_the_right_article(tmp_path, capsys):
 
     assert [a_or_an(w) for w in ("unknown", "vae", "openclip_h", "lora", "checkpoint")] == [
         "an unknown", "a vae", "an openclip_h", "a lora", "a checkpoint"]
+    # By sound: initialisms read letter by letter, and "unet" read as you-net.
+    assert [a_or_an(w) for w in ("sd1 LoRA", "SDXL checkpoint", "unet", "(IA)^3")] == [
+        "an sd1 LoRA", "an SDXL checkpoint", "a unet", "an (IA)^3"]
     path = write_safetensors(tmp_path / "odd.safetensors", {"a.w": ("F32", [1], 4)})
     code, _, err = run_cli(capsys, "split", path, "-o", tmp_path / "out", "--quiet")
     assert code == 2

@@ -9,11 +9,24 @@ from __future__ import annotations
 
 import os
 
+# Names whose first sound is not their first letter's: "sd" is read letter by letter (es-dee),
+# "unet" as you-net.
+_SOUNDS_LIKE_VOWEL = ("sd",)
+_SOUNDS_LIKE_CONSONANT = ("unet",)
+
 
 def a_or_an(word: str) -> str:
     """``word`` after its indefinite article, for messages that name a kind: "an unknown",
-    "a vae", "an openclip_h"."""
-    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+    "a vae", "an openclip_h", "an sd1 LoRA", "a unet" (by sound, not by letter; a leading
+    bracket, as in "(IA)^3", is not read)."""
+    spoken = word.lstrip("([").lower()
+    if spoken.startswith(_SOUNDS_LIKE_VOWEL):
+        vowel = True
+    elif spoken.startswith(_SOUNDS_LIKE_CONSONANT):
+        vowel = False
+    else:
+        vowel = spoken[:1] in tuple("aeiou")
+    return ("an " if vowel else "a ") + word
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:
