@@ -155,6 +155,22 @@ def test_component_aliases_in_sample_split_prune_and_merge(tiny_sdxl, tmp_path, 
 
 # An output's format and its name agree: loaders choose their reader by the extension.
 
+@pytest.mark.parametrize(("command", "name"), [
+    (["prune", "--drop", "vae"], "pruned.ckpt"),
+    (["merge", "weighted-sum", "SELF", "--alpha", "0.5"], "merged.pt"),
+    (["convert"], "converted.gguf"),
+])
+def test_safetensors_outputs_under_another_format_s_name_are_refused(command, name, tiny_sdxl,
+                                                                       tmp_path, capsys):
+    out = tmp_path / name
+    args = [str(tiny_sdxl) if a == "SELF" else a for a in command]
+    args[1 + (command[0] == "merge"):1 + (command[0] == "merge")] = [str(tiny_sdxl)]
+    assert main([*args, "-o", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and name in err and "name it .safetensors" in err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(("fmt", "name"), [("ckpt", "x.safetensors"), ("safetensors", "x.ckpt"),
                                            ("safetensors", "x.pt")])
 def test_sample_refuses_a_format_its_name_contradicts(fmt, name, tmp_path, capsys):

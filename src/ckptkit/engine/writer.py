@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-from ..errors import CkptError, OutputError
+from ..errors import CkptError, OutputError, UsageError
 from ..formats.dtypes import DType, from_torch_tensor, torch_dtype
 from ..formats.safetensors import METADATA_KEY, open_safetensors
 from ..formats.source import Source, write_all
@@ -154,12 +154,28 @@ def _write_item(fd: int, item: Planned, data: Any) -> None:
     write_all(fd, data)
 
 
+# Names that tell a loader to read something other than safetensors: A1111, ComfyUI,
+# diffusers and transformers choose torch.load for these, which fails on safetensors bytes.
+_OTHER_FORMATS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".gguf")
+
+
+def check_safetensors_name(target: str) -> None:
+    """Refuses to write safetensors under a name that makes loaders read another format (a
+    merge saved as ``x.ckpt`` would fail to load everywhere, with a pickle error)."""
+    suffix = os.path.splitext(os.fspath(target))[1].lower()
+    if suffix in _OTHER_FORMATS:
+        raise UsageError(f"the output is safetensors, but its name ends in {suffix}, which "
+                         "makes loaders read it as another format: name it .safetensors",
+                         target)
+
+
 def write_safetensors(target: str, planned: Sequence[Planned],
                       metadata: dict[str, str | Deferred] | None = None, *,
                       inputs: tuple[str, ...] = (), progress: Progress | None = None,
                       fsync: bool = True, batch: OutputBatch | None = None) -> None:
     """Writes ``planned`` to ``target`` atomically, streaming one tensor at a time; with a
     ``batch``, the file is finished (deferred metadata, check, rename) with the others."""
+    check_safetensors_name(target)
     metadata = metadata or {}
     planned = aligned_order(planned)
     header = build_header(planned, _placeholders(metadata))

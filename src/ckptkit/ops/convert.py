@@ -18,15 +18,14 @@ name that says pickle or GGUF: loaders pick their reader by extension.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from functools import partial
 
 from ..engine.atomic import check_output_path
 from ..engine.moves import copy_range
 from ..engine.slices import by_rows, may_exceed
-from ..engine.writer import Planned, Progress, write_safetensors
-from ..errors import FormatError, UsageError
+from ..engine.writer import Planned, Progress, check_safetensors_name, write_safetensors
+from ..errors import FormatError
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
 from ..formats.torch_pickle import Summary
@@ -35,11 +34,6 @@ from .provenance import inherited
 from .prune import cast_targets, clamped_cast, parse_dtype
 
 CONVERT_DTYPES = tuple(CLI_NAMES)
-# Names that tell a loader to read something other than safetensors: A1111, ComfyUI,
-# diffusers and transformers choose torch.load for these, which fails on safetensors bytes.
-_OTHER_FORMATS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".gguf")
-
-
 @dataclass
 class ConvertReport:
     source_format: str
@@ -88,11 +82,8 @@ def convert(src: str, dst: str, *, dtype: str | None = None, vae_dtype: str | No
     """Writes ``src`` as safetensors to ``dst``; ``dtype`` casts floating tensors (and
     ``vae_dtype`` the VAE's); ``keep_metadata=False`` writes none of the source's metadata."""
     target, vae_target = parse_dtype(dtype, "--dtype"), parse_dtype(vae_dtype, "--vae-dtype")
-    suffix = os.path.splitext(os.fspath(dst))[1].lower()
     check_output_path(dst, (src,))  # an output over the input is that error first
-    if suffix in _OTHER_FORMATS:
-        raise UsageError(f"the output is safetensors, but its name ends in {suffix}, which "
-                         "makes loaders read it as another format: name it .safetensors")
+    check_safetensors_name(dst)
     with open_checkpoint(src) as checkpoint:
         if not checkpoint.tensors:
             raise FormatError(f"no tensors to convert: {_contents(checkpoint)}", src)
