@@ -1,7 +1,7 @@
 """``ckpt lora check``: the report, the exit codes and the refusals, from the command line.
 
 LoRA files are written by ``safetensors`` from headers with the module names of sources we
-did not write (test_lora_detect.py: sd-mecha's kohya tables, diffusers' FLUX class); models
+did not write (lora_headers.py: sd-mecha's kohya tables, diffusers' FLUX class); models
 are full-size sparse samples. Which module lands where is test_lora_targets.py's subject;
 here, what a user sees: one line per reason, exit 0 / 1 / 3, nothing written anywhere.
 """
@@ -14,8 +14,7 @@ import os
 import pytest
 import torch
 from helpers import run_cli
-from safetensors.torch import save_file
-from test_lora_detect import (
+from lora_headers import (
     flux_model,
     ia3,
     kohya_flux,
@@ -27,6 +26,7 @@ from test_lora_detect import (
     sd1_kohya,
     sdxl_kohya,
 )
+from safetensors.torch import save_file
 
 from ckptkit.ops.sample import sample
 

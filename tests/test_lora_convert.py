@@ -1,7 +1,7 @@
 """``ckpt lora convert``: key names as the other tools write them, the change kept, round trips.
 
 Sources we did not write: the module names of sd-mecha's kohya tables and of diffusers'
-FLUX class (test_lora_detect.py), and diffusers' own converters, which are what
+FLUX class (lora_headers.py), and diffusers' own converters, which are what
 ``load_lora_weights`` runs on a kohya file: ``_convert_non_diffusers_lora_to_diffusers`` +
 ``convert_unet_state_dict_to_peft`` (SD 1.x, SDXL) and ``_convert_kohya_flux_lora_to_diffusers``
 (FLUX, which splits the fused qkv and linear1). Our diffusers output must have the keys they
@@ -18,8 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import run_cli
-from safetensors.torch import load_file, save_file
-from test_lora_detect import (
+from lora_headers import (
     flux,
     flux_model,
     kohya,
@@ -32,6 +31,7 @@ from test_lora_detect import (
     sdxl_kohya,
     sdxl_unet,
 )
+from safetensors.torch import load_file, save_file
 
 # First and last blocks of each kind (kohya's names, "_"-joined): SD's down/up/mid and
 # input/output/middle blocks, FLUX's double and single blocks, CLIP's first and last layers.

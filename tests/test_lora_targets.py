@@ -1,7 +1,7 @@
 """``lora.targets.match``: where every module of a LoRA lands in a model of each layout.
 
 The LoRAs are headers with the module names of sources we did not write (see
-test_lora_detect.py): sd-mecha's kohya tables (SD1, SDXL, FLUX with their text encoders),
+lora_headers.py): sd-mecha's kohya tables (SD1, SDXL, FLUX with their text encoders),
 diffusers' model classes on the meta device (SD2 and refiner U-Nets, SD3/SD3.5 and FLUX.1
 transformers: the PEFT / AI-toolkit names) and transformers' CLIP, and the XLabs and BFL
 control layouts diffusers' converters accept. The models are full-size sparse samples that
@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 
 import pytest
-from test_lora_detect import (
+from lora_headers import (
     REFINER_UNET,
     SD2_UNET,
     UNET_ATTN_DIFFUSERS,
