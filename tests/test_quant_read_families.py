@@ -22,9 +22,16 @@ from ckptkit.ops.sample import sample
 ARCHES = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl-refiner": "sdxl",
           "sd3-medium": "sd3", "sd3.5-medium": "sd3", "sd3.5-large": "sd3",
           "flux1-dev": "flux", "flux1-schnell": "flux"}
-QTYPES = {"sd1": QT.Q8_0, "sd2": QT.Q5_1, "sdxl": QT.Q4_0, "sdxl-refiner": QT.Q8_0,
+QTYPES = {"sd1": QT.Q8_0, "sd2": QT.Q5_1, "sdxl": QT.Q4_0, "sdxl-refiner": QT.Q4_1,
           "sd3-medium": QT.Q4_1, "sd3.5-medium": QT.Q8_0, "sd3.5-large": QT.Q5_0,
           "flux1-dev": QT.Q8_0, "flux1-schnell": QT.Q4_0}
+
+# Converted back and compared value by value: one family of each converter architecture
+# (the others are identified only: the same reader and writer, for a tenth of the time).
+CONVERTED = ("sd1", "sdxl", "sd3.5-medium", "flux1-dev")
+
+# Tiny tensors: on a busy machine torch's thread pool costs more than the work.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_family_is_covered():
@@ -70,7 +77,8 @@ def test_family_as_gguf_is_identified_and_converted(tmp_path, capsys, family):
     assert QTYPES[family].name in quant["types"] and quant["scheme"] == "gguf"
     assert quant["types"]["F32"]["tensors"] > 0  # 1-D and small tensors kept in F32
     assert 4 < quant["bits_per_weight"] < 32
-
+    if family not in CONVERTED:
+        return
     out = tmp_path / "model.safetensors"
     code, _, err = run_cli(capsys, "convert", path, "-o", out, "--dtype", "fp32")
     assert code == 0, err

@@ -22,6 +22,9 @@ from ckptkit.errors import FormatError
 from ckptkit.formats.dtypes import BY_NAME
 from ckptkit.formats.quantized import QuantizedTensor
 
+# Tiny tensors: on a busy machine torch's thread pool costs more than the work.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture
 def mixed(tmp_path):

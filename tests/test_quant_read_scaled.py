@@ -25,6 +25,9 @@ E4M3 = torch.float8_e4m3fn
 _bnb_reference = getattr(bnb_default._dequantize_4bit_compute, "__wrapped__",
                          bnb_default._dequantize_4bit_compute)
 
+# Tiny tensors: on a busy machine torch's thread pool costs more than the work.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def comfyui_fp8(stored: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
     """ComfyUI's ``TensorCoreFP8Layout.dequantize(qdata, scale, orig_dtype)``, with the
@@ -184,7 +187,7 @@ def test_quantized_flux_is_identified_and_converted(tmp_path, capsys, flux, sche
     source = load_file(flux)
     sd, expected = {}, {}
     for key, weight in source.items():
-        if weight.dim() != 2 or weight.shape[-1] % 2:
+        if weight.dim() != 2 or weight.numel() < 4096:  # small ones kept, as converters do
             sd[key] = expected[key] = weight
         elif scheme == "fp8":
             stored, scale = fp8_scaled(weight)
