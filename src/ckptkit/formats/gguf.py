@@ -264,9 +264,10 @@ def _tensors(infos, kv, kinds, data_start: int, alignment: int, source: Source
         tensors[name] = tensor
     # The last tensor's padding may be left out (ggml maps the file, and reads no further
     # than the tensor); anything after it is refused, as for safetensors.
-    if infos and source.size > data_start + expected:
-        raise FormatError(f"{source.size - data_start - expected} bytes follow the last "
-                          "tensor's padding (trailing data is not allowed)", path)
+    if source.size > data_start + expected:
+        after = "the last tensor's padding" if infos else "a GGUF header of no tensors"
+        raise FormatError(f"{source.size - data_start - expected} bytes follow {after} "
+                          "(trailing data is not allowed)", path)
     natural = majority_float(plain, "F16")
     for tensor in quantized:
         tensor.dtype = natural
