@@ -110,8 +110,18 @@ def test_inspect_names_the_quantization(mixed, capsys):
     assert code == 0
     line = next(x for x in out.splitlines() if x.strip().startswith("quantized"))
     assert "gguf: Q8_0" in line and "bits per weight" in line
-    code, out, _ = run_cli(capsys, "scan", path)  # data only: nothing to run
-    assert code == 0 and out.startswith("SAFE")
+    for flags in ((), ("--verify-data",)):  # data only: nothing to run
+        code, out, _ = run_cli(capsys, "scan", *flags, path)
+        assert code == 0 and out.startswith("SAFE")
+
+
+def test_a_gguf_named_safetensors_reads_as_gguf(mixed, tmp_path):
+    path, _, _ = mixed
+    renamed = tmp_path / "model.safetensors"
+    renamed.write_bytes(path.read_bytes())
+    with ckpt_open(renamed) as ck:
+        assert ck.format == "gguf"
+        assert any("named .safetensors but holds a GGUF" in n for n in ck.notes)
 
 
 def test_orig_shape_alignment_and_no_architecture(tmp_path):
@@ -128,7 +138,7 @@ def test_orig_shape_alignment_and_no_architecture(tmp_path):
     kv = {"comfy.gguf.orig_shape.input_blocks.1.0.in_layers.2.weight": [4, 320, 3, 3]}
     path = write_gguf(tmp_path / "sd.gguf", tensors, arch=None, kv=kv, alignment=64)
     with ckpt_open(path) as ck:
-        assert ck.container["alignment"] == 64
+        assert ck.metadata["general.alignment"] == "64"  # the values below say it is used
         assert "general.architecture" not in ck.metadata
         assert not any(k.startswith("comfy.gguf.orig_shape") for k in ck.metadata)
         assert any("no general.architecture" in n for n in ck.notes)

@@ -205,8 +205,6 @@ def _parse(h: _Header, source: Source) -> Checkpoint:
     metadata = {k: _text(v) for k, v in kv.items() if not k.startswith(ORIG_SHAPE)}
     checkpoint = Checkpoint(path=path, format="gguf", tensors=tensors, source=source,
                             metadata=metadata)
-    checkpoint.container = {"version": version, "alignment": alignment,
-                            "data_offset": data_start}
     if "general.architecture" not in kv:
         checkpoint.notes.append("no general.architecture key (a stable-diffusion.cpp or older "
                                 "converter's file): the model is told from its tensors")

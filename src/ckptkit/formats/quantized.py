@@ -85,11 +85,12 @@ def stored_nbytes(tensor: LazyTensor) -> int:
 
 def majority_float(tensors: list[LazyTensor], default: str) -> DType:
     """The 16-bit float type (F16 or BF16) that most parameters of ``tensors`` (the file's
-    weights kept unquantized, of two or more dimensions) are stored in; ``default`` where
-    none is: what the quantized weights of the same file read as."""
+    tensors kept unquantized) are stored in; ``default`` where none is: what the quantized
+    weights of the same file read as. float32 tensors say nothing: converters keep small
+    tensors and scales in float32 whatever the model's precision."""
     counts = {"F16": 0, "BF16": 0}
     for tensor in tensors:
-        if tensor.dtype.name in counts and len(tensor.shape) >= 2:
+        if tensor.dtype.name in counts:
             counts[tensor.dtype.name] += tensor.numel
     if not any(counts.values()):
         return BY_NAME[default]

@@ -45,7 +45,6 @@ def _bnb_4bit(tensor, dtype):
     numel = tensor.numel
     packed = parts["data"].read().reshape(-1)
     codes = torch.stack((packed >> 4, packed & 0x0F), dim=1).reshape(-1)[:numel].long()
-
     quant_map = parts["quant_map"].read().float().reshape(-1)
     absmax = parts["absmax"].read().reshape(-1)
     if "nested_absmax" in parts:
