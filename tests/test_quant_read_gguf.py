@@ -43,7 +43,7 @@ def mixed(tmp_path):
                "bf.weight": (gguf_quantize(bf, QT.BF16), QT.BF16)}
     kv = {"general.name": "tiny", "test.count": 7, "test.flag": True, "test.scale": 0.5,
           "test.list": [1, 2, 3], "test.words": ["a", "b"],
-          "tokenizer.ggml.scores": [0.0] * 5000}
+          "tokenizer.ggml.scores": [0.0] * 5000, "tokenizer.ggml.tokens": ["t"] * 5000}
     path = write_gguf(tmp_path / "mixed.gguf", tensors, arch="flux", kv=kv)
     return path, arrays, tensors
 
@@ -63,6 +63,7 @@ def test_gguf_writer_file_reads_as_written(mixed):
         assert json.loads(meta["test.list"]) == [1, 2, 3]
         assert json.loads(meta["test.words"]) == ["a", "b"]
         assert meta["tokenizer.ggml.scores"] == "<array of 5,000 float32>"
+        assert meta["tokenizer.ggml.tokens"] == "<array of 5,000 string>"
         for name, array in arrays.items():  # plain types: the same bytes, zero-copy
             tensor = ck[name]
             assert not isinstance(tensor, QuantizedTensor)

@@ -121,8 +121,11 @@ class _Header:
         if item == _STRING:
             if count * 8 > self.size - self.pos:  # each string costs at least its length
                 self.need(count * 8, what)
-            values = [self.string(what, strict=False) for _ in range(count)]
-            return (values if count <= MAX_KEPT_ARRAY else LongArray("string", count)), item
+            if count > MAX_KEPT_ARRAY:  # walked over, not decoded
+                for _ in range(count):
+                    self.need(self.unpack("Q", what), what)
+                return LongArray("string", count), item
+            return [self.string(what, strict=False) for _ in range(count)], item
         code = _SCALARS[item]
         at = self.need(count * struct.calcsize(code), what)
         if count > MAX_KEPT_ARRAY:
