@@ -4,7 +4,8 @@ Each type's layout is ggml's (``ggml-quants.c``; the ``gguf`` package's numpy co
 same bytes, and the tests hold these functions to it). Every block type is unpacked over all
 its blocks at once with shifts and masks, computed in float32 (as ggml and the ``gguf`` package
 do) and cast to the asked dtype at the end; a big tensor is done a slice of blocks at a time,
-so that the float32 intermediates stay a few MB whatever the tensor's size.
+so that the float32 intermediates stay a few MB whatever the tensor's size. The work is
+done where ``raw`` is (CPU, or a GPU for a caller that put the blocks there).
 
 Types without a torch kernel here (the grid-based IQ types, the ternary and FP4 types) are
 dequantized by the ``gguf`` package's numpy code when it is installed, as ComfyUI-GGUF does.
@@ -43,8 +44,8 @@ def dequantize(raw, qtype: str, shape: tuple[int, ...], dtype=torch.float32) -> 
     blocks = flat.view(-1, kind.type_size)
     kernel = DEQUANTIZERS.get(qtype)
     if kernel is None:
-        return _with_gguf(blocks, kind).reshape(shape).to(dtype)
-    out = torch.empty(numel, dtype=dtype)
+        return _with_gguf(blocks, kind).reshape(shape).to(flat.device, dtype)
+    out = torch.empty(numel, dtype=dtype, device=flat.device)
     step = max(1, _SLICE_VALUES // kind.block_size)
     for first in range(0, blocks.shape[0], step):
         part = blocks[first:first + step]
@@ -72,7 +73,7 @@ def _with_gguf(blocks: torch.Tensor, kind: GGMLType) -> torch.Tensor:
     except ImportError:
         raise FormatError(f"cannot dequantize {kind.name} tensors without the gguf package "
                           "(pip install gguf)") from None
-    values = gguf_dequantize(blocks.numpy().astype(np.uint8, copy=False),
+    values = gguf_dequantize(blocks.cpu().numpy().astype(np.uint8, copy=False),
                              GGMLQuantizationType(kind.id))
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
 
@@ -98,7 +99,8 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 def _bits(field: torch.Tensor, count: int, width: int) -> torch.Tensor:
     """Each value of ``field`` (blocks, n) split into ``count`` ``width``-bit codes, lowest
     first: (blocks, count, n)."""
-    shifts = torch.arange(0, count * width, width, dtype=field.dtype).view(1, count, 1)
+    shifts = torch.arange(0, count * width, width, dtype=field.dtype,
+                          device=field.device).view(1, count, 1)
     return (field.unsqueeze(1) >> shifts) & ((1 << width) - 1)
 
 
@@ -114,7 +116,7 @@ def _q4_1(b):
 
 def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
     """The 32 high bits of a Q5 block (a uint32, bit j for value j), as 0/16 (blocks, 32)."""
-    return ((qh >> torch.arange(32, dtype=torch.int64)) & 1) << 4
+    return ((qh >> torch.arange(32, dtype=torch.int64, device=qh.device)) & 1) << 4
 
 
 def _q5_0(b):
@@ -207,7 +209,7 @@ _IQ4_LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10,
 
 
 def _iq4_nl(b):
-    return _f16(b, 0) * _IQ4_LEVELS[_nibbles(b[:, 2:18]).long()]
+    return _f16(b, 0) * _IQ4_LEVELS.to(b.device)[_nibbles(b[:, 2:18]).long()]
 
 
 def _iq4_xs(b):
@@ -217,10 +219,11 @@ def _iq4_xs(b):
     scales_h = scales_h[:, 0] | scales_h[:, 1] << 8
     low = _nibbles(b[:, 4:8])  # sub-block 2i in the low nibble of byte i, 2i+1 in its high
     low = torch.stack((low[:, :4], low[:, 4:]), dim=2).reshape(n, 8).to(torch.int64)
-    high = (scales_h.unsqueeze(1) >> torch.arange(0, 16, 2, dtype=torch.int64)) & 3
+    high = (scales_h.unsqueeze(1) >> torch.arange(0, 16, 2, dtype=torch.int64,
+                                                  device=b.device)) & 3
     scale = ((low | (high << 4)) - 32).float().unsqueeze(2)
     q = _bits(b[:, 8:136].reshape(n * 8, 16), 2, 4).reshape(n, 8, 32)
-    return (d.unsqueeze(2) * scale * _IQ4_LEVELS[q.long()]).reshape(n, QK_K)
+    return (d.unsqueeze(2) * scale * _IQ4_LEVELS.to(b.device)[q.long()]).reshape(n, QK_K)
 
 
 # The types dequantized here, by name; the others go to the gguf package (``_with_gguf``).
