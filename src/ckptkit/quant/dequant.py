@@ -41,6 +41,8 @@ def dequantize(raw, qtype: str, shape: tuple[int, ...], dtype=torch.float32) -> 
                           f"{'bytes' if expected >= 0 else kind.block_size})")
     if not kind.is_quantized:
         return _plain(flat, kind).reshape(shape).to(dtype)
+    if flat.data_ptr() % 2:  # the float16 fields are read through an int16 view
+        flat = flat.clone()
     blocks = flat.view(-1, kind.type_size)
     kernel = DEQUANTIZERS.get(qtype)
     if kernel is None:
@@ -81,14 +83,12 @@ def _with_gguf(blocks: torch.Tensor, kind: GGMLType) -> torch.Tensor:
 # Helpers over a (blocks, type_size) uint8 tensor. ------------------------------------------
 
 def _f16(blocks: torch.Tensor, at: int, count: int = 1) -> torch.Tensor:
-    """``count`` float16 fields from byte ``at`` of each block, as float32 (blocks, count)."""
-    return blocks[:, at:at + 2 * count].contiguous().view(torch.float16).float()
-
-
-def _u32(blocks: torch.Tensor, at: int) -> torch.Tensor:
-    """A little-endian uint32 field as int64 (blocks, 1)."""
-    b = blocks[:, at:at + 4].to(torch.int64)
-    return (b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24).unsqueeze(1)
+    """``count`` float16 fields from byte ``at`` (even: every block type keeps its float16
+    fields 2-aligned, in blocks of an even size) of each block, as float32 (blocks, count).
+    Read through an int16 view of the blocks: a strided view, where copying the 2-byte
+    columns out first cost a third of the whole dequantization."""
+    halves = blocks.view(torch.int16)[:, at // 2:at // 2 + count]
+    return halves.view(torch.float16).float()
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -115,22 +115,23 @@ def _q4_1(b):
 
 
 def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
-    """The 32 high bits of a Q5 block (a uint32, bit j for value j), as 0/16 (blocks, 32)."""
-    return ((qh >> torch.arange(32, dtype=torch.int64, device=qh.device)) & 1) << 4
+    """The 32 high bits of a Q5 block (4 bytes of a little-endian uint32, bit j for value
+    j), as 0/16 (blocks, 32): bit planes of the bytes, in byte order."""
+    return _bits(qh, 8, 1).transpose(1, 2).reshape(qh.shape[0], 32) << 4
 
 
 def _q5_0(b):
-    q = _nibbles(b[:, 6:22]).to(torch.int64) | _fifth_bits(_u32(b, 2))
+    q = _nibbles(b[:, 6:22]) | _fifth_bits(b[:, 2:6])
     return _f16(b, 0) * (q.float() - 16)
 
 
 def _q5_1(b):
-    q = _nibbles(b[:, 8:24]).to(torch.int64) | _fifth_bits(_u32(b, 4))
+    q = _nibbles(b[:, 8:24]) | _fifth_bits(b[:, 4:8])
     return _f16(b, 0) * q.float() + _f16(b, 2)
 
 
 def _q8_0(b):
-    return _f16(b, 0) * b[:, 2:34].contiguous().view(torch.int8).float()
+    return _f16(b, 0) * b[:, 2:34].view(torch.int8).float()
 
 
 # K-quants: 256-element super-blocks of 16 or 8 sub-blocks with their own scales. ----------
@@ -192,7 +193,7 @@ def _q5_k(b):
 def _q6_k(b):
     n = b.shape[0]
     ql, qh = b[:, 0:128], b[:, 128:192]
-    scales = b[:, 192:208].contiguous().view(torch.int8).float()
+    scales = b[:, 192:208].view(torch.int8).float()
     d = _f16(b, 208)
     # Two halves of 128 values: 64 ql bytes (low nibbles, then high) and 32 qh bytes read
     # at shifts 0, 2, 4, 6, both in groups of 32.
