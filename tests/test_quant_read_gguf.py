@@ -265,3 +265,18 @@ def test_every_truncation_is_a_format_error(tmp_path):
         path.write_bytes(content[:end])
         with pytest.raises(FormatError):
             ckpt_open(path).close()
+
+
+def test_rows_read_alone_are_the_rows_of_the_whole(mixed, tmp_path):
+    """``read_rows`` (what loading and slicing use) decodes only the rows' blocks and gives
+    the same values as the whole tensor's, where rows are whole blocks or not."""
+    path, _, _ = mixed
+    conv = np.random.default_rng(2).standard_normal((4, 320, 3, 3)).astype(np.float32)
+    reshaped = write_gguf(tmp_path / "orig.gguf", {
+        "w": (gguf_quantize(conv.reshape(-1, 256), QT.Q8_0), QT.Q8_0)},
+        kv={"comfy.gguf.orig_shape.w": [4, 320, 3, 3]})
+    with ckpt_open(path) as ck, ckpt_open(reshaped) as other:
+        for tensor in (ck["q8.weight"], ck["q4k.weight"], other["w"]):
+            whole = tensor.read()
+            for start, stop in ((0, 1), (1, 3), (2, 99)):
+                assert torch.equal(tensor.read_rows(start, stop), whole[start:stop])

@@ -226,3 +226,16 @@ def test_quantized_flux_is_identified_and_converted(tmp_path, capsys, flux, sche
         assert torch.equal(written[key], value.to(torch.bfloat16)), key
     ident_out = _identify(capsys, out)["identification"]
     assert (ident_out["family"], ident_out["layout"]) == (want["family"], want["layout"])
+
+
+def test_rows_read_alone_are_the_rows_of_the_whole(tmp_path):
+    sd, _ = _layers("comfy_quant")
+    save_file(sd, tmp_path / "fp8.safetensors")
+    _bnb_file(tmp_path / "nf4.safetensors", (40, 80), "nf4", True)
+    with ckpt_open(tmp_path / "fp8.safetensors") as fp8, \
+            ckpt_open(tmp_path / "nf4.safetensors") as nf4:
+        for tensor in (fp8["blocks.0.proj.weight"], fp8["blocks.1.proj.weight"],
+                       nf4["layer.weight"]):
+            whole = tensor.read()
+            for start, stop in ((0, 1), (3, 7), (10, 99)):
+                assert torch.equal(tensor.read_rows(start, stop), whole[start:stop])

@@ -62,6 +62,17 @@ class QuantizedTensor(LazyTensor):
                               self.source.path)
         return float(self.read().reshape(-1)[0])
 
+    def read_rows(self, start: int, stop: int):
+        """Rows ``start:stop`` as values; only their stored bytes are decoded where the rows
+        are whole blocks (a GGUF matrix, an fp8 weight), else the whole tensor is."""
+        from ..quant.decode import decode_rows
+
+        if not self.shape:
+            raise FormatError("a 0-d tensor has no rows", self.source.path)
+        stop = min(stop, self.shape[0])
+        with _about(self.source.path):
+            return decode_rows(self, start, stop, torch_dtype(self.dtype))
+
     def dequantize(self, dtype: DType | None = None):
         """The values as a new torch tensor of ``dtype`` (default: ``self.dtype``), computed
         as the reference loader of the format computes them."""
