@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import run_cli
 from quant_read_files import QT, city96_gguf
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ckptkit.arch.families import families
 from ckptkit.ops.sample import sample
@@ -42,6 +42,25 @@ def _inspect(capsys, path) -> dict:
     code, out, err = run_cli(capsys, "inspect", path, "--json")
     assert code == 0, err
     return json.loads(out)
+
+
+def _check_fp8_scaled(capsys, source, path, want) -> None:
+    """The same model as ComfyUI's fp8-scaled layout (marker, per-layer scales) is identified
+    as its source, its scales not counted as keys of their own."""
+    state = load_file(source)
+    for key in [k for k, v in state.items() if v.dim() >= 2 and k.endswith(".weight")]:
+        weight = state[key].float()
+        scale = weight.abs().amax().clamp(min=1e-12) / 448
+        state[key] = (weight / scale).to(torch.float8_e4m3fn)
+        state[key.removesuffix(".weight") + ".scale_weight"] = scale
+    state["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(state, path)
+    report = _inspect(capsys, path)
+    got = report["identification"]
+    for field in ("kind", "family", "variants", "layout"):
+        assert got[field] == want[field], field
+    assert got["extra"] == {}
+    assert report["quantization"]["scheme"] == "fp8-scaled"
 
 
 def _gguf_values(path) -> dict[str, np.ndarray]:
@@ -77,6 +96,7 @@ def test_family_as_gguf_is_identified_and_converted(tmp_path, capsys, family):
     assert QTYPES[family].name in quant["types"] and quant["scheme"] == "gguf"
     assert quant["types"]["F32"]["tensors"] > 0  # 1-D and small tensors kept in F32
     assert 4 < quant["bits_per_weight"] < 32
+    _check_fp8_scaled(capsys, source, tmp_path / "fp8.safetensors", want)
     if family not in CONVERTED:
         return
     out = tmp_path / "model.safetensors"
