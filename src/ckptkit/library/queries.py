@@ -332,9 +332,9 @@ def children(conn: sqlite3.Connection, file_id: int) -> list[dict[str, Any]]:
     row = conn.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
     if row is None:
         return []
-    conditions = ["(hash_kind = 'sha256' AND hash = ?)", "(hash_kind = 'autov1' AND hash = ?)",
-                  "(hash_kind = 'autov2' AND hash = ?)", "(hash_kind = 'autov3' AND hash = ?)",
-                  "(hash IS NULL AND name = ?)"]
+    conditions = [f"(a.hash_kind = '{kind}' AND a.hash = ?)"
+                  for kind in ("sha256", "autov1", "autov2", "autov3")]
+    conditions.append("(a.hash IS NULL AND a.name = ?)")
     args = [row["sha256"], row["autov1"], (row["sha256"] or "")[:10], row["autov3"],
             row["name"]]
     found = conn.execute(

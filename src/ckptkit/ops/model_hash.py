@@ -47,17 +47,18 @@ HASH_KEYS = ("sha256", "autov1", "autov2", "autov3", "crc32", "blake3")
 
 def hash_file(path: str, *, digests: bool = True, progress: Progress | None = None
               ) -> dict[str, Any]:
-    """``{sha256, autov1, autov2, autov3, crc32, blake3, components: {name: digest}, notes}``
-    of ``path``, from one read of it (``digests=False``: the file hashes alone). A file that
-    cannot be opened as a checkpoint still gets its file hashes."""
+    """``{sha256, autov1, autov2, autov3, crc32, blake3, components: {name: digest},
+    component_sizes: {name: {tensors, bytes}}, notes}`` of ``path``, from one read of it
+    (``digests=False``: the file hashes alone). A file that cannot be opened as a checkpoint
+    still gets its file hashes."""
     if not digests:
         hashes, _ = stream_digests(path, progress=progress)
-        return {**hashes, "components": {}, "notes": []}
+        return {**hashes, "components": {}, "component_sizes": {}, "notes": []}
     try:
         checkpoint = open_checkpoint(path)
     except CkptError as exc:
         hashes, _ = stream_digests(path, progress=progress)
-        return {**hashes, "components": {},
+        return {**hashes, "components": {}, "component_sizes": {},
                 "notes": [f"no component digests: {exc.reason}"]}
     with checkpoint:
         return hash_checkpoint(checkpoint, identify_checkpoint(checkpoint), progress=progress)
@@ -86,7 +87,9 @@ def hash_checkpoint(checkpoint: Checkpoint, ident: Identification,
     components = {name: _component_digest(tensors, [tensor_digests[name, i]
                                                     for i in range(len(tensors))])
                   for name, tensors in planned.items()}
-    return {**hashes, "components": components, "notes": notes}
+    sizes = {name: {"tensors": len(tensors), "bytes": sum(t.nbytes for t in tensors)}
+             for name, tensors in planned.items()}
+    return {**hashes, "components": components, "component_sizes": sizes, "notes": notes}
 
 
 def component_tensors(checkpoint: Checkpoint, ident: Identification, notes: list[str]
