@@ -187,3 +187,14 @@ def test_transposed_and_fused_layouts(tmp_path):
     sample("flux1-dev", str(fluxd), tiny=True, layout="diffusers",
            components=["diffusion_model"])
     assert _digests(flux) == _digests(fluxd)
+
+
+def test_hashes_remembered_together(tmp_path):
+    """Inside ``remembered_together`` the SHA-256 cache is written once, at the end."""
+    paths = [tmp_path / f"{i}.bin" for i in range(3)]
+    for i, path in enumerate(paths):
+        path.write_bytes(bytes([i]) * 100)
+    with hashing.remembered_together():
+        found = [hash_file(str(p))["sha256"] for p in paths]
+        assert hashing.cached_sha256(str(paths[0])) is None
+    assert [hashing.cached_sha256(str(p)) for p in paths] == found

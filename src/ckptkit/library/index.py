@@ -34,6 +34,7 @@ from ..errors import CkptError
 from ..formats import open_checkpoint
 from ..formats.checkpoint import paused_gc
 from ..formats.sniff import MODEL_EXTENSIONS
+from ..ops.hashing import remembered_together
 from ..ops.inspect import describe_checkpoint, identify_checkpoint
 from ..ops.model_hash import hash_checkpoint, hash_file
 from ..ops.scan import SAFE, ScanResult, scan_file, walk
@@ -143,10 +144,11 @@ def scan_library(conn: sqlite3.Connection, paths: Iterable[str],
     if progress:
         progress.start(sum(i.stat[0] for i, _ in to_read), len(to_read))
     shared = _OneBar(progress) if progress else None
-    for item, row in to_read:
-        done = _index(conn, item, row, shared, stats)
-        if on_file and done:
-            on_file(item.path, done)
+    with remembered_together():
+        for item, row in to_read:
+            done = _index(conn, item, row, shared, stats)
+            if on_file and done:
+                on_file(item.path, done)
     stats.removed = _remove_gone(conn, roots, present, incomplete)
     stats.seconds = time.monotonic() - started
     return stats

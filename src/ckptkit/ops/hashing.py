@@ -38,6 +38,7 @@ JSON (or nested too deeply to read), is ignored, and rewritten on the next hash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,7 +48,7 @@ import struct
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import blake3
 
@@ -309,14 +310,25 @@ def _load_cache() -> dict[str, dict]:
 
 def _remember(identity: tuple[str, list[int]], sha: str) -> None:
     """Records a file's hash under its identity taken before it was read (a file changed
-    while it was hashed then no longer matches); a cache that cannot be written is only a
-    missed shortcut."""
-    name, stat = identity
+    while it was hashed then no longer matches); at once, or with the others at the end of
+    a ``remembered_together`` block."""
+    if _together is not None:
+        _together.append((identity, sha))
+    else:
+        _remember_all([(identity, sha)])
+
+
+def _remember_all(entries: list[tuple[tuple[str, list[int]], str]]) -> None:
+    """Writes ``entries`` into the cache file (read, updated, replaced: one write for them
+    all); a cache that cannot be written is only a missed shortcut."""
+    if not entries:
+        return
     try:
         folder = cache_dir()
         os.makedirs(folder, exist_ok=True)
         data = _load_cache()
-        data[name] = {"stat": stat, "sha256": sha}
+        for (name, stat), sha in entries:
+            data[name] = {"stat": stat, "sha256": sha}
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sha256.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -327,6 +339,26 @@ def _remember(identity: tuple[str, list[int]], sha: str) -> None:
                 os.unlink(tmp)
     except OSError:
         pass
+
+
+_together: list | None = None  # the hashes a remembered_together block holds back
+
+
+@contextlib.contextmanager
+def remembered_together() -> Iterator[None]:
+    """Hashes computed inside are written to the cache once, when the block ends (also by an
+    error or an interrupt), not after each file: the cache file is rewritten whole on every
+    write, so a library scan of 10,000 files took 0.5 s a file once the cache held them all."""
+    global _together
+    if _together is not None:  # nested: the outer block writes them
+        yield
+        return
+    _together = []
+    try:
+        yield
+    finally:
+        entries, _together = _together, None
+        _remember_all(entries)
 
 
 def cached_sha256(path: str) -> str | None:
