@@ -5,7 +5,10 @@ once) and takes each model file's size, modification time, inode and device. A f
 row has the same four is not read at all. A file not seen at its path before but whose
 inode, device, size and modification time a row has is the same file under another name
 (a rename or a move within the file system keeps the inode; a copy does not): its row
-follows it, or, when the old path still exists (a hard link), is copied. Only the rest is
+follows it, or, when the old path still exists (a hard link), is copied. The status-change
+time, which ``ops.hashing``'s cache also compares, is not: a rename sets it, so it would
+make every move a rehash; a file rewritten in place and given its old modification time
+back is the one change a scan does not see (``ckpt hash`` reads the file itself). Only the rest is
 read, each in one pass (``ops.model_hash``: every hash and the component digests) after its
 header has been judged (``ops.scan``: safe, unsafe, error) and identified; an unsafe pickle
 is hashed but never opened as a checkpoint.

@@ -23,7 +23,8 @@ uppercase). ``stream_digests`` reads the file once, in large chunks into a few r
 buffers, and feeds each chunk to four threads (hashlib, zlib and blake3 release the GIL):
 the whole-file SHA-256, the AutoV3 SHA-256, BLAKE3 with CRC-32 and the AutoV1 window, and
 the digests of byte ranges a caller asks for (``ops.model_hash``: each tensor of a model's
-components). Two SHA-256 of nearly the whole file are the bulk of the CPU time.
+components); a file that fits in one chunk is hashed on the calling thread. Two SHA-256
+of nearly the whole file are the bulk of the CPU time.
 
 A file's SHA-256 is remembered (by path, size, modification time, inode and status-change
 time, in ``sha256.json`` of ckptkit's cache folder) so that the outputs of later operations
