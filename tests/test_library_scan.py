@@ -50,12 +50,17 @@ def test_second_scan_reads_only_what_changed(tmp_path, capsys):
     sub = tmp_path / "models" / "moved"
     sub.mkdir()
     os.rename(files[3], sub / "renamed.safetensors")  # renamed and moved: same inode
+    os.link(sub / "renamed.safetensors", sub / "second name.safetensors")
     moved = _scan(capsys, db, tmp_path / "models")
-    assert (moved["hashed"], moved["moved"], moved["removed"]) == (0, 1, 0)
+    assert (moved["hashed"], moved["moved"], moved["linked"], moved["removed"]) == (0, 1, 1, 0)
     with open_library(str(db)) as conn:
-        assert len(queries.list_models(conn)) == 200
+        assert len(queries.list_models(conn)) == 201
         found = queries.model(conn, str(sub / "renamed.safetensors"))
         assert found["sha256"] and queries.model(conn, str(files[3])) is None
+        other = queries.model(conn, str(sub / "second name.safetensors"))
+        assert [c["digest"] for c in other["components"]] == \
+            [c["digest"] for c in found["components"]] != []
+    (sub / "second name.safetensors").unlink()
 
     os.link(files[5], tmp_path / "models" / "linked.safetensors")  # a hard link
     files[9].unlink()

@@ -113,6 +113,7 @@ def scan_library(conn: sqlite3.Connection, paths: Iterable[str],
     for s in conn.execute("SELECT file_id, path, mtime_ns FROM sidecars"):
         stored_sidecars[s["file_id"]][s["path"]] = s["mtime_ns"]
     present = {os.fsencode(s.path) for s in seen}
+    moved: set[int] = set()
     to_read = []
     for item in seen:
         key = os.fsencode(item.path)
@@ -129,11 +130,11 @@ def scan_library(conn: sqlite3.Connection, paths: Iterable[str],
             continue
         same_file = [r for r in by_inode.get(item.stat, ()) if r["path"] != key]
         if row is None and same_file:
-            gone = [r for r in same_file if r["path"] not in present
+            gone = [r for r in same_file if r["path"] not in present and r["id"] not in moved
                     and not os.path.lexists(os.fsdecode(r["path"]))]
             if gone:
                 _moved(conn, gone[0]["id"], item)
-                rows.pop(gone[0]["path"], None)
+                moved.add(gone[0]["id"])  # a second new name for it is a link to this one
                 stats.moved += 1
                 what = "moved"
             else:
