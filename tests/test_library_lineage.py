@@ -13,6 +13,7 @@ from helpers import run_cli
 from safetensors.torch import save_file
 
 from ckptkit.ops.model_hash import hash_file
+from ckptkit.ops.parts import split
 from ckptkit.ops.sample import sample
 
 
@@ -31,6 +32,7 @@ def library(tmp_path_factory):
     merged = folder / "merged.safetensors"
     assert main(["merge", "weighted-sum", str(base1), str(base2), "--alpha", "0.3", "-o",
                  str(merged), "--quiet"]) == 0
+    split(str(merged), str(folder / "parts"), components=["vae"])  # keeps merged's recipe
     h1, h_merged = hash_file(str(base1)), hash_file(str(merged))
     gone = "f" * 64  # a parent not in the library, whose own recipe the file carries
     _tiny(folder / "webui.safetensors", {
@@ -106,3 +108,14 @@ def test_kohya_base_model_by_autov1_and_children(library, capsys):
     code, out, _ = run_cli(capsys, "library", "lineage", "--db", db,
                            folder / "webui.safetensors")
     assert code == 0 and "└─ merge: gone.safetensors: not in the library" in out
+
+
+def test_an_operations_output_inherits_its_sources_history(library, capsys):
+    """A part split from a merge carries the merge's recipe: the recipe is the merged
+    file's history, under it, not the part's own parents."""
+    folder, db = library
+    (source,) = _tree(capsys, db, folder / "parts" / "vae" / "merged.safetensors")["parents"]
+    assert (source["relation"], source["detail"]["operation"]) == ("source", "split")
+    assert _names(source) == ["merged.safetensors"]
+    assert [_names(p) for p in source["parents"]] == [["base1.safetensors"],
+                                                       ["base2.safetensors"]]

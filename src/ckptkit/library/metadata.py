@@ -70,13 +70,53 @@ def base_model(metadata: dict[str, Any]) -> str | None:
 
 def ancestry(metadata: dict[str, Any]) -> list[dict[str, Any]]:
     """Every parent the metadata names (see the module's docstring): dicts of ``relation``,
-    ``name``, ``hash_kind``, ``hash``, ``source`` (the key), ``detail`` and ``parent``."""
+    ``name``, ``hash_kind``, ``hash``, ``source`` (the key), ``detail`` and ``parent``.
+
+    The output of a ckptkit operation other than a merge (split, convert, prune, lora bake...)
+    keeps its source's metadata, merge recipes included: those recipes are the source's
+    history, so they are entered as the parents of the (first) source, not of the file."""
     out: list[dict[str, Any]] = []
-    _ckptkit(metadata, out, None, 0)
-    _webui(metadata, out, None, 0)
-    _mecha(metadata.get("mecha_recipe"), out, None)
+    operation = metadata.get("ckptkit.operation")
+    recipes_of = None
+    if isinstance(operation, str) and operation != "merge":
+        recipes_of = _sources(metadata, out, operation)
+    _recipes(metadata, out, recipes_of, 0)
+    loras = _json(metadata.get("ckptkit.loras"))
+    for lora in loras if isinstance(loras, list) else []:
+        if isinstance(lora, dict):
+            _add(out, "lora", "ckptkit.loras", None, name=lora.get("file"),
+                 sha256=lora.get("sha256"),
+                 detail={k: lora[k] for k in ("strength", "te_strength")
+                         if isinstance(lora.get(k), (int, float))})
     _kohya(metadata, out)
     return out[:MAX_ENTRIES]
+
+
+def _recipes(metadata: dict[str, Any], out: list, parent: int | None, depth: int) -> None:
+    """The merge recipes of every tool, as parents of entry ``parent`` (None: the file)."""
+    _ckptkit(metadata, out, parent, depth)
+    _webui(metadata, out, parent, depth)
+    _mecha(metadata.get("mecha_recipe"), out, parent)
+
+
+def _sources(metadata: dict[str, Any], out: list, operation: str) -> int | None:
+    """``ckptkit.sources`` (with their SHA-256) but the LoRAs ``ckptkit.loras`` lists; the
+    index of the first (the model an operation was done on)."""
+    names = _json(metadata.get("ckptkit.sources"))
+    hashes = _json(metadata.get("ckptkit.sources_sha256"))
+    hashes = hashes if isinstance(hashes, list) else []
+    loras = _json(metadata.get("ckptkit.loras"))
+    lora_files = {lora.get("file") for lora in loras if isinstance(lora, dict)} \
+        if isinstance(loras, list) else set()
+    first = None
+    for i, name in enumerate(names if isinstance(names, list) else []):
+        if name in lora_files:
+            continue
+        at = _add(out, "source", "ckptkit.sources", None, name=name,
+                  sha256=hashes[i] if i < len(hashes) else None,
+                  detail={"operation": operation})
+        first = at if first is None else first
+    return first
 
 
 def _add(out: list, relation: str, source: str, parent: int | None, *, name: Any = None,
@@ -107,41 +147,26 @@ def _json(value: Any) -> Any:
 
 
 def _ckptkit(metadata: dict[str, Any], out: list, parent: int | None, depth: int) -> None:
+    """ckptkit's merge recipe: each input, and under it the recipes it carried (its
+    ``merge_lineage`` entry)."""
     recipe = _json(metadata.get("ckptkit.merge_recipe"))
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("inputs"), dict):
+        return
     by_file: dict[str, int] = {}
-    if isinstance(recipe, dict) and isinstance(recipe.get("inputs"), dict):
-        methods = [s.get("method") for s in recipe.get("steps") or [] if isinstance(s, dict)]
-        for input_name, entry in recipe["inputs"].items():
-            if not isinstance(entry, dict):
-                continue
-            at = _add(out, "merge", "ckptkit.merge_recipe", parent, name=entry.get("file"),
-                      sha256=entry.get("sha256"),
-                      detail={"input": input_name, "methods": [m for m in methods if m]})
-            if at is not None and isinstance(entry.get("file"), str):
-                by_file[entry["file"]] = at
-    elif isinstance(_json(metadata.get("ckptkit.sources")), list):
-        names = _json(metadata["ckptkit.sources"])
-        hashes = _json(metadata.get("ckptkit.sources_sha256"))
-        hashes = hashes if isinstance(hashes, list) else []
-        operation = metadata.get("ckptkit.operation")
-        for i, name in enumerate(names):
-            _add(out, "source", "ckptkit.sources", parent, name=name,
-                 sha256=hashes[i] if i < len(hashes) else None,
-                 detail={"operation": operation} if isinstance(operation, str) else {})
-    loras = _json(metadata.get("ckptkit.loras"))
-    for lora in loras if isinstance(loras, list) else []:
-        if isinstance(lora, dict):
-            _add(out, "lora", "ckptkit.loras", parent, name=lora.get("file"),
-                 sha256=lora.get("sha256"),
-                 detail={k: lora[k] for k in ("strength", "te_strength")
-                         if isinstance(lora.get(k), (int, float))})
+    methods = [s.get("method") for s in recipe.get("steps") or [] if isinstance(s, dict)]
+    for input_name, entry in recipe["inputs"].items():
+        if not isinstance(entry, dict):
+            continue
+        at = _add(out, "merge", "ckptkit.merge_recipe", parent, name=entry.get("file"),
+                  sha256=entry.get("sha256"),
+                  detail={"input": input_name, "methods": [m for m in methods if m]})
+        if at is not None and isinstance(entry.get("file"), str):
+            by_file[entry["file"]] = at
     lineage = _json(metadata.get("ckptkit.merge_lineage"))
     if isinstance(lineage, dict) and depth < MAX_DEPTH:
         for file_name, recorded in lineage.items():
             if isinstance(recorded, dict) and file_name in by_file:
-                _ckptkit(recorded, out, by_file[file_name], depth + 1)
-                _webui(recorded, out, by_file[file_name], depth + 1)
-                _mecha(recorded.get("mecha_recipe"), out, by_file[file_name])
+                _recipes(recorded, out, by_file[file_name], depth + 1)
 
 
 _WEBUI_PARENTS = ("primary_model_hash", "secondary_model_hash", "tertiary_model_hash",
