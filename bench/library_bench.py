@@ -56,9 +56,13 @@ FILES = [
 ]
 
 
+_CACHE = {}  # CKPTKIT_CACHE_DIR for every command: in the work folder, not the user's
+
+
 def _env() -> dict[str, str]:
     src = os.path.join(ROOT, "src")
-    return dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return dict(os.environ, **_CACHE,
+                PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def make_folder(folder: str, tiny: bool) -> list[str]:
@@ -133,6 +137,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the files made")
     args = parser.parse_args()
     folder = os.path.join(args.workdir, "models")
+    _CACHE["CKPTKIT_CACHE_DIR"] = os.path.join(args.workdir, "cache")
     report: dict = {"size": args.size}
     try:
         t0 = time.perf_counter()
