@@ -18,7 +18,9 @@ from ..safe_text import printable
 from . import (
     convert_cmd,
     generate_cmd,
+    hash_cmd,
     inspect_cmd,
+    library_cmd,
     lora_cmd,
     merge_cmd,
     parts_cmd,
@@ -28,7 +30,7 @@ from . import (
 )
 
 COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd,
-            lora_cmd, generate_cmd)
+            lora_cmd, generate_cmd, hash_cmd, library_cmd)
 
 
 class _Parser(argparse.ArgumentParser):
