@@ -22,6 +22,7 @@ from flask import Flask, abort, render_template, send_file
 from werkzeug.exceptions import HTTPException
 
 from ...cli.fmt import human_bytes
+from ...errors import CkptError
 from ...safe_text import printable
 from . import security, views
 
@@ -64,6 +65,15 @@ def _open_image(path: str):
     return f, kind
 
 
+def _shown(value):
+    """What a template prints of ``value``: text through ``printable`` line by line (a
+    metadata value keeps its line breaks; every other control character is shown as an
+    escape, and a file name that is not UTF-8 as its bytes, so the page always encodes)."""
+    if isinstance(value, str):
+        return "\n".join(printable(line) for line in value.split("\n"))
+    return value
+
+
 def create_app(db_path: str, token: str | None = None) -> Flask:
     """The app over the index at ``db_path``; ``token``: required on every request (see
     ``security.install``), None for a server bound to loopback."""
@@ -71,7 +81,7 @@ def create_app(db_path: str, token: str | None = None) -> Flask:
     app.config["DB_PATH"] = db_path
     assets = _assets()
     security.install(app, token)
-    app.jinja_env.finalize = lambda v: printable(v) if isinstance(v, str) else v
+    app.jinja_env.finalize = _shown
     app.jinja_env.filters["bytes"] = lambda n: human_bytes(n) if n is not None else ""
     app.jinja_env.filters["date"] = lambda t: (
         time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "")
@@ -110,6 +120,11 @@ def create_app(db_path: str, token: str | None = None) -> Flask:
             abort(404, "no such file")
         data, kind = assets[name]
         return app.response_class(data, mimetype=kind)
+
+    @app.errorhandler(CkptError)
+    def _database(exc: CkptError):  # the index went missing or bad while serving
+        return render_template("error.html", code=503, title="Library unavailable",
+                               message=str(exc)), 503
 
     @app.errorhandler(HTTPException)
     def _error(exc: HTTPException):

@@ -105,6 +105,8 @@ def layout(root: Ancestor) -> Drawing:
         (cx, cy), (sx, sy) = where[child.key], where[source.key]
         x1, y1, x2, y2 = cx + BOX_W // 2, cy + BOX_H, sx + BOX_W // 2, sy
         bend = (y2 - y1) // 2 if y2 > y1 else GAP_Y  # a source drawn above: loop around
+        # the label three quarters of the way down, near its source: the labels of one
+        # model's sources stand apart
         edges.append(Edge(f"M{x1},{y1} C{x1},{y1 + bend} {x2},{y2 - bend} {x2},{y2}",
-                          relation, (x1 + x2) // 2, (y1 + y2) // 2 + 4))
+                          relation, (x1 + 3 * x2) // 4, (y1 + 3 * y2) // 4))
     return Drawing(width, height, boxes, edges, left_out)
