@@ -13,11 +13,17 @@ sample generator, as the files a user keeps, then indexed with ``ckpt library sc
 
 from __future__ import annotations
 
+import http.client
 import os
+import re
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save
 
@@ -61,3 +67,36 @@ def make_library(root: Path) -> Path:
     db = root / "library.sqlite"
     assert main(["library", "scan", str(models), "--db", str(db), "--quiet"]) == 0
     return db
+
+
+def start_server(db: Path, *args: str) -> tuple[subprocess.Popen, str, int]:
+    """``ckpt library serve`` on a free port, in a child process; its address and port."""
+    proc = subprocess.Popen([sys.executable, "-m", "ckptkit.cli.main", "library", "serve",
+                             "--db", str(db), "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"at (http://127\.0\.0\.1:(\d+)/\S*) \(Ctrl-C stops\)", line)
+    if not match:
+        proc.kill()
+        pytest.fail(f"no address printed: {line!r} {proc.stderr.read()!r}")
+    return proc, match.group(1), int(match.group(2))
+
+
+def get(port: int, path: str, headers: dict[str, str] | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path, headers=headers or {})
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    return r, body
+
+
+def stop_server(proc: subprocess.Popen) -> tuple[int, str]:
+    """Ctrl-C; the exit code and what it wrote on stderr."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the server did not stop on Ctrl-C")
+    return proc.returncode, proc.stderr.read()

@@ -58,11 +58,12 @@ def run(args) -> int:
         token = new_token()
     db_path = args.db or default_path()
     views.check(db_path)
+    app = create_app(db_path, token)
     sock = server.listen(args.host, args.port)
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     address = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
-    print(f"serving {printable(db_path)} at {address} (Ctrl-C stops)", flush=True)
-    server.run(create_app(db_path, token), sock)
+    server.run(app, sock, ready=lambda: print(
+        f"serving {printable(db_path)} at {address} (Ctrl-C stops)", flush=True))
     print("ckpt: library server stopped", file=sys.stderr)
     return 0

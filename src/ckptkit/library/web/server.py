@@ -39,14 +39,24 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(app, sock: socket.socket) -> None:
+def run(app, sock: socket.socket, ready=None) -> None:
     """Serves ``app`` on ``sock`` until Ctrl-C or SIGTERM (which ``ckpt`` turns into
-    KeyboardInterrupt), then lets the requests in progress finish and closes the socket."""
+    KeyboardInterrupt), calling ``ready()`` once requests can be answered; a stop at any
+    moment, even before then, ends it the same way: the requests in progress are let
+    finish (waitress's threads are daemons), the socket is closed, and it returns."""
     import waitress.server  # the library extra; only this command needs it
 
-    server = waitress.server.create_server(app, sockets=[sock], threads=THREADS,
-                                           ident="ckptkit", clear_untrusted_proxy_headers=True)
     try:
-        server.run()  # returns on KeyboardInterrupt, having stopped its worker threads
+        server = waitress.server.create_server(app, sockets=[sock], threads=THREADS,
+                                               ident="ckptkit",
+                                               clear_untrusted_proxy_headers=True)
+        try:
+            if ready is not None:
+                ready()
+            server.run()  # returns on KeyboardInterrupt, having stopped its worker threads
+        finally:
+            server.close()
+    except KeyboardInterrupt:
+        pass
     finally:
-        server.close()
+        sock.close()
