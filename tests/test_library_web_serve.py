@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -146,3 +147,13 @@ def test_sigterm_stops_too(small_db):
         socket.create_connection(("127.0.0.1", port), timeout=2)
 
 
+
+
+def test_without_the_library_extra(small_db, capsys, monkeypatch):
+    """Flask or waitress not installed: one line that names the extra to install."""
+    for name in [m for m in sys.modules if m.startswith("ckptkit.library.web")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "waitress", None)
+    monkeypatch.setitem(sys.modules, "waitress.server", None)
+    rc = main(["library", "serve", "--db", str(small_db), "--port", "0"])
+    _one_line_error(capsys, 2, rc, "waitress", "pip install 'ckptkit[library]'")

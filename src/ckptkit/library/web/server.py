@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import socket
 
+import waitress.server
+
 from ...errors import UsageError
 
 THREADS = 4
@@ -44,8 +46,6 @@ def run(app, sock: socket.socket, ready=None) -> None:
     KeyboardInterrupt), calling ``ready()`` once requests can be answered; a stop at any
     moment, even before then, ends it the same way: the requests in progress are let
     finish (waitress's threads are daemons), the socket is closed, and it returns."""
-    import waitress.server  # the library extra; only this command needs it
-
     try:
         server = waitress.server.create_server(app, sockets=[sock], threads=THREADS,
                                                ident="ckptkit",
