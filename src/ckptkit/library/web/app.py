@@ -15,10 +15,10 @@ from __future__ import annotations
 import mimetypes
 import os
 import stat
-import time
 from importlib import resources
 
 from flask import Flask, abort, render_template, send_file
+from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
 from ...cli.fmt import human_bytes
@@ -69,7 +69,7 @@ def _shown(value):
     """What a template prints of ``value``: text through ``printable`` line by line (a
     metadata value keeps its line breaks; every other control character is shown as an
     escape, and a file name that is not UTF-8 as its bytes, so the page always encodes)."""
-    if isinstance(value, str):
+    if isinstance(value, str) and not isinstance(value, Markup):  # Markup: made by us (tojson)
         return "\n".join(printable(line) for line in value.split("\n"))
     return value
 
@@ -83,8 +83,6 @@ def create_app(db_path: str, token: str | None = None) -> Flask:
     security.install(app, token)
     app.jinja_env.finalize = _shown
     app.jinja_env.filters["bytes"] = lambda n: human_bytes(n) if n is not None else ""
-    app.jinja_env.filters["date"] = lambda t: (
-        time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "")
 
     @app.context_processor
     def _everywhere():
@@ -94,7 +92,8 @@ def create_app(db_path: str, token: str | None = None) -> Flask:
     def index():
         with views.library(db_path) as lib:
             rows, choices = views.index_rows(lib)
-        return render_template("index.html", rows=rows, choices=choices)
+        return render_template("index.html", rows=rows, choices=choices,
+                               columns=views.COLUMNS)
 
     @app.get("/model/<int:model_id>")
     def model(model_id: int):

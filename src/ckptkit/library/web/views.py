@@ -20,13 +20,20 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
+from ...cli.fmt import human_bytes
+from ...safe_text import printable
 from .. import queries
 from ..db import database_errors, open_library
 from .graph import Ancestor, layout
 
-# The index table's columns with a choice of values to filter on: (column, label).
+# The index table's columns with a choice of values to filter on: (key, label).
 CHOICES = (("kind", "kind"), ("family", "family"), ("base_model", "base model"),
            ("verdict", "verdict"))
+# Its columns: (key, label, CSS classes of its cells).
+COLUMNS = (("name", "name", ""), ("folder", "folder", "mono muted"), *(
+    (key, label, "") for key, label in CHOICES), ("format", "format", ""),
+    ("size", "size", "num nowrap"), ("mtime", "modified", "nowrap"),
+    ("autov2", "AutoV2", "mono nowrap"))
 HASH_NAMES = {"sha256": "SHA-256", "autov1": "AutoV1", "autov2": "AutoV2", "autov3": "AutoV3",
               "crc32": "CRC32", "blake3": "BLAKE3"}
 MAX_VALUE_CHARS = 20_000  # a metadata value longer than this is cut (a page stays bounded)
@@ -54,16 +61,19 @@ def _folder(display: str) -> str:
 
 
 def index_rows(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], list]:
-    """The table's rows, and for each filter column its label and the values present."""
+    """The table's rows (for the page's script, as JSON: every string already through
+    ``printable``, since the template's escaping does not reach into JSON), and for each
+    filter column its label and the values present."""
     rows = []
     for m in queries.list_models(conn):
-        rows.append({"id": m["id"], "name": m["name"], "folder": _folder(m["display"]),
-                     "kind": m["kind"] or "", "family": m["family"] or "",
-                     "base_model": m["base_model"] or "", "verdict": m["verdict"],
-                     "format": m["format"] or "", "size": m["size"],
-                     "mtime": m["mtime_ns"] // 1_000_000_000, "autov2": m["autov2"] or ""})
-    choices = [(column, label, sorted({r[column] for r in rows} - {""}))
-               for column, label in CHOICES]
+        row = {"name": m["name"], "folder": _folder(m["display"]), "kind": m["kind"] or "",
+               "family": m["family"] or "", "base_model": m["base_model"] or "",
+               "verdict": m["verdict"], "format": m["format"] or "",
+               "size_text": human_bytes(m["size"]), "modified": _when(m["mtime_ns"] / 1e9),
+               "autov2": m["autov2"] or ""}
+        row = {k: printable(v) for k, v in row.items()}
+        rows.append({**row, "id": m["id"], "size": m["size"], "mtime": m["mtime_ns"]})
+    choices = [(key, label, sorted({r[key] for r in rows} - {""})) for key, label in CHOICES]
     return rows, choices
 
 
