@@ -194,8 +194,17 @@ def _names(path: str) -> dict[str, Any]:
             "name": printable(os.path.basename(path))}
 
 
+def _taken(conn: sqlite3.Connection, item: _Seen) -> bool:
+    """Whether another scan running at the same time has indexed ``item`` already."""
+    return conn.execute("SELECT 1 FROM files WHERE path = ?",
+                        (os.fsencode(item.path),)).fetchone() is not None
+
+
 def _moved(conn: sqlite3.Connection, file_id: int, item: _Seen) -> None:
     with transaction(conn):
+        if _taken(conn, item):
+            conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
+            return
         conn.execute("UPDATE files SET path = :path, display = :display, name = :name "
                      "WHERE id = :id", {**_names(item.path), "id": file_id})
         _write_sidecars(conn, file_id, item)
@@ -204,6 +213,8 @@ def _moved(conn: sqlite3.Connection, file_id: int, item: _Seen) -> None:
 def _linked(conn: sqlite3.Connection, file_id: int, item: _Seen) -> None:
     """A new row for another name of an indexed file (a hard link): its rows, copied."""
     with transaction(conn):
+        if _taken(conn, item):
+            return
         row = dict(conn.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone())
         row.update(_names(item.path))
         del row["id"]
@@ -266,8 +277,8 @@ def _index(conn: sqlite3.Connection, item: _Seen, row: sqlite3.Row | None,
     stats.hashed_bytes += item.stat[0]
     stats.verdicts[record["row"]["verdict"]] += 1
     with transaction(conn):
-        if row is not None:
-            conn.execute("DELETE FROM files WHERE id = ?", (row["id"],))
+        # by path: a scan running at the same time may have indexed it meanwhile
+        conn.execute("DELETE FROM files WHERE path = ?", (os.fsencode(item.path),))
         values = {**record["row"], **_names(item.path),
                   **dict(zip(("size", "mtime_ns", "inode", "device"), item.stat, strict=True)),
                   "hashed_at": time.time(), "indexed_at": time.time(),

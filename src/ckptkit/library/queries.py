@@ -303,7 +303,8 @@ def _parents(conn: sqlite3.Connection, file_id: int, depth: int, seen: set[int]
         nodes[e["seq"]] = {"relation": e["relation"], "name": e["name"],
                            "hash_kind": e["hash_kind"], "hash": e["hash"],
                            "source": e["source"], "detail": _decode(e["detail"], {}),
-                           "files": resolve(conn, e["hash_kind"], e["hash"], e["name"]),
+                           "files": [f for f in resolve(conn, e["hash_kind"], e["hash"],
+                                                        e["name"]) if f["id"] != file_id],
                            "parents": []}
     roots = []
     for e in entries:
@@ -328,7 +329,8 @@ def _parents(conn: sqlite3.Connection, file_id: int, depth: int, seen: set[int]
 
 
 def children(conn: sqlite3.Connection, file_id: int) -> list[dict[str, Any]]:
-    """Files of the library whose lineage names this one (by a hash it has, or its name)."""
+    """Files of the library whose metadata names this one as a direct parent (by a hash it
+    has, or its name); a parent's parent recorded in a file is not its child."""
     row = conn.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
     if row is None:
         return []
@@ -339,6 +341,7 @@ def children(conn: sqlite3.Connection, file_id: int) -> list[dict[str, Any]]:
             row["name"]]
     found = conn.execute(
         "SELECT DISTINCT f.*, a.relation FROM ancestry a JOIN files f ON f.id = a.file_id "
-        f"WHERE ({' OR '.join(conditions)}) AND a.file_id != ? ORDER BY f.display",
+        f"WHERE ({' OR '.join(conditions)}) AND a.parent_seq IS NULL AND a.file_id != ? "
+        "ORDER BY f.display",
         [*args, file_id]).fetchall()
     return [{**summary(r), "relation": r["relation"]} for r in found]

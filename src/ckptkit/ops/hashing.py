@@ -204,12 +204,22 @@ def _read_into_lanes(f, lanes: Sequence[Callable[[memoryview, int], None]], size
     """Reads ``f`` to its end in ``CHUNK``-sized pieces and hands each piece, with its offset,
     to every lane, each on a thread of its own that takes the pieces in order; a buffer is
     read into again once every lane is done with it. An error in a lane is raised here."""
-    chunk = CHUNK
-    buffers = [bytearray(chunk) for _ in range(BUFFERS)]
+    chunk = max(1, min(CHUNK, size))
+    if progress:
+        progress.start(size, 1)
+    if size <= chunk:  # one piece: threads would cost more than they save
+        data = memoryview(f.read())
+        for lane in lanes:
+            lane(data, 0)
+        if progress:
+            progress.update(len(data), 1)
+        return
+    count = min(BUFFERS, -(-size // chunk))
+    buffers = [bytearray(chunk) for _ in range(count)]
     free: queue.Queue[int] = queue.Queue()
-    for i in range(BUFFERS):
+    for i in range(count):
         free.put(i)
-    users = [0] * BUFFERS
+    users = [0] * count
     lock = threading.Lock()
     errors: list[BaseException] = []
 
@@ -235,8 +245,6 @@ def _read_into_lanes(f, lanes: Sequence[Callable[[memoryview, int], None]], size
                for pair in zip(lanes, inboxes, strict=True)]
     for t in threads:
         t.start()
-    if progress:
-        progress.start(size, 1)
     position = 0
     try:
         while not errors:
