@@ -85,6 +85,8 @@ def test_model_page_shows_everything(client, ids):
     for component in ("diffusion_model", "clip_l", "vae"):
         assert f"<td>{component}</td>" in html
     assert "ModelSpec" in html and "modelspec.architecture" in html
+    assert "512x512, 50 steps, guidance 7.5" in html  # sd1's sampling defaults
+    assert "686 of 686 keys of sd1&#39;s diffusion_model" in html  # how it was identified
     assert f'src="/preview/{ids["base.safetensors"]}"' in html
     # duplicates and shared parts, each a link to the other model
     assert re.search(rf'same weights: <a href="/model/{ids["base_copy.ckpt"]}"', html)

@@ -101,6 +101,19 @@ def _table(column: str, value: str | None) -> str | None:
     return "/?" + urlencode({column: value}) if value else None
 
 
+def _sampling(identification: dict[str, Any] | None) -> str:
+    """The family's sampling defaults, in one line: "512x512, 50 steps, guidance 7.5"."""
+    s = (identification or {}).get("sampling")
+    if not isinstance(s, dict):
+        return ""
+    size = s.get("resolution")
+    parts = ["x".join(map(str, size)) if isinstance(size, list) else "",
+             f"{s['steps']} steps" if s.get("steps") else "",
+             f"guidance {s['guidance']}" if s.get("guidance") is not None else "",
+             str(s.get("prediction") or ""), str(s.get("scheduler") or "")]
+    return ", ".join(p for p in parts if p)
+
+
 def _facts(m: dict[str, Any]) -> list[tuple[str, str, str | None]]:
     """(label, value, link to the table filtered on it) of what the model is."""
     said: dict[str, Any] = {}
@@ -125,6 +138,7 @@ def _facts(m: dict[str, Any]) -> list[tuple[str, str, str | None]]:
                                          if m["reasons"] else ""),
          _table("verdict", m["verdict"])),
         ("trigger words", ", ".join(said.get("trigger_words") or []), None),
+        ("sampling", _sampling(m["identification"]), None),
         ("modified", _when(m["mtime_ns"] / 1e9), None),
         ("indexed", _when(m["indexed_at"]), None),
     ]
@@ -226,6 +240,7 @@ def model_page(conn: sqlite3.Connection, file_id: int) -> dict[str, Any] | None:
     return {
         "id": m["id"], "name": m["name"], "path": m["display"], "preview": bool(m["preview"]),
         "facts": _facts(m),
+        "reasons": [str(r) for r in (m["identification"] or {}).get("reasons", [])],
         "hashes": [(HASH_NAMES.get(k, k), v) for k, v in m["hashes"].items() if v],
         "components": [{"name": c["name"], "tensors": c["tensors"], "bytes": c["bytes"],
                         "digest": c["digest"], "dtypes": dtypes.get(c["name"], ""),
