@@ -6,7 +6,8 @@ sample generator, as the files a user keeps, then indexed with ``ckpt library sc
 - ``other.safetensors``: other weights (another seed);
 - ``merged.safetensors``: ``ckpt merge weighted-sum`` of base and other (its lineage);
 - ``odd/``: a LoRA-sized file whose name and metadata are hostile text (markup, a bidi
-  override, a byte that is not UTF-8), to show the page escapes what files say;
+  override, a byte that is not UTF-8), to show the page escapes what files say; its
+  training base model (kohya's metadata) is not in the library;
 - ``parts/vae/base*.safetensors``: base's VAE alone, split out by ``ckpt split`` (a shared
   component, and a file whose lineage names base as its source).
 """
@@ -58,7 +59,8 @@ def make_library(root: Path) -> Path:
     (models / "odd").mkdir()
     (models / "odd" / HOSTILE_NAME).write_bytes(save(
         {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)},
-        metadata={"ss_training_comment": HOSTILE_TEXT, "ss_base_model_version": "sd_v1"}))
+        metadata={"ss_training_comment": HOSTILE_TEXT, "ss_base_model_version": "sd_v1",
+                  "ss_sd_model_name": "v1-5-pruned.ckpt", "ss_sd_model_hash": "e1441589"}))
     assert main(["merge", "weighted-sum", str(models / "base.safetensors"),
                  str(models / "other.safetensors"), "--alpha", "0.3", "--quiet", "--no-fsync",
                  "-o", str(models / "merged.safetensors")]) == 0

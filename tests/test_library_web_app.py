@@ -112,6 +112,15 @@ def test_lineage_graph_links_to_the_parents(client, ids):
     assert f'href="/model/{ids["merged.safetensors"]}"' in other  # made from it
 
 
+def test_lineage_with_a_parent_not_in_the_library(client, ids):
+    odd = next(i for p, i in ids.items() if p.startswith("odd/"))
+    html = client.get(f"/model/{odd}").text
+    svg = html[html.index("<svg"):html.index("</svg>")]
+    assert '<g class="node missing">' in svg and "v1-5-pruned.ckpt (not in the library)" in svg
+    assert _links(svg) == set()  # nothing to link to
+    assert "base-model" in svg
+
+
 def test_hostile_names_and_metadata_are_shown_escaped(client, ids):
     odd = next(i for p, i in ids.items() if p.startswith("odd/"))
     html = client.get("/").text

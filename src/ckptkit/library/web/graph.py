@@ -58,6 +58,8 @@ class Drawing:
     boxes: list[Box]
     edges: list[Edge]
     left_out: int  # ancestors not drawn past MAX_NODES
+    box_width: int = BOX_W
+    box_height: int = BOX_H
 
 
 def _short(name: str) -> str:

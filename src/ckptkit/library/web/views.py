@@ -97,8 +97,9 @@ def _when(seconds: float | None) -> str:
 
 
 def _table(column: str, value: str | None) -> str | None:
-    """The address of the index table filtered to ``column`` = ``value``."""
-    return "/?" + urlencode({column: value}) if value else None
+    """The address of the index table filtered to ``column`` = ``value`` (as the table's
+    choices write it: through ``printable``)."""
+    return "/?" + urlencode({column: printable(value)}) if value else None
 
 
 def _sampling(identification: dict[str, Any] | None) -> str:
