@@ -86,6 +86,8 @@ def browser(url: str) -> tuple[float, float]:
         start = time.perf_counter()
         page.goto(url, wait_until="load")
         load = time.perf_counter() - start
+        drawn = page.locator("#models tbody tr").count()
+        assert drawn == 500 and page.is_visible("#more"), drawn  # the rest on demand
         keystroke = page.evaluate("""() => {
             const f = document.getElementById('filter');
             f.value = 'model_0999';
