@@ -9,14 +9,18 @@ sample generator, as the files a user keeps, then indexed with ``ckpt library sc
   override, a byte that is not UTF-8), to show the page escapes what files say; its
   training base model (kohya's metadata) is not in the library;
 - ``parts/vae/base*.safetensors``: base's VAE alone, split out by ``ckpt split`` (a shared
-  component, and a file whose lineage names base as its source).
+  component, and a file whose lineage names base as its source), and ``vae_copy.safetensors``,
+  a copy of its bytes;
+- ``merged.civitai.info``: what Civitai says of the merge (a title, trigger words).
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -66,6 +70,10 @@ def make_library(root: Path) -> Path:
                  "-o", str(models / "merged.safetensors")]) == 0
     assert main(["split", str(models / "base.safetensors"), "--components", "vae", "--quiet",
                  "--no-fsync", "-o", str(models / "parts")]) == 0
+    shutil.copyfile(models / "parts" / "vae" / "base.safetensors", models / "vae_copy.safetensors")
+    (models / "merged.civitai.info").write_text(json.dumps(
+        {"id": 7, "modelId": 3, "model": {"name": "Merged From Civitai"}, "baseModel": "SD 1.5",
+         "trainedWords": ["shiny", "test words"]}))
     db = root / "library.sqlite"
     assert main(["library", "scan", str(models), "--db", str(db), "--quiet"]) == 0
     return db

@@ -107,9 +107,18 @@ def test_lineage_graph_links_to_the_parents(client, ids):
     assert "merge A weighted-sum" in svg and "merge B weighted-sum" in svg
     assert "ckptkit.merge_recipe" in html  # the recipe in the metadata
     assert "&#34;alpha&#34;: 0.3" in html or '"alpha": 0.3' in html
+    # what the Civitai sidecar says
+    assert "<dd>Merged From Civitai</dd>" in html and "<dd>shiny, test words</dd>" in html
+    assert "civitai-info: <span" in html and "merged.civitai.info" in html
     other = client.get(f"/model/{ids['other.safetensors']}").text
     assert "No merge or training ancestry" in other and "<svg" not in other
     assert f'href="/model/{ids["merged.safetensors"]}"' in other  # made from it
+
+
+def test_identical_files(client, ids):
+    html = client.get(f"/model/{ids['vae_copy.safetensors']}").text
+    assert re.search(rf'same bytes: <a href="/model/{ids["parts/vae/base.safetensors"]}"', html)
+    assert re.search(rf'shares vae: <a href="/model/{ids["base.safetensors"]}"', html)
 
 
 def test_lineage_with_a_parent_not_in_the_library(client, ids):

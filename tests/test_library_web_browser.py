@@ -79,21 +79,21 @@ def test_table_filter_model_page_lineage(chromium, live, tmp_path):
             names = _visible_names(page)
             assert sorted(names) == sorted(
                 ["base.safetensors", "base_copy.ckpt", "merged.safetensors",
-                 "other.safetensors", "base.safetensors",
+                 "other.safetensors", "base.safetensors", "vae_copy.safetensors",
                  "<img src=x onerror=alert(1)>\\u202eevil\\xff.safetensors"])
-            assert page.inner_text("#shown") == "6 models"
+            assert page.inner_text("#shown") == "7 models"
             _screenshot(page, tmp_path / "1-table.png")
 
             # filter by text, then by kind (the filter goes into the address)
             page.fill("#filter", "merged")
             assert _visible_names(page) == ["merged.safetensors"]
-            assert page.inner_text("#shown") == "1 of 6 models"
+            assert page.inner_text("#shown") == "1 of 7 models"
             _screenshot(page, tmp_path / "2-filtered.png")
             page.fill("#filter", "")
             page.select_option("select[name=kind]", "vae")
-            assert _visible_names(page) == ["base.safetensors"]
+            assert _visible_names(page) == ["base.safetensors", "vae_copy.safetensors"]
             assert page.url.endswith("/?kind=vae")
-            assert "parts/vae" in page.inner_text("#models tbody tr:not([hidden])")
+            assert "parts/vae" in page.inner_text("#models tbody tr:first-child")
             page.select_option("select[name=kind]", "")
 
             # sort by size, both ways
@@ -107,6 +107,7 @@ def test_table_filter_model_page_lineage(chromium, live, tmp_path):
             page.click("#models a:text-is('merged.safetensors')")
             page.wait_for_url("**/model/*")
             assert page.inner_text("#model-name") == "merged.safetensors"
+            assert "Merged From Civitai" in page.inner_text("#identification")
             lineage = page.inner_text("#lineage")
             assert "base.safetensors" in lineage and "other.safetensors" in lineage
             assert "merge A weighted-sum" in lineage
@@ -130,7 +131,7 @@ def test_table_filter_model_page_lineage(chromium, live, tmp_path):
             # back to the table by the family link: filtered to sd1
             page.click("#identification a:text-is('sd1')")
             page.wait_for_url("**/?family=sd1")
-            assert len(_visible_names(page)) == 5  # all but the unidentified file
+            assert len(_visible_names(page)) == 6  # all but the unidentified file
 
             # paths outside the index
             for path in ("/preview/..%2f..%2f..%2fetc%2fpasswd", "/static/..%2fapp.py",
