@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
                     "hashes, preview, duplicates, lineage). Only the files the index "
                     "records are served, and the page loads nothing from outside this "
                     "machine. Ctrl-C stops it.")
-    p.add_argument("--db", metavar="PATH", help="the index (default: the one `ckpt library "
-                   "scan` fills, in ckptkit's cache folder)")
+    p.add_argument("--db", metavar="PATH", help=f"the library database (default: "
+                   f"{default_path()})")
     p.add_argument("--port", type=int, default=8765, metavar="P",
                    help="the port to listen on (default 8765; 0: any free port)")
     p.add_argument("--host", default="127.0.0.1", metavar="H",
@@ -35,7 +35,8 @@ def add_parser(sub) -> None:
                         "any other requires a token on every request")
     p.add_argument("--token", metavar="T",
                    help=f"the token to require (at least {MIN_TOKEN_CHARS} characters; "
-                        "default with --host: a new random one, printed in the address)")
+                        "default with --host: a new random one, printed in the address; "
+                        "one given here is visible to other users in the process list)")
     p.set_defaults(run=run)
 
 
