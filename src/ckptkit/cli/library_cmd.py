@@ -21,6 +21,7 @@ from ..library import queries
 from ..library.db import database_errors, default_path, open_library
 from ..library.index import scan_library
 from ..safe_text import json_dumps, printable
+from . import library_serve_cmd
 from .fmt import human_bytes
 from .progress import ProgressBar
 
@@ -303,6 +304,7 @@ def _print_tree(nodes: list[dict[str, Any]], indent: str) -> None:
         _print_tree(node["parents"], indent + ("   " if last else "│  "))
 
 
-SUBCOMMANDS = (_add_scan, _add_list, _add_find, _add_show, _add_dupes, _add_lineage)
+SUBCOMMANDS = (_add_scan, _add_list, _add_find, _add_show, _add_dupes, _add_lineage,
+               library_serve_cmd.add_parser)
 
 __all__ = ["SUBCOMMANDS", "add_db_option", "add_parser"]
