@@ -23,12 +23,13 @@ from . import (
     merge_cmd,
     parts_cmd,
     prune_cmd,
+    quantize_cmd,
     sample_cmd,
     scan_cmd,
 )
 
 COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd,
-            lora_cmd, generate_cmd)
+            lora_cmd, generate_cmd, quantize_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

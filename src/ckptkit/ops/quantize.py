@@ -1,0 +1,358 @@
+"""``quantize``: a diffusion model to GGUF (as ComfyUI-GGUF loads it) or to ComfyUI's
+per-layer fp8 ("fp8 scaled") safetensors, each tensor checked by dequantizing what was
+written.
+
+The diffusion model is taken from the checkpoint (a full checkpoint's text encoders and VAE
+are left out, as ComfyUI-GGUF and ComfyUI's diffusion-model loaders hold the denoiser alone)
+and written under its names without the checkpoint prefix. GGUF types follow
+``gguf_rules``; fp8 stores each 2-D weight (a Linear layer's) as fp8 with one float32 scale,
+``weight = stored x weight_scale``, marked by ``<layer>.comfy_quant`` (the uint8 bytes of
+``{"format": "float8_e4m3fn"}``), as ComfyUI's ``MixedPrecisionOps`` reads it; other tensors
+keep their dtype.
+
+No silent white images: every tensor is quantized a slice at a time into the output file's
+pages, and each slice is dequantized back from those pages (``quant.dequant``, not the
+quantizer's own numbers) and compared with the source. A tensor whose source or result holds
+NaN or infinity, or whose relative RMS error (sqrt(sum (q - x)^2 / sum x^2)) exceeds its type's
+bound (``ERROR_BOUNDS``), stops the run: the temporary file is removed and nothing is left
+under the output's name. The errors are summarised per type in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+from ..engine.atomic import check_output_path
+from ..engine.gguf_writer import GGUFTensor, write_gguf
+from ..engine.writer import Planned, Progress, write_safetensors
+from ..errors import FormatError, UsageError, a_or_an
+from ..formats import LazyTensor, open_checkpoint
+from ..formats.dtypes import BY_NAME as DTYPES
+from ..quant.ggml_types import BY_NAME as GGML
+from .gguf_rules import _KEEP, ARCHITECTURES, TYPES, Rules, check_name
+from .inspect import identify_checkpoint
+from .provenance import provenance
+
+FP8_TYPE = "fp8-scaled"
+FP8_FORMATS = {  # --fp8 -> (safetensors dtype, largest finite value, comfy_quant format)
+    "e4m3fn": ("F8_E4M3", 448.0, "float8_e4m3fn"),
+    "e5m2": ("F8_E5M2", 57344.0, "float8_e5m2"),
+}
+QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION, as the converters write it
+
+# The largest relative RMS error a tensor may have, per stored type: twice what each type
+# gives on Gaussian values (measured with ckptkit's quantizers on 2^20 N(0, 1) values, rows
+# of 4,096: Q8_0 0.0054, Q6_K 0.0177, Q5_K 0.0361, Q5_1 0.0378, Q5_0 0.0427, Q4_K 0.0713,
+# Q4_1 0.0783, Q4_0 0.0860, Q3_K 0.151, Q2_K 0.296, BF16 0.00166, F16 0.00021, fp8 e4m3fn
+# 0.0231, e5m2 0.0461). Heavier tails cost more: Student's t with 3 degrees of freedom gives
+# up to 1.5x these (Q4_0 0.125), so 2x leaves real weights room, while a broken block (a
+# scale lost or overflowed, the white-image failure) gives an error near 1. F32 is exact.
+ERROR_BOUNDS = {
+    "Q8_0": 0.011, "Q6_K": 0.036, "Q5_K": 0.073, "Q5_1": 0.076, "Q5_0": 0.086,
+    "Q4_K": 0.143, "Q4_1": 0.157, "Q4_0": 0.172, "Q3_K": 0.302, "Q2_K": 0.593,
+    "BF16": 0.0034, "F16": 0.00043, "F32": 1e-7,
+    "F8_E4M3": 0.047, "F8_E5M2": 0.093,
+}
+SLICE = 1 << 20  # values quantized and checked at a time (a multiple of every block size)
+
+
+@dataclass
+class TypeSummary:
+    """The tensors stored as one type and their errors."""
+
+    tensors: int = 0
+    parameters: int = 0
+    bytes: int = 0
+    bound: float = 0.0
+    mean_error: float = 0.0  # mean of the tensors' relative RMS errors
+    max_error: float = 0.0
+    worst: str = ""
+
+
+@dataclass
+class QuantizeReport:
+    output: str
+    type: str
+    family: str | None
+    architecture: str | None
+    tensors: int = 0
+    parameters: int = 0
+    bytes: int = 0
+    bits_per_weight: float = 0.0
+    types: dict[str, TypeSummary] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)  # tensor -> relative RMS error
+    reshaped: int = 0
+    fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> why not the type asked
+    left_out: list[str] = field(default_factory=list)  # components not written
+    notes: list[str] = field(default_factory=list)
+
+
+def quantize(src: str, out: str, qtype: str, *, fp8: str = "e4m3fn",
+             progress: Progress | None = None, fsync: bool = True) -> QuantizeReport:
+    gguf = qtype != FP8_TYPE
+    if gguf and qtype not in TYPES:
+        raise UsageError(f"--type must be one of {', '.join(TYPES)} or {FP8_TYPE}, "
+                         f"not {qtype!r}")
+    if fp8 not in FP8_FORMATS:
+        raise UsageError(f"--fp8 must be e4m3fn or e5m2, not {fp8!r}")
+    wanted = ".gguf" if gguf else ".safetensors"
+    if not out.lower().endswith(wanted):
+        raise UsageError(f"--type {qtype} writes {wanted[1:]}: name the output *{wanted} "
+                         "(loaders choose their reader by the extension)")
+    check_output_path(out, (src,))
+    with open_checkpoint(src) as checkpoint:
+        tensors, report = _denoiser(checkpoint, src, out, qtype)
+        arch = report.architecture
+        meta = provenance("quantize", [src], type=qtype, fp8=fp8 if not gguf else "")
+        with _one_thread_per_op():
+            if gguf:
+                _write_gguf(src, out, arch, qtype, tensors, meta, report, progress, fsync)
+            else:
+                _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync)
+    _summarise(report)
+    return report
+
+
+def _denoiser(checkpoint, src: str, out: str, qtype: str):
+    """The (name, tensor) pairs of the diffusion model to quantize, and
+    the report begun; refuses what ComfyUI-GGUF could not load."""
+    ident = identify_checkpoint(checkpoint)
+    comp = next((c for c in ident.components if c.name == "diffusion_model"), None)
+    if comp is None or ident.family is None:
+        raise UsageError(f"{src} holds no diffusion model ckptkit can quantize (it is "
+                         f"{a_or_an(ident.describe())}); quantize takes a checkpoint or a "
+                         "diffusion model of a known family")
+    arch = ARCHITECTURES.get(ident.family)
+    if qtype != FP8_TYPE and arch is None:
+        raise UsageError(f"{src} is {a_or_an(ident.family)} model, which ComfyUI-GGUF has no "
+                         "architecture for")
+    if comp.layout == "diffusers":
+        raise UsageError(
+            f"{src} is {a_or_an(ident.family)} diffusion model in the diffusers layout (q, k "
+            "and v split), which ComfyUI-GGUF's loaders do not read; make it the original "
+            "layout first (ckpt parts assemble --diffusion-model MODEL --allow-partial -o "
+            "ORIGINAL.safetensors), then quantize that")
+    report = QuantizeReport(out, qtype, ident.family, arch)
+    report.left_out = [c.name for c in ident.components if c.name != "diffusion_model"]
+    tensors = []
+    for key, tensor in checkpoint.items():
+        if not key.startswith(comp.prefix):
+            continue
+        name = key[len(comp.prefix):]
+        problem = check_name(name, tensor.shape)
+        if problem:
+            raise UsageError(f"{src}: tensor {name} cannot be quantized: {problem}")
+        if not tensor.dtype.is_float:
+            raise UsageError(f"{src}: tensor {name} holds {tensor.dtype.name} values, not "
+                             "floating-point weights")
+        tensors.append((name, tensor))
+    return tensors, report
+
+
+def _write_gguf(src, out, arch, qtype, tensors, meta, report, progress, fsync) -> None:
+    rules = Rules(arch, qtype)
+    metadata: dict = {"general.architecture": arch,
+                      "general.quantization_version": QUANTIZATION_VERSION,
+                      "general.file_type": TYPES[qtype][1]}
+    planned = []
+    checker = _Checker(report)
+    for name, tensor in tensors:
+        choice = rules.choose(name, tensor.shape, tensor.dtype.name,
+                              lambda t: GGML[t].block_size)
+        if choice.orig_shape is not None:
+            metadata[f"comfy.gguf.orig_shape.{name}"] = list(choice.orig_shape)
+            report.reshaped += 1
+        if choice.note:
+            report.fallbacks[name] = choice.note
+        planned.append(GGUFTensor(name, choice.qtype, choice.shape,
+                                  partial(_quantized, tensor, choice.qtype, name, checker)))
+        checker.planned(choice.qtype, tensor.numel, GGML[choice.qtype].nbytes(tensor.numel))
+    metadata.update(meta)
+    write_gguf(out, metadata, planned, inputs=(src,), progress=progress, fsync=fsync)
+
+
+def _quantized(tensor: LazyTensor, qtype: str, name: str, checker: _Checker, out) -> None:
+    """Fills ``out`` with ``tensor`` stored as ``qtype``, a slice at a time (in parallel),
+    each slice checked against the dequantized bytes just written."""
+    from ..quant.dequant import dequantize
+    from ..quant.encode import quantize_into
+
+    values = _values(tensor)
+    kind = GGML[qtype]
+
+    def one(start: int) -> tuple[float, float]:
+        x = values[start:start + SLICE]
+        first, count = kind.nbytes(start), kind.nbytes(x.numel())
+        stored = out[first:first + count]
+        _require_finite(x, name, "its source")
+        quantize_into(x, qtype, stored)
+        return _errors(x, dequantize(stored, qtype, (x.numel(),)), name, qtype)
+
+    checker.record(name, qtype, _in_parallel(one, range(0, values.numel(), SLICE)))
+
+
+def _values(tensor: LazyTensor):
+    """The tensor's values as one flat torch tensor: the mapped file's pages where it can."""
+    data = tensor.load() if tensor.byte_rows else tensor.read()
+    return data.reshape(-1)
+
+
+def _require_finite(x, name: str, what: str) -> None:
+    import torch
+
+    total = x.float().sum()  # finite unless a term is not (or the sum overflows: look closer)
+    if not torch.isfinite(total) and not bool(torch.isfinite(x).all()):
+        raise FormatError(f"tensor {name}: {what} holds NaN or infinite values; a quantized "
+                          "copy of it would give broken images, so nothing was written")
+
+
+def _errors(x, back, name: str, qtype: str) -> tuple[float, float]:
+    """Sums of squared error and of squared source values of one slice."""
+    _require_finite(back, name, f"its {qtype} dequantization")
+    x = x.float()
+    return float((back - x).pow(2).sum(dtype=back.dtype)), float(x.pow(2).sum())
+
+
+def _in_parallel(job: Callable[[int], tuple[float, float]], starts) -> tuple[float, float]:
+    """``job`` over every slice start, in a thread per core (torch releases the GIL), summed."""
+    starts = list(starts)
+    if len(starts) == 1:
+        return job(starts[0])
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        parts = list(pool.map(job, starts))
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+_WORKERS = 1
+
+
+@contextmanager
+def _one_thread_per_op():
+    """Each torch op on one thread, slices in parallel instead: a slice's many small ops
+    (a K-quant search runs hundreds on 64 K values) spend longer waking OpenMP workers than
+    computing (8 ms a slice on one thread against 67 ms on two, on 2 busy cores)."""
+    import torch
+
+    global _WORKERS
+    before = torch.get_num_threads()
+    _WORKERS = max(1, min(before, os.cpu_count() or 1))
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        _WORKERS = 1
+
+
+class _Checker:
+    """Per-tensor errors held to their bounds, and the per-type sums of the report."""
+
+    def __init__(self, report: QuantizeReport):
+        self.report = report
+        self.lock = threading.Lock()
+
+    def planned(self, qtype: str, parameters: int, nbytes: int) -> None:
+        summary = self.report.types.setdefault(qtype, TypeSummary(bound=ERROR_BOUNDS[qtype]))
+        summary.tensors += 1
+        summary.parameters += parameters
+        summary.bytes += nbytes
+
+    def record(self, name: str, qtype: str, sums: tuple[float, float]) -> None:
+        squared_error, squared = sums
+        error = math.sqrt(squared_error / squared) if squared else (
+            0.0 if squared_error == 0 else math.inf)
+        bound = ERROR_BOUNDS[qtype]
+        if not error <= bound:
+            raise FormatError(f"tensor {name}: its {qtype} copy is off by {error:.4g} "
+                              f"(relative RMS), over the {bound:g} that {qtype} gives values "
+                              "of ordinary spread; nothing was written (its values are "
+                              "unusual: try a wider type)")
+        with self.lock:
+            self.report.errors[name] = error
+            summary = self.report.types[qtype]
+            summary.mean_error += error / summary.tensors
+            if error >= summary.max_error:
+                summary.max_error, summary.worst = error, name
+
+
+def _summarise(report: QuantizeReport) -> None:
+    report.tensors = sum(s.tensors for s in report.types.values())
+    report.parameters = sum(s.parameters for s in report.types.values())
+    report.bytes = sum(s.bytes for s in report.types.values())
+    report.bits_per_weight = 8 * report.bytes / report.parameters if report.parameters else 0.0
+    if report.left_out:
+        report.notes.append(f"left out {', '.join(report.left_out)}: the file holds the "
+                            "diffusion model alone, as ComfyUI's diffusion-model loaders "
+                            "read it")
+
+
+def _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync) -> None:
+    """ComfyUI's per-layer fp8: each 2-D ``.weight`` outside the family's kept layers
+    becomes fp8 + ``weight_scale`` + ``comfy_quant``; every other tensor is copied."""
+    from ..engine.moves import copy_range
+
+    dtype_name, largest, fmt = FP8_FORMATS[fp8]
+    keep = _KEEP.get(arch, ())
+    checker = _Checker(report)
+    marker = json.dumps({"format": fmt}).encode("utf-8")  # ComfyUI writes json.dumps's bytes
+    planned = []
+    scales: dict[str, float] = {}
+    for name, tensor in tensors:
+        kept = any(name == k[1:] if k.startswith("=") else k in name for k in keep)
+        if len(tensor.shape) != 2 or not name.endswith(".weight") or kept:
+            produce = partial(copy_range, tensor) if tensor.is_contiguous else tensor.read
+            planned.append(Planned(name, tensor.dtype, tensor.shape, produce))
+            checker.planned(tensor.dtype.name if tensor.dtype.name in ERROR_BOUNDS else "F32",
+                            tensor.numel, tensor.nbytes)
+            continue
+        layer = name[:-len("weight")]
+        planned += [
+            Planned(name, DTYPES[dtype_name], tensor.shape, _unused,
+                    partial(_fp8_into, tensor, name, dtype_name, largest, scales, checker)),
+            Planned(layer + "weight_scale", DTYPES["F32"], (),
+                    partial(_scale_of, scales, name)),
+            Planned(layer + "comfy_quant", DTYPES["U8"], (len(marker),),
+                    partial(bytes, marker)),
+        ]
+        checker.planned(dtype_name, tensor.numel, tensor.numel)
+    write_safetensors(out, planned, {k: str(v) for k, v in meta.items()}, inputs=(src,),
+                      progress=progress, fsync=fsync)
+
+
+def _unused():
+    raise AssertionError("fp8 weights are produced into the output file")
+
+
+def _fp8_into(tensor: LazyTensor, name: str, dtype_name: str, largest: float,
+              scales: dict[str, float], checker: _Checker, out) -> None:
+    """The weight divided by its scale (max |w| / the format's largest value, float32),
+    rounded to fp8 into ``out``; checked as stored x scale against the source."""
+    import torch
+
+    values = _values(tensor)
+    flat = out.reshape(-1)
+    _require_finite(values, name, "its source")
+    amax = float(values.abs().amax()) if values.numel() else 0.0
+    scale = torch.tensor(amax / largest if amax else 1.0, dtype=torch.float32)
+    scales[name] = float(scale)
+
+    def one(start: int) -> tuple[float, float]:
+        x = values[start:start + SLICE].float()
+        flat[start:start + SLICE] = (x / scale).clamp(-largest, largest).to(flat.dtype)
+        return _errors(x, flat[start:start + SLICE].float() * scale, name, dtype_name)
+
+    checker.record(name, dtype_name, _in_parallel(one, range(0, values.numel(), SLICE)))
+
+
+def _scale_of(scales: dict[str, float], name: str):
+    import torch
+
+    return torch.tensor(scales[name], dtype=torch.float32)
