@@ -249,6 +249,8 @@ def print_report(report: dict[str, Any], verbose: bool = False) -> None:
                     f"{_parameters(report['parameter_count'])} "
                     f"({human_bytes(report['tensor_bytes'])})"),
     ]
+    if report.get("quantization"):
+        rows.append(("quantized", _quantization(report["quantization"])))
     if report.get("weights_at"):
         rows.append(("weights at", report["weights_at"]))
     for name, value in rows:
@@ -280,6 +282,15 @@ def print_report(report: dict[str, Any], verbose: bool = False) -> None:
                 out(f"{line}\n")
     for note in report["notes"]:
         out(f"  note: {note}\n")
+
+
+def _quantization(summary: dict[str, Any]) -> str:
+    """One line: the scheme, the stored types by share of parameters, the bits per weight."""
+    shares = ", ".join(f"{name} {entry['share']:.1%}" for name, entry in
+                       sorted(summary["types"].items(), key=lambda kv: -kv[1]["parameters"]))
+    return (f"{summary['scheme']}: {shares} of parameters; {summary['bits_per_weight']:.2f} "
+            f"bits per weight; {counted(summary['quantized_tensors'], 'quantized tensor')} read as "
+            f"{summary['reads_as']}")
 
 
 def _counts(tensors: int, parameters: int) -> str:

@@ -11,9 +11,11 @@ import os
 
 from ..errors import CkptError, FormatError, UnsafeFileError
 from .checkpoint import Checkpoint, LazyTensor
+from .gguf import open_gguf
 from .pickle_vm import Finding
+from .quantized import QuantizedTensor
 from .safetensors import open_safetensors
-from .sniff import SAFETENSORS, TORCH_LEGACY, TORCH_ZIP, detect_format, extension_note
+from .sniff import GGUF, SAFETENSORS, TORCH_LEGACY, TORCH_ZIP, detect_format, extension_note
 from .source import Source
 from .torch_pickle import (
     open_torch_legacy,
@@ -21,14 +23,16 @@ from .torch_pickle import (
     refuse_what_torch_load_runs,
     refuse_what_torch_zip_runs,
 )
+from .weight_quant import recognise
 
 _OPENERS = {
     SAFETENSORS: open_safetensors,
     TORCH_ZIP: open_torch_zip,
     TORCH_LEGACY: open_torch_legacy,
+    GGUF: open_gguf,
 }
 
-__all__ = ["Checkpoint", "LazyTensor", "detect_format", "open_checkpoint"]
+__all__ = ["Checkpoint", "LazyTensor", "QuantizedTensor", "detect_format", "open_checkpoint"]
 
 
 def open_checkpoint(path: str | os.PathLike[str],
@@ -65,6 +69,8 @@ def open_checkpoint(path: str | os.PathLike[str],
         raise CkptError(f"cannot open the file ({exc.strerror})", path) from None
     try:
         checkpoint = _OPENERS[fmt](source, findings)
+        if fmt != GGUF:
+            recognise(checkpoint)  # fp8-scaled and bitsandbytes weights, read as values
     except CkptError as exc:
         refused = bool(findings) or isinstance(exc, UnsafeFileError)
         try:

@@ -17,17 +17,19 @@ from ..errors import FormatError, UnsafeFileError
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"
 TORCH_LEGACY = "torch-legacy"
+GGUF = "gguf"
 
 # What each format is usually called; a mismatch is worth a warning, never a refusal.
 EXTENSIONS = {
     SAFETENSORS: (".safetensors", ".sft"),
     TORCH_ZIP: (".ckpt", ".pt", ".pth", ".bin"),
     TORCH_LEGACY: (".ckpt", ".pt", ".pth", ".bin"),
+    GGUF: (".gguf",),
 }
-# The names a model file goes by (GGUF too, which ckptkit cannot read yet): in a folder, a file
-# named so is reported even when its content is no checkpoint (an HTML page, a Git LFS
-# pointer, an empty download), since that is what its user needs to know.
-MODEL_EXTENSIONS = frozenset({e for exts in EXTENSIONS.values() for e in exts} | {".gguf"})
+# The names a model file goes by: in a folder, a file named so is reported even when its
+# content is no checkpoint (an HTML page, a Git LFS pointer, an empty download), since that is
+# what its user needs to know.
+MODEL_EXTENSIONS = frozenset({e for exts in EXTENSIONS.values() for e in exts})
 _LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _SNIFF = 512
 
@@ -59,6 +61,8 @@ def detect_format(path: str) -> str:
                               "file looks like; re-save it with a current torch", path)
     if head.startswith(_LEGACY_PREFIX):
         return TORCH_LEGACY
+    if head.startswith(b"GGUF"):
+        return GGUF  # the reader explains a header that does not fit the file
     if head[8:9] == b"{":
         return SAFETENSORS  # the reader explains a header that does not fit the file
     try:
@@ -103,8 +107,6 @@ def _describe_other(head: bytes, tail: bytes, size: int) -> str:
                 "(git lfs pull)")
     if text.startswith((b"{", b"[")):
         return "this is a JSON text file, not model weights"
-    if head.startswith(b"GGUF"):
-        return "this is a GGUF file, which ckptkit cannot read yet"
     if head.startswith(b"\x80"):
         return "this is a pickle but not one torch.save writes (not a torch checkpoint)"
     if head.startswith(b"PK"):
@@ -114,7 +116,8 @@ def _describe_other(head: bytes, tail: bytes, size: int) -> str:
                               "that different readers see differently)")
     if size < 8:
         return f"the file has only {size} bytes: truncated, or not a checkpoint"
-    return "the file is not a safetensors or PyTorch checkpoint (unrecognised first bytes)"
+    return ("the file is not a safetensors, GGUF or PyTorch checkpoint (unrecognised first "
+            "bytes)")
 
 
 def extension_note(path: str, fmt: str) -> str | None:
@@ -122,6 +125,6 @@ def extension_note(path: str, fmt: str) -> str | None:
     ext = os.path.splitext(path)[1].lower()
     known = {e for exts in EXTENSIONS.values() for e in exts}
     if ext in known and ext not in EXTENSIONS[fmt]:
-        shown = "PyTorch pickle" if fmt != SAFETENSORS else "safetensors"
+        shown = {SAFETENSORS: "safetensors", GGUF: "GGUF"}.get(fmt, "PyTorch pickle")
         return f"the file is named {ext} but holds a {shown} checkpoint; it was read as what it is"
     return None

@@ -29,6 +29,8 @@ from ..engine.writer import Planned, Progress, write_safetensors
 from ..errors import FormatError, UsageError
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
+from ..formats.gguf import ORIG_SHAPE, STRUCTURAL_KEYS
+from ..formats.quantized import QuantizedTensor
 from ..formats.torch_pickle import Summary
 from .inspect import identify_checkpoint
 from .provenance import inherited
@@ -73,9 +75,25 @@ def _casting(key: str, tensor: LazyTensor, target: DType, report: ConvertReport)
     return partial(by_rows, [tensor], target, cast)
 
 
+def _dequantized(key: str, tensor: QuantizedTensor, target: DType, report: ConvertReport):
+    """A quantized tensor's values in ``target``, rounded once from what its format stores;
+    values beyond the target's range (an fp8 weight whose scale is too big for fp16) become
+    infinite, as a cast makes them, and are counted."""
+    import torch
+
+    out = tensor.dequantize(target)
+    overflow = int(torch.isinf(out).sum()) if out.is_floating_point() else 0
+    if overflow:
+        report.overflowed[key] = report.overflowed.get(key, 0) + overflow
+    return out
+
+
 def _source_metadata(checkpoint) -> dict[str, str]:
     if checkpoint.format == "safetensors":
         return dict(checkpoint.metadata)
+    if checkpoint.format == "gguf":  # less what describes the GGUF encoding itself
+        return {k: v for k, v in checkpoint.metadata.items()
+                if k not in STRUCTURAL_KEYS and not k.startswith(ORIG_SHAPE)}
     # Pickles carry no string metadata; their scalar entries (global_step, epoch) are kept,
     # since loaders use some of them (diffusers guesses SD2 v-prediction from global_step).
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in checkpoint.extras.items()
@@ -108,7 +126,10 @@ def convert(src: str, dst: str, *, dtype: str | None = None, vae_dtype: str | No
         for key, tensor in checkpoint.items():
             castable = tensor.dtype.is_float and tensor.dtype.bits >= 8
             out_dtype = (wanted_for(key) if castable else None) or tensor.dtype
-            if out_dtype != tensor.dtype and out_dtype.bits == 8:
+            if isinstance(tensor, QuantizedTensor) and out_dtype.bits > 8:
+                produce = partial(_dequantized, key, tensor, out_dtype, report)
+                report.cast += out_dtype != tensor.dtype
+            elif out_dtype != tensor.dtype and out_dtype.bits == 8:
                 produce = partial(clamped_cast, tensor, out_dtype, key, report.clamped)
                 report.cast += 1
             elif out_dtype != tensor.dtype:

@@ -28,6 +28,7 @@ from ..engine.writer import Progress
 from ..errors import FormatError, UnsafeFileError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.checkpoint import paused_gc
+from ..formats.quantized import QuantizedTensor, stored_nbytes, stored_type
 from ..lora.detect import detect_lora
 from .hashing import file_hashes
 
@@ -68,7 +69,7 @@ def identify_checkpoint(checkpoint: Checkpoint, sha256: str | None = None) -> Id
             f"it holds {len(tensors):,} tensors, over the {MAX_IDENTIFIED_TENSORS:,} that "
             "ckptkit matches (no model or adapter it knows holds a tenth of that)"])
     shapes = {k: t.shape for k, t in tensors.items()}
-    dtypes = {k: t.dtype.name for k, t in tensors.items()}
+    dtypes = {k: stored_type(t) for k, t in tensors.items()}  # Q8_0, NF4...: as stored
     values = {}
     for key in [k for k in tensors if k.endswith(".alpha")]:
         if tensors[key].numel == 1:
@@ -86,12 +87,15 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
     dtypes: dict[str, dict[str, int]] = {}
     sizes: dict[str, int] = {}
     tensor_bytes = 0
+    quantized: list[QuantizedTensor] = []
     for key, tensor in checkpoint.items():
         numel = sizes[key] = tensor.numel
-        tensor_bytes += max(tensor.dtype.nbytes(numel), 0)
-        entry = dtypes.setdefault(tensor.dtype.name, {"tensors": 0, "parameters": 0})
+        tensor_bytes += stored_nbytes(tensor)
+        entry = dtypes.setdefault(stored_type(tensor), {"tensors": 0, "parameters": 0})
         entry["tensors"] += 1
         entry["parameters"] += numel
+        if isinstance(tensor, QuantizedTensor):
+            quantized.append(tensor)
     report: dict[str, Any] = {
         "path": checkpoint.path,
         "format": checkpoint.format,
@@ -103,11 +107,33 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
         "prefixes": key_prefixes(sizes),
         "metadata": {k: decode_metadata_value(v) for k, v in checkpoint.metadata.items()},
     }
+    if quantized:
+        report["quantization"] = quantization_summary(checkpoint, quantized, dtypes,
+                                                      tensor_bytes)
     if checkpoint.format != "safetensors":
         report["weights_at"] = checkpoint.weights_at
         report["extras"] = checkpoint.extras
     report["notes"] = list(checkpoint.notes)
     return report
+
+
+def quantization_summary(checkpoint: Checkpoint, quantized: list[QuantizedTensor],
+                         dtypes: dict[str, dict[str, int]], tensor_bytes: int
+                         ) -> dict[str, Any]:
+    """How a quantized file stores its weights: the scheme (``gguf``, ``fp8-scaled``,
+    ``bnb-4bit``), each stored type's share of the parameters, the bits per weight overall
+    (codes and scales of every tensor, per parameter), the type the quantized weights read
+    as, and each tensor's stored type."""
+    total = sum(e["parameters"] for e in dtypes.values())
+    return {
+        "scheme": "/".join(sorted({t.scheme for t in quantized})),
+        "types": {name: {**entry, "share": round(entry["parameters"] / total, 6) if total else 0}
+                  for name, entry in dtypes.items()},
+        "bits_per_weight": round(tensor_bytes * 8 / total, 4) if total else 0,
+        "quantized_tensors": len(quantized),
+        "reads_as": "/".join(sorted({t.dtype.name for t in quantized})),
+        "tensor_types": {k: stored_type(t) for k, t in checkpoint.items()},
+    }
 
 
 MAX_METADATA_DEPTH = 64  # real metadata nests a few levels; a report must stay printable

@@ -1,0 +1,62 @@
+"""Values of a ``formats.quantized.QuantizedTensor``, by its scheme, as its reference loader
+computes them (see each function). Imported only when values are asked for: it needs torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import FormatError
+from .dequant import dequantize
+
+
+def decode(tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The values of ``tensor`` as a new tensor of ``dtype``."""
+    return _SCHEMES[tensor.scheme](tensor, dtype)
+
+
+def _gguf(tensor, dtype):
+    """ggml's block formats (``dequant``), from the mapped file: no private copy of the
+    blocks, only the values made from them."""
+    return dequantize(tensor.parts["data"].load(), tensor.qtype, tensor.shape, dtype)
+
+
+def _fp8_scaled(tensor, dtype):
+    """ComfyUI's ``TensorCoreFP8Layout.dequantize``: the fp8 values cast to the output type,
+    times the float32 scale (a scalar, or any shape that broadcasts over the weight)."""
+    stored = tensor.parts["data"].read()
+    scale = tensor.parts["scale"].read()
+    if scale.numel() != 1 and scale.dim() > stored.dim():
+        raise FormatError(f"a scale of shape {list(scale.shape)} does not fit a weight of shape "
+                          f"{list(stored.shape)}")
+    try:
+        return (stored.to(dtype) * scale).to(dtype)
+    except RuntimeError:
+        raise FormatError(f"a scale of shape {list(scale.shape)} does not fit a weight of "
+                          f"shape {list(stored.shape)}") from None
+
+
+def _bnb_4bit(tensor, dtype):
+    """bitsandbytes' 4-bit layout: two codes a byte (the first in the high nibble), each an
+    index into the 16-value ``quant_map``, times its block's absmax; with double quantisation
+    the absmax are themselves 8-bit codes into ``nested_quant_map`` times their block's
+    ``nested_absmax``, plus ``nested_offset``. Computed in float32, rounded once."""
+    parts, params = tensor.parts, tensor.params
+    numel = tensor.numel
+    packed = parts["data"].read().reshape(-1)
+    codes = torch.stack((packed >> 4, packed & 0x0F), dim=1).reshape(-1)[:numel].long()
+
+    quant_map = parts["quant_map"].read().float().reshape(-1)
+    absmax = parts["absmax"].read().reshape(-1)
+    if "nested_absmax" in parts:
+        nested_map = parts["nested_quant_map"].read().float().reshape(-1)
+        nested = parts["nested_absmax"].read().float().reshape(-1)
+        index = torch.arange(absmax.numel()) // params["nested_blocksize"]
+        absmax = nested_map[absmax.long()] * nested[index] + params["nested_offset"]
+    blocks, size = absmax.numel(), params["blocksize"]
+    codes = torch.nn.functional.pad(codes, (0, max(0, blocks * size - numel)))
+    values = quant_map[codes].view(blocks, size) * absmax.float().unsqueeze(1)
+    return values.reshape(-1)[:numel].reshape(tensor.shape).to(dtype)
+
+
+_SCHEMES = {"gguf": _gguf, "fp8-scaled": _fp8_scaled, "bnb-4bit": _bnb_4bit}
