@@ -33,7 +33,7 @@ from functools import partial
 from ..engine.atomic import check_output_path
 from ..engine.gguf_writer import GGUFTensor, write_gguf
 from ..engine.writer import Planned, Progress, write_safetensors
-from ..errors import FormatError, UsageError, a_or_an
+from ..errors import FormatError, OutputError, UsageError, a_or_an
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import BY_NAME as DTYPES
 from ..quant.ggml_types import BY_NAME as GGML
@@ -176,7 +176,31 @@ def _write_gguf(src, out, arch, qtype, tensors, meta, report, progress, fsync) -
                                   partial(_quantized, tensor, choice.qtype, name, checker)))
         checker.planned(choice.qtype, tensor.numel, GGML[choice.qtype].nbytes(tensor.numel))
     metadata.update(meta)
-    write_gguf(out, metadata, planned, inputs=(src,), progress=progress, fsync=fsync)
+    write_gguf(out, metadata, planned, inputs=(src,), progress=progress, fsync=fsync,
+               check=partial(_read_back, planned, metadata, out))
+
+
+def _read_back(planned: list[GGUFTensor], metadata: dict, target: str, path: str) -> None:
+    """The written file opened with ckptkit's GGUF reader (ggml's header rules) before it
+    takes its name: every tensor there, in order, of its type and original shape."""
+    from ..formats.gguf import ORIG_SHAPE, open_gguf
+    from ..formats.source import Source
+
+    source = Source(path)
+    try:
+        written = open_gguf(source).tensors
+    except FormatError as exc:
+        raise OutputError(f"the written file does not read back ({exc.reason})",
+                          target) from None
+    finally:
+        source.close()
+    same = list(written) == [t.name for t in planned] and all(
+        (getattr(written[t.name], "qtype", "") or written[t.name].dtype.name) == t.qtype
+        for t in planned) and all(
+        written[t.name].shape == tuple(metadata.get(ORIG_SHAPE + t.name, t.shape))
+        for t in planned)
+    if not same:
+        raise OutputError("the written file's header does not match what was planned", target)
 
 
 def _quantized(tensor: LazyTensor, qtype: str, name: str, checker: _Checker, out) -> None:
