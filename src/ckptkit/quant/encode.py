@@ -33,6 +33,11 @@ def can_quantize(shape: tuple[int, ...], qtype: str) -> bool:
     return bool(shape) and shape[-1] % BY_NAME[qtype].block_size == 0
 
 
+def _require_blocks(values: torch.Tensor, qtype: str) -> None:
+    if not can_quantize(tuple(values.shape), qtype):
+        raise ValueError(f"rows of {values.shape[-1]} values are not whole {qtype} blocks")
+
+
 def nbytes(shape: tuple[int, ...], qtype: str) -> int:
     count = 1
     for dim in shape:
@@ -42,6 +47,7 @@ def nbytes(shape: tuple[int, ...], qtype: str) -> int:
 
 def quantize(values: torch.Tensor, qtype: str) -> torch.Tensor:
     """``values`` (any float dtype) stored as ``qtype``: a flat uint8 tensor of its bytes."""
+    _require_blocks(values, qtype)
     out = torch.empty(nbytes(tuple(values.shape), qtype), dtype=torch.uint8)
     quantize_into(values, qtype, out)
     return out
@@ -50,9 +56,8 @@ def quantize(values: torch.Tensor, qtype: str) -> torch.Tensor:
 def quantize_into(values: torch.Tensor, qtype: str, out: torch.Tensor) -> None:
     """Writes the bytes of ``values`` stored as ``qtype`` into ``out`` (flat uint8 of
     ``nbytes(values.shape, qtype)``: the tensor's place in a memory-mapped output file)."""
+    _require_blocks(values, qtype)
     kind = BY_NAME[qtype]
-    if not can_quantize(tuple(values.shape), qtype):
-        raise ValueError(f"rows of {values.shape[-1]} values are not whole {qtype} blocks")
     flat = values.reshape(-1)
     if qtype in PLAIN:
         _plain_into(flat, qtype, out)
