@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from ..engine.atomic import check_output_path
@@ -209,24 +209,31 @@ def _quantized(tensor: LazyTensor, qtype: str, name: str, checker: _Checker, out
     from ..quant.dequant import dequantize
     from ..quant.encode import quantize_into
 
-    values = _values(tensor)
+    read = _slice_reader(tensor)
     kind = GGML[qtype]
 
     def one(start: int) -> tuple[float, float]:
-        x = values[start:start + SLICE]
+        x = read(start, min(SLICE, tensor.numel - start))
         first, count = kind.nbytes(start), kind.nbytes(x.numel())
         stored = out[first:first + count]
         _require_finite(x, name, "its source")
         quantize_into(x, qtype, stored)
         return _errors(x, dequantize(stored, qtype, (x.numel(),)), name, qtype)
 
-    checker.record(name, qtype, _in_parallel(one, range(0, values.numel(), SLICE)))
+    checker.record(name, qtype, _in_parallel(one, range(0, tensor.numel, SLICE)))
 
 
-def _values(tensor: LazyTensor):
-    """The tensor's values as one flat torch tensor: the mapped file's pages where it can."""
-    data = tensor.load() if tensor.byte_rows else tensor.read()
-    return data.reshape(-1)
+def _slice_reader(tensor: LazyTensor) -> Callable:
+    """``read(start, count)``: ``count`` values of the tensor from flat index ``start``, as a
+    private 1-D torch tensor read from the file on its own (pread: no pages of the input stay
+    mapped in this process, and reads of slices in parallel overlap with the work). A tensor
+    that is not plain contiguous bytes (a view into a pickle's storage, a quantized one) is
+    read once and sliced."""
+    if tensor.byte_rows:
+        flat = replace(tensor, shape=(tensor.numel,), strides=None)
+        return lambda start, count: flat.read_rows(start, start + count)
+    values = tensor.read().reshape(-1)
+    return lambda start, count: values[start:start + count]
 
 
 def _require_finite(x, name: str, what: str) -> None:
@@ -247,12 +254,16 @@ def _errors(x, back, name: str, qtype: str) -> tuple[float, float]:
 
 def _in_parallel(job: Callable[[int], tuple[float, float]], starts) -> tuple[float, float]:
     """``job`` over every slice start, in a thread per core (torch releases the GIL), summed."""
-    starts = list(starts)
-    if len(starts) == 1:
-        return job(starts[0])
-    with ThreadPoolExecutor(_WORKERS) as pool:
-        parts = list(pool.map(job, starts))
+    parts = _in_parallel_each(job, starts)
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def _in_parallel_each(job, starts) -> list:
+    starts = list(starts)
+    if len(starts) <= 1:
+        return [job(s) for s in starts]
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        return list(pool.map(job, starts))
 
 
 _WORKERS = 1
@@ -361,19 +372,26 @@ def _fp8_into(tensor: LazyTensor, name: str, dtype_name: str, largest: float,
     rounded to fp8 into ``out``; checked as stored x scale against the source."""
     import torch
 
-    values = _values(tensor)
+    read = _slice_reader(tensor)
     flat = out.reshape(-1)
-    _require_finite(values, name, "its source")
-    amax = float(values.abs().amax()) if values.numel() else 0.0
+    starts = range(0, tensor.numel, SLICE)
+
+    def largest_of(start: int) -> tuple[float, float]:
+        x = read(start, min(SLICE, tensor.numel - start))
+        _require_finite(x, name, "its source")
+        return float(x.abs().amax()) if x.numel() else 0.0, 0.0
+
+    amax = max((m for m, _ in _in_parallel_each(largest_of, starts)), default=0.0)
     scale = torch.tensor(amax / largest if amax else 1.0, dtype=torch.float32)
     scales[name] = float(scale)
 
     def one(start: int) -> tuple[float, float]:
-        x = values[start:start + SLICE].float()
-        flat[start:start + SLICE] = (x / scale).clamp(-largest, largest).to(flat.dtype)
-        return _errors(x, flat[start:start + SLICE].float() * scale, name, dtype_name)
+        x = read(start, min(SLICE, tensor.numel - start)).float()
+        part = flat[start:start + x.numel()]
+        part.copy_((x / scale).clamp(-largest, largest))
+        return _errors(x, part.float() * scale, name, dtype_name)
 
-    checker.record(name, dtype_name, _in_parallel(one, range(0, values.numel(), SLICE)))
+    checker.record(name, dtype_name, _in_parallel(one, starts))
 
 
 def _scale_of(scales: dict[str, float], name: str):
