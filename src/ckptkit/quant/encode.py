@@ -21,7 +21,7 @@ from .legacy import BLOCK_QUANTIZERS, bf16
 # and a smaller one pays Python's per-call cost more often. The 32-value types make fewer,
 # simpler passes and prefer bigger slices.
 K_SLICE = 1 << 16
-BLOCK_SLICE = 1 << 19
+BLOCK_SLICE = 1 << 18
 
 QUANTIZERS = {**BLOCK_QUANTIZERS, **K_QUANTIZERS}
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
