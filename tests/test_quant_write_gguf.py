@@ -287,3 +287,29 @@ def test_usage_errors(tmp_path, capsys):
                                    "--type", "Q8_0", "--json")
     assert code == 2 and "no diffusion model" in json.loads(stdout)["error"]
     assert _only(tmp_path, "sd1.safetensors", "vae.safetensors")
+
+
+def test_fp8_is_the_same_where_the_output_cannot_be_mapped(tmp_path, monkeypatch):
+    """A file system that cannot reserve blocks gets tensors written from memory instead of
+    produced into the mapped file: the same bytes."""
+    import errno
+
+    from safetensors.torch import load_file
+
+    from ckptkit.engine import writer
+
+    src = tmp_path / "flux.safetensors"
+    sample("flux1-dev", str(src), tiny=True, dtype="bf16", components=["diffusion_model"])
+    quantize_op.quantize(str(src), str(tmp_path / "mapped.safetensors"), "fp8-scaled")
+
+    def no_reserve(fd, offset, size):
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(writer.os, "posix_fallocate", no_reserve)
+    quantize_op.quantize(str(src), str(tmp_path / "plain.safetensors"), "fp8-scaled")
+    mapped, plain = (load_file(str(tmp_path / n)) for n in ("mapped.safetensors",
+                                                            "plain.safetensors"))
+    assert mapped.keys() == plain.keys()
+    assert all(torch.equal(mapped[k].view(torch.uint8), plain[k].view(torch.uint8))
+               if mapped[k].dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+               else torch.equal(mapped[k], plain[k]) for k in mapped)

@@ -132,9 +132,8 @@ class Rules:
         dims = list(shape)
         while len(dims) > 1 and dims[0] == 1:  # ggml drops trailing 1s of ne (leading here)
             dims.pop(0)
-        keep = any(name == k[1:] if k.startswith("=") else k in name for k in _KEEP[self.arch])
         return (name.endswith("weight") and len(dims) == 2 and "_norm.weight" not in name
-                and not keep)
+                and not kept(self.arch, name))
 
     def _mixed(self, name: str) -> str:
         default = TYPES[self.target][0]
@@ -150,6 +149,13 @@ class Rules:
         if any(p in name for p in _FFN_DOWN) or (".w2.weight" in name and "experts." in name):
             return _UPGRADES.get((self.target, "ffn_down"), default)
         return default
+
+
+def kept(arch: str | None, name: str) -> bool:
+    """Whether ComfyUI-GGUF's rules keep tensor ``name`` of ``arch`` unquantized (the
+    embedders and final layer; fp8 output keeps the same ones)."""
+    return any(name == k[1:] if k.startswith("=") else k in name
+               for k in _KEEP.get(arch or "", ()))
 
 
 def check_name(name: str, shape: tuple[int, ...]) -> str | None:

@@ -36,8 +36,9 @@ from ..engine.writer import Planned, Progress, write_safetensors
 from ..errors import FormatError, OutputError, UsageError, a_or_an
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import BY_NAME as DTYPES
+from ..formats.dtypes import DType, torch_dtype
 from ..quant.ggml_types import BY_NAME as GGML
-from .gguf_rules import _KEEP, ARCHITECTURES, TYPES, Rules, check_name
+from .gguf_rules import ARCHITECTURES, TYPES, Rules, check_name, kept
 from .inspect import identify_checkpoint
 from .provenance import provenance
 
@@ -383,23 +384,22 @@ def _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync) -> N
     from ..engine.moves import copy_range
 
     dtype_name, largest, fmt = FP8_FORMATS[fp8]
-    keep = _KEEP.get(arch, ())
     checker = _Checker(report)
     marker = json.dumps({"format": fmt}).encode("utf-8")  # ComfyUI writes json.dumps's bytes
     planned = []
     scales: dict[str, float] = {}
     for name, tensor in tensors:
-        kept = any(name == k[1:] if k.startswith("=") else k in name for k in keep)
-        if len(tensor.shape) != 2 or not name.endswith(".weight") or kept:
+        if len(tensor.shape) != 2 or not name.endswith(".weight") or kept(arch, name):
             produce = partial(copy_range, tensor) if tensor.is_contiguous else tensor.read
             planned.append(Planned(name, tensor.dtype, tensor.shape, produce))
             checker.planned(tensor.dtype.name if tensor.dtype.name in ERROR_BOUNDS else "F32",
                             tensor.numel, tensor.nbytes)
             continue
         layer = name[:-len("weight")]
+        fill = partial(_fp8_into, tensor, name, dtype_name, largest, scales, checker)
         planned += [
-            Planned(name, DTYPES[dtype_name], tensor.shape, _unused,
-                    partial(_fp8_into, tensor, name, dtype_name, largest, scales, checker)),
+            Planned(name, DTYPES[dtype_name], tensor.shape,
+                    partial(_fp8_tensor, tensor.shape, DTYPES[dtype_name], fill), fill),
             Planned(layer + "weight_scale", DTYPES["F32"], (),
                     partial(_scale_of, scales, name)),
             Planned(layer + "comfy_quant", DTYPES["U8"], (len(marker),),
@@ -410,8 +410,14 @@ def _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync) -> N
                       progress=progress, fsync=fsync)
 
 
-def _unused():
-    raise AssertionError("fp8 weights are produced into the output file")
+def _fp8_tensor(shape: tuple[int, ...], dtype: DType, fill: Callable):
+    """The fp8 weight in memory, where the output cannot be mapped (``fill`` writes it into
+    the file's pages otherwise)."""
+    import torch
+
+    out = torch.empty(shape, dtype=torch_dtype(dtype))
+    fill(out)
+    return out
 
 
 def _fp8_into(tensor: LazyTensor, name: str, dtype_name: str, largest: float,
