@@ -221,9 +221,14 @@ def test_diffusers_flux_is_refused_with_the_way_out(tmp_path, capsys):
     code, _, stderr = run_cli(capsys, "quantize", src, "-o", tmp_path / "x.gguf", "--type",
                               "Q8_0")
     assert code == 2
-    assert "diffusers layout" in stderr and "ckpt parts assemble" in stderr
+    assert "diffusers layout" in stderr and "ckpt assemble --diffusion-model" in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert _only(tmp_path, "flux-diffusers.safetensors")
+    original = tmp_path / "original.safetensors"  # the way out it names works
+    assert run_cli(capsys, "assemble", "--diffusion-model", src, "--allow-partial", "-o",
+                   original)[0] == 0
+    assert run_cli(capsys, "quantize", original, "-o", tmp_path / "x.gguf", "--type",
+                   "Q8_0")[0] == 0
 
 
 def _flux_with(tmp_path, key: str, value: torch.Tensor):

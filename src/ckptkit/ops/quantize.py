@@ -142,7 +142,7 @@ def _denoiser(checkpoint, src: str, out: str, qtype: str):
         raise UsageError(
             f"{src} is {a_or_an(ident.family)} diffusion model in the diffusers layout (q, k "
             "and v split), which ComfyUI-GGUF's loaders do not read; make it the original "
-            "layout first (ckpt parts assemble --diffusion-model MODEL --allow-partial -o "
+            f"layout first (ckpt assemble --diffusion-model {src} --allow-partial -o "
             "ORIGINAL.safetensors), then quantize that")
     report = QuantizeReport(out, qtype, ident.family, arch)
     report.left_out = [c.name for c in ident.components if c.name != "diffusion_model"]
