@@ -126,8 +126,8 @@ def quantize(src: str, out: str, qtype: str, *, fp8: str = "e4m3fn",
 
 
 def _denoiser(checkpoint, src: str, out: str, qtype: str):
-    """The (name, tensor) pairs of the diffusion model to quantize, and
-    the report begun; refuses what ComfyUI-GGUF could not load."""
+    """The (name, tensor) pairs of the diffusion model to quantize and the report begun;
+    refuses what ComfyUI-GGUF could not load."""
     ident = identify_checkpoint(checkpoint)
     comp = next((c for c in ident.components if c.name == "diffusion_model"), None)
     if comp is None or ident.family is None:
