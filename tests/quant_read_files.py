@@ -72,16 +72,18 @@ SCALE_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_
 
 
 def city96_gguf(src: str | Path, dst: str | Path, qtype: GGMLQuantizationType,
-                arch: str | None, keep_arch_key: bool = True) -> Path:
+                arch: str | None, keep_arch_key: bool = True, strip: bool = True) -> Path:
     """A diffusion model (safetensors, ComfyUI names) as city96's converter writes it: the
     prefix stripped, 1-D tensors and those of at most 1,024 values in F32, SD1/SDXL tensors
     whose last dimension is not a multiple of 256 reshaped to rows of 256 (their shape kept
     under ``comfy.gguf.orig_shape.<name>``), the rest quantized to ``qtype`` (F16 where the
-    rows are not whole blocks)."""
+    rows are not whole blocks). ``strip=False`` keeps the names whole, as
+    stable-diffusion.cpp writes a whole checkpoint."""
     tensors, kv = {}, {}
     with open_checkpoint(src) as checkpoint:
         for key, lazy in checkpoint.items():
-            name = next((key[len(p):] for p in PREFIXES if key.startswith(p)), key)
+            name = next((key[len(p):] for p in PREFIXES if key.startswith(p)), key) \
+                if strip else key
             data = lazy.read().float().numpy()
             if data.ndim <= 1 or data.size <= 1024:
                 tensors[name] = data.astype(np.float32)

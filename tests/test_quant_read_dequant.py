@@ -21,6 +21,9 @@ QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # what the gguf package 
 COMFYUI_GGUF_TYPES = ("F32", "F16", "BF16", *QUANTIZABLE, "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                       "Q6_K", "IQ4_NL", "IQ4_XS")
 
+# Tiny tensors: on a busy machine torch's thread pool costs more than the work.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_type_table_matches_gguf_constants():
     for kind in BY_NAME.values():

@@ -22,6 +22,9 @@ from ckptkit.errors import FormatError
 from ckptkit.formats.dtypes import BY_NAME
 from ckptkit.formats.quantized import QuantizedTensor
 
+# Tiny tensors: on a busy machine torch's thread pool costs more than the work.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture
 def mixed(tmp_path):
@@ -40,7 +43,7 @@ def mixed(tmp_path):
                "bf.weight": (gguf_quantize(bf, QT.BF16), QT.BF16)}
     kv = {"general.name": "tiny", "test.count": 7, "test.flag": True, "test.scale": 0.5,
           "test.list": [1, 2, 3], "test.words": ["a", "b"],
-          "tokenizer.ggml.scores": [0.0] * 5000}
+          "tokenizer.ggml.scores": [0.0] * 5000, "tokenizer.ggml.tokens": ["t"] * 5000}
     path = write_gguf(tmp_path / "mixed.gguf", tensors, arch="flux", kv=kv)
     return path, arrays, tensors
 
@@ -60,6 +63,7 @@ def test_gguf_writer_file_reads_as_written(mixed):
         assert json.loads(meta["test.list"]) == [1, 2, 3]
         assert json.loads(meta["test.words"]) == ["a", "b"]
         assert meta["tokenizer.ggml.scores"] == "<array of 5,000 float32>"
+        assert meta["tokenizer.ggml.tokens"] == "<array of 5,000 string>"
         for name, array in arrays.items():  # plain types: the same bytes, zero-copy
             tensor = ck[name]
             assert not isinstance(tensor, QuantizedTensor)
@@ -107,8 +111,18 @@ def test_inspect_names_the_quantization(mixed, capsys):
     assert code == 0
     line = next(x for x in out.splitlines() if x.strip().startswith("quantized"))
     assert "gguf: Q8_0" in line and "bits per weight" in line
-    code, out, _ = run_cli(capsys, "scan", path)  # data only: nothing to run
-    assert code == 0 and out.startswith("SAFE")
+    for flags in ((), ("--verify-data",)):  # data only: nothing to run
+        code, out, _ = run_cli(capsys, "scan", *flags, path)
+        assert code == 0 and out.startswith("SAFE")
+
+
+def test_a_gguf_named_safetensors_reads_as_gguf(mixed, tmp_path):
+    path, _, _ = mixed
+    renamed = tmp_path / "model.safetensors"
+    renamed.write_bytes(path.read_bytes())
+    with ckpt_open(renamed) as ck:
+        assert ck.format == "gguf"
+        assert any("named .safetensors but holds a GGUF" in n for n in ck.notes)
 
 
 def test_orig_shape_alignment_and_no_architecture(tmp_path):
@@ -125,7 +139,7 @@ def test_orig_shape_alignment_and_no_architecture(tmp_path):
     kv = {"comfy.gguf.orig_shape.input_blocks.1.0.in_layers.2.weight": [4, 320, 3, 3]}
     path = write_gguf(tmp_path / "sd.gguf", tensors, arch=None, kv=kv, alignment=64)
     with ckpt_open(path) as ck:
-        assert ck.container["alignment"] == 64
+        assert ck.metadata["general.alignment"] == "64"  # the values below say it is used
         assert "general.architecture" not in ck.metadata
         assert not any(k.startswith("comfy.gguf.orig_shape") for k in ck.metadata)
         assert any("no general.architecture" in n for n in ck.notes)
@@ -251,3 +265,18 @@ def test_every_truncation_is_a_format_error(tmp_path):
         path.write_bytes(content[:end])
         with pytest.raises(FormatError):
             ckpt_open(path).close()
+
+
+def test_rows_read_alone_are_the_rows_of_the_whole(mixed, tmp_path):
+    """``read_rows`` (what loading and slicing use) decodes only the rows' blocks and gives
+    the same values as the whole tensor's, where rows are whole blocks or not."""
+    path, _, _ = mixed
+    conv = np.random.default_rng(2).standard_normal((4, 320, 3, 3)).astype(np.float32)
+    reshaped = write_gguf(tmp_path / "orig.gguf", {
+        "w": (gguf_quantize(conv.reshape(-1, 256), QT.Q8_0), QT.Q8_0)},
+        kv={"comfy.gguf.orig_shape.w": [4, 320, 3, 3]})
+    with ckpt_open(path) as ck, ckpt_open(reshaped) as other:
+        for tensor in (ck["q8.weight"], ck["q4k.weight"], other["w"]):
+            whole = tensor.read()
+            for start, stop in ((0, 1), (1, 3), (2, 99)):
+                assert torch.equal(tensor.read_rows(start, stop), whole[start:stop])

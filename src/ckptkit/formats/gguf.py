@@ -121,8 +121,11 @@ class _Header:
         if item == _STRING:
             if count * 8 > self.size - self.pos:  # each string costs at least its length
                 self.need(count * 8, what)
-            values = [self.string(what, strict=False) for _ in range(count)]
-            return (values if count <= MAX_KEPT_ARRAY else LongArray("string", count)), item
+            if count > MAX_KEPT_ARRAY:  # walked over, not decoded
+                for _ in range(count):
+                    self.need(self.unpack("Q", what), what)
+                return LongArray("string", count), item
+            return [self.string(what, strict=False) for _ in range(count)], item
         code = _SCALARS[item]
         at = self.need(count * struct.calcsize(code), what)
         if count > MAX_KEPT_ARRAY:
@@ -205,8 +208,6 @@ def _parse(h: _Header, source: Source) -> Checkpoint:
     metadata = {k: _text(v) for k, v in kv.items() if not k.startswith(ORIG_SHAPE)}
     checkpoint = Checkpoint(path=path, format="gguf", tensors=tensors, source=source,
                             metadata=metadata)
-    checkpoint.container = {"version": version, "alignment": alignment,
-                            "data_offset": data_start}
     if "general.architecture" not in kv:
         checkpoint.notes.append("no general.architecture key (a stable-diffusion.cpp or older "
                                 "converter's file): the model is told from its tensors")
@@ -264,9 +265,10 @@ def _tensors(infos, kv, kinds, data_start: int, alignment: int, source: Source
         tensors[name] = tensor
     # The last tensor's padding may be left out (ggml maps the file, and reads no further
     # than the tensor); anything after it is refused, as for safetensors.
-    if infos and source.size > data_start + expected:
-        raise FormatError(f"{source.size - data_start - expected} bytes follow the last "
-                          "tensor's padding (trailing data is not allowed)", path)
+    if source.size > data_start + expected:
+        after = "the last tensor's padding" if infos else "a GGUF header of no tensors"
+        raise FormatError(f"{source.size - data_start - expected} bytes follow {after} "
+                          "(trailing data is not allowed)", path)
     natural = majority_float(plain, "F16")
     for tensor in quantized:
         tensor.dtype = natural

@@ -62,6 +62,17 @@ class QuantizedTensor(LazyTensor):
                               self.source.path)
         return float(self.read().reshape(-1)[0])
 
+    def read_rows(self, start: int, stop: int):
+        """Rows ``start:stop`` as values; only their stored bytes are decoded where the rows
+        are whole blocks (a GGUF matrix, an fp8 weight), else the whole tensor is."""
+        from ..quant.decode import decode_rows
+
+        if not self.shape:
+            raise FormatError("a 0-d tensor has no rows", self.source.path)
+        stop = min(stop, self.shape[0])
+        with _about(self.source.path):
+            return decode_rows(self, start, stop, torch_dtype(self.dtype))
+
     def dequantize(self, dtype: DType | None = None):
         """The values as a new torch tensor of ``dtype`` (default: ``self.dtype``), computed
         as the reference loader of the format computes them."""
@@ -85,11 +96,12 @@ def stored_nbytes(tensor: LazyTensor) -> int:
 
 def majority_float(tensors: list[LazyTensor], default: str) -> DType:
     """The 16-bit float type (F16 or BF16) that most parameters of ``tensors`` (the file's
-    weights kept unquantized, of two or more dimensions) are stored in; ``default`` where
-    none is: what the quantized weights of the same file read as."""
+    tensors kept unquantized) are stored in; ``default`` where none is: what the quantized
+    weights of the same file read as. float32 tensors say nothing: converters keep small
+    tensors and scales in float32 whatever the model's precision."""
     counts = {"F16": 0, "BF16": 0}
     for tensor in tensors:
-        if tensor.dtype.name in counts and len(tensor.shape) >= 2:
+        if tensor.dtype.name in counts:
             counts[tensor.dtype.name] += tensor.numel
     if not any(counts.values()):
         return BY_NAME[default]

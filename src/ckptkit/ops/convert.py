@@ -26,7 +26,7 @@ from ..engine.atomic import check_output_path
 from ..engine.moves import copy_range
 from ..engine.slices import by_rows, may_exceed
 from ..engine.writer import Planned, Progress, write_safetensors
-from ..errors import FormatError, UsageError
+from ..errors import FormatError, UsageError, counted
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import CLI_NAMES, DType, torch_dtype
 from ..formats.gguf import ORIG_SHAPE, STRUCTURAL_KEYS
@@ -82,7 +82,9 @@ def _dequantized(key: str, tensor: QuantizedTensor, target: DType, report: Conve
     import torch
 
     out = tensor.dequantize(target)
-    overflow = int(torch.isinf(out).sum()) if out.is_floating_point() else 0
+    if not may_exceed(out, torch.finfo(out.dtype).max):  # one aminmax pass; isinf is 30x slower
+        return out
+    overflow = int(torch.isinf(out).sum())
     if overflow:
         report.overflowed[key] = report.overflowed.get(key, 0) + overflow
     return out
@@ -140,6 +142,13 @@ def convert(src: str, dst: str, *, dtype: str | None = None, vae_dtype: str | No
             else:
                 produce = tensor.read
             planned.append(Planned(key, out_dtype, tensor.shape, produce))
+        quantized = [p for p in planned if isinstance(checkpoint.tensors[p.key], QuantizedTensor)]
+        if quantized:
+            kinds = sorted({checkpoint.tensors[p.key].qtype for p in quantized})
+            made = sorted({p.dtype.name for p in quantized})
+            report.notes.append(f"{counted(len(quantized), 'quantized tensor')} "
+                                f"({', '.join(kinds)}) written as their values in "
+                                f"{', '.join(made)}")
         write_safetensors(dst, planned, metadata, inputs=(src,), progress=progress, fsync=fsync)
         report.tensors = len(planned)
         report.bytes = sum(p.nbytes for p in planned)

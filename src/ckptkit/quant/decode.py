@@ -8,11 +8,28 @@ import torch
 
 from ..errors import FormatError
 from .dequant import dequantize
+from .ggml_types import BY_NAME
 
 
 def decode(tensor, dtype: torch.dtype) -> torch.Tensor:
     """The values of ``tensor`` as a new tensor of ``dtype``."""
     return _SCHEMES[tensor.scheme](tensor, dtype)
+
+
+def decode_rows(tensor, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``start:stop`` of ``tensor``'s values: from just their bytes where each row is
+    whole blocks of its own (GGUF) or shares the tensor's one scale (fp8), else cut from
+    the whole tensor's values."""
+    row = tensor.numel // tensor.shape[0] if tensor.shape[0] else 0
+    shape = (stop - start, *tensor.shape[1:])
+    if tensor.scheme == "gguf" and row % tensor.block_size == 0:
+        size = row // tensor.block_size * BY_NAME[tensor.qtype].type_size
+        raw = tensor.parts["data"].load()[start * size:stop * size]
+        return dequantize(raw, tensor.qtype, shape, dtype)
+    if tensor.scheme == "fp8-scaled" and tensor.parts["scale"].numel == 1:
+        stored = tensor.parts["data"].read_rows(start, stop)
+        return (stored.to(dtype) * tensor.parts["scale"].read()).to(dtype)
+    return decode(tensor, dtype)[start:stop]
 
 
 def _gguf(tensor, dtype):
@@ -45,7 +62,6 @@ def _bnb_4bit(tensor, dtype):
     numel = tensor.numel
     packed = parts["data"].read().reshape(-1)
     codes = torch.stack((packed >> 4, packed & 0x0F), dim=1).reshape(-1)[:numel].long()
-
     quant_map = parts["quant_map"].read().float().reshape(-1)
     absmax = parts["absmax"].read().reshape(-1)
     if "nested_absmax" in parts:

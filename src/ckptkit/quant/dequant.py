@@ -4,7 +4,8 @@ Each type's layout is ggml's (``ggml-quants.c``; the ``gguf`` package's numpy co
 same bytes, and the tests hold these functions to it). Every block type is unpacked over all
 its blocks at once with shifts and masks, computed in float32 (as ggml and the ``gguf`` package
 do) and cast to the asked dtype at the end; a big tensor is done a slice of blocks at a time,
-so that the float32 intermediates stay a few MB whatever the tensor's size.
+so that the float32 intermediates stay a few MB whatever the tensor's size. The work is
+done where ``raw`` is (CPU, or a GPU for a caller that put the blocks there).
 
 Types without a torch kernel here (the grid-based IQ types, the ternary and FP4 types) are
 dequantized by the ``gguf`` package's numpy code when it is installed, as ComfyUI-GGUF does.
@@ -40,11 +41,13 @@ def dequantize(raw, qtype: str, shape: tuple[int, ...], dtype=torch.float32) -> 
                           f"{'bytes' if expected >= 0 else kind.block_size})")
     if not kind.is_quantized:
         return _plain(flat, kind).reshape(shape).to(dtype)
+    if flat.data_ptr() % 2:  # the float16 fields are read through an int16 view
+        flat = flat.clone()
     blocks = flat.view(-1, kind.type_size)
     kernel = DEQUANTIZERS.get(qtype)
     if kernel is None:
-        return _with_gguf(blocks, kind).reshape(shape).to(dtype)
-    out = torch.empty(numel, dtype=dtype)
+        return _with_gguf(blocks, kind).reshape(shape).to(flat.device, dtype)
+    out = torch.empty(numel, dtype=dtype, device=flat.device)
     step = max(1, _SLICE_VALUES // kind.block_size)
     for first in range(0, blocks.shape[0], step):
         part = blocks[first:first + step]
@@ -72,7 +75,7 @@ def _with_gguf(blocks: torch.Tensor, kind: GGMLType) -> torch.Tensor:
     except ImportError:
         raise FormatError(f"cannot dequantize {kind.name} tensors without the gguf package "
                           "(pip install gguf)") from None
-    values = gguf_dequantize(blocks.numpy().astype(np.uint8, copy=False),
+    values = gguf_dequantize(blocks.cpu().numpy().astype(np.uint8, copy=False),
                              GGMLQuantizationType(kind.id))
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
 
@@ -80,14 +83,12 @@ def _with_gguf(blocks: torch.Tensor, kind: GGMLType) -> torch.Tensor:
 # Helpers over a (blocks, type_size) uint8 tensor. ------------------------------------------
 
 def _f16(blocks: torch.Tensor, at: int, count: int = 1) -> torch.Tensor:
-    """``count`` float16 fields from byte ``at`` of each block, as float32 (blocks, count)."""
-    return blocks[:, at:at + 2 * count].contiguous().view(torch.float16).float()
-
-
-def _u32(blocks: torch.Tensor, at: int) -> torch.Tensor:
-    """A little-endian uint32 field as int64 (blocks, 1)."""
-    b = blocks[:, at:at + 4].to(torch.int64)
-    return (b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24).unsqueeze(1)
+    """``count`` float16 fields from byte ``at`` (even: every block type keeps its float16
+    fields 2-aligned, in blocks of an even size) of each block, as float32 (blocks, count).
+    Read through an int16 view of the blocks: a strided view, where copying the 2-byte
+    columns out first cost a third of the whole dequantization."""
+    halves = blocks.view(torch.int16)[:, at // 2:at // 2 + count]
+    return halves.view(torch.float16).float()
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,8 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 def _bits(field: torch.Tensor, count: int, width: int) -> torch.Tensor:
     """Each value of ``field`` (blocks, n) split into ``count`` ``width``-bit codes, lowest
     first: (blocks, count, n)."""
-    shifts = torch.arange(0, count * width, width, dtype=field.dtype).view(1, count, 1)
+    shifts = torch.arange(0, count * width, width, dtype=field.dtype,
+                          device=field.device).view(1, count, 1)
     return (field.unsqueeze(1) >> shifts) & ((1 << width) - 1)
 
 
@@ -113,22 +115,23 @@ def _q4_1(b):
 
 
 def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
-    """The 32 high bits of a Q5 block (a uint32, bit j for value j), as 0/16 (blocks, 32)."""
-    return ((qh >> torch.arange(32, dtype=torch.int64)) & 1) << 4
+    """The 32 high bits of a Q5 block (4 bytes of a little-endian uint32, bit j for value
+    j), as 0/16 (blocks, 32): bit planes of the bytes, in byte order."""
+    return _bits(qh, 8, 1).transpose(1, 2).reshape(qh.shape[0], 32) << 4
 
 
 def _q5_0(b):
-    q = _nibbles(b[:, 6:22]).to(torch.int64) | _fifth_bits(_u32(b, 2))
+    q = _nibbles(b[:, 6:22]) | _fifth_bits(b[:, 2:6])
     return _f16(b, 0) * (q.float() - 16)
 
 
 def _q5_1(b):
-    q = _nibbles(b[:, 8:24]).to(torch.int64) | _fifth_bits(_u32(b, 4))
+    q = _nibbles(b[:, 8:24]) | _fifth_bits(b[:, 4:8])
     return _f16(b, 0) * q.float() + _f16(b, 2)
 
 
 def _q8_0(b):
-    return _f16(b, 0) * b[:, 2:34].contiguous().view(torch.int8).float()
+    return _f16(b, 0) * b[:, 2:34].view(torch.int8).float()
 
 
 # K-quants: 256-element super-blocks of 16 or 8 sub-blocks with their own scales. ----------
@@ -190,7 +193,7 @@ def _q5_k(b):
 def _q6_k(b):
     n = b.shape[0]
     ql, qh = b[:, 0:128], b[:, 128:192]
-    scales = b[:, 192:208].contiguous().view(torch.int8).float()
+    scales = b[:, 192:208].view(torch.int8).float()
     d = _f16(b, 208)
     # Two halves of 128 values: 64 ql bytes (low nibbles, then high) and 32 qh bytes read
     # at shifts 0, 2, 4, 6, both in groups of 32.
@@ -207,7 +210,7 @@ _IQ4_LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10,
 
 
 def _iq4_nl(b):
-    return _f16(b, 0) * _IQ4_LEVELS[_nibbles(b[:, 2:18]).long()]
+    return _f16(b, 0) * _IQ4_LEVELS.to(b.device)[_nibbles(b[:, 2:18]).long()]
 
 
 def _iq4_xs(b):
@@ -217,10 +220,11 @@ def _iq4_xs(b):
     scales_h = scales_h[:, 0] | scales_h[:, 1] << 8
     low = _nibbles(b[:, 4:8])  # sub-block 2i in the low nibble of byte i, 2i+1 in its high
     low = torch.stack((low[:, :4], low[:, 4:]), dim=2).reshape(n, 8).to(torch.int64)
-    high = (scales_h.unsqueeze(1) >> torch.arange(0, 16, 2, dtype=torch.int64)) & 3
+    high = (scales_h.unsqueeze(1) >> torch.arange(0, 16, 2, dtype=torch.int64,
+                                                  device=b.device)) & 3
     scale = ((low | (high << 4)) - 32).float().unsqueeze(2)
     q = _bits(b[:, 8:136].reshape(n * 8, 16), 2, 4).reshape(n, 8, 32)
-    return (d.unsqueeze(2) * scale * _IQ4_LEVELS[q.long()]).reshape(n, QK_K)
+    return (d.unsqueeze(2) * scale * _IQ4_LEVELS.to(b.device)[q.long()]).reshape(n, QK_K)
 
 
 # The types dequantized here, by name; the others go to the gguf package (``_with_gguf``).
