@@ -25,12 +25,13 @@ from . import (
     merge_cmd,
     parts_cmd,
     prune_cmd,
+    quantize_cmd,
     sample_cmd,
     scan_cmd,
 )
 
 COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd,
-            lora_cmd, generate_cmd, hash_cmd, library_cmd)
+            lora_cmd, generate_cmd, quantize_cmd, hash_cmd, library_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

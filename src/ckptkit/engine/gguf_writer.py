@@ -1,0 +1,157 @@
+"""The streaming GGUF writer: header from the plan, then each tensor's blocks into the file.
+
+A GGUF file (version 3, little-endian, as ggml's ``gguf.c`` and the ``gguf`` package write
+it) is a header (magic, version, tensor and key counts), the key-value metadata, one info
+per tensor (name, dimensions innermost first, GGML type, offset from the data start), padding
+to ``general.alignment`` (32 unless the metadata says otherwise), then each tensor's bytes,
+each padded to the alignment. Every offset follows from the plan, so the header is written
+first and each tensor is produced straight into its place in the memory-mapped output
+(``produce_into`` gets a flat uint8 view of exactly its bytes), then its pages are dropped
+from the process: peak memory is what one tensor's producer needs, whatever the file's size.
+The file is written through ``AtomicOutput``: it takes the target's name only once complete,
+synced and its header read back; on any failure nothing is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import OutputError
+from ..quant.ggml_types import BY_NAME
+from .atomic import AtomicOutput
+from .writer import Progress
+
+MAGIC = b"GGUF"
+VERSION = 3
+DEFAULT_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT; general.alignment overrides it
+ALIGNMENT_KEY = "general.alignment"
+
+# GGUF value types (gguf.h's gguf_type)
+_UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY = 4, 5, 6, 7, 8, 9
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor to write: its name, GGML type, shape (torch order, outermost first) and the
+    function that fills its bytes (a flat uint8 tensor of ``nbytes``)."""
+
+    name: str
+    qtype: str
+    shape: tuple[int, ...]
+    produce_into: Callable[[Any], None]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        size = BY_NAME[self.qtype].nbytes(count)
+        if size < 0:
+            raise OutputError(f"{self.name}: {count} values are not whole {self.qtype} blocks")
+        return size
+
+
+def _string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return struct.pack("<Q", len(data)) + data
+
+
+def _value(key: str, value: Any) -> bytes:
+    """A metadata value with its type: str (string), bool, int (uint32, as the converters
+    write file type and quantization version), float (float32), or a list of ints (array of
+    int32, as ComfyUI-GGUF reads ``comfy.gguf.orig_shape.*``)."""
+    if isinstance(value, str):
+        return struct.pack("<I", _STRING) + _string(value)
+    if isinstance(value, bool):
+        return struct.pack("<IB", _BOOL, value)
+    if isinstance(value, int):
+        return struct.pack("<II", _UINT32, value)
+    if isinstance(value, float):
+        return struct.pack("<If", _FLOAT32, value)
+    if isinstance(value, list | tuple) and all(type(v) is int for v in value):
+        return struct.pack(f"<IIQ{len(value)}i", _ARRAY, _INT32, len(value), *value)
+    raise OutputError(f"metadata {key!r}: cannot store a {type(value).__name__} in GGUF")
+
+
+def _padding(offset: int, alignment: int) -> int:
+    return -offset % alignment
+
+
+def build_header(metadata: Mapping[str, Any], tensors: Sequence[GGUFTensor],
+                 alignment: int) -> tuple[bytes, list[int]]:
+    """The header bytes, padded to the alignment, and each tensor's offset in the data."""
+    parts = [MAGIC, struct.pack("<IQQ", VERSION, len(tensors), len(metadata))]
+    for key, value in metadata.items():
+        parts += [_string(key), _value(key, value)]
+    offsets, offset = [], 0
+    seen = set()
+    for tensor in tensors:
+        if tensor.name in seen:
+            raise OutputError(f"the plan writes tensor {tensor.name!r} twice")
+        seen.add(tensor.name)
+        dims = tuple(reversed(tensor.shape)) or (1,)
+        parts += [_string(tensor.name), struct.pack(f"<I{len(dims)}Q", len(dims), *dims),
+                  struct.pack("<IQ", BY_NAME[tensor.qtype].id, offset)]
+        offsets.append(offset)
+        offset += tensor.nbytes + _padding(tensor.nbytes, alignment)
+    header = b"".join(parts)
+    return header + b"\0" * _padding(len(header), alignment), offsets
+
+
+def write_gguf(target: str, metadata: Mapping[str, Any], tensors: Sequence[GGUFTensor], *,
+               inputs: tuple[str, ...] = (), progress: Progress | None = None,
+               fsync: bool = True, check: Callable[[str], None] | None = None) -> None:
+    """Writes ``tensors`` with ``metadata`` to ``target`` atomically, one tensor at a time.
+
+    ``check(path)`` runs on the complete temporary file before it takes the target's name
+    (the caller's read-back); an exception from it leaves nothing behind."""
+    alignment = metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment < 8 or alignment & (alignment - 1):
+        raise OutputError(f"{ALIGNMENT_KEY} must be a power of two of at least 8, "
+                          f"not {alignment!r}", target)
+    header, offsets = build_header(metadata, tensors, alignment)
+    size = len(header) + (offsets[-1] + tensors[-1].nbytes if tensors else 0)
+    size += _padding(size, alignment)
+    if progress:
+        progress.start(sum(t.nbytes for t in tensors), len(tensors))
+    with AtomicOutput(target, inputs, fsync=fsync) as out:
+        try:
+            os.posix_fallocate(out.fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise OutputError(f"no room for {size:,} bytes ({exc.strerror})",
+                                  target) from None
+            os.ftruncate(out.fd, size)
+        os.pwrite(out.fd, header, 0)
+        if size > len(header):
+            mapped = mmap.mmap(out.fd, size, mmap.MAP_SHARED,
+                               mmap.PROT_READ | mmap.PROT_WRITE)
+            for tensor, offset in zip(tensors, offsets, strict=True):
+                _into_file(mapped, len(header) + offset, tensor)
+                if progress:
+                    progress.update(tensor.nbytes, 1)
+            mapped.close()
+        if check is not None:
+            check(out.tmp_path)
+        out.commit()
+
+
+def _into_file(mapped: mmap.mmap, offset: int, tensor: GGUFTensor) -> None:
+    """Runs the tensor's producer on its place in the mapped file, then drops those pages from
+    this process's memory (they stay in the page cache, to be written to disk)."""
+    import torch
+
+    if tensor.nbytes:
+        view = torch.frombuffer(mapped, dtype=torch.uint8, count=tensor.nbytes, offset=offset)
+        tensor.produce_into(view)
+        del view
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    stop = (offset + tensor.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop > start:
+        mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)

@@ -1,0 +1,455 @@
+"""``quantize``: a diffusion model to GGUF (as ComfyUI-GGUF loads it) or to ComfyUI's
+per-layer fp8 ("fp8 scaled") safetensors, each tensor checked by dequantizing what was
+written.
+
+The diffusion model is taken from the checkpoint (a full checkpoint's text encoders and VAE
+are left out, as ComfyUI-GGUF and ComfyUI's diffusion-model loaders hold the denoiser alone)
+and written under its names without the checkpoint prefix. GGUF types follow
+``gguf_rules``; fp8 stores each 2-D weight (a Linear layer's) as fp8 with one float32 scale,
+``weight = stored x weight_scale``, marked by ``<layer>.comfy_quant`` (the uint8 bytes of
+``{"format": "float8_e4m3fn"}``), as ComfyUI's ``MixedPrecisionOps`` reads it; other tensors
+keep their dtype.
+
+No silent white images: every tensor is quantized a slice at a time into the output file's
+pages, and each slice is dequantized back from those pages (``quant.dequant``, not the
+quantizer's own numbers) and compared with the source. A tensor whose source or result holds
+NaN or infinity, or whose relative RMS error (sqrt(sum (q - x)^2 / sum x^2)) exceeds its type's
+bound (``ERROR_BOUNDS``), stops the run: the temporary file is removed and nothing is left
+under the output's name. The errors are summarised per type in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+from ..engine.atomic import check_output_path
+from ..engine.gguf_writer import GGUFTensor, write_gguf
+from ..engine.writer import Planned, Progress, write_safetensors
+from ..errors import FormatError, OutputError, UsageError, a_or_an
+from ..formats import LazyTensor, open_checkpoint
+from ..formats.dtypes import BY_NAME as DTYPES
+from ..formats.dtypes import DType, torch_dtype
+from ..quant.ggml_types import BY_NAME as GGML
+from .gguf_rules import ARCHITECTURES, TYPES, Rules, check_name, kept
+from .inspect import identify_checkpoint
+from .provenance import provenance
+
+FP8_TYPE = "fp8-scaled"
+FP8_FORMATS = {  # --fp8 -> (safetensors dtype, largest finite value, comfy_quant format)
+    "e4m3fn": ("F8_E4M3", 448.0, "float8_e4m3fn"),
+    "e5m2": ("F8_E5M2", 57344.0, "float8_e5m2"),
+}
+QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION, as the converters write it
+
+# The largest relative RMS error a tensor may have, per stored type: twice what each type
+# gives on Gaussian values (measured with ckptkit's quantizers on 2^20 N(0, 1) values, rows
+# of 4,096: Q8_0 0.0054, Q6_K 0.0177, Q5_K 0.0361, Q5_1 0.0378, Q5_0 0.0427, Q4_K 0.0713,
+# Q4_1 0.0783, Q4_0 0.0860, Q3_K 0.151, Q2_K 0.296, BF16 0.00166, F16 0.00021, fp8 e4m3fn
+# 0.0231, e5m2 0.0461). Heavier tails cost more: Student's t with 3 degrees of freedom gives
+# up to 1.5x these (Q4_0 0.125), so 2x leaves real weights room, while a broken block (a
+# scale lost or overflowed, the white-image failure) gives an error near 1. F32 is exact.
+ERROR_BOUNDS = {
+    "Q8_0": 0.011, "Q6_K": 0.036, "Q5_K": 0.073, "Q5_1": 0.076, "Q5_0": 0.086,
+    "Q4_K": 0.143, "Q4_1": 0.157, "Q4_0": 0.172, "Q3_K": 0.302, "Q2_K": 0.593,
+    "BF16": 0.0034, "F16": 0.00043, "F32": 1e-7,
+    "F8_E4M3": 0.047, "F8_E5M2": 0.093,
+}
+# Values quantized and checked at a time (a multiple of every block size): 256 K float32 values
+# (1 MB) keep a slice's passes in a core's L2 cache; 1 M values were 15% slower, 64 K slower
+# again (Python's per-call cost).
+SLICE = 1 << 18
+
+
+@dataclass
+class TypeSummary:
+    """The tensors stored as one type and their errors."""
+
+    tensors: int = 0
+    parameters: int = 0
+    bytes: int = 0
+    bound: float = 0.0
+    mean_error: float = 0.0  # mean of the tensors' relative RMS errors
+    max_error: float = 0.0
+    worst: str = ""
+
+
+@dataclass
+class QuantizeReport:
+    output: str
+    type: str
+    family: str | None
+    architecture: str | None
+    tensors: int = 0
+    parameters: int = 0
+    bytes: int = 0
+    bits_per_weight: float = 0.0
+    types: dict[str, TypeSummary] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)  # tensor -> relative RMS error
+    reshaped: int = 0
+    fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> why not the type asked
+    left_out: list[str] = field(default_factory=list)  # components not written
+    notes: list[str] = field(default_factory=list)
+
+
+def quantize(src: str, out: str, qtype: str, *, fp8: str = "e4m3fn",
+             progress: Progress | None = None, fsync: bool = True) -> QuantizeReport:
+    gguf = qtype != FP8_TYPE
+    if gguf and qtype not in TYPES:
+        raise UsageError(f"--type must be one of {', '.join(TYPES)} or {FP8_TYPE}, "
+                         f"not {qtype!r}")
+    if fp8 not in FP8_FORMATS:
+        raise UsageError(f"--fp8 must be e4m3fn or e5m2, not {fp8!r}")
+    wanted = ".gguf" if gguf else ".safetensors"
+    if not out.lower().endswith(wanted):
+        raise UsageError(f"--type {qtype} writes {wanted[1:]}: name the output *{wanted} "
+                         "(loaders choose their reader by the extension)")
+    check_output_path(out, (src,))
+    with open_checkpoint(src) as checkpoint:
+        tensors, report = _denoiser(checkpoint, src, out, qtype)
+        arch = report.architecture
+        meta = provenance("quantize", [src], type=qtype, fp8=fp8 if not gguf else "")
+        with _one_thread_per_op():
+            if gguf:
+                _write_gguf(src, out, arch, qtype, tensors, meta, report, progress, fsync)
+            else:
+                _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync)
+    _summarise(report)
+    return report
+
+
+def _denoiser(checkpoint, src: str, out: str, qtype: str):
+    """The (name, tensor) pairs of the diffusion model to quantize and the report begun;
+    refuses what ComfyUI-GGUF could not load."""
+    ident = identify_checkpoint(checkpoint)
+    comp = next((c for c in ident.components if c.name == "diffusion_model"), None)
+    if comp is None or ident.family is None:
+        raise UsageError(f"{src} holds no diffusion model ckptkit can quantize (it is "
+                         f"{a_or_an(ident.describe())}); quantize takes a checkpoint or a "
+                         "diffusion model of a known family")
+    arch = ARCHITECTURES.get(ident.family)
+    if qtype != FP8_TYPE and arch is None:
+        raise UsageError(f"{src} is {a_or_an(ident.family)} model, which ComfyUI-GGUF has no "
+                         "architecture for")
+    if comp.layout == "diffusers":
+        raise UsageError(
+            f"{src} is {a_or_an(ident.family)} diffusion model in the diffusers layout (q, k "
+            "and v split), which ComfyUI-GGUF's loaders do not read; make it the original "
+            f"layout first (ckpt assemble --diffusion-model {src} --allow-partial -o "
+            "ORIGINAL.safetensors), then quantize that")
+    report = QuantizeReport(out, qtype, ident.family, arch)
+    report.left_out = [c.name for c in ident.components if c.name != "diffusion_model"]
+    tensors = []
+    for key, tensor in checkpoint.items():
+        if not key.startswith(comp.prefix):
+            continue
+        name = key[len(comp.prefix):]
+        problem = check_name(name, tensor.shape)
+        if problem:
+            raise UsageError(f"{src}: tensor {name} cannot be quantized: {problem}")
+        if not tensor.dtype.is_float:
+            raise UsageError(f"{src}: tensor {name} holds {tensor.dtype.name} values, not "
+                             "floating-point weights")
+        tensors.append((name, tensor))
+    return tensors, report
+
+
+def _write_gguf(src, out, arch, qtype, tensors, meta, report, progress, fsync) -> None:
+    rules = Rules(arch, qtype)
+    metadata: dict = {"general.architecture": arch,
+                      "general.quantization_version": QUANTIZATION_VERSION,
+                      "general.file_type": TYPES[qtype][1]}
+    planned = []
+    checker = _Checker(report)
+    for name, tensor in tensors:
+        choice = rules.choose(name, tensor.shape, tensor.dtype.name,
+                              lambda t: GGML[t].block_size)
+        if choice.orig_shape is not None:
+            metadata[f"comfy.gguf.orig_shape.{name}"] = list(choice.orig_shape)
+            report.reshaped += 1
+        if choice.note:
+            report.fallbacks[name] = choice.note
+        planned.append(GGUFTensor(name, choice.qtype, choice.shape,
+                                  partial(_quantized, tensor, choice.qtype, name, checker)))
+        checker.planned(choice.qtype, tensor.numel, GGML[choice.qtype].nbytes(tensor.numel))
+    metadata.update(meta)
+    write_gguf(out, metadata, planned, inputs=(src,), progress=progress, fsync=fsync,
+               check=partial(_read_back, planned, metadata, out))
+
+
+def _read_back(planned: list[GGUFTensor], metadata: dict, target: str, path: str) -> None:
+    """The written file opened with ckptkit's GGUF reader (ggml's header rules) before it
+    takes its name: every tensor there, in order, of its type and original shape."""
+    from ..formats.gguf import ORIG_SHAPE, open_gguf
+    from ..formats.source import Source
+
+    source = Source(path)
+    try:
+        written = open_gguf(source).tensors
+    except FormatError as exc:
+        raise OutputError(f"the written file does not read back ({exc.reason})",
+                          target) from None
+    finally:
+        source.close()
+    same = list(written) == [t.name for t in planned] and all(
+        (getattr(written[t.name], "qtype", "") or written[t.name].dtype.name) == t.qtype
+        for t in planned) and all(
+        written[t.name].shape == tuple(metadata.get(ORIG_SHAPE + t.name, t.shape))
+        for t in planned)
+    if not same:
+        raise OutputError("the written file's header does not match what was planned", target)
+
+
+def _quantized(tensor: LazyTensor, qtype: str, name: str, checker: _Checker, out) -> None:
+    """Fills ``out`` with ``tensor`` stored as ``qtype``, a slice at a time (in parallel),
+    each slice checked against the dequantized bytes just written."""
+    from ..quant.dequant import dequantize
+    from ..quant.encode import quantize_into
+
+    read = _slice_reader(tensor)
+    kind = GGML[qtype]
+
+    def one(start: int) -> tuple[float, float]:
+        x = read(start, min(SLICE, tensor.numel - start)).float()
+        first, count = kind.nbytes(start), kind.nbytes(x.numel())
+        stored = out[first:first + count]
+        squared = _squared_sum(x, name)
+        quantize_into(x, qtype, stored)
+        return _squared_error(x, dequantize(stored, qtype, (x.numel(),)), name, qtype), squared
+
+    checker.record(name, qtype, _in_parallel(one, range(0, tensor.numel, SLICE)))
+
+
+def _slice_reader(tensor: LazyTensor) -> Callable:
+    """``read(start, count)``: ``count`` values of the tensor from flat index ``start``, as a
+    private 1-D torch tensor read from the file on its own (pread: no pages of the input stay
+    mapped in this process, and reads of slices in parallel overlap with the work). A tensor
+    that is not plain contiguous bytes (a view into a pickle's storage, a quantized one) is
+    read once and sliced."""
+    if tensor.byte_rows:
+        flat = replace(tensor, shape=(tensor.numel,), strides=None)
+        return lambda start, count: flat.read_rows(start, start + count)
+    values = tensor.read().reshape(-1)
+    return lambda start, count: values[start:start + count]
+
+
+def _squared_sum(x, name: str) -> float:
+    """The sum of squares of a float32 slice of the source; refuses NaN and infinities (the
+    sum is not finite when a value is not; a finite slice whose squares overflow is looked
+    at value by value)."""
+    import torch
+
+    squared = float(torch.dot(x, x))
+    if not math.isfinite(squared) and not bool(torch.isfinite(x).all()):
+        raise FormatError(f"tensor {name}: its source holds NaN or infinite values; a "
+                          "quantized copy of it would give broken images, so nothing was "
+                          "written")
+    return squared
+
+
+def _squared_error(x, back, name: str, qtype: str) -> float:
+    """The sum of squared differences between a slice and its dequantized copy (``back``,
+    which may view the output file: not changed); refuses a copy that is not finite."""
+    import torch
+
+    diff = back - x
+    squared = float(torch.dot(diff, diff))
+    if not math.isfinite(squared):
+        raise FormatError(f"tensor {name}: its {qtype} copy holds NaN or infinite values "
+                          f"(values beyond what {qtype} stores); nothing was written")
+    return squared
+
+
+def _in_parallel(job: Callable[[int], tuple[float, float]], starts) -> tuple[float, float]:
+    """``job`` over every slice start, in a thread per core (torch releases the GIL), summed."""
+    parts = _in_parallel_each(job, starts)
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def _in_parallel_each(job, starts) -> list:
+    starts = list(starts)
+    if len(starts) <= 1:
+        return [job(s) for s in starts]
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        return list(pool.map(job, starts))
+
+
+_WORKERS = 1
+
+
+@contextmanager
+def _one_thread_per_op():
+    """Each torch op on one thread, slices in parallel instead: a slice's many small ops
+    (a K-quant search runs hundreds on 64 K values) spend longer waking OpenMP workers than
+    computing (8 ms a slice on one thread against 67 ms on two, on 2 busy cores). And the
+    slices' temporaries (a few MB) taken from the heap rather than from fresh mappings (see
+    ``_heap_for_temporaries``)."""
+    import torch
+
+    global _WORKERS
+    before = torch.get_num_threads()
+    _WORKERS = max(1, min(before, os.cpu_count() or 1))
+    torch.set_num_threads(1)
+    try:
+        with _heap_for_temporaries():
+            yield
+    finally:
+        torch.set_num_threads(before)
+        _WORKERS = 1
+
+
+# glibc's mallopt parameters, and its defaults (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_DEFAULT_THRESHOLD = 128 * 1024
+
+
+@contextmanager
+def _heap_for_temporaries():
+    """glibc gives each allocation over 128 KB (at first) its own mapping, returned to the
+    system when freed, so every 1 MB temporary of every slice costs 256 page faults: the
+    Q8_0 kernel ran at 29 ns a value, its dequantization at 19, against 6.6 and 0.45 with
+    the temporaries kept on the heap (2^18 values, one thread). Allocations up to 64 MB are
+    taken from the heap, and up to 256 MB of freed heap is kept, while quantizing; glibc's
+    defaults are set back after. No-op where the C library is not glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
+        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
+        getattr(libc, "malloc_trim", lambda pad: None)(0)
+
+
+class _Checker:
+    """Per-tensor errors held to their bounds, and the per-type sums of the report."""
+
+    def __init__(self, report: QuantizeReport):
+        self.report = report
+        self.lock = threading.Lock()
+
+    def planned(self, qtype: str, parameters: int, nbytes: int) -> None:
+        summary = self.report.types.setdefault(qtype, TypeSummary(bound=ERROR_BOUNDS[qtype]))
+        summary.tensors += 1
+        summary.parameters += parameters
+        summary.bytes += nbytes
+
+    def record(self, name: str, qtype: str, sums: tuple[float, float]) -> None:
+        squared_error, squared = sums
+        error = math.sqrt(squared_error / squared) if squared else (
+            0.0 if squared_error == 0 else math.inf)
+        bound = ERROR_BOUNDS[qtype]
+        if not error <= bound:
+            raise FormatError(f"tensor {name}: its {qtype} copy is off by {error:.4g} "
+                              f"(relative RMS), over the {bound:g} that {qtype} gives values "
+                              "of ordinary spread; nothing was written (its values are "
+                              "unusual: try a wider type)")
+        with self.lock:
+            self.report.errors[name] = error
+            summary = self.report.types[qtype]
+            summary.mean_error += error / summary.tensors
+            if error >= summary.max_error:
+                summary.max_error, summary.worst = error, name
+
+
+def _summarise(report: QuantizeReport) -> None:
+    report.tensors = sum(s.tensors for s in report.types.values())
+    report.parameters = sum(s.parameters for s in report.types.values())
+    report.bytes = sum(s.bytes for s in report.types.values())
+    report.bits_per_weight = 8 * report.bytes / report.parameters if report.parameters else 0.0
+    if report.left_out:
+        report.notes.append(f"left out {', '.join(report.left_out)}: the file holds the "
+                            "diffusion model alone, as ComfyUI's diffusion-model loaders "
+                            "read it")
+
+
+def _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync) -> None:
+    """ComfyUI's per-layer fp8: each 2-D ``.weight`` outside the family's kept layers
+    becomes fp8 + ``weight_scale`` + ``comfy_quant``; every other tensor is copied."""
+    from ..engine.moves import copy_range
+
+    dtype_name, largest, fmt = FP8_FORMATS[fp8]
+    checker = _Checker(report)
+    marker = json.dumps({"format": fmt}).encode("utf-8")  # ComfyUI writes json.dumps's bytes
+    planned = []
+    scales: dict[str, float] = {}
+    for name, tensor in tensors:
+        if len(tensor.shape) != 2 or not name.endswith(".weight") or kept(arch, name):
+            produce = partial(copy_range, tensor) if tensor.is_contiguous else tensor.read
+            planned.append(Planned(name, tensor.dtype, tensor.shape, produce))
+            checker.planned(tensor.dtype.name if tensor.dtype.name in ERROR_BOUNDS else "F32",
+                            tensor.numel, tensor.nbytes)
+            continue
+        layer = name[:-len("weight")]
+        fill = partial(_fp8_into, tensor, name, dtype_name, largest, scales, checker)
+        planned += [
+            Planned(name, DTYPES[dtype_name], tensor.shape,
+                    partial(_fp8_tensor, tensor.shape, DTYPES[dtype_name], fill), fill),
+            Planned(layer + "weight_scale", DTYPES["F32"], (),
+                    partial(_scale_of, scales, name)),
+            Planned(layer + "comfy_quant", DTYPES["U8"], (len(marker),),
+                    partial(bytes, marker)),
+        ]
+        checker.planned(dtype_name, tensor.numel, tensor.numel)
+    write_safetensors(out, planned, {k: str(v) for k, v in meta.items()}, inputs=(src,),
+                      progress=progress, fsync=fsync)
+
+
+def _fp8_tensor(shape: tuple[int, ...], dtype: DType, fill: Callable):
+    """The fp8 weight in memory, where the output cannot be mapped (``fill`` writes it into
+    the file's pages otherwise)."""
+    import torch
+
+    out = torch.empty(shape, dtype=torch_dtype(dtype))
+    fill(out)
+    return out
+
+
+def _fp8_into(tensor: LazyTensor, name: str, dtype_name: str, largest: float,
+              scales: dict[str, float], checker: _Checker, out) -> None:
+    """The weight divided by its scale (max |w| / the format's largest value, float32),
+    rounded to fp8 into ``out``; checked as stored x scale against the source."""
+    import torch
+
+    read = _slice_reader(tensor)
+    flat = out.reshape(-1)
+    starts = range(0, tensor.numel, SLICE)
+
+    def largest_of(start: int) -> tuple[float, float]:
+        x = read(start, min(SLICE, tensor.numel - start)).float()
+        _squared_sum(x, name)
+        return float(x.abs().amax()) if x.numel() else 0.0, 0.0
+
+    amax = max((m for m, _ in _in_parallel_each(largest_of, starts)), default=0.0)
+    scale = torch.tensor(amax / largest if amax else 1.0, dtype=torch.float32)
+    scales[name] = float(scale)
+
+    def one(start: int) -> tuple[float, float]:
+        x = read(start, min(SLICE, tensor.numel - start)).float()
+        part = flat[start:start + x.numel()]
+        part.copy_((x / scale).clamp(-largest, largest))
+        back = part.float().mul_(scale)
+        return _squared_error(x, back, name, dtype_name), float(torch.dot(x, x))
+
+    checker.record(name, dtype_name, _in_parallel(one, starts))
+
+
+def _scale_of(scales: dict[str, float], name: str):
+    import torch
+
+    return torch.tensor(scales[name], dtype=torch.float32)

@@ -1,0 +1,318 @@
+"""Quantizers of the K-quant types (Q6_K, Q5_K, Q4_K, Q3_K, Q2_K), vectorised in torch.
+
+They follow ggml's reference quantizers (``quantize_row_q{2..6}_K_ref`` in ``ggml-quants.c``),
+which are what ``llama-quantize`` runs when it is given no importance matrix (city96's
+ComfyUI-GGUF instructions give none): per super-block of 256 values, each sub-block's scale
+(and minimum) is searched by ``make_qx_quants``, ``make_q3_quants`` or ``make_qkx2_quants``, the
+sub-block scales are quantized to 4, 6 or 8 bits against one fp16 super-scale, and the values
+are quantized again against the scales as stored. The searches are per-sub-block loops in C;
+here every sub-block of a slice is searched at once, and the loops that remain are over the
+candidate scales (19, 16 or 21 of them) or, for ``make_q3_quants``, over the 16 positions of
+its coordinate descent, never over blocks.
+
+Rounding is C's ``nearest_int`` (half to even, as ``torch.round``) and the arithmetic is
+float32 as in C; sums are reduced in torch's order rather than left to right, so a value
+at an exact tie between two candidates may pick the other one: the blocks are the reference
+algorithm's, not guaranteed byte for byte (no Python quantizer of these types exists to
+compare with; the tests hold their error to bounds measured against the types' designs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+QK_K = 256
+_EPS = 1e-15  # GROUP_MAX_EPS: a group whose largest magnitude is below it is all zeros
+
+
+def _f32(value: float) -> float:
+    """A constant computed in float32, as the C code computes ``rmin + rdelta*is + nmax``."""
+    return float(np.float32(value))
+
+
+def _fp16(value: torch.Tensor) -> torch.Tensor:
+    return value.to(torch.float16)
+
+
+def _fp16_bytes(value: torch.Tensor) -> torch.Tensor:
+    return value.reshape(-1, 1).to(torch.float16).view(torch.uint8)
+
+
+def _signed_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the value of largest magnitude (sign kept, the first of equals) and that
+    magnitude."""
+    magnitude = x.abs()
+    index = magnitude.argmax(-1, keepdim=True)
+    return x.gather(-1, index).squeeze(-1), magnitude.gather(-1, index).squeeze(-1)
+
+
+def _safe(value: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``value`` with 1 where ``bad``: a divisor for rows whose result is discarded."""
+    return torch.where(bad, torch.ones((), dtype=value.dtype), value)
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)`` on every row of ``x``:
+    symmetric codes ``0..2*nmax-1`` and the scale of least squared error weighted by x^2, among
+    the scales ``max/-(nmax + 0.1*is)`` for is in -9..9."""
+    top, magnitude = _signed_argmax(x)
+    zero = magnitude < _EPS
+    top = _safe(top, zero)
+    w = x * x
+    wx = w * x
+
+    def fit(iscale):
+        levels = (iscale[:, None] * x).round().clamp(-nmax, nmax - 1)
+        return levels, (wx * levels).sum(-1), (w * levels * levels).sum(-1)
+
+    levels, sumlx, suml2 = fit(-nmax / top)
+    scale = torch.where(suml2 != 0, sumlx / _safe(suml2, suml2 == 0), 0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        trial, tsumlx, tsuml2 = fit(-_f32(nmax + _f32(0.1) * step) / top)
+        better = (tsuml2 > 0) & (tsumlx * tsumlx > best * tsuml2)
+        levels = torch.where(better[:, None], trial, levels)
+        scale = torch.where(better, tsumlx / _safe(tsuml2, ~better), scale)
+        best = torch.where(better, scale * tsumlx, best)
+    codes = torch.where(zero[:, None], 0.0, levels + nmax)
+    return codes, torch.where(zero, 0.0, scale)
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` on every row: codes from the
+    largest magnitude, then up to 5 sweeps of coordinate descent on the x^2-weighted error,
+    one position at a time (a row that changes nothing in a sweep would change nothing in the
+    next, so running the sweep for all rows until none changes is the C loop's result)."""
+    top, magnitude = _signed_argmax(x)
+    zero = magnitude < _EPS
+    levels = ((-nmax / _safe(top, zero))[:, None] * x).round().clamp(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sumlx = (wx * levels).sum(-1)
+    suml2 = (w * levels * levels).sum(-1)
+    for _ in range(5):
+        changed = torch.zeros_like(zero)
+        for i in range(x.shape[-1]):
+            wi, wxi, li = w[:, i], wx[:, i], levels[:, i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            positive = slx > 0
+            new = (x[:, i] * sl2 / _safe(slx, ~positive)).round().clamp(-nmax, nmax - 1)
+            slx = slx + wxi * new
+            sl2 = sl2 + wi * new * new
+            take = (positive & (new != li) & (sl2 > 0)
+                    & (slx * slx * suml2 > sumlx * sumlx * sl2))
+            levels[:, i] = torch.where(take, new, li)
+            sumlx = torch.where(take, slx, sumlx)
+            suml2 = torch.where(take, sl2, suml2)
+            changed |= take
+        if not changed.any():
+            break
+    scale = torch.where(suml2 > 0, sumlx / _safe(suml2, suml2 <= 0), 0.0)
+    codes = torch.where(zero[:, None], 0.0, levels + nmax)
+    return codes, torch.where(zero, 0.0, scale)
+
+
+def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float,
+                     rdelta: float, nstep: int, use_mad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qkx2_quants`` on every row: codes ``0..nmax`` with a scale and a minimum
+    (<= 0), the pair of least weighted error (squared, or absolute with ``use_mad``) among
+    the least-squares fits to the codes of the scales ``(rmin + rdelta*is + nmax)/(max - min)``,
+    is in 0..nstep. The minimum moves to each better fit, as in C. Gives the codes, the scale
+    and the minimum negated (``the_min``).
+
+    The squared error of a fit is not summed value by value as in C but expanded into the
+    sums the fit already has (s^2 Swl^2 + 2sm Swl - 2s Swlx + m^2 Sw - 2m Swx + Swx^2),
+    combined in float64 so that the cancellation costs nothing: a third fewer passes over the
+    values, for the slowest of the K-quant searches."""
+    low = x.amin(-1).clamp(max=0)
+    high = x.amax(-1)
+    wx = weights * x
+    sum_w = weights.sum(-1)
+    sum_x = wx.sum(-1)
+    sum_x2 = (wx * x).sum(-1).double()
+    flat = high == low
+
+    def error(scale, low, levels, sums):
+        if use_mad:
+            diff = scale[:, None] * levels + low[:, None] - x
+            return (weights * diff.abs()).sum(-1)
+        sum_l, sum_l2, sum_xl = (s.double() for s in sums)
+        s, m = scale.double(), low.double()
+        return (s * s * sum_l2 + 2 * s * m * sum_l - 2 * s * sum_xl + m * m * sum_w.double()
+                - 2 * m * sum_x.double() + sum_x2)
+
+    def codes(iscale, low):
+        iscale = torch.nan_to_num(iscale, posinf=3e38, neginf=-3e38)
+        return (iscale[:, None] * (x - low[:, None])).round().clamp(0, nmax)
+
+    def sums(levels):
+        wl = weights * levels
+        return wl.sum(-1), (wl * levels).sum(-1), (wx * levels).sum(-1)
+
+    iscale = nmax / _safe(high - low, flat)
+    scale = 1 / iscale
+    levels = codes(iscale, low)
+    best = error(scale, low, levels, sums(levels))
+    for step in range(nstep + 1):
+        span = high - low
+        trial = codes(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)
+                      / _safe(span, span == 0), low)
+        sum_l, sum_l2, sum_xl = trial_sums = sums(trial)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        fits = det > 0
+        det = _safe(det, ~fits)
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        clipped = this_min > 0
+        this_min = torch.where(clipped, 0.0, this_min)
+        this_scale = torch.where(clipped, sum_xl / _safe(sum_l2, sum_l2 == 0), this_scale)
+        current = error(this_scale, this_min, trial, trial_sums)
+        better = fits & (current < best)
+        levels = torch.where(better[:, None], trial, levels)
+        best = torch.where(better, current, best)
+        scale = torch.where(better, this_scale, scale)
+        low = torch.where(better, this_min, low)
+    levels = torch.where(flat[:, None], 0.0, levels)
+    return levels, torch.where(flat, 0.0, scale), -low
+
+
+def _requantize(x, step, offset, low, high, keep):
+    """Codes of ``x`` against the stored sub-block scales ``step`` (per sub-block, last dim 1)
+    and offsets: ``nearest_int((x + offset)/step)`` clipped, or ``keep`` where the step is 0
+    (C's ``if (!d) continue``)."""
+    zero = step == 0
+    fresh = ((x + offset) / _safe(step, zero)).round().clamp(low, high)
+    return torch.where(zero, keep, fresh)
+
+
+def _crumbs(levels: torch.Tensor) -> torch.Tensor:
+    """2-bit codes packed four to a byte, ggml's layout for Q2_K and Q3_K: per half of 128,
+    byte l holds codes l, l+32, l+64, l+96 from the low bits up."""
+    q = levels.to(torch.uint8).view(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(
+        -1, 64)
+
+
+def q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    x = blocks.view(n, 16, 16)
+    levels, scales = make_qx_quants(x.reshape(-1, 16), 32)
+    levels, scales = levels.view(n, 16, 16), scales.view(n, 16)
+    top, magnitude = _signed_argmax(scales)
+    empty = magnitude < _EPS
+    iscale = -128 / _safe(top, empty)
+    d = _fp16(1 / iscale)
+    stored = (iscale[:, None] * scales).round().clamp(max=127)
+    step = (d.float()[:, None] * stored)[..., None]
+    levels = _requantize(x, step, 0.0, -32, 31, levels - 32) + 32
+    q = levels.to(torch.uint8).view(n, 2, 4, 32)
+    ql = torch.cat([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
+                    (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], 2).reshape(n, 128)
+    qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4)
+          | ((q[:, :, 3] >> 4) << 6)).reshape(n, 64)
+    out = torch.cat([ql, qh, stored.to(torch.int8).view(torch.uint8), _fp16_bytes(d)], 1)
+    out[empty] = 0  # an all-zero super-block is stored as zero bytes
+    return out
+
+
+def _k_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Eight 6-bit scales and eight 6-bit minimums in the 12 bytes of Q4_K and Q5_K."""
+    first = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    second = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    third = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return torch.cat([first, second, third], 1).to(torch.uint8)
+
+
+def _six_bits(values: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``MIN(63, (uint8_t) nearest_int(inverse * value))`` as int64."""
+    return ((inverse[:, None] * values).round().to(torch.int64) & 0xFF).clamp(max=63)
+
+
+def _qk_scaled(blocks, nmax, rmin, rdelta, nstep):
+    """What Q4_K and Q5_K share: sub-blocks of 32 fitted by ``make_qkx2_quants`` with weights
+    ``rms + |x|``, their scales and minimums quantized to 6 bits against two fp16 maxima, and
+    the values quantized again against them. Gives the codes, the 12 scale bytes, d and dmin."""
+    n = blocks.shape[0]
+    x = blocks.view(n, 8, 32)
+    rms = ((x * x).sum(-1, keepdim=True) / 32).sqrt()
+    levels, scales, mins = make_qkx2_quants(x.reshape(-1, 32), (rms + x.abs()).reshape(-1, 32),
+                                            nmax, rmin, rdelta, nstep, False)
+    levels, scales, mins = levels.view(n, 8, 32), scales.view(n, 8), mins.view(n, 8)
+    max_scale = scales.amax(-1).clamp(min=0)
+    max_min = mins.amax(-1).clamp(min=0)
+    ls = _six_bits(scales, torch.where(max_scale > 0, 63 / _safe(max_scale, max_scale <= 0), 0))
+    lm = _six_bits(mins, torch.where(max_min > 0, 63 / _safe(max_min, max_min <= 0), 0))
+    d, dmin = _fp16(max_scale / 63), _fp16(max_min / 63)
+    step = (d.float()[:, None] * ls)[..., None]
+    offset = (dmin.float()[:, None] * lm)[..., None]
+    levels = _requantize(x, step, offset, 0, nmax, levels)
+    return levels.to(torch.uint8), _k_scales(ls, lm), _fp16_bytes(d), _fp16_bytes(dmin)
+
+
+def q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    levels, scales, d, dmin = _qk_scaled(blocks, 15, -1.0, 0.1, 20)
+    q = levels.view(-1, 4, 2, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    return torch.cat([d, dmin, scales, qs], 1)
+
+
+def q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    levels, scales, d, dmin = _qk_scaled(blocks, 31, -0.5, 0.1, 15)
+    q = levels.view(-1, 4, 2, 32)
+    qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
+    shifts = (2 * torch.arange(4, dtype=torch.uint8)).view(1, 4, 1)
+    high = (((q[:, :, 0] >> 4) << shifts) | ((q[:, :, 1] >> 4) << (shifts + 1)))
+    qh = high.sum(1, dtype=torch.uint8)  # disjoint bits: the sum is the OR
+    return torch.cat([d, dmin, scales, qh, qs], 1)
+
+
+def q3_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    x = blocks.view(n, 16, 16)
+    levels, scales = make_q3_quants(x.reshape(-1, 16), 4)
+    levels, scales = levels.view(n, 16, 16), scales.view(n, 16)
+    top, _ = _signed_argmax(scales)
+    some = top != 0
+    iscale = -32 / _safe(top, ~some)
+    stored = torch.where(some[:, None], (iscale[:, None] * scales).round().clamp(-32, 31) + 32,
+                         0).to(torch.int64)
+    d = torch.where(some, _fp16(1 / iscale).float(), 0.0)
+    step = (d[:, None] * (stored - 32))[..., None]
+    levels = _requantize(x, step, 0.0, -4, 3, levels - 4) + 4
+    packed = torch.cat([(stored[:, :8] & 0xF) | ((stored[:, 8:] & 0xF) << 4),
+                        ((stored >> 4).view(n, 4, 4) << (2 * torch.arange(4)).view(1, 4, 1)
+                         ).sum(1)], 1).to(torch.uint8)
+    q = levels.to(torch.uint8).view(n, 8, 32)
+    hmask = ((q >> 2) << torch.arange(8, dtype=torch.uint8).view(1, 8, 1)).sum(
+        1, dtype=torch.uint8)
+    return torch.cat([hmask, _crumbs(q & 3), packed, _fp16_bytes(_fp16(d))], 1)
+
+
+def q2_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    x = blocks.view(n, 16, 16)
+    flat = x.reshape(-1, 16)
+    levels, scales, mins = make_qkx2_quants(flat, flat.abs(), 3, -0.5, 0.1, 15, True)
+    levels, scales, mins = levels.view(n, 16, 16), scales.view(n, 16), mins.view(n, 16)
+    max_scale = scales.amax(-1).clamp(min=0)
+    max_min = mins.amax(-1).clamp(min=0)
+    has_scale, has_min = max_scale > 0, max_min > 0
+    ls = ((15 / _safe(max_scale, ~has_scale))[:, None] * scales).round().to(torch.int64)
+    lm = ((15 / _safe(max_min, ~has_min))[:, None] * mins).round().to(torch.int64)
+    byte = (torch.where(has_scale[:, None], ls, 0) & 0xFF) | (
+        (torch.where(has_min[:, None], lm, 0) << 4) & 0xFF)
+    d = torch.where(has_scale, _fp16(max_scale / 15).float(), 0.0)
+    dmin = torch.where(has_min, _fp16(max_min / 15).float(), 0.0)
+    step = (d[:, None] * (byte & 0xF))[..., None]
+    offset = (dmin[:, None] * (byte >> 4))[..., None]
+    levels = _requantize(x, step, offset, 0, 3, levels)
+    return torch.cat([byte.to(torch.uint8), _crumbs(levels), _fp16_bytes(_fp16(d)),
+                      _fp16_bytes(_fp16(dmin))], 1)
+
+
+K_QUANTIZERS = {"Q6_K": q6_k, "Q5_K": q5_k, "Q4_K": q4_k, "Q3_K": q3_k, "Q2_K": q2_k}
