@@ -19,6 +19,7 @@ on one device, and the same noise on any device.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import secrets
@@ -33,6 +34,7 @@ from ..engine.atomic import AtomicOutput, check_output_path
 from ..errors import UsageError, a_or_an
 from ..formats.checkpoint import paused_gc
 from .hashing import BackgroundSha256, lora_sha256
+from .image_inputs import TASKS, Inputs, read_inputs
 from .load import Plan, build, lora_spec, plan_loras, plan_pipeline
 
 
@@ -101,16 +103,6 @@ PRESETS = {
 # The preset a recognised distilled release gets without being asked (its variant name).
 _DISTILLED = {"turbo": "turbo"}
 _FLUX_SCHNELL_TOKENS = 256  # FLUX.1 [schnell] model card: max_sequence_length=256
-_NEEDS_AN_IMAGE = {"StableDiffusionXLImg2ImgPipeline": "the SDXL refiner refines an image",
-                   "StableDiffusionInpaintPipeline": "an inpainting model fills a masked image",
-                   "StableDiffusionXLInpaintPipeline":
-                       "an inpainting model fills a masked image",
-                   "StableDiffusionInstructPix2PixPipeline": "an InstructPix2Pix model edits "
-                                                             "an image",
-                   "StableDiffusionXLInstructPix2PixPipeline": "an InstructPix2Pix model "
-                                                               "edits an image",
-                   "FluxFillPipeline": "FLUX.1 Fill fills a masked image",
-                   "FluxControlPipeline": "FLUX.1 Depth follows a depth map"}
 
 
 @dataclass
@@ -123,6 +115,8 @@ class Settings:
     seed: int
     preset: str | None = None
     sources: list[str] = field(default_factory=list)  # where the settings came from
+    strength: float | None = None  # how much of an input image is redone (img2img, fill)
+    image_guidance: float | None = None  # InstructPix2Pix's image CFG scale
 
 
 def _flow(plan: Plan) -> bool:
@@ -149,13 +143,16 @@ def parse_size(text: str) -> tuple[int, int]:
 def settings(plan: Plan, *, preset: str | None = None, steps: int | None = None,
              guidance: float | None = None, sampler: str | None = None,
              size: tuple[int, int] | None = None, seed: int | None = None,
-             variants: Sequence[str] = ()) -> Settings:
+             variants: Sequence[str] = (), strength: float | None = None,
+             image_guidance: float | None = None) -> Settings:
     """The settings to generate with: the options given, else ``preset``'s, else those of
-    the distilled release ``variants`` name, else the family's."""
+    the distilled release ``variants`` name, else those of the task a model that starts
+    from an image does (``image_inputs.TASKS``), else the family's."""
     fam = plan.family
     base = fam.sampling
     chosen = Settings(base.steps, base.guidance, _default_sampler(plan), *base.resolution,
                       seed=0, sources=[f"{fam.name} defaults"])
+    _task_settings(plan, chosen, strength, image_guidance)
     name = preset or next((_DISTILLED[v] for v in variants if v in _DISTILLED), None)
     if name:
         if name not in PRESETS:
@@ -186,6 +183,10 @@ def settings(plan: Plan, *, preset: str | None = None, steps: int | None = None,
         chosen.sampler = _sampler(plan, sampler)
     if size is not None:
         chosen.width, chosen.height = size
+    if chosen.strength is not None and int(chosen.steps * chosen.strength) < 1:
+        # diffusers runs the last int(steps * strength) steps: none would leave noise
+        raise UsageError(f"at strength {_number(chosen.strength)}, {chosen.steps} steps "
+                         "redo none of the image; give more --steps or a higher --strength")
     multiple = 16 if _flow(plan) else 8
     if chosen.width % multiple or chosen.height % multiple:
         raise UsageError(f"{fam.name} makes images whose sides are multiples of {multiple}; "
@@ -194,6 +195,47 @@ def settings(plan: Plan, *, preset: str | None = None, steps: int | None = None,
     if not 0 <= chosen.seed < 2**64:
         raise UsageError(f"--seed must be between 0 and 2**64 - 1, not {chosen.seed}")
     return chosen
+
+
+def _task_settings(plan: Plan, chosen: Settings, strength: float | None,
+                   image_guidance: float | None) -> None:
+    """The task's own steps, guidance and sampler where its publisher gives them, and its
+    strength and image guidance (the option given, else the diffusers pipeline's default)."""
+    task = TASKS.get(plan.pipeline)
+    if task is None or not (task.strength or task.image_guidance):
+        for name, value in (("strength", strength), ("image-guidance", image_guidance)):
+            if value is not None:
+                raise UsageError(f"--{name} is for models that start from an image; "
+                                 f"{plan.family.name}'s {plan.pipeline} takes none")
+    if task is None:
+        return
+    if task.steps is not None:
+        chosen.steps, chosen.guidance = task.steps, task.guidance
+        chosen.sources = [task.source]
+    if task.sampler and not _flow(plan):
+        chosen.sampler = SAMPLERS[task.sampler]
+        chosen.sources = [task.source]
+    for name, takes, value in (("strength", task.strength, strength),
+                               ("image_guidance", task.image_guidance, image_guidance)):
+        option = "--" + name.replace("_", "-")
+        if value is not None and not takes:
+            raise UsageError(f"{plan.pipeline} takes no {option}")
+        if not takes:
+            continue
+        argument = "strength" if name == "strength" else "image_guidance_scale"
+        value = _pipeline_default(plan.pipeline, argument) if value is None else value
+        if name == "strength" and not 0 < value <= 1:
+            raise UsageError(f"--strength must be more than 0 and at most 1, not {value}")
+        if name == "image_guidance" and value < 0:
+            raise UsageError(f"--image-guidance must be 0 or more, not {value}")
+        setattr(chosen, name, value)
+
+
+def _pipeline_default(pipeline: str, argument: str) -> float:
+    """The default diffusers' ``pipeline`` gives ``argument`` when called."""
+    import diffusers
+
+    return inspect.signature(getattr(diffusers, pipeline).__call__).parameters[argument].default
 
 
 def _sampler(plan: Plan, name: str) -> Sampler:
@@ -222,9 +264,11 @@ def _number(value: float) -> str:
 
 def infotext(prompt: str, negative: str, chosen: Settings, plan: Plan,
              model: tuple[str, str | None], vae: tuple[str, str | None] | None,
-             loras: Sequence[tuple[str, Any, str]] = ()) -> str:
+             loras: Sequence[tuple[str, Any, str]] = (),
+             inputs: dict[str, str] | None = None) -> str:
     """The ``parameters`` text, as A1111's ``create_infotext`` writes it. ``model`` and
-    ``vae``: (name, SHA-256 or None); ``loras``: (name, ``LoraSpec``, A1111's hash)."""
+    ``vae``: (name, SHA-256 or None); ``loras``: (name, ``LoraSpec``, A1111's hash);
+    ``inputs``: the input images' entries (``image_inputs.Inputs.infotext``)."""
     flux = plan.family.id.startswith("flux")
     params: dict[str, str | None] = {
         "Steps": str(chosen.steps),
@@ -234,6 +278,8 @@ def infotext(prompt: str, negative: str, chosen: Settings, plan: Plan,
         # FLUX.1 has no classifier-free guidance; dev's guidance is a model input, which
         # Forge records as "Distilled CFG Scale"
         "CFG scale": "1" if flux else _number(chosen.guidance),
+        "Image CFG scale": None if chosen.image_guidance is None
+        else _number(chosen.image_guidance),
         "Distilled CFG Scale": _number(chosen.guidance) if plan.family.id == "flux1-dev"
         else None,
         "Seed": str(chosen.seed),
@@ -242,6 +288,10 @@ def infotext(prompt: str, negative: str, chosen: Settings, plan: Plan,
         "Model": model[0],
         "VAE hash": vae[1][:10] if vae and vae[1] else None,
         "VAE": vae[0] if vae else None,
+        # A1111 writes the init image's hash, then (img2img's extra_generation_params) the
+        # denoising strength; the mask's hash and the control image's are ckptkit's own
+        **(inputs or {}),
+        "Denoising strength": None if chosen.strength is None else _number(chosen.strength),
         # A1111's Lora extension (scripts/lora_script.py): "name: short hash, ...", the name
         # as in the prompt's tag less ":" and ","
         "Lora hashes": ", ".join(f"{name.translate(_NO_SEPARATORS)}: {sha[:12]}"
@@ -280,17 +330,23 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
              device: str = "cpu", dtype: Any = None, preset: str | None = None,
              tokenizers: Any = None, on_step: Callable[[int, int], None] | None = None,
              fsync: bool = True, loras: Sequence[Any] = (),
-             allow_unmatched: bool = False) -> dict[str, Any]:
+             allow_unmatched: bool = False, image: str | None = None,
+             mask: str | None = None, strength: float | None = None,
+             image_guidance: float | None = None) -> dict[str, Any]:
     """Makes the image and writes ``out`` (a PNG, atomically); returns what was done:
     the settings, where they came from, the infotext and the plan's warnings. ``models``:
     files in any order, each taken as what it is (a checkpoint, a diffusion model, a text
     encoder or a VAE); ``on_step(done, total)`` is called after each denoising step;
-    ``loras``: as ``load_pipeline`` takes them."""
+    ``loras``: as ``load_pipeline`` takes them. ``image`` (and ``mask``, white where to
+    repaint): the input of a model that starts from one (``image_inputs.TASKS``), whose
+    size the output takes; ``strength`` and ``image_guidance`` where its pipeline has
+    them."""
     import torch
 
     specs = [lora_spec(entry) for entry in loras]
     inputs = [*models, *([diffusion_model] if diffusion_model else []), *text_encoders,
-              *([vae] if vae else []), *(s.path for s in specs)]
+              *([vae] if vae else []), *(s.path for s in specs),
+              *(p for p in (image, mask) if p)]
     check_output_path(out, tuple(inputs))
     with ExitStack() as stack, paused_gc():
         roles = _roles(models, diffusion_model, list(text_encoders), vae)
@@ -298,9 +354,11 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
                              text_encoders=roles["text_encoders"], vae=roles["vae"],
                              stack=stack)
         plan_loras(plan, specs, allow_unmatched=allow_unmatched, stack=stack)
-        if plan.pipeline in _NEEDS_AN_IMAGE:
-            raise UsageError(f"{plan.model_path}: {_NEEDS_AN_IMAGE[plan.pipeline]}; ckpt "
-                             "generate makes images from a prompt alone")
+        try:
+            pictures = read_inputs(TASKS.get(plan.pipeline), plan.pipeline, image, mask,
+                                   size)
+        except UsageError as exc:
+            raise UsageError(f"{plan.model_path}: {exc}") from None
         if negative and plan.family.id.startswith("flux"):
             raise UsageError(f"{plan.family.name} takes no negative prompt: its guidance is "
                              "distilled into the model")
@@ -313,7 +371,8 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
     variants = [*plan.variants, *(release.variants if release and
                                   release.family == plan.family.id else ())]
     chosen = settings(plan, preset=preset, steps=steps, guidance=guidance, sampler=sampler,
-                      size=size, seed=seed, variants=variants)
+                      size=pictures.size if pictures else size, seed=seed,
+                      variants=variants, strength=strength, image_guidance=image_guidance)
     import diffusers
 
     scheduler_cls = getattr(diffusers, chosen.sampler.scheduler)
@@ -324,6 +383,9 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
                                   guidance_scale=chosen.guidance, width=chosen.width,
                                   height=chosen.height,
                                   generator=torch.Generator("cpu").manual_seed(chosen.seed))
+    kwargs.update(_image_arguments(pictures, chosen))
+    accepted = inspect.signature(pipe.__call__).parameters  # the refiner takes no size
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     if negative:
         kwargs["negative_prompt"] = negative
     if plan.family.id == "flux1-schnell" or chosen.preset == "schnell":
@@ -331,8 +393,9 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
     if on_step:
         total = chosen.steps
 
-        def step_end(_pipe, index, _timestep, values):
-            on_step(index + 1, total)
+        def step_end(pipe_, index, _timestep, values):
+            # with a strength below 1 the pipeline runs only the last steps
+            on_step(index + 1, getattr(pipe_, "_num_timesteps", None) or total)
             return values
 
         kwargs["callback_on_step_end"] = step_end
@@ -341,11 +404,24 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
     text = infotext(prompt, negative, chosen, plan,
                     (_stem(plan.model_path), digests.get(plan.model_path)),
                     (_stem(vae_path), digests.get(vae_path)) if vae_path else None,
-                    [(_stem(s.path), s, lora_sha256(s.path)) for s in specs])
+                    [(_stem(s.path), s, lora_sha256(s.path)) for s in specs],
+                    pictures.infotext if pictures else None)
     _save_png(image, out, text, tuple(inputs), fsync)
     return {"output": out, "family": plan.family.id, "pipeline": plan.pipeline,
             "settings": {**asdict(chosen), "sampler": chosen.sampler.label},
             "parameters": text, "warnings": list(plan.warnings)}
+
+
+def _image_arguments(pictures: Inputs | None, chosen: Settings) -> dict[str, Any]:
+    """The input images and the strengths, under the pipeline's argument names."""
+    if pictures is None:
+        return {}
+    found: dict[str, Any] = dict(pictures.arguments)
+    if chosen.strength is not None:
+        found["strength"] = chosen.strength
+    if chosen.image_guidance is not None:
+        found["image_guidance_scale"] = chosen.image_guidance
+    return found
 
 
 def _roles(models: Sequence[str], diffusion_model: str | None, text_encoders: list[str],
