@@ -58,15 +58,6 @@ _SLICE_BYTES = 1 << 24  # how much of a tensor a cast reads at a time
 # allocates: CPU matrix kernels round the last bit differently for unaligned data, so the
 # same weights at another offset (a part split from a checkpoint) gave another image.
 _ALIGN = ALIGNMENT
-# The pipeline class of an input-channel variant, where diffusers has one.
-_VARIANT_PIPELINES = {
-    ("StableDiffusionPipeline", "inpaint"): "StableDiffusionInpaintPipeline",
-    ("StableDiffusionPipeline", "pix2pix"): "StableDiffusionInstructPix2PixPipeline",
-    ("StableDiffusionXLPipeline", "inpaint"): "StableDiffusionXLInpaintPipeline",
-    ("StableDiffusionXLPipeline", "pix2pix"): "StableDiffusionXLInstructPix2PixPipeline",
-    ("FluxPipeline", "fill"): "FluxFillPipeline",
-    ("FluxPipeline", "depth"): "FluxControlPipeline",
-}
 _INPUTS = ("conv_in.weight", "x_embedder.weight")  # [out, in, ...]: the model's input width
 
 
@@ -210,9 +201,7 @@ def plan_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None 
         warnings.append(f"{model[0]}: nothing in the file says whether it is an SD 2.x 512 "
                         "model (predicting noise) or a 768-v one (predicting v); loaded as "
                         "predicting noise")
-    pipeline = index["_class_name"]
-    for variant in variants:
-        pipeline = _VARIANT_PIPELINES.get((pipeline, variant), pipeline)
+    pipeline = diffusers_layout.pipeline_class(fam, variants)
     parts = []
     for attribute, (name, _) in subfolders.items():
         path, ckpt, moves = moved[name]
