@@ -322,6 +322,13 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def _model_name(plan: Plan) -> str:
+    """The model file's name, or the diffusers folder's that the model comes from."""
+    if os.path.isdir(plan.model_path) and plan.folder:
+        return os.path.basename(os.path.normpath(plan.folder))
+    return _stem(plan.model_path)
+
+
 def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = "",
              steps: int | None = None, guidance: float | None = None,
              seed: int | None = None, size: tuple[int, int] | None = None,
@@ -363,7 +370,9 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
             raise UsageError(f"{plan.family.name} takes no negative prompt: its guidance is "
                              "distilled into the model")
         vae_path = roles["vae"]
-        hashes = BackgroundSha256([plan.model_path, *([vae_path] if vae_path else [])])
+        # a diffusers folder's diffusion model (shards, perhaps) has no one file to hash
+        hashes = BackgroundSha256([p for p in (plan.model_path, vae_path)
+                                   if p and os.path.isfile(p)])
         stack.callback(hashes.cancel)
         pipe = build(plan, dtype=dtype, device=device, tokenizers=tokenizers)
         digests = hashes.result()
@@ -402,7 +411,7 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
     with torch.inference_mode():
         image = pipe(**kwargs).images[0]
     text = infotext(prompt, negative, chosen, plan,
-                    (_stem(plan.model_path), digests.get(plan.model_path)),
+                    (_model_name(plan), digests.get(plan.model_path)),
                     (_stem(vae_path), digests.get(vae_path)) if vae_path else None,
                     [(_stem(s.path), s, lora_sha256(s.path)) for s in specs],
                     pictures.infotext if pictures else None)
@@ -428,13 +437,16 @@ def _roles(models: Sequence[str], diffusion_model: str | None, text_encoders: li
            vae: str | None) -> dict[str, Any]:
     """Which file is which, for the positional MODEL files: each is what its header says."""
     from ..formats import open_checkpoint
-    from .inspect import identify_checkpoint
+    from .inspect import identify_checkpoint, is_diffusers_folder
 
     roles: dict[str, Any] = {"checkpoint": None, "diffusion_model": diffusion_model,
                              "text_encoders": text_encoders, "vae": vae}
     for path in models:
-        with open_checkpoint(path) as checkpoint:
-            kind = identify_checkpoint(checkpoint).kind
+        if os.path.isdir(path) and is_diffusers_folder(path):
+            kind = "checkpoint"  # a whole pipeline
+        else:
+            with open_checkpoint(path) as checkpoint:
+                kind = identify_checkpoint(checkpoint).kind
         role = {"checkpoint": "checkpoint", "diffusion-model": "diffusion_model",
                 "vae": "vae"}.get(kind)
         if kind == "text-encoder":

@@ -33,6 +33,7 @@ Pickles go through ckptkit's restricted reader like any other file; nothing is f
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -43,11 +44,16 @@ from ..arch.detect import Identification
 from ..arch.families import DIFFUSION_MODEL, Family, families
 from ..arch.layouts import Move
 from ..engine.writer import ALIGNMENT
-from ..errors import UsageError, a_or_an
+from ..errors import FormatError, UsageError, a_or_an
 from ..formats import Checkpoint, LazyTensor, open_checkpoint
 from ..formats.checkpoint import paused_gc
 from ..formats.dtypes import CLI_NAMES, torch_dtype
-from .inspect import identify_checkpoint
+from .inspect import (
+    identify_checkpoint,
+    inspect_diffusers_folder,
+    is_diffusers_folder,
+    weight_files,
+)
 from .parts import canonical_moves
 
 MISSING_EXTRA = ("ckptkit: loading a pipeline needs diffusers and transformers; install them "
@@ -89,14 +95,17 @@ class Plan:
     files: dict[str, tuple[Checkpoint, Identification]] = field(default_factory=dict)
     loras: list[Any] = field(default_factory=list)  # lora.bake.LoraReport, one per LoRA
     patches: dict[LazyTensor, tuple[str, list]] = field(default_factory=dict)  # key, changes
+    folder: str = ""  # the diffusers folder the parts come from, if they do
+    tokenizer_folders: dict[str, str] = field(default_factory=dict)  # the folder's own
 
 
 def load_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None = None,
                   text_encoders: Sequence[str] = (), vae: str | None = None,
                   loras: Sequence[Any] = (), allow_unmatched: bool = False,
                   dtype: Any = None, device: str = "cpu", tokenizers: Any = None):
-    """The diffusers pipeline of ``checkpoint`` (a monolithic file, or a diffusion model
-    alone) with any of its parts replaced or given by other files: ``diffusion_model``,
+    """The diffusers pipeline of ``checkpoint`` (a monolithic file, a diffusion model
+    alone, or a diffusers folder: its subfolders' weights, its scheduler and tokenizers)
+    with any of its parts replaced or given by other files: ``diffusion_model``,
     ``text_encoders`` (files holding one text encoder each) and ``vae``. ``dtype``: a torch
     dtype or a name (fp16, bf16, fp32); by default float32 on the CPU and the diffusion
     model's own float type on another device. ``tokenizers``: a folder holding them, or
@@ -125,8 +134,69 @@ def _diffusers():
 
 
 def _open(path: str, stack: ExitStack) -> tuple[str, Checkpoint, Identification]:
-    checkpoint = stack.enter_context(open_checkpoint(path))
+    """A file, or a diffusers component folder (its weight files, shards together, as one
+    checkpoint: each lazy tensor reads from its own file)."""
+    if not os.path.isdir(path):
+        checkpoint = stack.enter_context(open_checkpoint(path))
+        return path, checkpoint, identify_checkpoint(checkpoint)
+    files = weight_files(path)
+    if not files:
+        raise FormatError("holds no weights (.safetensors or .bin)", path)
+    shards = [stack.enter_context(open_checkpoint(f)) for f in files]
+    tensors = {k: t for shard in shards for k, t in shard.items()}
+    metadata = {k: v for shard in shards for k, v in shard.metadata.items()}
+    checkpoint = Checkpoint(path, shards[0].format, tensors, shards[0].source, metadata)
     return path, checkpoint, identify_checkpoint(checkpoint)
+
+
+# A diffusers folder's subfolders, as the parts load_pipeline takes.
+_FOLDER_ROLES = {"unet": "diffusion_model", "transformer": "diffusion_model",
+                 "text_encoder": "text_encoders", "text_encoder_2": "text_encoders",
+                 "text_encoder_3": "text_encoders", "vae": "vae"}
+
+
+@dataclass
+class _Folder:
+    """A diffusers pipeline folder read as parts: its component subfolders by role, its
+    scheduler's config and its tokenizer folders (by the pipeline's attribute)."""
+
+    path: str
+    parts: dict[str, Any]
+    scheduler: dict | None
+    tokenizers: dict[str, str]
+
+
+def _read_folder(path: str) -> _Folder:
+    """The parts of the diffusers folder ``path``, from its ``model_index.json`` and
+    subfolders (read as data: JSON and weight files; nothing of a folder is run)."""
+    import json
+
+    described = inspect_diffusers_folder(path)  # refuses a component named as a path
+    parts: dict[str, Any] = {"diffusion_model": None, "text_encoders": [], "vae": None}
+    for sub in described["components"]:
+        role = _FOLDER_ROLES.get(sub)
+        if role == "text_encoders":
+            parts[role].append(os.path.join(path, sub))
+        elif role:
+            parts[role] = os.path.join(path, sub)
+    scheduler = None
+    config = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.isfile(config):
+        try:
+            with open(config, encoding="utf-8") as f:
+                scheduler = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"scheduler/scheduler_config.json cannot be read ({exc})",
+                              path) from None
+        name = scheduler.get("_class_name") if isinstance(scheduler, dict) else None
+        if not (isinstance(name, str) and name.endswith("Scheduler") and name.isidentifier()):
+            raise FormatError("scheduler/scheduler_config.json names no diffusers scheduler",
+                              path)
+    tokenizers = {f"tokenizer{sub.removeprefix('text_encoder')}":
+                  os.path.join(path, f"tokenizer{sub.removeprefix('text_encoder')}")
+                  for sub in _FOLDER_ROLES if sub.startswith("text_encoder")}
+    return _Folder(path, parts, scheduler,
+                   {k: v for k, v in tokenizers.items() if os.path.isdir(v)})
 
 
 def _one_component(path: str, ident: Identification, role: str) -> str:
@@ -141,8 +211,27 @@ def plan_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None 
                   text_encoders: Iterable[str] = (), vae: str | None = None,
                   stack: ExitStack) -> Plan:
     """Identifies every file, checks the parts belong together and plans every tensor's
-    moves to its diffusers name; reads no tensor data. The files stay open in ``stack``."""
-    base = _open(checkpoint, stack) if checkpoint else None
+    moves to its diffusers name; reads no tensor data. The files stay open in ``stack``.
+    ``checkpoint`` may be a diffusers folder: its subfolders are the parts, each replaced
+    by the one given in its place."""
+    opened: dict[str, tuple[str, Checkpoint, Identification]] = {}
+
+    def get(path: str) -> tuple[str, Checkpoint, Identification]:
+        if path not in opened:
+            opened[path] = _open(path, stack)
+        return opened[path]
+
+    folder = None
+    if checkpoint and os.path.isdir(checkpoint) and is_diffusers_folder(checkpoint):
+        folder = _read_folder(checkpoint)
+        diffusion_model = diffusion_model or folder.parts["diffusion_model"]
+        replaced = {c.name for p in text_encoders for c in get(p)[2].components}
+        text_encoders = [*text_encoders, *(
+            p for p in folder.parts["text_encoders"]
+            if not replaced & {c.name for c in get(p)[2].components})]
+        vae = vae or folder.parts["vae"]
+        checkpoint = None
+    base = get(checkpoint) if checkpoint else None
     if base and base[2].kind != "checkpoint":
         if base[2].kind != "diffusion-model" or diffusion_model:
             raise UsageError(f"{checkpoint} is {a_or_an(base[2].describe())}, not a checkpoint "
@@ -150,7 +239,7 @@ def plan_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None 
         diffusion_model, base = checkpoint, None
     given: dict[str, tuple[str, Checkpoint, Identification]] = {}
     if diffusion_model:
-        model = _open(diffusion_model, stack)
+        model = get(diffusion_model)
         if _one_component(diffusion_model, model[2], "diffusion model") != DIFFUSION_MODEL:
             raise UsageError(f"{diffusion_model} is {a_or_an(model[2].describe())}, not a "
                              "diffusion model")
@@ -169,7 +258,7 @@ def plan_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None 
                          f"{a_or_an(model[2].describe())}: they are not parts of one model")
     for role, path in [*(("text encoder", p) for p in text_encoders),
                        *((["VAE", vae],) if vae else ())]:
-        found = _open(path, stack)
+        found = get(path)
         name = _one_component(path, found[2], role)
         if (role == "VAE") != (name == "vae"):
             raise UsageError(f"{path} was given as {a_or_an(role)} but is {a_or_an(name)}")
@@ -210,8 +299,10 @@ def plan_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None 
     extras = {k: v for k, v in index.items()
               if k not in subfolders and k not in ("_class_name", "scheduler")}
     files = {path: (ckpt, ident) for path, ckpt, ident in sources.values()}
-    return Plan(fam, pipeline, parts, _scheduler(fam, variants), extras, tiny, variants,
-                warnings, model[0], files)
+    scheduler = folder.scheduler if folder and folder.scheduler else _scheduler(fam, variants)
+    return Plan(fam, pipeline, parts, scheduler, extras, tiny, variants, warnings, model[0],
+                files, folder=folder.path if folder else "",
+                tokenizer_folders=folder.tokenizers if folder else {})
 
 
 def lora_spec(entry: Any):
