@@ -100,6 +100,28 @@ PRESETS = {
     "lcm": Preset("lcm", ("sd1", "sdxl"), 4, 1.0, SAMPLERS["lcm"], None,
                   "latent-consistency/lcm-lora-sdxl and lcm-lora-sdv1-5 model cards"),
 }
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """Skip-layer guidance (SLG): a further guidance term away from the model's prediction
+    with some of its layers skipped, over part of the steps (diffusers'
+    ``StableDiffusion3Pipeline`` arguments ``skip_guidance_layers`` etc.)."""
+
+    family: str
+    scale: float
+    layers: tuple[int, ...]
+    start: float  # the share of the steps where it starts and stops
+    stop: float
+    source: str
+
+
+# Stability AI's reference implementation of SD3.5 (Stability-AI/sd3.5, sd3_infer.py,
+# CONFIGS["sd3.5_medium"]["skip_layer_config"]): scale 2.5 on layers 7, 8 and 9, from 1% to
+# 30% of the steps, for SD3.5 Medium only; used there when asked (--skip_layer_cfg True; its
+# README: "optionally ... for potentially better structure and anatomy coherency"), so off
+# by default here too. Others' defaults differ: ComfyUI's SkipLayerGuidanceSD3 node 3.0 from
+# 1% to 15%, diffusers' pipeline 2.8 from 1% to 20% (the same layers).
+SLG = SkipLayerGuidance("sd3.5-medium", 2.5, (7, 8, 9), 0.01, 0.30,
+                        "Stability-AI/sd3.5 sd3_infer.py, SD3.5 Medium")
 # The preset a recognised distilled release gets without being asked (its variant name).
 _DISTILLED = {"turbo": "turbo"}
 _FLUX_SCHNELL_TOKENS = 256  # FLUX.1 [schnell] model card: max_sequence_length=256
@@ -117,6 +139,7 @@ class Settings:
     sources: list[str] = field(default_factory=list)  # where the settings came from
     strength: float | None = None  # how much of an input image is redone (img2img, fill)
     image_guidance: float | None = None  # InstructPix2Pix's image CFG scale
+    slg: float | None = None  # the skip-layer guidance scale (SD3.5 Medium), None: off
 
 
 def _flow(plan: Plan) -> bool:
@@ -144,7 +167,7 @@ def settings(plan: Plan, *, preset: str | None = None, steps: int | None = None,
              guidance: float | None = None, sampler: str | None = None,
              size: tuple[int, int] | None = None, seed: int | None = None,
              variants: Sequence[str] = (), strength: float | None = None,
-             image_guidance: float | None = None) -> Settings:
+             image_guidance: float | None = None, slg: float | None = None) -> Settings:
     """The settings to generate with: the options given, else ``preset``'s, else those of
     the distilled release ``variants`` name, else those of the task a model that starts
     from an image does (``image_inputs.TASKS``), else the family's."""
@@ -183,6 +206,9 @@ def settings(plan: Plan, *, preset: str | None = None, steps: int | None = None,
         chosen.sampler = _sampler(plan, sampler)
     if size is not None:
         chosen.width, chosen.height = size
+    if slg is not None:
+        _check_slg(plan, chosen, slg)
+        chosen.slg = slg
     if chosen.strength is not None and int(chosen.steps * chosen.strength) < 1:
         # diffusers runs the last int(steps * strength) steps: none would leave noise
         raise UsageError(f"at strength {_number(chosen.strength)}, {chosen.steps} steps "
@@ -229,6 +255,22 @@ def _task_settings(plan: Plan, chosen: Settings, strength: float | None,
         if name == "image_guidance" and value < 0:
             raise UsageError(f"--image-guidance must be 0 or more, not {value}")
         setattr(chosen, name, value)
+
+
+def _check_slg(plan: Plan, chosen: Settings, scale: float) -> None:
+    if plan.family.id != SLG.family:
+        raise UsageError(f"skip-layer guidance (--slg) is set for SD3.5 Medium's layers "
+                         f"{', '.join(map(str, SLG.layers))}, not {plan.family.name}")
+    if scale <= 0:
+        raise UsageError(f"--slg takes a scale above 0, not {scale:g}")
+    if chosen.guidance <= 1:
+        raise UsageError("skip-layer guidance works beside classifier-free guidance; with "
+                         f"guidance {chosen.guidance:g} there is none (give --guidance above 1)")
+    first = int(chosen.steps * SLG.start) + 1  # diffusers: start * steps < i < stop * steps
+    if first >= chosen.steps * SLG.stop:
+        raise UsageError(f"skip-layer guidance runs from {SLG.start:.0%} to {SLG.stop:.0%} "
+                         f"of the steps: {chosen.steps} steps leave it none (give --steps "
+                         f"{int(first / SLG.stop) + 1} or more)")
 
 
 def _pipeline_default(pipeline: str, argument: str) -> float:
@@ -292,6 +334,10 @@ def infotext(prompt: str, negative: str, chosen: Settings, plan: Plan,
         # denoising strength; the mask's hash and the control image's are ckptkit's own
         **(inputs or {}),
         "Denoising strength": None if chosen.strength is None else _number(chosen.strength),
+        # ckptkit's own entry (A1111 has no SD3 skip-layer guidance)
+        "Skip layer guidance": None if chosen.slg is None else
+        f"{_number(chosen.slg)} on layers {' '.join(map(str, SLG.layers))} from "
+        f"{_number(SLG.start)} to {_number(SLG.stop)}",
         # A1111's Lora extension (scripts/lora_script.py): "name: short hash, ...", the name
         # as in the prompt's tag less ":" and ","
         "Lora hashes": ", ".join(f"{name.translate(_NO_SEPARATORS)}: {sha[:12]}"
@@ -339,7 +385,8 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
              fsync: bool = True, loras: Sequence[Any] = (),
              allow_unmatched: bool = False, image: str | None = None,
              mask: str | None = None, strength: float | None = None,
-             image_guidance: float | None = None) -> dict[str, Any]:
+             image_guidance: float | None = None,
+             slg: float | None = None) -> dict[str, Any]:
     """Makes the image and writes ``out`` (a PNG, atomically); returns what was done:
     the settings, where they came from, the infotext and the plan's warnings. ``models``:
     files in any order, each taken as what it is (a checkpoint, a diffusion model, a text
@@ -347,7 +394,7 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
     ``loras``: as ``load_pipeline`` takes them. ``image`` (and ``mask``, white where to
     repaint): the input of a model that starts from one (``image_inputs.TASKS``), whose
     size the output takes; ``strength`` and ``image_guidance`` where its pipeline has
-    them."""
+    them. ``slg``: SD3.5 Medium's skip-layer guidance at that scale (``SLG``)."""
     import torch
 
     specs = [lora_spec(entry) for entry in loras]
@@ -381,7 +428,8 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
                                   release.family == plan.family.id else ())]
     chosen = settings(plan, preset=preset, steps=steps, guidance=guidance, sampler=sampler,
                       size=pictures.size if pictures else size, seed=seed,
-                      variants=variants, strength=strength, image_guidance=image_guidance)
+                      variants=variants, strength=strength, image_guidance=image_guidance,
+                      slg=slg)
     import diffusers
 
     scheduler_cls = getattr(diffusers, chosen.sampler.scheduler)
@@ -393,6 +441,10 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
                                   height=chosen.height,
                                   generator=torch.Generator("cpu").manual_seed(chosen.seed))
     kwargs.update(_image_arguments(pictures, chosen))
+    if chosen.slg is not None:
+        kwargs.update(skip_guidance_layers=list(SLG.layers),
+                      skip_layer_guidance_scale=chosen.slg,
+                      skip_layer_guidance_start=SLG.start, skip_layer_guidance_stop=SLG.stop)
     accepted = inspect.signature(pipe.__call__).parameters  # the refiner takes no size
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     if negative:
