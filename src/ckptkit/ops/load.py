@@ -441,10 +441,29 @@ def _diffusers_nodes(fam: Family, name: str, tiny: bool, checkpoint: Checkpoint,
 class _Scratch:
     """One read buffer for every slice a load casts: a new 16 MB buffer for each slice cost
     a page fault per 4 KB page every time (an SD 1.5 load cast to fp32 took 1.45x the time
-    of diffusers' until the buffer was reused)."""
+    of diffusers' until the buffer was reused). Also each file's whole memory map as one
+    byte tensor, which the views of its tensors slice (``LazyTensor.load`` wraps the map
+    anew for each tensor, under a warnings filter: a tenth of an SDXL load)."""
 
     def __init__(self):
         self.buffer = bytearray()
+        self.maps: dict[int, Any] = {}
+
+    def view(self, lazy: LazyTensor, start: int, stop: int):
+        """Rows ``start:stop`` of a contiguous file tensor, viewing the mapped file."""
+        import warnings
+
+        import torch
+
+        flat = self.maps.get(id(lazy.source))
+        if flat is None:
+            with warnings.catch_warnings():  # the map is copy-on-write: never written here
+                warnings.simplefilter("ignore")
+                flat = torch.frombuffer(lazy.source.mmap(), dtype=torch.uint8)
+            self.maps[id(lazy.source)] = flat
+        row = lazy.nbytes // lazy.shape[0] if lazy.shape else lazy.nbytes
+        begin = lazy.data_offset + start * row
+        return flat[begin:begin + (stop - start) * row].view(torch_dtype(lazy.dtype))
 
     def rows(self, lazy: LazyTensor, start: int, stop: int):
         """Rows ``start:stop`` of a contiguous file tensor, as a [rows, -1] view of the
@@ -480,10 +499,11 @@ def _materialise(node: Any, dtype, device, zero_copy: bool, scratch: _Scratch,
     stored = torch_dtype(lazy.dtype)
     target = dtype or stored
     as_stored = target == stored and str(device) == "cpu"
-    if zero_copy and as_stored:
-        view = lazy.load()
-        if lazy.shape:
-            view = view[node.start:node.stop]
+    if zero_copy and as_stored and lazy.nbytes:
+        if lazy.byte_rows:
+            view = scratch.view(lazy, node.start, node.stop if lazy.shape else 1)
+        else:
+            view = lazy.load()[node.start:node.stop] if lazy.shape else lazy.load()
         if view.data_ptr() % _ALIGN == 0:
             return view.reshape(node.shape)
     out = torch.empty(node.shape, dtype=target, device=device)
@@ -573,21 +593,39 @@ def _no_init_weights():
 
 
 def _module(config: dict):
+    """The module of ``config``, its parameters on the meta device and not initialised
+    (transformers' switch also skips torch's ``nn.init`` calls, which diffusers' layers
+    make too: a third of an SDXL pipeline's construction)."""
     diffusers, transformers = _diffusers()
-    with _parameters_on_meta():
+    with _parameters_on_meta(), _no_init_weights():
         if "_class_name" in config:
             return getattr(diffusers, config["_class_name"]).from_config(config)
         cls = getattr(transformers, config["architectures"][0])
-        with _no_init_weights():
-            return cls._from_config(cls.config_class.from_dict(config))
+        return cls._from_config(cls.config_class.from_dict(config))
 
 
-def _state_names(module, nodes: Mapping[str, Any], part: Part) -> dict[str, str]:
-    """The module's state-dict name of each planned key: the same, but for a CLIP text
-    model of transformers 5, whose ``CLIPTextModel`` has no ``text_model.`` level in
-    memory; position ids (a buffer it makes itself) are left to it. Refuses a plan that
-    does not fill the module exactly."""
-    state = module.state_dict()
+def _slots(module) -> dict[str, tuple[Any, str, Any]]:
+    """The module's state-dict entries, name -> (the submodule holding it, its attribute
+    there, its tensor now), found without making the state dict (which detaches every
+    tensor and runs every submodule's hooks: a tenth of an SDXL load, twice)."""
+    slots = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for leaf, value in sub._parameters.items():
+            if value is not None:
+                slots[dot + leaf] = (sub, leaf, value)
+        for leaf, value in sub._buffers.items():
+            if value is not None and leaf not in sub._non_persistent_buffers_set:
+                slots[dot + leaf] = (sub, leaf, value)
+    return slots
+
+
+def _state_names(module, nodes: Mapping[str, Any], part: Part,
+                 state: Mapping[str, Any]) -> dict[str, str]:
+    """The module's state-dict name (a key of ``_slots``) of each planned key: the same,
+    but for a CLIP text model of transformers 5, whose ``CLIPTextModel`` has no
+    ``text_model.`` level in memory; position ids (a buffer it makes itself) are left to
+    it. Refuses a plan that does not fill the module exactly."""
     names = {}
     for key in nodes:
         name = key if key in state else key.removeprefix("text_model.")
@@ -596,7 +634,7 @@ def _state_names(module, nodes: Mapping[str, Any], part: Part) -> dict[str, str]
         elif not key.endswith("position_ids"):
             raise AssertionError(f"{part.path}: {key} has no place in {type(module).__name__}")
     tied = {t for t in (getattr(module, "_tied_weights_keys", None) or ())}
-    missing = [k for k, v in state.items() if v.device.type == "meta"
+    missing = [k for k, (_, _, v) in state.items() if v.device.type == "meta"
                and k not in names.values() and k not in tied]
     if missing:
         raise UsageError(f"{part.path}: its {part.name} lacks {len(missing)} tensors "
@@ -625,15 +663,16 @@ def _dtype(dtype: Any, device: str, plan: Plan):
     return dtype
 
 
-def _fill(module, part: Part, dtype, device, scratch: _Scratch,
+def _fill(module, part: Part, slots: Mapping[str, tuple[Any, str, Any]],
+          names: Mapping[str, str], dtype, device, scratch: _Scratch,
           patches: Mapping[LazyTensor, tuple[str, list]]) -> None:
-    """Puts the part's weights into ``module`` (``assign``: the tensors made become its
-    parameters); parameters of modules the class keeps in float32 stay float32."""
+    """Puts the part's weights into ``module``: each tensor made becomes the parameter (or
+    buffer) itself, as ``load_state_dict(assign=True)`` would make it, set in its submodule
+    directly (``load_state_dict``'s per-module walk took a tenth of an SDXL load);
+    parameters of modules the class keeps in float32 stay float32."""
     import torch
 
-    names = _state_names(module, part.nodes, part)
     keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
-    state = {}
     for key, name in names.items():
         node = part.nodes[key]
         floating = isinstance(node, _Op) or node.tensor.dtype.is_float
@@ -641,14 +680,22 @@ def _fill(module, part: Part, dtype, device, scratch: _Scratch,
         if wanted in (torch.float16, torch.bfloat16) and any(
                 f".{m}." in f".{name}" for m in keep):
             wanted = torch.float32
-        state[name] = _materialise(node, wanted, device, True, scratch, patches)
-    module.load_state_dict(state, strict=False, assign=True)
+        tensor = _materialise(node, wanted, device, True, scratch, patches)
+        owner, leaf, now = slots[name]
+        if tensor.shape != now.shape:
+            raise AssertionError(f"{part.path}: {key} is {list(tensor.shape)}, "
+                                 f"{type(module).__name__} holds {list(now.shape)}")
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor
     if hasattr(module, "tie_weights"):
         module.tie_weights()
     left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
     if left:
         raise AssertionError(f"{part.path}: {left[0]} was not loaded")
-    module.to(device)
+    if str(device) != "cpu":  # on the CPU every tensor is where it belongs already
+        module.to(device)
     module.eval()
     module.requires_grad_(False)
 
@@ -661,13 +708,15 @@ def build(plan: Plan, *, dtype: Any = None, device: str = "cpu", tokenizers: Any
 
     dtype = _dtype(dtype, device, plan)
     found_tokenizers = tokenizers_for(plan, tokenizers)
-    modules = {}
+    modules, slots, names = {}, {}, {}
     for part in plan.parts:
-        modules[part.attribute] = _module(part.config)
-        _state_names(modules[part.attribute], part.nodes, part)
+        module = modules[part.attribute] = _module(part.config)
+        slots[part.attribute] = _slots(module)
+        names[part.attribute] = _state_names(module, part.nodes, part, slots[part.attribute])
     scratch = _Scratch()
     for part in plan.parts:
-        _fill(modules[part.attribute], part, dtype, device, scratch, plan.patches)
+        _fill(modules[part.attribute], part, slots[part.attribute], names[part.attribute],
+              dtype, device, scratch, plan.patches)
     scheduler = getattr(diffusers, plan.scheduler["_class_name"]).from_config(plan.scheduler)
     cls = getattr(diffusers, plan.pipeline)
     params = inspect.signature(cls.__init__).parameters
