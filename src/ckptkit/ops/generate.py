@@ -100,6 +100,8 @@ PRESETS = {
     "lcm": Preset("lcm", ("sd1", "sdxl"), 4, 1.0, SAMPLERS["lcm"], None,
                   "latent-consistency/lcm-lora-sdxl and lcm-lora-sdv1-5 model cards"),
 }
+
+
 @dataclass(frozen=True)
 class SkipLayerGuidance:
     """Skip-layer guidance (SLG): a further guidance term away from the model's prediction

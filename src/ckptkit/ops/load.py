@@ -12,7 +12,8 @@ declares every family's components, layouts and diffusers configs, so here:
 2. The modules are built from ckptkit's configs with their parameters on the meta device
    (buffers, which are small and computed, stay real), and the keys the moves make are
    compared with each module's state dict, still before any weight is read.
-3. The weights go in with ``load_state_dict(assign=True)``: a tensor the module takes as it
+3. The weights go in as the modules' own parameters (set as ``load_state_dict(assign=True)``
+   sets them): a tensor the module takes as it
    is stored becomes a view of the memory-mapped file (no copy at all; pages are read when
    touched) where its data is 64-byte aligned (every weight of a file ckptkit wrote:
    ``engine.writer.ALIGNMENT``); one that is not (safetensors' own writer aligns to 8 bytes:
