@@ -17,7 +17,7 @@ and ``vae.`` (sd-mecha's sd1-kohya table), so that layout is built here too.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from . import diffusers_dit, diffusers_text, diffusers_unet, diffusers_vae
@@ -173,10 +173,33 @@ def _index_entry(config: dict) -> list[str]:
     return ["transformers", config["architectures"][0]]
 
 
-def folder(fam: Family) -> tuple[dict, dict[str, tuple[str, str]]]:
-    """``fam``'s ``model_index.json`` and its weights: subfolder -> (component, file name)."""
+# The pipeline class of an input-channel variant, where diffusers has one (the class the
+# released folders name: runwayml's inpainting, timbrooks/instruct-pix2pix, FLUX.1 Fill-dev
+# and Depth-dev).
+VARIANT_PIPELINES = {
+    ("StableDiffusionPipeline", "inpaint"): "StableDiffusionInpaintPipeline",
+    ("StableDiffusionPipeline", "pix2pix"): "StableDiffusionInstructPix2PixPipeline",
+    ("StableDiffusionXLPipeline", "inpaint"): "StableDiffusionXLInpaintPipeline",
+    ("StableDiffusionXLPipeline", "pix2pix"): "StableDiffusionXLInstructPix2PixPipeline",
+    ("FluxPipeline", "fill"): "FluxFillPipeline",
+    ("FluxPipeline", "depth"): "FluxControlPipeline",
+}
+
+
+def pipeline_class(fam: Family, variants: Iterable[str] = ()) -> str:
+    """The diffusers pipeline class of ``fam``, or of its input-channel variant."""
+    cls = _pipeline(fam).cls
+    for variant in variants:
+        cls = VARIANT_PIPELINES.get((cls, variant), cls)
+    return cls
+
+
+def folder(fam: Family, variant: str | None = None) -> tuple[dict, dict[str, tuple[str, str]]]:
+    """``fam``'s ``model_index.json`` (of its ``variant``'s pipeline) and its weights:
+    subfolder -> (component, file name)."""
     pipe = _pipeline(fam)
-    index: dict = {"_class_name": pipe.cls, **pipe.extras,
+    index: dict = {"_class_name": pipeline_class(fam, [variant] if variant else []),
+                   **pipe.extras,
                    "scheduler": ["diffusers", pipe.scheduler["_class_name"]]}
     parts = {}
     for sub, name in pipe.parts:

@@ -34,6 +34,8 @@ def _epilog() -> str:
 
 
 def add_parser(commands) -> None:
+    from ..ops.generate import SLG
+
     p = commands.add_parser(
         "generate", help="make an image from a checkpoint (or its parts) and a prompt",
         description="Load MODEL (a checkpoint, or a diffusion model with its text encoders "
@@ -63,6 +65,21 @@ def add_parser(commands) -> None:
     p.add_argument("--allow-unmatched", action="store_true",
                    help="load the LoRA modules that land somewhere and leave out the others "
                         "(by default, any that lands nowhere refuses)")
+    p.add_argument("--image", metavar="FILE",
+                   help="the input image of a model that starts from one (the SDXL refiner, "
+                        "inpainting, InstructPix2Pix, FLUX.1 Fill; FLUX.1 Depth/Canny: the "
+                        "depth or edge map); the output takes its size")
+    p.add_argument("--mask", metavar="FILE", help="inpainting and FLUX.1 Fill: the area to "
+                                                   "repaint (white), the image's size")
+    p.add_argument("--strength", type=float, help="how much of the image is redone, 0-1 "
+                                                  "(default: the pipeline's own)")
+    p.add_argument("--image-guidance", type=float, metavar="G",
+                   help="InstructPix2Pix: how closely to keep the image (default 1.5)")
+    p.add_argument("--slg", nargs="?", type=float, const=SLG.scale, metavar="SCALE",
+                   help=(f"SD3.5 Medium: skip-layer guidance on layers "
+                         f"{', '.join(map(str, SLG.layers))} from {SLG.start:.0%} to "
+                         f"{SLG.stop:.0%} of the steps, scale {SLG.scale:g} unless given "
+                         f"({SLG.source}; off by default, as there)").replace("%", "%%"))
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--dtype", choices=list(COMPUTE_DTYPES),
                    help="default: fp32 on the CPU, the model's own on a GPU")
@@ -101,7 +118,8 @@ def run(args) -> int:
             vae=args.vae, device=args.device, dtype=args.dtype, preset=args.preset,
             tokenizers=args.tokenizers, on_step=on_step, fsync=args.fsync,
             loras=[parse_spec(text) for text in args.lora],
-            allow_unmatched=args.allow_unmatched)
+            allow_unmatched=args.allow_unmatched, image=args.image, mask=args.mask,
+            strength=args.strength, image_guidance=args.image_guidance, slg=args.slg)
     finally:
         bar.close()
     if args.json:

@@ -19,6 +19,7 @@ on one device, and the same noise on any device.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import secrets
@@ -33,6 +34,7 @@ from ..engine.atomic import AtomicOutput, check_output_path
 from ..errors import UsageError, a_or_an
 from ..formats.checkpoint import paused_gc
 from .hashing import BackgroundSha256, lora_sha256
+from .image_inputs import TASKS, Inputs, read_inputs
 from .load import Plan, build, lora_spec, plan_loras, plan_pipeline
 
 
@@ -98,19 +100,33 @@ PRESETS = {
     "lcm": Preset("lcm", ("sd1", "sdxl"), 4, 1.0, SAMPLERS["lcm"], None,
                   "latent-consistency/lcm-lora-sdxl and lcm-lora-sdv1-5 model cards"),
 }
+
+
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """Skip-layer guidance (SLG): a further guidance term away from the model's prediction
+    with some of its layers skipped, over part of the steps (diffusers'
+    ``StableDiffusion3Pipeline`` arguments ``skip_guidance_layers`` etc.)."""
+
+    family: str
+    scale: float
+    layers: tuple[int, ...]
+    start: float  # the share of the steps where it starts and stops
+    stop: float
+    source: str
+
+
+# Stability AI's reference implementation of SD3.5 (Stability-AI/sd3.5, sd3_infer.py,
+# CONFIGS["sd3.5_medium"]["skip_layer_config"]): scale 2.5 on layers 7, 8 and 9, from 1% to
+# 30% of the steps, for SD3.5 Medium only; used there when asked (--skip_layer_cfg True; its
+# README: "optionally ... for potentially better structure and anatomy coherency"), so off
+# by default here too. Others' defaults differ: ComfyUI's SkipLayerGuidanceSD3 node 3.0 from
+# 1% to 15%, diffusers' pipeline 2.8 from 1% to 20% (the same layers).
+SLG = SkipLayerGuidance("sd3.5-medium", 2.5, (7, 8, 9), 0.01, 0.30,
+                        "Stability-AI/sd3.5 sd3_infer.py, SD3.5 Medium")
 # The preset a recognised distilled release gets without being asked (its variant name).
 _DISTILLED = {"turbo": "turbo"}
 _FLUX_SCHNELL_TOKENS = 256  # FLUX.1 [schnell] model card: max_sequence_length=256
-_NEEDS_AN_IMAGE = {"StableDiffusionXLImg2ImgPipeline": "the SDXL refiner refines an image",
-                   "StableDiffusionInpaintPipeline": "an inpainting model fills a masked image",
-                   "StableDiffusionXLInpaintPipeline":
-                       "an inpainting model fills a masked image",
-                   "StableDiffusionInstructPix2PixPipeline": "an InstructPix2Pix model edits "
-                                                             "an image",
-                   "StableDiffusionXLInstructPix2PixPipeline": "an InstructPix2Pix model "
-                                                               "edits an image",
-                   "FluxFillPipeline": "FLUX.1 Fill fills a masked image",
-                   "FluxControlPipeline": "FLUX.1 Depth follows a depth map"}
 
 
 @dataclass
@@ -123,6 +139,9 @@ class Settings:
     seed: int
     preset: str | None = None
     sources: list[str] = field(default_factory=list)  # where the settings came from
+    strength: float | None = None  # how much of an input image is redone (img2img, fill)
+    image_guidance: float | None = None  # InstructPix2Pix's image CFG scale
+    slg: float | None = None  # the skip-layer guidance scale (SD3.5 Medium), None: off
 
 
 def _flow(plan: Plan) -> bool:
@@ -149,13 +168,16 @@ def parse_size(text: str) -> tuple[int, int]:
 def settings(plan: Plan, *, preset: str | None = None, steps: int | None = None,
              guidance: float | None = None, sampler: str | None = None,
              size: tuple[int, int] | None = None, seed: int | None = None,
-             variants: Sequence[str] = ()) -> Settings:
+             variants: Sequence[str] = (), strength: float | None = None,
+             image_guidance: float | None = None, slg: float | None = None) -> Settings:
     """The settings to generate with: the options given, else ``preset``'s, else those of
-    the distilled release ``variants`` name, else the family's."""
+    the distilled release ``variants`` name, else those of the task a model that starts
+    from an image does (``image_inputs.TASKS``), else the family's."""
     fam = plan.family
     base = fam.sampling
     chosen = Settings(base.steps, base.guidance, _default_sampler(plan), *base.resolution,
                       seed=0, sources=[f"{fam.name} defaults"])
+    _task_settings(plan, chosen, strength, image_guidance)
     name = preset or next((_DISTILLED[v] for v in variants if v in _DISTILLED), None)
     if name:
         if name not in PRESETS:
@@ -186,6 +208,13 @@ def settings(plan: Plan, *, preset: str | None = None, steps: int | None = None,
         chosen.sampler = _sampler(plan, sampler)
     if size is not None:
         chosen.width, chosen.height = size
+    if slg is not None:
+        _check_slg(plan, chosen, slg)
+        chosen.slg = slg
+    if chosen.strength is not None and int(chosen.steps * chosen.strength) < 1:
+        # diffusers runs the last int(steps * strength) steps: none would leave noise
+        raise UsageError(f"at strength {_number(chosen.strength)}, {chosen.steps} steps "
+                         "redo none of the image; give more --steps or a higher --strength")
     multiple = 16 if _flow(plan) else 8
     if chosen.width % multiple or chosen.height % multiple:
         raise UsageError(f"{fam.name} makes images whose sides are multiples of {multiple}; "
@@ -194,6 +223,63 @@ def settings(plan: Plan, *, preset: str | None = None, steps: int | None = None,
     if not 0 <= chosen.seed < 2**64:
         raise UsageError(f"--seed must be between 0 and 2**64 - 1, not {chosen.seed}")
     return chosen
+
+
+def _task_settings(plan: Plan, chosen: Settings, strength: float | None,
+                   image_guidance: float | None) -> None:
+    """The task's own steps, guidance and sampler where its publisher gives them, and its
+    strength and image guidance (the option given, else the diffusers pipeline's default)."""
+    task = TASKS.get(plan.pipeline)
+    if task is None or not (task.strength or task.image_guidance):
+        for name, value in (("strength", strength), ("image-guidance", image_guidance)):
+            if value is not None:
+                raise UsageError(f"--{name} is for models that start from an image; "
+                                 f"{plan.family.name}'s {plan.pipeline} takes none")
+    if task is None:
+        return
+    if task.steps is not None:
+        chosen.steps, chosen.guidance = task.steps, task.guidance
+        chosen.sources = [task.source]
+    if task.sampler and not _flow(plan):
+        chosen.sampler = SAMPLERS[task.sampler]
+        chosen.sources = [task.source]
+    for name, takes, value in (("strength", task.strength, strength),
+                               ("image_guidance", task.image_guidance, image_guidance)):
+        option = "--" + name.replace("_", "-")
+        if value is not None and not takes:
+            raise UsageError(f"{plan.pipeline} takes no {option}")
+        if not takes:
+            continue
+        argument = "strength" if name == "strength" else "image_guidance_scale"
+        value = _pipeline_default(plan.pipeline, argument) if value is None else value
+        if name == "strength" and not 0 < value <= 1:
+            raise UsageError(f"--strength must be more than 0 and at most 1, not {value}")
+        if name == "image_guidance" and value < 0:
+            raise UsageError(f"--image-guidance must be 0 or more, not {value}")
+        setattr(chosen, name, value)
+
+
+def _check_slg(plan: Plan, chosen: Settings, scale: float) -> None:
+    if plan.family.id != SLG.family:
+        raise UsageError(f"skip-layer guidance (--slg) is set for SD3.5 Medium's layers "
+                         f"{', '.join(map(str, SLG.layers))}, not {plan.family.name}")
+    if scale <= 0:
+        raise UsageError(f"--slg takes a scale above 0, not {scale:g}")
+    if chosen.guidance <= 1:
+        raise UsageError("skip-layer guidance works beside classifier-free guidance; with "
+                         f"guidance {chosen.guidance:g} there is none (give --guidance above 1)")
+    first = int(chosen.steps * SLG.start) + 1  # diffusers: start * steps < i < stop * steps
+    if first >= chosen.steps * SLG.stop:
+        raise UsageError(f"skip-layer guidance runs from {SLG.start:.0%} to {SLG.stop:.0%} "
+                         f"of the steps: {chosen.steps} steps leave it none (give --steps "
+                         f"{int(first / SLG.stop) + 1} or more)")
+
+
+def _pipeline_default(pipeline: str, argument: str) -> float:
+    """The default diffusers' ``pipeline`` gives ``argument`` when called."""
+    import diffusers
+
+    return inspect.signature(getattr(diffusers, pipeline).__call__).parameters[argument].default
 
 
 def _sampler(plan: Plan, name: str) -> Sampler:
@@ -222,9 +308,11 @@ def _number(value: float) -> str:
 
 def infotext(prompt: str, negative: str, chosen: Settings, plan: Plan,
              model: tuple[str, str | None], vae: tuple[str, str | None] | None,
-             loras: Sequence[tuple[str, Any, str]] = ()) -> str:
+             loras: Sequence[tuple[str, Any, str]] = (),
+             inputs: dict[str, str] | None = None) -> str:
     """The ``parameters`` text, as A1111's ``create_infotext`` writes it. ``model`` and
-    ``vae``: (name, SHA-256 or None); ``loras``: (name, ``LoraSpec``, A1111's hash)."""
+    ``vae``: (name, SHA-256 or None); ``loras``: (name, ``LoraSpec``, A1111's hash);
+    ``inputs``: the input images' entries (``image_inputs.Inputs.infotext``)."""
     flux = plan.family.id.startswith("flux")
     params: dict[str, str | None] = {
         "Steps": str(chosen.steps),
@@ -234,6 +322,8 @@ def infotext(prompt: str, negative: str, chosen: Settings, plan: Plan,
         # FLUX.1 has no classifier-free guidance; dev's guidance is a model input, which
         # Forge records as "Distilled CFG Scale"
         "CFG scale": "1" if flux else _number(chosen.guidance),
+        "Image CFG scale": None if chosen.image_guidance is None
+        else _number(chosen.image_guidance),
         "Distilled CFG Scale": _number(chosen.guidance) if plan.family.id == "flux1-dev"
         else None,
         "Seed": str(chosen.seed),
@@ -242,6 +332,14 @@ def infotext(prompt: str, negative: str, chosen: Settings, plan: Plan,
         "Model": model[0],
         "VAE hash": vae[1][:10] if vae and vae[1] else None,
         "VAE": vae[0] if vae else None,
+        # A1111 writes the init image's hash, then (img2img's extra_generation_params) the
+        # denoising strength; the mask's hash and the control image's are ckptkit's own
+        **(inputs or {}),
+        "Denoising strength": None if chosen.strength is None else _number(chosen.strength),
+        # ckptkit's own entry (A1111 has no SD3 skip-layer guidance)
+        "Skip layer guidance": None if chosen.slg is None else
+        f"{_number(chosen.slg)} on layers {' '.join(map(str, SLG.layers))} from "
+        f"{_number(SLG.start)} to {_number(SLG.stop)}",
         # A1111's Lora extension (scripts/lora_script.py): "name: short hash, ...", the name
         # as in the prompt's tag less ":" and ","
         "Lora hashes": ", ".join(f"{name.translate(_NO_SEPARATORS)}: {sha[:12]}"
@@ -272,6 +370,13 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def _model_name(plan: Plan) -> str:
+    """The model file's name, or the diffusers folder's that the model comes from."""
+    if os.path.isdir(plan.model_path) and plan.folder:
+        return os.path.basename(os.path.normpath(plan.folder))
+    return _stem(plan.model_path)
+
+
 def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = "",
              steps: int | None = None, guidance: float | None = None,
              seed: int | None = None, size: tuple[int, int] | None = None,
@@ -280,17 +385,24 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
              device: str = "cpu", dtype: Any = None, preset: str | None = None,
              tokenizers: Any = None, on_step: Callable[[int, int], None] | None = None,
              fsync: bool = True, loras: Sequence[Any] = (),
-             allow_unmatched: bool = False) -> dict[str, Any]:
+             allow_unmatched: bool = False, image: str | None = None,
+             mask: str | None = None, strength: float | None = None,
+             image_guidance: float | None = None,
+             slg: float | None = None) -> dict[str, Any]:
     """Makes the image and writes ``out`` (a PNG, atomically); returns what was done:
     the settings, where they came from, the infotext and the plan's warnings. ``models``:
     files in any order, each taken as what it is (a checkpoint, a diffusion model, a text
     encoder or a VAE); ``on_step(done, total)`` is called after each denoising step;
-    ``loras``: as ``load_pipeline`` takes them."""
+    ``loras``: as ``load_pipeline`` takes them. ``image`` (and ``mask``, white where to
+    repaint): the input of a model that starts from one (``image_inputs.TASKS``), whose
+    size the output takes; ``strength`` and ``image_guidance`` where its pipeline has
+    them. ``slg``: SD3.5 Medium's skip-layer guidance at that scale (``SLG``)."""
     import torch
 
     specs = [lora_spec(entry) for entry in loras]
     inputs = [*models, *([diffusion_model] if diffusion_model else []), *text_encoders,
-              *([vae] if vae else []), *(s.path for s in specs)]
+              *([vae] if vae else []), *(s.path for s in specs),
+              *(p for p in (image, mask) if p)]
     check_output_path(out, tuple(inputs))
     with ExitStack() as stack, paused_gc():
         roles = _roles(models, diffusion_model, list(text_encoders), vae)
@@ -298,14 +410,18 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
                              text_encoders=roles["text_encoders"], vae=roles["vae"],
                              stack=stack)
         plan_loras(plan, specs, allow_unmatched=allow_unmatched, stack=stack)
-        if plan.pipeline in _NEEDS_AN_IMAGE:
-            raise UsageError(f"{plan.model_path}: {_NEEDS_AN_IMAGE[plan.pipeline]}; ckpt "
-                             "generate makes images from a prompt alone")
+        try:
+            pictures = read_inputs(TASKS.get(plan.pipeline), plan.pipeline, image, mask,
+                                   size)
+        except UsageError as exc:
+            raise UsageError(f"{plan.model_path}: {exc}") from None
         if negative and plan.family.id.startswith("flux"):
             raise UsageError(f"{plan.family.name} takes no negative prompt: its guidance is "
                              "distilled into the model")
         vae_path = roles["vae"]
-        hashes = BackgroundSha256([plan.model_path, *([vae_path] if vae_path else [])])
+        # a diffusers folder's diffusion model (shards, perhaps) has no one file to hash
+        hashes = BackgroundSha256([p for p in (plan.model_path, vae_path)
+                                   if p and os.path.isfile(p)])
         stack.callback(hashes.cancel)
         pipe = build(plan, dtype=dtype, device=device, tokenizers=tokenizers)
         digests = hashes.result()
@@ -313,7 +429,9 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
     variants = [*plan.variants, *(release.variants if release and
                                   release.family == plan.family.id else ())]
     chosen = settings(plan, preset=preset, steps=steps, guidance=guidance, sampler=sampler,
-                      size=size, seed=seed, variants=variants)
+                      size=pictures.size if pictures else size, seed=seed,
+                      variants=variants, strength=strength, image_guidance=image_guidance,
+                      slg=slg)
     import diffusers
 
     scheduler_cls = getattr(diffusers, chosen.sampler.scheduler)
@@ -324,6 +442,13 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
                                   guidance_scale=chosen.guidance, width=chosen.width,
                                   height=chosen.height,
                                   generator=torch.Generator("cpu").manual_seed(chosen.seed))
+    kwargs.update(_image_arguments(pictures, chosen))
+    if chosen.slg is not None:
+        kwargs.update(skip_guidance_layers=list(SLG.layers),
+                      skip_layer_guidance_scale=chosen.slg,
+                      skip_layer_guidance_start=SLG.start, skip_layer_guidance_stop=SLG.stop)
+    accepted = inspect.signature(pipe.__call__).parameters  # the refiner takes no size
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     if negative:
         kwargs["negative_prompt"] = negative
     if plan.family.id == "flux1-schnell" or chosen.preset == "schnell":
@@ -331,34 +456,51 @@ def generate(models: Sequence[str], prompt: str, out: str, *, negative: str = ""
     if on_step:
         total = chosen.steps
 
-        def step_end(_pipe, index, _timestep, values):
-            on_step(index + 1, total)
+        def step_end(pipe_, index, _timestep, values):
+            # with a strength below 1 the pipeline runs only the last steps
+            on_step(index + 1, getattr(pipe_, "_num_timesteps", None) or total)
             return values
 
         kwargs["callback_on_step_end"] = step_end
     with torch.inference_mode():
         image = pipe(**kwargs).images[0]
     text = infotext(prompt, negative, chosen, plan,
-                    (_stem(plan.model_path), digests.get(plan.model_path)),
+                    (_model_name(plan), digests.get(plan.model_path)),
                     (_stem(vae_path), digests.get(vae_path)) if vae_path else None,
-                    [(_stem(s.path), s, lora_sha256(s.path)) for s in specs])
+                    [(_stem(s.path), s, lora_sha256(s.path)) for s in specs],
+                    pictures.infotext if pictures else None)
     _save_png(image, out, text, tuple(inputs), fsync)
     return {"output": out, "family": plan.family.id, "pipeline": plan.pipeline,
             "settings": {**asdict(chosen), "sampler": chosen.sampler.label},
             "parameters": text, "warnings": list(plan.warnings)}
 
 
+def _image_arguments(pictures: Inputs | None, chosen: Settings) -> dict[str, Any]:
+    """The input images and the strengths, under the pipeline's argument names."""
+    if pictures is None:
+        return {}
+    found: dict[str, Any] = dict(pictures.arguments)
+    if chosen.strength is not None:
+        found["strength"] = chosen.strength
+    if chosen.image_guidance is not None:
+        found["image_guidance_scale"] = chosen.image_guidance
+    return found
+
+
 def _roles(models: Sequence[str], diffusion_model: str | None, text_encoders: list[str],
            vae: str | None) -> dict[str, Any]:
     """Which file is which, for the positional MODEL files: each is what its header says."""
     from ..formats import open_checkpoint
-    from .inspect import identify_checkpoint
+    from .inspect import identify_checkpoint, is_diffusers_folder
 
     roles: dict[str, Any] = {"checkpoint": None, "diffusion_model": diffusion_model,
                              "text_encoders": text_encoders, "vae": vae}
     for path in models:
-        with open_checkpoint(path) as checkpoint:
-            kind = identify_checkpoint(checkpoint).kind
+        if os.path.isdir(path) and is_diffusers_folder(path):
+            kind = "checkpoint"  # a whole pipeline
+        else:
+            with open_checkpoint(path) as checkpoint:
+                kind = identify_checkpoint(checkpoint).kind
         role = {"checkpoint": "checkpoint", "diffusion-model": "diffusion_model",
                 "vae": "vae"}.get(kind)
         if kind == "text-encoder":

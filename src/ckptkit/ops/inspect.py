@@ -269,7 +269,7 @@ def inspect_diffusers_folder(path: str) -> dict[str, Any]:
         folder = os.path.join(path, sub)
         if not os.path.isdir(folder):
             continue
-        weights = _weight_files(folder)
+        weights = weight_files(folder)
         if not weights:
             continue
         ident = _identify_shards(weights)
@@ -299,7 +299,8 @@ def _is_plain_name(name: str) -> bool:
             and not os.path.splitdrive(name)[0])
 
 
-def _weight_files(folder: str) -> list[str]:
+def weight_files(folder: str) -> list[str]:
+    """The weight files of a diffusers component folder (its shards, in order)."""
     names = sorted(os.listdir(folder))
     safetensors = [n for n in names if n.endswith(".safetensors")]
     # A folder may hold both precisions (model.safetensors, model.fp16.safetensors): the

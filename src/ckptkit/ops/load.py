@@ -12,7 +12,8 @@ declares every family's components, layouts and diffusers configs, so here:
 2. The modules are built from ckptkit's configs with their parameters on the meta device
    (buffers, which are small and computed, stay real), and the keys the moves make are
    compared with each module's state dict, still before any weight is read.
-3. The weights go in with ``load_state_dict(assign=True)``: a tensor the module takes as it
+3. The weights go in as the modules' own parameters (set as ``load_state_dict(assign=True)``
+   sets them): a tensor the module takes as it
    is stored becomes a view of the memory-mapped file (no copy at all; pages are read when
    touched) where its data is 64-byte aligned (every weight of a file ckptkit wrote:
    ``engine.writer.ALIGNMENT``); one that is not (safetensors' own writer aligns to 8 bytes:
@@ -33,6 +34,7 @@ Pickles go through ckptkit's restricted reader like any other file; nothing is f
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -43,11 +45,16 @@ from ..arch.detect import Identification
 from ..arch.families import DIFFUSION_MODEL, Family, families
 from ..arch.layouts import Move
 from ..engine.writer import ALIGNMENT
-from ..errors import UsageError, a_or_an
+from ..errors import FormatError, UsageError, a_or_an
 from ..formats import Checkpoint, LazyTensor, open_checkpoint
 from ..formats.checkpoint import paused_gc
 from ..formats.dtypes import CLI_NAMES, torch_dtype
-from .inspect import identify_checkpoint
+from .inspect import (
+    identify_checkpoint,
+    inspect_diffusers_folder,
+    is_diffusers_folder,
+    weight_files,
+)
 from .parts import canonical_moves
 
 MISSING_EXTRA = ("ckptkit: loading a pipeline needs diffusers and transformers; install them "
@@ -58,15 +65,6 @@ _SLICE_BYTES = 1 << 24  # how much of a tensor a cast reads at a time
 # allocates: CPU matrix kernels round the last bit differently for unaligned data, so the
 # same weights at another offset (a part split from a checkpoint) gave another image.
 _ALIGN = ALIGNMENT
-# The pipeline class of an input-channel variant, where diffusers has one.
-_VARIANT_PIPELINES = {
-    ("StableDiffusionPipeline", "inpaint"): "StableDiffusionInpaintPipeline",
-    ("StableDiffusionPipeline", "pix2pix"): "StableDiffusionInstructPix2PixPipeline",
-    ("StableDiffusionXLPipeline", "inpaint"): "StableDiffusionXLInpaintPipeline",
-    ("StableDiffusionXLPipeline", "pix2pix"): "StableDiffusionXLInstructPix2PixPipeline",
-    ("FluxPipeline", "fill"): "FluxFillPipeline",
-    ("FluxPipeline", "depth"): "FluxControlPipeline",
-}
 _INPUTS = ("conv_in.weight", "x_embedder.weight")  # [out, in, ...]: the model's input width
 
 
@@ -98,14 +96,17 @@ class Plan:
     files: dict[str, tuple[Checkpoint, Identification]] = field(default_factory=dict)
     loras: list[Any] = field(default_factory=list)  # lora.bake.LoraReport, one per LoRA
     patches: dict[LazyTensor, tuple[str, list]] = field(default_factory=dict)  # key, changes
+    folder: str = ""  # the diffusers folder the parts come from, if they do
+    tokenizer_folders: dict[str, str] = field(default_factory=dict)  # the folder's own
 
 
 def load_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None = None,
                   text_encoders: Sequence[str] = (), vae: str | None = None,
                   loras: Sequence[Any] = (), allow_unmatched: bool = False,
                   dtype: Any = None, device: str = "cpu", tokenizers: Any = None):
-    """The diffusers pipeline of ``checkpoint`` (a monolithic file, or a diffusion model
-    alone) with any of its parts replaced or given by other files: ``diffusion_model``,
+    """The diffusers pipeline of ``checkpoint`` (a monolithic file, a diffusion model
+    alone, or a diffusers folder: its subfolders' weights, its scheduler and tokenizers)
+    with any of its parts replaced or given by other files: ``diffusion_model``,
     ``text_encoders`` (files holding one text encoder each) and ``vae``. ``dtype``: a torch
     dtype or a name (fp16, bf16, fp32); by default float32 on the CPU and the diffusion
     model's own float type on another device. ``tokenizers``: a folder holding them, or
@@ -134,8 +135,69 @@ def _diffusers():
 
 
 def _open(path: str, stack: ExitStack) -> tuple[str, Checkpoint, Identification]:
-    checkpoint = stack.enter_context(open_checkpoint(path))
+    """A file, or a diffusers component folder (its weight files, shards together, as one
+    checkpoint: each lazy tensor reads from its own file)."""
+    if not os.path.isdir(path):
+        checkpoint = stack.enter_context(open_checkpoint(path))
+        return path, checkpoint, identify_checkpoint(checkpoint)
+    files = weight_files(path)
+    if not files:
+        raise FormatError("holds no weights (.safetensors or .bin)", path)
+    shards = [stack.enter_context(open_checkpoint(f)) for f in files]
+    tensors = {k: t for shard in shards for k, t in shard.items()}
+    metadata = {k: v for shard in shards for k, v in shard.metadata.items()}
+    checkpoint = Checkpoint(path, shards[0].format, tensors, shards[0].source, metadata)
     return path, checkpoint, identify_checkpoint(checkpoint)
+
+
+# A diffusers folder's subfolders, as the parts load_pipeline takes.
+_FOLDER_ROLES = {"unet": "diffusion_model", "transformer": "diffusion_model",
+                 "text_encoder": "text_encoders", "text_encoder_2": "text_encoders",
+                 "text_encoder_3": "text_encoders", "vae": "vae"}
+
+
+@dataclass
+class _Folder:
+    """A diffusers pipeline folder read as parts: its component subfolders by role, its
+    scheduler's config and its tokenizer folders (by the pipeline's attribute)."""
+
+    path: str
+    parts: dict[str, Any]
+    scheduler: dict | None
+    tokenizers: dict[str, str]
+
+
+def _read_folder(path: str) -> _Folder:
+    """The parts of the diffusers folder ``path``, from its ``model_index.json`` and
+    subfolders (read as data: JSON and weight files; nothing of a folder is run)."""
+    import json
+
+    described = inspect_diffusers_folder(path)  # refuses a component named as a path
+    parts: dict[str, Any] = {"diffusion_model": None, "text_encoders": [], "vae": None}
+    for sub in described["components"]:
+        role = _FOLDER_ROLES.get(sub)
+        if role == "text_encoders":
+            parts[role].append(os.path.join(path, sub))
+        elif role:
+            parts[role] = os.path.join(path, sub)
+    scheduler = None
+    config = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.isfile(config):
+        try:
+            with open(config, encoding="utf-8") as f:
+                scheduler = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"scheduler/scheduler_config.json cannot be read ({exc})",
+                              path) from None
+        name = scheduler.get("_class_name") if isinstance(scheduler, dict) else None
+        if not (isinstance(name, str) and name.endswith("Scheduler") and name.isidentifier()):
+            raise FormatError("scheduler/scheduler_config.json names no diffusers scheduler",
+                              path)
+    tokenizers = {f"tokenizer{sub.removeprefix('text_encoder')}":
+                  os.path.join(path, f"tokenizer{sub.removeprefix('text_encoder')}")
+                  for sub in _FOLDER_ROLES if sub.startswith("text_encoder")}
+    return _Folder(path, parts, scheduler,
+                   {k: v for k, v in tokenizers.items() if os.path.isdir(v)})
 
 
 def _one_component(path: str, ident: Identification, role: str) -> str:
@@ -150,8 +212,27 @@ def plan_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None 
                   text_encoders: Iterable[str] = (), vae: str | None = None,
                   stack: ExitStack) -> Plan:
     """Identifies every file, checks the parts belong together and plans every tensor's
-    moves to its diffusers name; reads no tensor data. The files stay open in ``stack``."""
-    base = _open(checkpoint, stack) if checkpoint else None
+    moves to its diffusers name; reads no tensor data. The files stay open in ``stack``.
+    ``checkpoint`` may be a diffusers folder: its subfolders are the parts, each replaced
+    by the one given in its place."""
+    opened: dict[str, tuple[str, Checkpoint, Identification]] = {}
+
+    def get(path: str) -> tuple[str, Checkpoint, Identification]:
+        if path not in opened:
+            opened[path] = _open(path, stack)
+        return opened[path]
+
+    folder = None
+    if checkpoint and os.path.isdir(checkpoint) and is_diffusers_folder(checkpoint):
+        folder = _read_folder(checkpoint)
+        diffusion_model = diffusion_model or folder.parts["diffusion_model"]
+        replaced = {c.name for p in text_encoders for c in get(p)[2].components}
+        text_encoders = [*text_encoders, *(
+            p for p in folder.parts["text_encoders"]
+            if not replaced & {c.name for c in get(p)[2].components})]
+        vae = vae or folder.parts["vae"]
+        checkpoint = None
+    base = get(checkpoint) if checkpoint else None
     if base and base[2].kind != "checkpoint":
         if base[2].kind != "diffusion-model" or diffusion_model:
             raise UsageError(f"{checkpoint} is {a_or_an(base[2].describe())}, not a checkpoint "
@@ -159,7 +240,7 @@ def plan_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None 
         diffusion_model, base = checkpoint, None
     given: dict[str, tuple[str, Checkpoint, Identification]] = {}
     if diffusion_model:
-        model = _open(diffusion_model, stack)
+        model = get(diffusion_model)
         if _one_component(diffusion_model, model[2], "diffusion model") != DIFFUSION_MODEL:
             raise UsageError(f"{diffusion_model} is {a_or_an(model[2].describe())}, not a "
                              "diffusion model")
@@ -178,7 +259,7 @@ def plan_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None 
                          f"{a_or_an(model[2].describe())}: they are not parts of one model")
     for role, path in [*(("text encoder", p) for p in text_encoders),
                        *((["VAE", vae],) if vae else ())]:
-        found = _open(path, stack)
+        found = get(path)
         name = _one_component(path, found[2], role)
         if (role == "VAE") != (name == "vae"):
             raise UsageError(f"{path} was given as {a_or_an(role)} but is {a_or_an(name)}")
@@ -210,9 +291,7 @@ def plan_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None 
         warnings.append(f"{model[0]}: nothing in the file says whether it is an SD 2.x 512 "
                         "model (predicting noise) or a 768-v one (predicting v); loaded as "
                         "predicting noise")
-    pipeline = index["_class_name"]
-    for variant in variants:
-        pipeline = _VARIANT_PIPELINES.get((pipeline, variant), pipeline)
+    pipeline = diffusers_layout.pipeline_class(fam, variants)
     parts = []
     for attribute, (name, _) in subfolders.items():
         path, ckpt, moves = moved[name]
@@ -221,8 +300,10 @@ def plan_pipeline(checkpoint: str | None = None, *, diffusion_model: str | None 
     extras = {k: v for k, v in index.items()
               if k not in subfolders and k not in ("_class_name", "scheduler")}
     files = {path: (ckpt, ident) for path, ckpt, ident in sources.values()}
-    return Plan(fam, pipeline, parts, _scheduler(fam, variants), extras, tiny, variants,
-                warnings, model[0], files)
+    scheduler = folder.scheduler if folder and folder.scheduler else _scheduler(fam, variants)
+    return Plan(fam, pipeline, parts, scheduler, extras, tiny, variants, warnings, model[0],
+                files, folder=folder.path if folder else "",
+                tokenizer_folders=folder.tokenizers if folder else {})
 
 
 def lora_spec(entry: Any):
@@ -361,10 +442,29 @@ def _diffusers_nodes(fam: Family, name: str, tiny: bool, checkpoint: Checkpoint,
 class _Scratch:
     """One read buffer for every slice a load casts: a new 16 MB buffer for each slice cost
     a page fault per 4 KB page every time (an SD 1.5 load cast to fp32 took 1.45x the time
-    of diffusers' until the buffer was reused)."""
+    of diffusers' until the buffer was reused). Also each file's whole memory map as one
+    byte tensor, which the views of its tensors slice (``LazyTensor.load`` wraps the map
+    anew for each tensor, under a warnings filter: a tenth of an SDXL load)."""
 
     def __init__(self):
         self.buffer = bytearray()
+        self.maps: dict[int, Any] = {}
+
+    def view(self, lazy: LazyTensor, start: int, stop: int):
+        """Rows ``start:stop`` of a contiguous file tensor, viewing the mapped file."""
+        import warnings
+
+        import torch
+
+        flat = self.maps.get(id(lazy.source))
+        if flat is None:
+            with warnings.catch_warnings():  # the map is copy-on-write: never written here
+                warnings.simplefilter("ignore")
+                flat = torch.frombuffer(lazy.source.mmap(), dtype=torch.uint8)
+            self.maps[id(lazy.source)] = flat
+        row = lazy.nbytes // lazy.shape[0] if lazy.shape else lazy.nbytes
+        begin = lazy.data_offset + start * row
+        return flat[begin:begin + (stop - start) * row].view(torch_dtype(lazy.dtype))
 
     def rows(self, lazy: LazyTensor, start: int, stop: int):
         """Rows ``start:stop`` of a contiguous file tensor, as a [rows, -1] view of the
@@ -400,10 +500,11 @@ def _materialise(node: Any, dtype, device, zero_copy: bool, scratch: _Scratch,
     stored = torch_dtype(lazy.dtype)
     target = dtype or stored
     as_stored = target == stored and str(device) == "cpu"
-    if zero_copy and as_stored:
-        view = lazy.load()
-        if lazy.shape:
-            view = view[node.start:node.stop]
+    if zero_copy and as_stored and lazy.nbytes:
+        if lazy.byte_rows:
+            view = scratch.view(lazy, node.start, node.stop if lazy.shape else 1)
+        else:
+            view = lazy.load()[node.start:node.stop] if lazy.shape else lazy.load()
         if view.data_ptr() % _ALIGN == 0:
             return view.reshape(node.shape)
     out = torch.empty(node.shape, dtype=target, device=device)
@@ -493,21 +594,39 @@ def _no_init_weights():
 
 
 def _module(config: dict):
+    """The module of ``config``, its parameters on the meta device and not initialised
+    (transformers' switch also skips torch's ``nn.init`` calls, which diffusers' layers
+    make too: a third of an SDXL pipeline's construction)."""
     diffusers, transformers = _diffusers()
-    with _parameters_on_meta():
+    with _parameters_on_meta(), _no_init_weights():
         if "_class_name" in config:
             return getattr(diffusers, config["_class_name"]).from_config(config)
         cls = getattr(transformers, config["architectures"][0])
-        with _no_init_weights():
-            return cls._from_config(cls.config_class.from_dict(config))
+        return cls._from_config(cls.config_class.from_dict(config))
 
 
-def _state_names(module, nodes: Mapping[str, Any], part: Part) -> dict[str, str]:
-    """The module's state-dict name of each planned key: the same, but for a CLIP text
-    model of transformers 5, whose ``CLIPTextModel`` has no ``text_model.`` level in
-    memory; position ids (a buffer it makes itself) are left to it. Refuses a plan that
-    does not fill the module exactly."""
-    state = module.state_dict()
+def _slots(module) -> dict[str, tuple[Any, str, Any]]:
+    """The module's state-dict entries, name -> (the submodule holding it, its attribute
+    there, its tensor now), found without making the state dict (which detaches every
+    tensor and runs every submodule's hooks: a tenth of an SDXL load, twice)."""
+    slots = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for leaf, value in sub._parameters.items():
+            if value is not None:
+                slots[dot + leaf] = (sub, leaf, value)
+        for leaf, value in sub._buffers.items():
+            if value is not None and leaf not in sub._non_persistent_buffers_set:
+                slots[dot + leaf] = (sub, leaf, value)
+    return slots
+
+
+def _state_names(module, nodes: Mapping[str, Any], part: Part,
+                 state: Mapping[str, Any]) -> dict[str, str]:
+    """The module's state-dict name (a key of ``_slots``) of each planned key: the same,
+    but for a CLIP text model of transformers 5, whose ``CLIPTextModel`` has no
+    ``text_model.`` level in memory; position ids (a buffer it makes itself) are left to
+    it. Refuses a plan that does not fill the module exactly."""
     names = {}
     for key in nodes:
         name = key if key in state else key.removeprefix("text_model.")
@@ -516,7 +635,7 @@ def _state_names(module, nodes: Mapping[str, Any], part: Part) -> dict[str, str]
         elif not key.endswith("position_ids"):
             raise AssertionError(f"{part.path}: {key} has no place in {type(module).__name__}")
     tied = {t for t in (getattr(module, "_tied_weights_keys", None) or ())}
-    missing = [k for k, v in state.items() if v.device.type == "meta"
+    missing = [k for k, (_, _, v) in state.items() if v.device.type == "meta"
                and k not in names.values() and k not in tied]
     if missing:
         raise UsageError(f"{part.path}: its {part.name} lacks {len(missing)} tensors "
@@ -545,15 +664,16 @@ def _dtype(dtype: Any, device: str, plan: Plan):
     return dtype
 
 
-def _fill(module, part: Part, dtype, device, scratch: _Scratch,
+def _fill(module, part: Part, slots: Mapping[str, tuple[Any, str, Any]],
+          names: Mapping[str, str], dtype, device, scratch: _Scratch,
           patches: Mapping[LazyTensor, tuple[str, list]]) -> None:
-    """Puts the part's weights into ``module`` (``assign``: the tensors made become its
-    parameters); parameters of modules the class keeps in float32 stay float32."""
+    """Puts the part's weights into ``module``: each tensor made becomes the parameter (or
+    buffer) itself, as ``load_state_dict(assign=True)`` would make it, set in its submodule
+    directly (``load_state_dict``'s per-module walk took a tenth of an SDXL load);
+    parameters of modules the class keeps in float32 stay float32."""
     import torch
 
-    names = _state_names(module, part.nodes, part)
     keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
-    state = {}
     for key, name in names.items():
         node = part.nodes[key]
         floating = isinstance(node, _Op) or node.tensor.dtype.is_float
@@ -561,14 +681,22 @@ def _fill(module, part: Part, dtype, device, scratch: _Scratch,
         if wanted in (torch.float16, torch.bfloat16) and any(
                 f".{m}." in f".{name}" for m in keep):
             wanted = torch.float32
-        state[name] = _materialise(node, wanted, device, True, scratch, patches)
-    module.load_state_dict(state, strict=False, assign=True)
+        tensor = _materialise(node, wanted, device, True, scratch, patches)
+        owner, leaf, now = slots[name]
+        if tensor.shape != now.shape:
+            raise AssertionError(f"{part.path}: {key} is {list(tensor.shape)}, "
+                                 f"{type(module).__name__} holds {list(now.shape)}")
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor
     if hasattr(module, "tie_weights"):
         module.tie_weights()
     left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
     if left:
         raise AssertionError(f"{part.path}: {left[0]} was not loaded")
-    module.to(device)
+    if str(device) != "cpu":  # on the CPU every tensor is where it belongs already
+        module.to(device)
     module.eval()
     module.requires_grad_(False)
 
@@ -581,13 +709,15 @@ def build(plan: Plan, *, dtype: Any = None, device: str = "cpu", tokenizers: Any
 
     dtype = _dtype(dtype, device, plan)
     found_tokenizers = tokenizers_for(plan, tokenizers)
-    modules = {}
+    modules, slots, names = {}, {}, {}
     for part in plan.parts:
-        modules[part.attribute] = _module(part.config)
-        _state_names(modules[part.attribute], part.nodes, part)
+        module = modules[part.attribute] = _module(part.config)
+        slots[part.attribute] = _slots(module)
+        names[part.attribute] = _state_names(module, part.nodes, part, slots[part.attribute])
     scratch = _Scratch()
     for part in plan.parts:
-        _fill(modules[part.attribute], part, dtype, device, scratch, plan.patches)
+        _fill(modules[part.attribute], part, slots[part.attribute], names[part.attribute],
+              dtype, device, scratch, plan.patches)
     scheduler = getattr(diffusers, plan.scheduler["_class_name"]).from_config(plan.scheduler)
     cls = getattr(diffusers, plan.pipeline)
     params = inspect.signature(cls.__init__).parameters

@@ -42,6 +42,10 @@ from ..formats.sniff import EXTENSIONS, SAFETENSORS, TORCH_ZIP
 
 LAYOUTS = ("ldm", "kohya", "comfyui", "diffusers")
 _INT_KEYS = ("position_ids",)
+# The diffusers release whose classes the configs were checked against: a folder's
+# model_index.json says which diffusers wrote it, and diffusers reads that (an inpainting
+# folder without it cannot be loaded).
+_DIFFUSERS_VERSION = "0.42.1"
 _NORM_WEIGHTS = ("norm.weight", "_norm.weight", "norm1.weight", "norm2.weight", "norm3.weight",
                  "ln_1.weight", "ln_2.weight", "ln_final.weight", ".scale")
 
@@ -233,7 +237,7 @@ def _write_renamed(out: str, fam: Family, layout: str, tiny: bool,
     if layout == "diffusers":
         metadata = {**metadata, "format": "pt"}  # what diffusers and transformers write
     if layout == "diffusers" and len(parts) > 1:
-        _write_folder(out, fam, tiny, parts, planned, metadata, progress)
+        _write_folder(out, fam, tiny, parts, planned, metadata, progress, variant)
     else:
         write_safetensors(out, [x for p in parts for x in planned[p.name]], metadata,
                           progress=progress)
@@ -287,10 +291,11 @@ class _Job:
 
 def _write_folder(out: str, fam: Family, tiny: bool, parts: list[_Conversion],
                   planned: dict[str, list[Planned]], metadata: dict[str, str],
-                  progress: Progress | None) -> None:
-    """The diffusers pipeline folder, made in a hidden folder beside ``out`` and renamed to
-    it when complete: a failure leaves no folder under ``out``'s name."""
-    index, subfolders = diffusers_layout.folder(fam)
+                  progress: Progress | None, variant: str | None) -> None:
+    """The diffusers pipeline folder (its index naming the ``variant``'s pipeline), made in
+    a hidden folder beside ``out`` and renamed to it when complete: a failure leaves no
+    folder under ``out``'s name."""
+    index, subfolders = diffusers_layout.folder(fam, variant)
     configs = {}
     for part in parts:
         with _unwritable(fam, part.name, "diffusers"):
@@ -319,7 +324,8 @@ def _write_folder(out: str, fam: Family, tiny: bool, parts: list[_Conversion],
         os.mkdir(os.path.join(tmp, "scheduler"))
         _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"),
                     diffusers_layout.scheduler_config(fam))
-        _write_json(os.path.join(tmp, "model_index.json"), index)
+        _write_json(os.path.join(tmp, "model_index.json"),
+                    {"_diffusers_version": _DIFFUSERS_VERSION, **index})
         try:
             os.rename(tmp, target)
         except OSError as exc:

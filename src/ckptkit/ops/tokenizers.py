@@ -7,6 +7,7 @@ no vocabulary. The CLIP BPE ships on PyPI inside ``clip-anytorch`` (OpenAI's 1.3
 build made for the pinned torch, so it brings no second torch); no package ships T5's
 SentencePiece vocabulary without a model hub behind it. So they are looked for, in order:
 
+0. a diffusers folder's own (``tokenizer/``, ``tokenizer_2/``...), for its text encoders;
 1. the folder the user gives (``tokenizers=``, ``--tokenizers DIR``), then
    ``$CKPTKIT_TOKENIZERS``: a tokenizer folder, or a folder of them (one level or two down);
 2. a ComfyUI install, which vendors both (``comfy/sd1_tokenizer``: vocab.json and
@@ -72,7 +73,8 @@ def tokenizers_for(plan, given: Any = None) -> dict[str, Any]:
         if attribute is None:
             continue
         kind = kind_of(part.name)
-        source = find(kind, given, model_path)
+        own = getattr(plan, "tokenizer_folders", {}).get(attribute)
+        source = Path(own) if own and _is(kind, Path(own)) else find(kind, given, model_path)
         found[attribute] = (_clip(source, _pads_with_bang(part.name))
                             if kind == "clip" else _t5(source))
     return found
