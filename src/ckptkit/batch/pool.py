@@ -21,6 +21,7 @@ local run (``workers`` children) and, with one child, each batch of a Ray actor.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import signal
 import time
@@ -151,6 +152,8 @@ class Pool:
             while child.batch and child.conn.poll():
                 key, result, when = child.conn.recv()
                 task = child.batch[child.done]
+                if key != task.key:  # children answer in order; anything else is a bug
+                    raise RuntimeError(f"a child answered for {key!r}, not {task.key!r}")
                 child.done += 1
                 child.files += 1
                 child.since = when
@@ -190,10 +193,8 @@ class Pool:
         return child
 
     def _stop(self, child: _Child) -> None:
-        try:
+        with contextlib.suppress(OSError):
             child.conn.send(None)
-        except OSError:
-            pass
         child.process.join(5)
         if child.process.is_alive():
             child.process.kill()

@@ -31,8 +31,9 @@ def row_key(row: dict[str, Any]) -> bytes:
 
 
 class Results:
-    def __init__(self, target: str, resume: bool):
+    def __init__(self, target: str, resume: bool, flush_rows: int = FLUSH_ROWS):
         check_output_path(target)
+        self.flush_rows = flush_rows
         self.target = target
         self.parts = target + ".parts"
         self.resume = resume
@@ -82,7 +83,7 @@ class Results:
 
     def _added(self, n: int) -> None:
         self._pending += n
-        if self._pending >= FLUSH_ROWS or time.monotonic() - self._flushed >= FLUSH_SECONDS:
+        if self._pending >= self.flush_rows or time.monotonic() - self._flushed >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:

@@ -12,7 +12,7 @@ from ..errors import UnsafeFileError, UsageError, worse_exit
 from ..ops.scan import ERROR, UNSAFE
 from . import listing, rows, work
 from .pool import Failure, Pool, Task
-from .results import Results, row_key
+from .results import FLUSH_ROWS, Results, row_key
 
 HASH_RATE = 16 << 20  # bytes/s: the hash stage's limit is --timeout plus the file at this rate
 
@@ -57,16 +57,16 @@ class _Quiet:
 
 def run_batch(op: str, sources: list[str], output: str, *, ray: str | None = None,
               resume: bool = False, workers: int | None = None, timeout: float = 60.0,
-              progress: Progress | None = None) -> Summary:
+              progress: Progress | None = None, flush_rows: int = FLUSH_ROWS) -> Summary:
     """Does ``op`` ("scan", "inspect" or "hash") for every file of ``sources`` and writes
     RESULTS (see the package docstring). An interrupt leaves the rows done in RESULTS.parts
-    (``Results``) and propagates."""
+    (``Results``, which writes a part every ``flush_rows`` rows or 10 s) and propagates."""
     if op not in work.OPS:
         raise UsageError(f"the batch operation must be one of {', '.join(work.OPS)}")
     if timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
     listing.check_sources(sources)
-    results = Results(output, resume)
+    results = Results(output, resume, flush_rows)
     progress = progress or _Quiet()
     summary = Summary(output)
     previous = results.previous() if resume else {}
@@ -124,7 +124,7 @@ def _local(op: str, items, emit, progress: Progress, workers: int, timeout: floa
 
     for task, result in pool.run(tasks()):
         if task.stage == "header":
-            op_, path, size, mtime = task.args
+            _, path, size, mtime = task.args
             row = (result if not isinstance(result, Failure)
                    else rows.error_row(path, size, mtime, result.message))
             if op == "hash" and work.needs_hash(row):

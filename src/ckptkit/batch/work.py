@@ -17,8 +17,11 @@ it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
+from multiprocessing import forkserver
 from typing import Any
 
 from ..ops.hashing import file_hashes
@@ -87,11 +90,32 @@ def parse_faults(value: str | None) -> list[tuple[str, str]]:
     return out
 
 
+def _die_with_parent() -> None:
+    """Makes sure a child does not outlive a run killed with SIGKILL (a reader hanging for
+    ever). Linux kills the child when its parent, the forkserver, exits (PR_SET_PDEATHSIG);
+    the forkserver exits when no process holds its "alive" pipe any more, and every child it
+    forks is handed that pipe (``multiprocessing.forkserver._serve_one``), so the child
+    closes its copy: then the run's own copy is the last, and the run's death ends all."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None
+
+
 def serve(conn, faults: list[tuple[str, str]]) -> None:
     """A child's loop: receives lists of ``(key, stage, args)``, sends back
     ``(key, result, when)`` for each as it is done (``when``: this machine's monotonic
     clock, so the parent times the next file from the moment this one ended); ``None``
     ends it."""
+    _die_with_parent()
     while True:
         try:
             batch = conn.recv()
