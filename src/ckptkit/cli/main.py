@@ -19,7 +19,9 @@ from . import (
     batch_cmd,
     convert_cmd,
     generate_cmd,
+    hash_cmd,
     inspect_cmd,
+    library_cmd,
     lora_cmd,
     merge_cmd,
     parts_cmd,
@@ -29,7 +31,7 @@ from . import (
 )
 
 COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd,
-            lora_cmd, generate_cmd, batch_cmd)
+            lora_cmd, generate_cmd, hash_cmd, library_cmd, batch_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,9 +1,29 @@
-"""File hashes the community uses to name models, computed in one streamed pass.
+"""File hashes the community uses to name models, every one of them from one streamed read.
 
-``sha256`` (the full file; AUTOMATIC1111's "AutoV2" short hash is its first 10 hex digits)
-and Civitai's "AutoV3" (the SHA-256 of what follows a safetensors header, which survives
-metadata edits: bytes 8+N to the end when the first 8 bytes read as N < 16 MiB, else bytes 8
-to the end, for every file type). The file is read in large chunks, never held in memory.
+What each is, and whose definition it follows (checked at the source):
+
+- ``sha256``: the whole file (A1111 ``modules/hashes.calculate_sha256``; Civitai's "SHA256").
+- ``autov1``: the first 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB (A1111's
+  legacy ``sd_models.model_hash``, kohya ``train_util.model_hash``): a file under 1 MiB
+  hashes what is there (``e3b0c442`` for nothing). Civitai (``model-scanner`` HashTask.cs)
+  gives none for files under 2 MiB.
+- ``autov2``: the first 10 hex digits of ``sha256`` (A1111 ``CheckpointInfo.shorthash``).
+- ``autov3``: Civitai's ``CalculateV3HashAndEnsureEmbeddedMetadataFixedAsync``: the SHA-256 of
+  what follows a safetensors header, which survives metadata edits: bytes 8+N to the end when
+  the first 8 bytes read as N < 16 MiB, else bytes 8 to the end, for every file type. For a
+  safetensors file this is kohya's ``sshs_model_hash`` and A1111's LoRA "addnet" hash
+  (``hashes.addnet_hash_safetensors``, whose first 12 digits A1111 shows).
+- ``crc32``: zlib's CRC-32 as Civitai writes it: .NET's ``Crc32.GetCurrentHash`` gives the
+  four bytes little-endian, so "hello world" is ``85114a0d`` where zlib says 0x0d4a1185.
+- ``blake3``: BLAKE3 of the whole file, 256 bits (Civitai; Stability Matrix looks models up
+  by it).
+
+All are lowercase hex (A1111, kohya and Stability Matrix write lowercase; Civitai shows
+uppercase). ``stream_digests`` reads the file once, in large chunks into a few reused
+buffers, and feeds each chunk to four threads (hashlib, zlib and blake3 release the GIL):
+the whole-file SHA-256, the AutoV3 SHA-256, BLAKE3 with CRC-32 and the AutoV1 window, and
+the digests of byte ranges a caller asks for (``ops.model_hash``: each tensor of a model's
+components). Two SHA-256 of nearly the whole file are the bulk of the CPU time.
 
 A file's SHA-256 is remembered (by path, size, modification time, inode and status-change
 time, in ``sha256.json`` of ckptkit's cache folder) so that the outputs of later operations
@@ -21,12 +41,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import re
 import struct
 import tempfile
 import threading
+import zlib
+from collections.abc import Callable, Sequence
+
+import blake3
 
 from ..engine.writer import Progress
+from ..errors import FormatError
 
 CHUNK = 1 << 24
 SHA256 = re.compile(r"[0-9a-f]{64}")  # a SHA-256 as hex, as this cache and recipes write it
@@ -42,26 +68,206 @@ def _chunks(path: str):
 
 
 def file_hashes(path: str, progress: Progress | None = None) -> dict[str, str]:
+    """The six hashes of ``path`` (see the module's docstring), from one read."""
+    return stream_digests(path, progress=progress)[0]
+
+
+AUTOV1_AT, AUTOV1_SIZE = 0x100000, 0x10000
+AUTOV3_MAX_HEADER = 16 * 1024 * 1024
+BUFFERS = 4  # chunks in flight between the reader and the slowest hashing thread
+
+
+def autov3_start(head: bytes) -> int:
+    """Where Civitai's AutoV3 starts hashing, from the file's first 8 bytes."""
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else AUTOV3_MAX_HEADER
+    return 8 + n if n < AUTOV3_MAX_HEADER else 8
+
+
+Ranges = Sequence[tuple[int, int]]
+
+
+def stream_digests(path: str, ranges: Sequence[Ranges] = (),
+                   progress: Progress | None = None) -> tuple[dict[str, str], list[str]]:
+    """The file hashes of ``path`` and, for each entry of ``ranges`` (byte ranges of the file),
+    the BLAKE3 of those bytes in turn; all from one read of the file. Raises ``FormatError``
+    if the file changed while it was read."""
     identity = _identity(path)
     size = identity[1][0]
-    whole, after_header = hashlib.sha256(), hashlib.sha256()
-    with open(path, "rb") as f:
-        head = f.read(8)
-    n = struct.unpack("<Q", head)[0] if len(head) == 8 else 1 << 63
-    skip = 8 + n if n < 16 * 1024 * 1024 else 8
-    if progress:
-        progress.start(size, 1)
-    position = 0
-    for chunk in _chunks(path):
-        whole.update(chunk)
-        if position + len(chunk) > skip:
-            after_header.update(chunk[max(0, skip - position):])
-        position += len(chunk)
-        if progress:
-            progress.update(len(chunk), 0)
+    whole, after_header, b3 = hashlib.sha256(), hashlib.sha256(), blake3.blake3()
+    crc = [0]
+    window = bytearray()
+    with open(path, "rb", buffering=0) as f:
+        skip = autov3_start(f.read(8))
+        f.seek(0)
+        tensors = _RangeDigests(ranges)
+
+        def rest(view: memoryview, position: int) -> None:
+            b3.update(view)
+            crc[0] = zlib.crc32(view, crc[0])
+            end = position + len(view)
+            if position < AUTOV1_AT + AUTOV1_SIZE and end > AUTOV1_AT:
+                stop = AUTOV1_AT + AUTOV1_SIZE - position
+                window.extend(view[max(0, AUTOV1_AT - position):stop])
+
+        def autov3(view: memoryview, position: int) -> None:
+            if position + len(view) > skip:
+                after_header.update(view[max(0, skip - position):])
+
+        _read_into_lanes(f, (lambda view, _: whole.update(view), autov3, rest, tensors.feed),
+                         size, progress)
+    if _identity(path) != identity or not tensors.complete():
+        raise FormatError("the file changed while it was being hashed; hash it again", path)
     sha = whole.hexdigest()
     _remember(identity, sha)
-    return {"sha256": sha, "autov2": sha[:10], "autov3": after_header.hexdigest()}
+    hashes = {"sha256": sha, "autov1": hashlib.sha256(window).hexdigest()[:8],
+              "autov2": sha[:10], "autov3": after_header.hexdigest(),
+              "crc32": crc[0].to_bytes(4, "little").hex(), "blake3": b3.hexdigest()}
+    return hashes, tensors.digests
+
+
+class _RangeDigests:
+    """BLAKE3 of given byte ranges of a file, fed the file's chunks in order. A digest's hasher
+    exists only while its ranges are being read, so that a header of many tensors does not
+    hold a hasher for each. A range that the file holds before the one that precedes it in
+    its digest (diffusers' ``to_k`` before ``to_q``, which a fused ``qkv`` takes in the order
+    q, k, v) is kept in memory until its turn: at most a tensor's bytes."""
+
+    def __init__(self, ranges: Sequence[Ranges]):
+        self.digests: list[str] = [""] * len(ranges)
+        self._left = [0] * len(ranges)  # ranges not yet hashed, per digest
+        self._turn = [0] * len(ranges)  # which of its ranges a digest takes next
+        pieces = []
+        for index, spans in enumerate(ranges):
+            spans = [(a, b) for a, b in spans if b > a]
+            if not spans:
+                self.digests[index] = blake3.blake3().hexdigest()
+            self._left[index] = len(spans)
+            pieces += [(a, b, index, order) for order, (a, b) in enumerate(spans)]
+        pieces.sort()
+        self._pieces = pieces
+        self._next = 0
+        self._active: list[tuple[int, int, int, int]] = []
+        self._hashers: dict[int, blake3.blake3] = {}
+        self._early: dict[tuple[int, int], bytearray] = {}  # (digest, order) -> bytes held
+        self._held_done: set[tuple[int, int]] = set()
+
+    def feed(self, view: memoryview, position: int) -> None:
+        end = position + len(view)
+        pieces = self._pieces
+        while self._next < len(pieces) and pieces[self._next][0] < end:
+            self._active.append(pieces[self._next])
+            self._next += 1
+        still = []
+        for piece in self._active:
+            start, stop, index, order = piece
+            data = view[max(start, position) - position:min(stop, end) - position]
+            if order == self._turn[index]:
+                self._hasher(index).update(data)
+            else:
+                self._early.setdefault((index, order), bytearray()).extend(data)
+            if stop > end:
+                still.append(piece)
+            elif order == self._turn[index]:
+                self._done(index)
+            else:
+                self._held_done.add((index, order))
+        self._active = still
+
+    def _hasher(self, index: int) -> blake3.blake3:
+        hasher = self._hashers.get(index)
+        if hasher is None:
+            hasher = self._hashers[index] = blake3.blake3()
+        return hasher
+
+    def _done(self, index: int) -> None:
+        """The range whose turn it was is hashed: on to the next, and any held ones due."""
+        while True:
+            self._turn[index] += 1
+            self._left[index] -= 1
+            if not self._left[index]:
+                self.digests[index] = self._hashers.pop(index).hexdigest()
+                return
+            key = (index, self._turn[index])
+            held = self._early.pop(key, None)
+            if held is not None:
+                self._hasher(index).update(held)
+            if key not in self._held_done:
+                return  # its turn has come but its bytes are still to be read
+            self._held_done.discard(key)
+
+    def complete(self) -> bool:
+        return not any(self._left)
+
+
+def _read_into_lanes(f, lanes: Sequence[Callable[[memoryview, int], None]], size: int,
+                     progress: Progress | None) -> None:
+    """Reads ``f`` to its end in ``CHUNK``-sized pieces and hands each piece, with its offset,
+    to every lane, each on a thread of its own that takes the pieces in order; a buffer is
+    read into again once every lane is done with it. An error in a lane is raised here."""
+    chunk = max(1, min(CHUNK, size))
+    if progress:
+        progress.start(size, 1)
+    if size <= chunk:  # one piece: threads would cost more than they save
+        data = memoryview(f.read())
+        for lane in lanes:
+            lane(data, 0)
+        if progress:
+            progress.update(len(data), 1)
+        return
+    count = min(BUFFERS, -(-size // chunk))
+    buffers = [bytearray(chunk) for _ in range(count)]
+    free: queue.Queue[int] = queue.Queue()
+    for i in range(count):
+        free.put(i)
+    users = [0] * count
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def release(i: int) -> None:
+        with lock:
+            users[i] -= 1
+            if not users[i]:
+                free.put(i)
+
+    def run(lane, inbox: queue.SimpleQueue) -> None:
+        while (item := inbox.get()) is not None:
+            i, view, position = item
+            try:
+                if not errors:
+                    lane(view, position)
+            except BaseException as exc:  # handed to the reading thread, which raises it
+                errors.append(exc)
+            finally:
+                release(i)
+
+    inboxes = [queue.SimpleQueue() for _ in lanes]
+    threads = [threading.Thread(target=run, args=pair, daemon=True, name="ckptkit-hash")
+               for pair in zip(lanes, inboxes, strict=True)]
+    for t in threads:
+        t.start()
+    position = 0
+    try:
+        while not errors:
+            i = free.get()
+            n = f.readinto(buffers[i])
+            if not n:
+                break
+            users[i] = len(lanes)
+            view = memoryview(buffers[i])[:n]
+            for inbox in inboxes:
+                inbox.put((i, view, position))
+            position += n
+            if progress:
+                progress.update(n, 0)
+    finally:
+        for inbox in inboxes:
+            inbox.put(None)
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    if progress:
+        progress.update(0, 1)
 
 
 def cache_dir() -> str:
