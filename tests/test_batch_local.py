@@ -16,7 +16,9 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
+import blake3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -91,13 +93,29 @@ def test_inspect_rows_identify_as_inspect_does(folder, tmp_path):
 
 def test_hash_rows_match_hashlib(folder, tmp_path):
     root, _ = folder
+    originals = root / "files" / "originals"
+    picked = tmp_path / "picked"
+    picked.mkdir()
+    for name in ("sd1.ckpt", "sd1.safetensors", "sd1-fp8.safetensors", "hostile/zip_os_system.ckpt",
+                 "truncated.safetensors", "empty.safetensors", "benign/legacy.ckpt"):
+        os.link(originals / name, picked / os.path.basename(name))
     out = tmp_path / "r.parquet"
-    run_batch("hash", [str(root / "files" / "originals")], str(out), workers=2)
-    for row in read(out):
+    run_batch("hash", [str(picked)], str(out), workers=2)
+    rows = read(out)
+    assert len(rows) == 7
+    for row in rows:
         with open(row["path"], "rb") as f:
             data = f.read()
         assert row["sha256"] == hashlib.sha256(data).hexdigest(), row["path"]
         assert row["autov2"] == row["sha256"][:10]
+        assert row["blake3"] == blake3.blake3(data).hexdigest()
+        assert row["crc32"] == zlib.crc32(data).to_bytes(4, "little").hex()
+    digests = {os.path.basename(r["path"]): dict(r["component_digests"]) for r in rows}
+    # The same weights as .ckpt and .safetensors: the same content digests.
+    assert set(digests["sd1.ckpt"]) == {"diffusion_model", "clip_l", "vae"}
+    assert digests["sd1.ckpt"] == digests["sd1.safetensors"]
+    assert digests["sd1-fp8.safetensors"]["vae"] != digests["sd1.safetensors"]["vae"]
+    assert not digests["zip_os_system.ckpt"]  # unsafe: file hashes only, never opened
 
 
 def test_hanging_and_crashing_files_cost_only_themselves(folder, tmp_path, monkeypatch):

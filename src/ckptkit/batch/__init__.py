@@ -7,7 +7,7 @@ Ray cluster through Ray Data (``batch.on_ray``), with the same rows either way.
 
 Operations: ``scan`` (``ops.scan.scan_file``: verdict and findings), ``inspect`` (the scan,
 then ``ops.inspect.inspect_file`` on safe files: what the file is; no hashes), ``hash`` (the
-scan, then a separate full-read stage: ``ops.hashing.file_hashes``).
+scan, then a separate full-read stage: ``ops.model_hash.hash_file``, as ``ckpt hash``).
 
 Results schema (``rows.schema``), one row per file, sorted by the bytes of the path:
 
@@ -22,7 +22,9 @@ Results schema (``rows.schema``), one row per file, sorted by the bytes of the p
 - ``kind``, ``family``, ``variant`` (comma-separated), ``layout`` strings, ``components``
   list<string>, ``quantization`` string (the sub-16-bit float types holding weights, e.g.
   ``F8_E4M3``): ``inspect`` only, null otherwise
-- ``sha256``, ``autov2``, ``autov3`` strings: ``hash`` only
+- ``sha256``, ``autov1``, ``autov2``, ``autov3``, ``crc32``, ``blake3`` strings and
+  ``component_digests`` map<string, string> (each component's content digest, the same in
+  any format or layout): ``hash`` only
 - ``error`` string: why a stage failed (the file's read error, "timed out after S s", "the
   reader crashed twice (...)", "hashing: ..."); null when every stage succeeded
 

@@ -19,11 +19,11 @@ from ..safe_text import has_surrogates, json_text
 
 MAX_TEXT = 1000
 MAX_FINDINGS = 64
-HASHES = ("sha256", "autov2", "autov3")
+HASHES = ("sha256", "autov1", "autov2", "autov3", "crc32", "blake3")  # model_hash.HASH_KEYS
 
 COLUMNS = ("path", "path_bytes", "size", "mtime", "verdict", "format", "tensors", "findings",
            "kind", "family", "variant", "layout", "components", "quantization", *HASHES,
-           "error")
+           "component_digests", "error")
 
 
 def clip(text: str) -> str:
@@ -81,8 +81,11 @@ def add_identification(row: dict[str, Any], report: dict[str, Any]) -> None:
     row["quantization"] = ",".join(low) or None
 
 
-def hash_columns(digests: dict[str, str]) -> dict[str, Any]:
-    return {name: digests.get(name) for name in HASHES}
+def hash_columns(hashed: dict[str, Any]) -> dict[str, Any]:
+    """``ops.model_hash.hash_file``'s answer as columns: the file hashes, and each
+    component's content digest by component name (sorted)."""
+    return {**{name: hashed[name] for name in HASHES},
+            "component_digests": sorted(hashed["components"].items())}
 
 
 def schema():
@@ -98,7 +101,7 @@ def schema():
         ("kind", pa.string()), ("family", pa.string()), ("variant", pa.string()),
         ("layout", pa.string()), ("components", pa.list_(pa.string())),
         ("quantization", pa.string()), *[(h, pa.string()) for h in HASHES],
-        ("error", pa.string())])
+        ("component_digests", pa.map_(pa.string(), pa.string())), ("error", pa.string())])
 
 
 def table(batch: list[dict[str, Any]]):

@@ -3,8 +3,8 @@
 Every stage runs in a child process (``pool.Pool``), never in the process that collects the
 results: a reader that hangs can be killed and one that crashes takes only its child down.
 The stages are the ops every other command uses (``ops.scan.scan_file``,
-``ops.inspect.inspect_file``, ``ops.hashing.file_hashes``), so a batch row says what
-``ckpt scan``, ``ckpt inspect`` and ``ckpt inspect --hash`` say about the same file.
+``ops.inspect.inspect_file``, ``ops.model_hash.hash_file``), so a batch row says what
+``ckpt scan``, ``ckpt inspect`` and ``ckpt hash`` say about the same file.
 
 ``header`` reads headers and pickles only (milliseconds a file); ``hashes`` reads the whole
 file, and is a stage of its own so that the cheap answers are not queued behind it.
@@ -24,8 +24,8 @@ import time
 from multiprocessing import forkserver
 from typing import Any
 
-from ..ops.hashing import file_hashes
 from ..ops.inspect import inspect_file
+from ..ops.model_hash import hash_file
 from ..ops.scan import SAFE, scan_file
 from . import rows
 
@@ -49,9 +49,10 @@ def header(op: str, path: str, size: int | None, mtime_ns: int | None) -> dict[s
 
 
 def hashes(path: str) -> dict[str, Any]:
-    """The hash columns of ``path`` (one full read), or its ``error``."""
+    """The hash columns of ``path`` (one full read: file hashes and component digests),
+    or its ``error``."""
     try:
-        return rows.hash_columns(file_hashes(path))
+        return rows.hash_columns(hash_file(path, digests=True))
     except Exception as exc:
         return {"error": rows.clip(f"hashing failed: {_reason(exc)}")}
 

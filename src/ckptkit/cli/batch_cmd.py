@@ -43,7 +43,7 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "batch", help="scan, identify or hash many files into a Parquet table (locally or "
                       "on a Ray cluster)",
-        description="Do the work of ckpt scan, ckpt inspect or ckpt inspect --hash for every "
+        description="Do the work of ckpt scan, ckpt inspect or ckpt hash for every "
                     "file of the listings (folders, walked as ckpt scan walks them; text "
                     "files of paths, one per line; Parquet files with a 'path' column), "
                     "writing one row per file to a Parquet file as the run goes. Exit code "
@@ -51,7 +51,8 @@ def add_parser(commands) -> None:
                     "could not be read.")
     parser.add_argument("op", choices=OPS,
                         help="scan: safe/unsafe and findings; inspect: also what the file "
-                             "is; hash: also SHA-256, AutoV2, AutoV3 (reads every file)")
+                             "is; hash: also the file hashes and component digests of ckpt "
+                             "hash (reads every file)")
     parser.add_argument("sources", nargs="+", metavar="LISTING_OR_DIR")
     parser.add_argument("-o", "--output", required=True, metavar="RESULTS.parquet")
     parser.add_argument("--ray", metavar="ADDRESS",
