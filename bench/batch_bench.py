@@ -14,7 +14,9 @@ the page cache holds them all, so this measures the work, not the disk).
   operator's cluster is; connecting to it is timed.
 
 Each runs as a child process; its peak memory is the peak of the summed PSS of its process
-tree (and, for Ray, of the cluster's processes too), sampled every 0.2 s. The outputs are
+tree (and, for Ray, of the cluster's processes beyond their idle size), its CPU seconds the
+sum over those processes, both sampled every 0.2 s. On a shared machine wall time measures
+the share of the CPUs a contender got; files per CPU second measure the work itself. The outputs are
 checked to be equal before any figure is printed. The load average is printed before and
 after: the machine may be shared.
 
@@ -80,35 +82,54 @@ def _tree(roots: set[int]) -> set[int]:
     return found
 
 
-def _sessions(sids: set[int]) -> set[int]:
-    """Processes of the given sessions (a Ray node and everything it started)."""
-    found = set()
+def _cluster(folder: str) -> set[int]:
+    """The Ray cluster's processes: those naming its temporary folder (raylet, GCS, agents),
+    its workers (``ray::...`` titles) and everything below them (our readers' children)."""
+    roots = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[4]) in sids:
-                        found.add(int(entry))
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    line = f.read()
             except OSError:
                 continue
-    return found
+            if line.startswith(b"ray::") or folder.encode() in line:
+                roots.add(int(entry))
+    return _tree(roots)
 
 
-def measure(cmd: list[str], cluster_sids: set[int] | None = None) -> dict[str, float]:
-    """Wall seconds and peak PSS (bytes) of ``cmd``'s process tree (plus the cluster's)."""
+def _cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and of its children it has waited for."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
+    """Wall seconds, CPU seconds and peak PSS (bytes) of ``cmd``'s process tree, and of the
+    Ray cluster's processes (beyond what they held idle) when ``cluster`` names its folder.
+    CPU seconds are sampled: a process's last 0.2 s before it exits can be missed."""
     env = dict(os.environ, PYTHONPATH=os.path.join(HERE, "..", "src"))
+    base_cpu = {p: _cpu(p) for p in _cluster(cluster)} if cluster else {}
+    base_pss = sum(_pss(p) for p in base_cpu)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = {"own": 0, "cluster": 0}
+    cpu: dict[int, float] = {}
     stop = threading.Event()
 
     def sample() -> None:
-        base = sum(_pss(p) for p in _sessions(cluster_sids)) if cluster_sids else 0
         while not stop.is_set():
-            peak["own"] = max(peak["own"], sum(_pss(p) for p in _tree({proc.pid})))
-            if cluster_sids:
-                now = sum(_pss(p) for p in _sessions(cluster_sids))
-                peak["cluster"] = max(peak["cluster"], now - base)
+            own = _tree({proc.pid})
+            peak["own"] = max(peak["own"], sum(_pss(p) for p in own))
+            theirs = _cluster(cluster) - own if cluster else set()
+            if theirs:
+                peak["cluster"] = max(peak["cluster"], sum(_pss(p) for p in theirs) - base_pss)
+            for p in own | theirs:
+                cpu[p] = max(cpu.get(p, 0.0), _cpu(p) - base_cpu.get(p, 0.0))
             stop.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -119,7 +140,8 @@ def measure(cmd: list[str], cluster_sids: set[int] | None = None) -> dict[str, f
     sampler.join()
     if proc.returncode not in (0, 3, 4):
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}: {err.decode()}")
-    return {"seconds": wall, "peak": peak["own"], "cluster_peak": peak["cluster"]}
+    return {"seconds": wall, "cpu": sum(cpu.values()), "peak": peak["own"],
+            "cluster_peak": peak["cluster"]}
 
 
 def main() -> None:
@@ -139,7 +161,6 @@ def main() -> None:
     print(f"{args.files} files, {cores} CPUs; load average before: {os.getloadavg()}")
     os.makedirs(os.path.join(work, "ray"), exist_ok=True)
     with ray_cluster.cluster(os.path.join(work, "ray")) as address:
-        sids = {os.getsid(p) for p in _ray_node_pids()} - {os.getsid(0)}
         runs: dict[str, list[dict[str, float]]] = {"one process": [], "local pool": [],
                                                    "ray": []}
         outs = {name: os.path.join(work, f"{name.replace(' ', '-')}.parquet") for name in runs}
@@ -151,30 +172,28 @@ def main() -> None:
                                     outs["local pool"], "--quiet"]),
                     ("ray", [*ckpt, "batch", "scan", folder, "-o", outs["ray"], "--quiet",
                              "--ray", address])):
-                runs[name].append(measure(cmd, sids if name == "ray" else None))
+                runs[name].append(measure(cmd, os.path.join(work, "ray") if name == "ray"
+                                          else None))
     tables = {name: pq.read_table(path) for name, path in outs.items()}
     assert tables["local pool"].equals(tables["ray"]), "Ray's rows differ from the pool's"
     assert tables["one process"].equals(tables["local pool"]), "the pool's rows differ"
     print(f"load average after: {os.getloadavg()}")
     median = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
     for name, rs in runs.items():
+        cpu = statistics.median(r["cpu"] for r in rs)
         peak = max(r["peak"] for r in rs) / 2**20
         cluster = max(r["cluster_peak"] for r in rs) / 2**20
         extra = f", Ray cluster's processes +{cluster:.0f} MiB" if name == "ray" else ""
         each = ", ".join(f"{r['seconds']:.2f}" for r in rs)
         print(f"{name:12} {median[name]:6.2f} s (runs: {each})  "
-              f"{args.files / median[name]:6.0f} files/s  peak PSS {peak:.0f} MiB{extra}")
+              f"{args.files / median[name]:6.0f} files/s  {cpu:5.1f} CPU s "
+              f"({args.files / cpu:.0f} files per CPU second)  peak PSS {peak:.0f} MiB{extra}")
     print(f"local pool: {median['one process'] / median['local pool']:.2f}x one process's "
           f"speed (target >= 1.7x); Ray: {median['ray'] / median['local pool']:.2f}x the "
           "pool's time (target <= 1.3x)")
     print(f"files per second per core: one process {args.files / median['one process']:.0f},"
           f" local pool {args.files / median['local pool'] / cores:.0f}, Ray "
           f"{args.files / median['ray'] / cores:.0f}")
-
-
-def _ray_node_pids() -> list[int]:
-    """Pids of the ``ray start --block`` processes this benchmark started (its children)."""
-    return [p for p in _tree({os.getpid()}) if p != os.getpid()]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The same run on a Ray cluster, through Ray Data (``pip install ckptkit[ray]``).
 
-The driver walks the listing and hands Ray a dataset of ``(file, size, mtime)`` rows (the
-path's exact bytes; never the file's content: a 24 GB file must not pass through the object
-store), in blocks of ``BATCH`` files. ``map_batches`` runs the header stage on a pool of
+The driver walks the whole listing first and hands Ray a dataset of ``(file, size, mtime)``
+rows (the path's exact bytes; never the file's content: a 24 GB file must not pass through the
+object store), in blocks of ``BATCH`` files. ``map_batches`` runs the header stage on a pool of
 actors, and for ``hash`` the full-read stage as a second ``map_batches`` with its own pool, so
 the cheap answers are not queued behind the reads. Each actor does its files in one child
 process of its own (``pool.Pool`` with one worker): the per-file time limit and the
@@ -115,7 +115,8 @@ def run_on_ray(op: str, items, results, summary, progress, address: str,
                 results.add(item)
                 summary.done += 1
                 progress.update(0, 1)
-                progress.failed()
+                if item["error"] is not None:
+                    progress.failed()
                 continue
             progress.start(item[1], 1)
             chunk.append(item)

@@ -35,6 +35,7 @@ from . import work
 
 RECYCLE = 2000  # files a child handles before it is replaced
 BATCH = 8  # files sent to a child at once (one pipe round trip each)
+HASH_BACKLOG = 4  # hash tasks per worker that may wait before they go ahead of headers
 
 
 @dataclass
@@ -81,7 +82,8 @@ class Pool:
 
     def add(self, task: Task) -> None:
         """Queues a task while ``run`` is going (the hash stage of a file whose header is
-        done); header tasks are sent before hash tasks."""
+        done). Header tasks are sent first, until ``HASH_BACKLOG`` hash tasks per worker
+        wait: the rows waiting for their hashes stay few, whatever the listing's length."""
         self._queues[task.stage].append(task)
 
     def run(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, Any]]:
@@ -111,7 +113,8 @@ class Pool:
     def _dispatch(self) -> None:
         idle = [c for c in self._children if not c.batch]
         for child in idle + [None] * (self.workers - len(self._children)):
-            stage = "header" if self._queues["header"] else "hash"
+            backlog = len(self._queues["hash"]) >= HASH_BACKLOG * self.workers
+            stage = "header" if self._queues["header"] and not backlog else "hash"
             queue = self._queues[stage]
             if not queue:
                 return
