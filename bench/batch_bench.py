@@ -99,13 +99,14 @@ def _cluster(folder: str) -> set[int]:
 
 
 def _cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and of its children it has waited for."""
+    """CPU seconds of ``pid`` itself (not of the children it waited for: those are sampled
+    on their own, and would be counted twice)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return sum(int(v) for v in fields[11:13]) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:

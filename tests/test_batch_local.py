@@ -247,7 +247,7 @@ def test_resume_after_sigkill_and_of_a_changed_file(folder, tmp_path, capsys):
 
 
 def test_listings_text_and_parquet(folder, tmp_path, capsys):
-    _root, paths = folder
+    root, paths = folder
     listing = tmp_path / "list.txt"
     missing = str(tmp_path / "gone.safetensors")
     listing.write_text("\n".join([*paths[:30], missing, paths[0]]) + "\n")
@@ -255,6 +255,15 @@ def test_listings_text_and_parquet(folder, tmp_path, capsys):
     assert main(["batch", "scan", str(listing), "-o", str(out), "--quiet"]) == 4
     rows = by_path(read(out))
     assert len(rows) == 31  # the path listed twice is done once
+    link = tmp_path / "same-folder"
+    link.symlink_to(root / "files" / "originals")
+    twice = tmp_path / "twice.parquet"
+    main(["batch", "scan", str(root / "files" / "originals"), str(link), "-o",
+          str(twice), "--quiet"])
+    listed = read(twice)
+    once = sum(len(names) for _, _, names in os.walk(root / "files" / "originals"))
+    assert len(listed) == once + 1  # each file once, plus the link's own "skipped" row
+    assert by_path(listed)[str(link)]["verdict"] == "skipped"  # said, not silently dropped
     assert rows[missing]["verdict"] == "error" and rows[missing]["size"] is None
     again = tmp_path / "again.parquet"
     assert main(["batch", "scan", str(out), "-o", str(again), "--quiet"]) == 4

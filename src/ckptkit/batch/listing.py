@@ -5,9 +5,8 @@ name, symbolic links to folders followed once, a folder that cannot be listed an
 row). A file given is a listing: ``*.parquet`` is read for its ``path`` column (and
 ``path_bytes`` where set: a results file is a listing of the files it describes), anything
 else as text, one path per line (paths relative to the current folder, as ``find`` writes
-them). Each path of a listing is walked too (a folder in a listing is scanned whole). The same
-file reached twice (by the same real path) is done once; hard links are files of their
-own.
+them). Each path of a listing is walked too (a folder in a listing is scanned whole). Hard
+links are files of their own.
 """
 
 from __future__ import annotations
@@ -68,20 +67,21 @@ def _paths(source: str) -> Iterator[str]:
 
 def files(sources: list[str]) -> Iterator[tuple[str, int, int] | dict[str, Any]]:
     """``(path, size, mtime_ns)`` of each file to do, or a finished row (a path that could not
-    be walked or stat'ed), in listing order, each file once."""
-    seen: set[bytes] = set()
-    for source in sources:
-        for item in walk(_paths(source)):
-            if isinstance(item, ScanResult):
-                yield rows.from_scan(item, None, None)
-                continue
-            try:
-                info = os.stat(item)
-            except OSError as exc:
-                yield rows.error_row(item, None, None, path_problem(item, exc))
-                continue
-            ident = os.fsencode(os.path.realpath(item))
-            if ident in seen:
-                continue
-            seen.add(ident)
-            yield item, info.st_size, info.st_mtime_ns
+    be walked or stat'ed), in listing order, each file once: one walk over every source, so
+    that a folder reached twice (through a symbolic link, or named twice) is listed once, and
+    a file named twice (by any spelling of its path: ``a/./b``, relative or absolute) once."""
+    seen: set[str] = set()
+    for item in walk(path for source in sources for path in _paths(source)):
+        if isinstance(item, ScanResult):
+            yield rows.from_scan(item, None, None)
+            continue
+        ident = os.path.abspath(item)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        try:
+            info = os.stat(item)
+        except OSError as exc:
+            yield rows.error_row(item, None, None, path_problem(item, exc))
+            continue
+        yield item, info.st_size, info.st_mtime_ns
