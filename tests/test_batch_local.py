@@ -118,6 +118,20 @@ def test_hash_rows_match_hashlib(folder, tmp_path):
     assert not digests["zip_os_system.ckpt"]  # unsafe: file hashes only, never opened
 
 
+def test_batch_hash_leaves_the_hash_cache_alone(folder, tmp_path):
+    """A store's millions of files must not go through the one-file cache of ckpt's hashes
+    (rewritten whole on every hash)."""
+    _, paths = folder
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=SRC, CKPTKIT_CACHE_DIR=str(cache))
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(paths[:3]))
+    subprocess.run([sys.executable, "-m", "ckptkit.cli.main", "batch", "hash", str(listing),
+                    "-o", str(tmp_path / "r.parquet"), "--quiet"], env=env, check=False)
+    assert pq.read_table(tmp_path / "r.parquet").column("sha256").null_count == 0
+    assert not (cache / "sha256.json").exists()
+
+
 def test_hanging_and_crashing_files_cost_only_themselves(folder, tmp_path, monkeypatch):
     _root, paths = folder
     work = tmp_path / "files"

@@ -24,6 +24,7 @@ import time
 from multiprocessing import forkserver
 from typing import Any
 
+from ..ops import hashing
 from ..ops.inspect import inspect_file
 from ..ops.model_hash import hash_file
 from ..ops.scan import SAFE, scan_file
@@ -117,6 +118,7 @@ def serve(conn, faults: list[tuple[str, str]]) -> None:
     clock, so the parent times the next file from the moment this one ended); ``None``
     ends it."""
     _die_with_parent()
+    hashing.REMEMBER = False  # see there: no cache file rewritten per file of a store
     while True:
         try:
             batch = conn.recv()

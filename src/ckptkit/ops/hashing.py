@@ -56,6 +56,10 @@ from ..errors import FormatError
 
 CHUNK = 1 << 24
 SHA256 = re.compile(r"[0-9a-f]{64}")  # a SHA-256 as hex, as this cache and recipes write it
+# Whether hashes computed are remembered. ``ckpt batch`` turns it off in its children: the
+# cache is one JSON file rewritten whole on each hash, so a store of millions of files would
+# rewrite an ever-growing file once per file (and its children would race on it).
+REMEMBER = True
 
 
 def _chunks(path: str):
@@ -311,6 +315,8 @@ def _remember(identity: tuple[str, list[int]], sha: str) -> None:
     """Records a file's hash under its identity taken before it was read (a file changed
     while it was hashed then no longer matches); a cache that cannot be written is only a
     missed shortcut."""
+    if not REMEMBER:
+        return
     name, stat = identity
     try:
         folder = cache_dir()
