@@ -146,11 +146,11 @@ def test_hanging_and_crashing_files_cost_only_themselves(folder, tmp_path, monke
     monkeypatch.setenv(FAULTS_ENV, "hang:HANG,crash:CRASH")
     out = tmp_path / "r.parquet"
     started = time.monotonic()
-    summary = run_batch("scan", [str(work)], str(out), workers=2, timeout=2)
-    assert time.monotonic() - started < 30
+    summary = run_batch("scan", [str(work)], str(out), workers=2, timeout=5)
+    assert time.monotonic() - started < 60
     rows = by_path(read(out))
     assert sorted(rows) == sorted(names)
-    assert rows[str(work / "050-HANG.safetensors")]["error"].startswith("timed out after 2 s")
+    assert rows[str(work / "050-HANG.safetensors")]["error"].startswith("timed out after 5 s")
     crashed = rows[str(work / "051-CRASH.safetensors")]
     assert crashed["verdict"] == "error"
     assert crashed["error"] == "the reader crashed twice (its process exited with code 77)"

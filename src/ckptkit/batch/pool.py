@@ -35,6 +35,7 @@ from . import work
 
 RECYCLE = 2000  # files a child handles before it is replaced
 BATCH = 8  # files sent to a child at once (one pipe round trip each)
+START_LIMIT = 120  # seconds a new child may take to start
 HASH_BACKLOG = 4  # hash tasks per worker that may wait before they go ahead of headers
 
 
@@ -147,8 +148,8 @@ class Pool:
                 if child.batch and now - child.since > child.batch[child.done].limit:
                     task = child.batch[child.done]
                     self._lose(child)
-                    yield task, Failure(f"timed out after {task.limit:g} s (the reader was "
-                                        "stopped)")
+                    yield task, Failure(f"timed out after {round(task.limit, 1):g} s (the "
+                                        "reader was stopped)")
 
     def _read(self, child: _Child) -> Iterator[tuple[Task, Any]]:
         try:
@@ -187,10 +188,20 @@ class Pool:
         self._children.remove(child)
 
     def _start(self) -> _Child:
+        """A new child, once it says it is ready (its start is no file's time)."""
         parent, there = self._ctx.Pipe()
         process = self._ctx.Process(target=work.serve, args=(there, self.faults), daemon=True)
         process.start()
         there.close()
+        try:
+            ready = parent.recv() if parent.poll(START_LIMIT) else None
+        except EOFError:
+            ready = None
+        if ready != work.READY:
+            process.kill()
+            process.join()
+            raise RuntimeError(f"a worker process did not start within {START_LIMIT} s "
+                               f"({_death(process.exitcode)})")
         child = _Child(process, parent)
         self._children.append(child)
         return child

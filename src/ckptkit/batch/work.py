@@ -32,6 +32,7 @@ from . import rows
 
 FAULTS_ENV = "CKPTKIT_BATCH_TEST_FAULTS"
 OPS = ("scan", "inspect", "hash")
+READY = "ready"
 
 
 def header(op: str, path: str, size: int | None, mtime_ns: int | None) -> dict[str, Any]:
@@ -116,9 +117,11 @@ def serve(conn, faults: list[tuple[str, str]]) -> None:
     """A child's loop: receives lists of ``(key, stage, args)``, sends back
     ``(key, result, when)`` for each as it is done (``when``: this machine's monotonic
     clock, so the parent times the next file from the moment this one ended); ``None``
-    ends it."""
+    ends it. It says ``READY`` first: a child's start (seconds on a loaded machine) is no
+    file's time."""
     _die_with_parent()
     hashing.REMEMBER = False  # see there: no cache file rewritten per file of a store
+    conn.send(READY)
     while True:
         try:
             batch = conn.recv()
