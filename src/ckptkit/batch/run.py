@@ -65,6 +65,13 @@ def run_batch(op: str, sources: list[str], output: str, *, ray: str | None = Non
         raise UsageError(f"the batch operation must be one of {', '.join(work.OPS)}")
     if timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
+    if workers is not None and workers < 1:
+        raise UsageError("--workers must be at least 1")
+    try:
+        import pyarrow  # noqa: F401  (the results are Parquet)
+    except ImportError:
+        raise UsageError("ckpt batch writes Parquet: pip install 'ckptkit[batch]' "
+                         "(pyarrow)") from None
     listing.check_sources(sources)
     results = Results(output, resume, flush_rows)
     progress = progress or _Quiet()
