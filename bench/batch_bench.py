@@ -38,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import batch_files  # noqa: E402
 import ray_cluster  # noqa: E402
+from measure import paired_ratio  # noqa: E402
 
 ONE_PROCESS = """
 import os, sys, time
@@ -189,9 +190,12 @@ def main() -> None:
         print(f"{name:12} {median[name]:6.2f} s (runs: {each})  "
               f"{args.files / median[name]:6.0f} files/s  {cpu:5.1f} CPU s "
               f"({args.files / cpu:.0f} files per CPU second)  peak PSS {peak:.0f} MiB{extra}")
-    print(f"local pool: {median['one process'] / median['local pool']:.2f}x one process's "
-          f"speed (target >= 1.7x); Ray: {median['ray'] / median['local pool']:.2f}x the "
-          "pool's time (target <= 1.3x)")
+    # Ratios within each round (runs close in time), then their median: on a shared machine
+    # a slow spell can double every time, and a ratio of medians would mix spells.
+    speedup = paired_ratio(runs, "one process", "local pool")
+    overhead = paired_ratio(runs, "ray", "local pool")
+    print(f"local pool: {speedup:.2f}x one process's speed (target >= 1.7x); Ray: "
+          f"{overhead:.2f}x the pool's time (target <= 1.3x); medians of the rounds' ratios")
     print(f"files per second per core: one process {args.files / median['one process']:.0f},"
           f" local pool {args.files / median['local pool'] / cores:.0f}, Ray "
           f"{args.files / median['ray'] / cores:.0f}")
