@@ -16,6 +16,7 @@ from .. import __version__
 from ..errors import CkptError
 from ..safe_text import printable
 from . import (
+    batch_cmd,
     convert_cmd,
     generate_cmd,
     hash_cmd,
@@ -31,7 +32,7 @@ from . import (
 )
 
 COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd,
-            lora_cmd, generate_cmd, quantize_cmd, hash_cmd, library_cmd)
+            lora_cmd, generate_cmd, quantize_cmd, hash_cmd, library_cmd, batch_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -58,6 +58,10 @@ from ..errors import FormatError
 
 CHUNK = 1 << 24
 SHA256 = re.compile(r"[0-9a-f]{64}")  # a SHA-256 as hex, as this cache and recipes write it
+# Whether hashes computed are remembered. ``ckpt batch`` turns it off in its children: the
+# cache is one JSON file rewritten whole on each hash, so a store of millions of files would
+# rewrite an ever-growing file once per file (and its children would race on it).
+REMEMBER = True
 
 
 def _chunks(path: str):
@@ -312,7 +316,9 @@ def _load_cache() -> dict[str, dict]:
 def _remember(identity: tuple[str, list[int]], sha: str) -> None:
     """Records a file's hash under its identity taken before it was read (a file changed
     while it was hashed then no longer matches); at once, or with the others at the end of
-    a ``remembered_together`` block."""
+    a ``remembered_together`` block; never where ``REMEMBER`` is off."""
+    if not REMEMBER:
+        return
     if _together is not None:
         _together.append((identity, sha))
     else:

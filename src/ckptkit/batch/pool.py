@@ -1,0 +1,233 @@
+"""A pool of child processes that does the per-file work under a per-file time limit.
+
+``concurrent.futures`` and ``multiprocessing.Pool`` cannot stop one task: a reader that hangs
+holds its worker for ever, and a worker that dies breaks the whole pool. Here each child gets
+a short list of files and answers file by file, so the parent always knows which file a child
+is on and since when (the child stamps each answer with the machine's monotonic clock):
+
+- a file still running after its limit gets its child killed (SIGKILL) and a ``Failure``
+  "timed out after S s"; it is not retried (a hang is a property of the file);
+- a child that dies (``os._exit``, a segfault, the OOM killer, someone's ``kill``) loses the
+  file it was on, which is tried once more on a fresh child, alone, and then gets a
+  ``Failure`` naming how the child died; the files queued behind it are sent again as if
+  nothing had happened;
+- a child is replaced after ``RECYCLE`` files, so that whatever a reader leaks stays
+  bounded.
+
+Children start from a forkserver that has imported ``batch.work`` once (fast starts without
+forking the parent's threads: the parent may be a Ray actor). The same pool runs a whole
+local run (``workers`` children) and, with one child, each batch of a Ray actor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import signal
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from typing import Any
+
+from . import work
+
+RECYCLE = 2000  # files a child handles before it is replaced
+BATCH = 8  # files sent to a child at once (one pipe round trip each)
+START_LIMIT = 120  # seconds a new child may take to start
+HASH_BACKLOG = 4  # hash tasks per worker that may wait before they go ahead of headers
+
+
+@dataclass
+class Task:
+    key: Any
+    stage: str  # "header" or "hash" (work.STAGES)
+    args: tuple
+    limit: float  # seconds this file may take
+    tries: int = 0
+
+
+@dataclass
+class Failure:
+    """What a task gets instead of a result when its child was killed or died."""
+
+    message: str
+
+
+@dataclass
+class _Child:
+    process: Any
+    conn: Any
+    batch: list[Task] = field(default_factory=list)
+    done: int = 0  # of the batch
+    since: float = 0.0  # when the current file started
+    files: int = 0
+
+
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["ckptkit.batch.work"])
+    return ctx
+
+
+class Pool:
+    def __init__(self, workers: int, faults: list[tuple[str, str]] | None = None,
+                 recycle: int = RECYCLE):
+        self.workers = max(1, workers)
+        self.faults = faults or []
+        self.recycle = recycle
+        self._ctx = _context()
+        self._children: list[_Child] = []
+        self._queues: dict[str, deque[Task]] = {"header": deque(), "hash": deque()}
+
+    def add(self, task: Task) -> None:
+        """Queues a task while ``run`` is going (the hash stage of a file whose header is
+        done). Header tasks are sent first, until ``HASH_BACKLOG`` hash tasks per worker
+        wait: the rows waiting for their hashes stay few, whatever the listing's length."""
+        self._queues[task.stage].append(task)
+
+    def run(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, Any]]:
+        """Each task with its result (or a ``Failure``) as it is done, tasks pulled from
+        ``tasks`` only as children need them (a listing may be walked lazily)."""
+        source: Iterator[Task] | None = iter(tasks)
+        try:
+            while True:
+                while source is not None and len(self._queues["header"]) < 4 * BATCH * \
+                        self.workers:
+                    task = next(source, None)
+                    if task is None:
+                        source = None
+                    else:
+                        self.add(task)
+                self._dispatch()
+                busy = [c for c in self._children if c.batch]
+                if not busy:
+                    if source is None and not any(self._queues.values()):
+                        return
+                    continue
+                yield from self._collect(busy)
+        except BaseException:  # stopped early (an interrupt, the consumer gone): no orphans
+            self.close()
+            raise
+
+    def _dispatch(self) -> None:
+        idle = [c for c in self._children if not c.batch]
+        for child in idle + [None] * (self.workers - len(self._children)):
+            backlog = len(self._queues["hash"]) >= HASH_BACKLOG * self.workers
+            stage = "header" if self._queues["header"] and not backlog else "hash"
+            queue = self._queues[stage]
+            if not queue:
+                return
+            if child is not None and (child.files >= self.recycle
+                                      or not child.process.is_alive()):
+                self._stop(child)
+                child = None
+            child = child or self._start()
+            if queue[0].tries or stage == "hash":
+                batch = [queue.popleft()]  # a retry goes alone, so that a death is its own
+            else:
+                batch = []
+                while queue and len(batch) < BATCH and not queue[0].tries:
+                    batch.append(queue.popleft())
+            child.batch, child.done, child.since = batch, 0, time.monotonic()
+            child.conn.send([(t.key, t.stage, t.args) for t in batch])
+
+    def _collect(self, busy: list[_Child]) -> Iterator[tuple[Task, Any]]:
+        now = time.monotonic()
+        deadline = min(c.since + c.batch[c.done].limit for c in busy)
+        ready = wait([c.conn for c in busy] + [c.process.sentinel for c in busy],
+                     timeout=max(0.0, deadline - now))
+        for child in busy:
+            if child.conn in ready or child.process.sentinel in ready:
+                yield from self._read(child)
+        now = time.monotonic()
+        for child in busy:
+            if child.batch and now - child.since > child.batch[child.done].limit:
+                yield from self._read(child)  # an answer may have come in meanwhile
+                if child.batch and now - child.since > child.batch[child.done].limit:
+                    task = child.batch[child.done]
+                    self._lose(child)
+                    yield task, Failure(f"timed out after {round(task.limit, 1):g} s (the "
+                                        "reader was stopped)")
+
+    def _read(self, child: _Child) -> Iterator[tuple[Task, Any]]:
+        try:
+            while child.batch and child.conn.poll():
+                key, result, when = child.conn.recv()
+                task = child.batch[child.done]
+                if key != task.key:  # children answer in order; anything else is a bug
+                    raise RuntimeError(f"a child answered for {key!r}, not {task.key!r}")
+                child.done += 1
+                child.files += 1
+                child.since = when
+                if child.done == len(child.batch):
+                    child.batch = []
+                yield task, result
+        except (EOFError, OSError):
+            pass
+        if child.batch and not child.process.is_alive():
+            task = child.batch[child.done]
+            code = child.process.exitcode
+            self._lose(child)
+            task.tries += 1
+            if task.tries >= 2:
+                yield task, Failure(f"the reader crashed twice ({_death(code)})")
+            else:
+                self._queues[task.stage].appendleft(task)
+
+    def _lose(self, child: _Child) -> None:
+        """Kills ``child`` and queues again the files it had not started."""
+        rest = child.batch[child.done + 1:]
+        for task in reversed(rest):
+            self._queues[task.stage].appendleft(task)
+        child.batch = []
+        child.process.kill()
+        child.process.join()
+        child.conn.close()
+        self._children.remove(child)
+
+    def _start(self) -> _Child:
+        """A new child, once it says it is ready (its start is no file's time)."""
+        parent, there = self._ctx.Pipe()
+        process = self._ctx.Process(target=work.serve, args=(there, self.faults), daemon=True)
+        process.start()
+        there.close()
+        try:
+            ready = parent.recv() if parent.poll(START_LIMIT) else None
+        except EOFError:
+            ready = None
+        if ready != work.READY:
+            process.kill()
+            process.join()
+            raise RuntimeError(f"a worker process did not start within {START_LIMIT} s "
+                               f"({_death(process.exitcode)})")
+        child = _Child(process, parent)
+        self._children.append(child)
+        return child
+
+    def _stop(self, child: _Child) -> None:
+        with contextlib.suppress(OSError):
+            child.conn.send(None)
+        child.process.join(5)
+        if child.process.is_alive():
+            child.process.kill()
+            child.process.join()
+        child.conn.close()
+        self._children.remove(child)
+
+    def close(self) -> None:
+        for child in list(self._children):
+            child.process.kill()
+            child.process.join()
+            child.conn.close()
+        self._children.clear()
+
+
+def _death(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"its process was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"its process was killed by signal {-code}"
+    return f"its process exited with code {code}"

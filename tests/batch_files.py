@@ -1,0 +1,67 @@
+"""A folder of many small files of every kind for the batch tests and benchmark.
+
+One of each: tiny samples (SD1 as safetensors, fp8 and .ckpt; FLUX and SDXL parts in
+ComfyUI's layout), the scan corpus's hostile and benign files (tests/corpus.py), broken
+files (truncated, empty, an HTML page and a Git LFS pointer under model names, random bytes)
+and a text file. The rest of the ``n`` files are hard links to them under other names, in
+subfolders of 100 (no disk space, and each is a file of its own to the batch).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import corpus
+
+BROKEN = {
+    "truncated.safetensors": b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\": {\"dtype\"",
+    "empty.safetensors": b"",
+    "page.ckpt": b"<!DOCTYPE html><html><body>Not found</body></html>",
+    "pointer.safetensors": b"version https://git-lfs.github.com/spec/v1\noid sha256:"
+                           + b"0" * 64 + b"\nsize 123\n",
+    "noise.pt": random.Random(0).randbytes(3000),
+    "readme.txt": b"a note beside the models\n",
+}
+
+
+def originals(folder: str, hostile: bool = True) -> list[str]:
+    """Writes one file of each kind under ``folder``/originals; returns their paths."""
+    from ckptkit.ops.sample import sample
+
+    top = os.path.join(folder, "originals")
+    os.makedirs(os.path.join(top, "hostile"))
+    os.makedirs(os.path.join(top, "benign"))
+    markers = os.path.join(folder, "markers")
+    os.makedirs(markers)
+    sample("sd1", os.path.join(top, "sd1.safetensors"), tiny=True)
+    sample("sd1", os.path.join(top, "sd1-fp8.safetensors"), tiny=True, dtype="fp8-e4m3fn")
+    sample("sd1", os.path.join(top, "sd1.ckpt"), tiny=True)
+    sample("flux1-schnell", os.path.join(top, "flux-dit.safetensors"), tiny=True,
+           layout="comfyui", components=["diffusion_model"])
+    sample("sdxl", os.path.join(top, "sdxl-vae.safetensors"), tiny=True, layout="comfyui",
+           components=["vae"])
+    if hostile:
+        corpus.build_hostile(os.path.join(top, "hostile"), markers)
+    corpus.build_benign(os.path.join(top, "benign"))
+    for name, data in BROKEN.items():
+        with open(os.path.join(top, name), "wb") as f:
+            f.write(data)
+    return sorted(os.path.join(root, name) for root, _, names in os.walk(top)
+                  for name in names)
+
+
+def build(folder: str, n: int) -> list[str]:
+    """``n`` files (the originals, then hard links to them in turn); returns every path."""
+    paths = originals(folder)
+    sources = list(paths)
+    i = 0
+    while len(paths) < n:
+        source = sources[i % len(sources)]
+        sub = os.path.join(folder, "links", f"{i // 100:04d}")
+        os.makedirs(sub, exist_ok=True)
+        link = os.path.join(sub, f"{i:06d}-{os.path.basename(source)}")
+        os.link(source, link)
+        paths.append(link)
+        i += 1
+    return paths
