@@ -1,6 +1,6 @@
-"""``quantize``: a diffusion model to GGUF (as ComfyUI-GGUF loads it) or to ComfyUI's
-per-layer fp8 ("fp8 scaled") safetensors, each tensor checked by dequantizing what was
-written.
+"""``quantize``: a diffusion model to GGUF (as ComfyUI-GGUF loads it), to ComfyUI's
+per-layer fp8 ("fp8 scaled") safetensors, or to bitsandbytes' NF4/FP4 safetensors (as Forge
+loads them), each tensor checked by dequantizing what was written.
 
 The diffusion model is taken from the checkpoint (a full checkpoint's text encoders and VAE
 are left out, as ComfyUI-GGUF and ComfyUI's diffusion-model loaders hold the denoiser alone)
@@ -8,10 +8,13 @@ and written under its names without the checkpoint prefix. GGUF types follow
 ``gguf_rules``; fp8 stores each 2-D weight (a Linear layer's) as fp8 with one float32 scale,
 ``weight = stored x weight_scale``, marked by ``<layer>.comfy_quant`` (the uint8 bytes of
 ``{"format": "float8_e4m3fn"}``), as ComfyUI's ``MixedPrecisionOps`` reads it; other tensors
-keep their dtype.
+keep their dtype. NF4/FP4 store the same weights in bitsandbytes' 4-bit layout (``quant.bnb4``)
+under Forge's names: ``W`` (packed codes), ``W.absmax``, ``W.quant_map``,
+``W.nested_absmax``, ``W.nested_quant_map`` and ``W.quant_state.bitsandbytes__nf4``.
 
 No silent white images: every tensor is quantized a slice at a time into the output file's
-pages, and each slice is dequantized back from those pages (``quant.dequant``, not the
+pages, and each slice is dequantized back from those pages (``quant.dequant``, or for NF4
+the reader's ``quant.bnb4.decode`` with the stored double-quantised absmax; not the
 quantizer's own numbers) and compared with the source. A tensor whose source or result holds
 NaN or infinity, or whose relative RMS error (sqrt(sum (q - x)^2 / sum x^2)) exceeds its type's
 bound (``ERROR_BOUNDS``), stops the run: the temporary file is removed and nothing is left
@@ -43,6 +46,8 @@ from .inspect import identify_checkpoint
 from .provenance import provenance
 
 FP8_TYPE = "fp8-scaled"
+BNB_TYPES = ("nf4", "fp4")  # --type -> bitsandbytes' quant_type (stored type: upper case)
+SAFETENSORS_TYPES = (FP8_TYPE, *BNB_TYPES)
 FP8_FORMATS = {  # --fp8 -> (safetensors dtype, largest finite value, comfy_quant format)
     "e4m3fn": ("F8_E4M3", 448.0, "float8_e4m3fn"),
     "e5m2": ("F8_E5M2", 57344.0, "float8_e5m2"),
@@ -53,14 +58,16 @@ QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION, as the converters write it
 # gives on Gaussian values (measured with ckptkit's quantizers on 2^20 N(0, 1) values, rows
 # of 4,096: Q8_0 0.0054, Q6_K 0.0177, Q5_K 0.0361, Q5_1 0.0378, Q5_0 0.0427, Q4_K 0.0713,
 # Q4_1 0.0783, Q4_0 0.0860, Q3_K 0.151, Q2_K 0.296, BF16 0.00166, F16 0.00021, fp8 e4m3fn
-# 0.0231, e5m2 0.0461). Heavier tails cost more: Student's t with 3 degrees of freedom gives
-# up to 1.5x these (Q4_0 0.125), so 2x leaves real weights room, while a broken block (a
-# scale lost or overflowed, the white-image failure) gives an error near 1. F32 is exact.
+# 0.0231, e5m2 0.0461; bitsandbytes' blocks of 64 with double-quantised absmax: NF4 0.0920,
+# FP4 0.122). Heavier tails cost more: Student's t with 3 degrees of freedom gives up to
+# 1.5x these (Q4_0 0.125, NF4 0.111, FP4 0.170), so 2x leaves real weights room, while a
+# broken block (a scale lost or overflowed, the white-image failure) gives an error near 1.
+# F32 is exact.
 ERROR_BOUNDS = {
     "Q8_0": 0.011, "Q6_K": 0.036, "Q5_K": 0.073, "Q5_1": 0.076, "Q5_0": 0.086,
     "Q4_K": 0.143, "Q4_1": 0.157, "Q4_0": 0.172, "Q3_K": 0.302, "Q2_K": 0.593,
     "BF16": 0.0034, "F16": 0.00043, "F32": 1e-7,
-    "F8_E4M3": 0.047, "F8_E5M2": 0.093,
+    "F8_E4M3": 0.047, "F8_E5M2": 0.093, "NF4": 0.184, "FP4": 0.244,
 }
 # Values quantized and checked at a time (a multiple of every block size): 256 K float32 values
 # (1 MB) keep a slice's passes in a core's L2 cache; 1 M values were 15% slower, 64 K slower
@@ -101,10 +108,10 @@ class QuantizeReport:
 
 def quantize(src: str, out: str, qtype: str, *, fp8: str = "e4m3fn",
              progress: Progress | None = None, fsync: bool = True) -> QuantizeReport:
-    gguf = qtype != FP8_TYPE
-    if gguf and qtype not in TYPES:
-        raise UsageError(f"--type must be one of {', '.join(TYPES)} or {FP8_TYPE}, "
-                         f"not {qtype!r}")
+    gguf = qtype in TYPES
+    if not gguf and qtype not in SAFETENSORS_TYPES:
+        raise UsageError(f"--type must be one of {', '.join(TYPES)}, "
+                         f"{', '.join(SAFETENSORS_TYPES)}, not {qtype!r}")
     if fp8 not in FP8_FORMATS:
         raise UsageError(f"--fp8 must be e4m3fn or e5m2, not {fp8!r}")
     wanted = ".gguf" if gguf else ".safetensors"
@@ -115,12 +122,14 @@ def quantize(src: str, out: str, qtype: str, *, fp8: str = "e4m3fn",
     with open_checkpoint(src) as checkpoint:
         tensors, report = _denoiser(checkpoint, src, out, qtype)
         arch = report.architecture
-        meta = provenance("quantize", [src], type=qtype, fp8=fp8 if not gguf else "")
+        meta = provenance("quantize", [src], type=qtype, fp8=fp8 if qtype == FP8_TYPE else "")
         with _one_thread_per_op():
             if gguf:
                 _write_gguf(src, out, arch, qtype, tensors, meta, report, progress, fsync)
-            else:
+            elif qtype == FP8_TYPE:
                 _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync)
+            else:
+                _write_bnb(src, out, arch, qtype, tensors, meta, report, progress, fsync)
     _summarise(report)
     return report
 
@@ -135,7 +144,7 @@ def _denoiser(checkpoint, src: str, out: str, qtype: str):
                          f"{a_or_an(ident.describe())}); quantize takes a checkpoint or a "
                          "diffusion model of a known family")
     arch = ARCHITECTURES.get(ident.family)
-    if qtype != FP8_TYPE and arch is None:
+    if qtype in TYPES and arch is None:
         raise UsageError(f"{src} is {a_or_an(ident.family)} model, which ComfyUI-GGUF has no "
                          "architecture for")
     if comp.layout == "diffusers":
@@ -381,25 +390,20 @@ def _summarise(report: QuantizeReport) -> None:
 def _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync) -> None:
     """ComfyUI's per-layer fp8: each 2-D ``.weight`` outside the family's kept layers
     becomes fp8 + ``weight_scale`` + ``comfy_quant``; every other tensor is copied."""
-    from ..engine.moves import copy_range
-
     dtype_name, largest, fmt = FP8_FORMATS[fp8]
     checker = _Checker(report)
     marker = json.dumps({"format": fmt}).encode("utf-8")  # ComfyUI writes json.dumps's bytes
     planned = []
     scales: dict[str, float] = {}
     for name, tensor in tensors:
-        if len(tensor.shape) != 2 or not name.endswith(".weight") or kept(arch, name):
-            produce = partial(copy_range, tensor) if tensor.is_contiguous else tensor.read
-            planned.append(Planned(name, tensor.dtype, tensor.shape, produce))
-            checker.planned(tensor.dtype.name if tensor.dtype.name in ERROR_BOUNDS else "F32",
-                            tensor.numel, tensor.nbytes)
+        if not _is_linear_weight(arch, name, tensor):
+            planned.append(_copied(name, tensor, checker))
             continue
         layer = name[:-len("weight")]
         fill = partial(_fp8_into, tensor, name, dtype_name, largest, scales, checker)
         planned += [
             Planned(name, DTYPES[dtype_name], tensor.shape,
-                    partial(_fp8_tensor, tensor.shape, DTYPES[dtype_name], fill), fill),
+                    partial(_filled, tensor.shape, DTYPES[dtype_name], fill), fill),
             Planned(layer + "weight_scale", DTYPES["F32"], (),
                     partial(_scale_of, scales, name)),
             Planned(layer + "comfy_quant", DTYPES["U8"], (len(marker),),
@@ -410,9 +414,27 @@ def _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync) -> N
                       progress=progress, fsync=fsync)
 
 
-def _fp8_tensor(shape: tuple[int, ...], dtype: DType, fill: Callable):
-    """The fp8 weight in memory, where the output cannot be mapped (``fill`` writes it into
-    the file's pages otherwise)."""
+def _is_linear_weight(arch: str | None, name: str, tensor: LazyTensor) -> bool:
+    """Whether fp8 and NF4 output quantize ``name``: the weight of a Linear layer (a 2-D
+    ``.weight``; convolutions are 4-D) that the family's rules do not keep (``kept``: its
+    embedders and final layer, as ComfyUI-GGUF keeps them)."""
+    return (len(tensor.shape) == 2 and name.endswith(".weight") and tensor.numel > 0
+            and not kept(arch, name))
+
+
+def _copied(name: str, tensor: LazyTensor, checker: _Checker) -> Planned:
+    """A tensor written as it is in the source."""
+    from ..engine.moves import copy_range
+
+    produce = partial(copy_range, tensor) if tensor.is_contiguous else tensor.read
+    checker.planned(tensor.dtype.name if tensor.dtype.name in ERROR_BOUNDS else "F32",
+                    tensor.numel, tensor.nbytes)
+    return Planned(name, tensor.dtype, tensor.shape, produce)
+
+
+def _filled(shape: tuple[int, ...], dtype: DType, fill: Callable):
+    """A quantized weight in memory, where the output cannot be mapped (``fill`` writes it
+    into the file's pages otherwise)."""
     import torch
 
     out = torch.empty(shape, dtype=torch_dtype(dtype))
@@ -453,3 +475,141 @@ def _scale_of(scales: dict[str, float], name: str):
     import torch
 
     return torch.tensor(scales[name], dtype=torch.float32)
+
+
+# The longest text of a float (``repr``), for the quant state's room in the header: the
+# nested offset is known only once the weight's absmax are, after the header is written.
+_LONGEST_FLOAT = "-1.2345678901234567e-300"
+_TORCH_NAMES = {"F16": "float16", "F32": "float32"}  # and bfloat16 for every other float
+
+
+def _write_bnb(src, out, arch, kind, tensors, meta, report, progress, fsync) -> None:
+    """bitsandbytes 4-bit as Forge loads it (``ForgeLoader4Bit``, through bitsandbytes'
+    ``QuantState.from_dict``): each Linear weight outside the family's kept layers as
+    ``quantize_4bit(blocksize=64, compress_statistics=True)`` stores it, its quant state
+    packed as ``QuantState.as_dict(packed=True)`` packs it; every other tensor copied."""
+    from ..quant import bnb4
+
+    checker = _Checker(report)
+    qtype = kind.upper()
+    planned = []
+    for name, tensor in tensors:
+        if not _is_linear_weight(arch, name, tensor):
+            planned.append(_copied(name, tensor, checker))
+            continue
+        weight = _Bnb4Weight(tensor, name, kind, checker)
+        count = tensor.numel
+        blocks = -(-count // bnb4.BLOCK)
+        parts = [
+            Planned(name, DTYPES["U8"], ((count + 1) // 2, 1),
+                    partial(_filled, ((count + 1) // 2, 1), DTYPES["U8"], weight.fill),
+                    weight.fill),
+            Planned(name + ".absmax", DTYPES["U8"], (blocks,), weight.absmax),
+            Planned(name + ".quant_map", DTYPES["F32"], (16,), partial(bnb4.table, kind)),
+            Planned(name + ".nested_absmax", DTYPES["F32"], (-(-blocks // bnb4.NESTED_BLOCK),),
+                    weight.nested_absmax),
+            Planned(name + ".nested_quant_map", DTYPES["F32"], (256,), bnb4.dynamic_map),
+            Planned(name + ".quant_state.bitsandbytes__" + kind, DTYPES["U8"],
+                    (len(weight.state(_LONGEST_FLOAT)),), weight.packed_state),
+        ]
+        planned += parts
+        checker.planned(qtype, count, sum(p.nbytes for p in parts))
+    write_safetensors(out, planned, {k: str(v) for k, v in meta.items()}, inputs=(src,),
+                      progress=progress, fsync=fsync)
+
+
+class _Bnb4Weight:
+    """One weight in bitsandbytes' 4-bit layout, made in two passes over the source: its
+    blocks' absmax first (whichever of its tensors the writer asks for first: the file's
+    order puts aligned tensors first), double-quantised; then its codes, written into the
+    file's pages and checked a slice at a time (decoded from those pages with the stored
+    absmax, as a reader decodes them)."""
+
+    def __init__(self, tensor: LazyTensor, name: str, kind: str, checker: _Checker):
+        self.tensor, self.name, self.kind, self.checker = tensor, name, kind, checker
+        self.lock = threading.Lock()
+        self.codes = self.nested = self.offset = None
+        self.codes_wanted = 2  # by the weight's check and by its absmax tensor
+
+    def _statistics(self) -> None:
+        import torch
+
+        from ..quant import bnb4
+
+        with self.lock:
+            if self.offset is not None:
+                return
+            read, count, name = _slice_reader(self.tensor), self.tensor.numel, self.name
+
+            def absmax_of(start: int):
+                x = read(start, min(SLICE, count - start)).float()
+                _squared_sum(x, name)
+                return bnb4.block_absmax(x)
+
+            absmax = torch.cat(_in_parallel_each(absmax_of, range(0, count, SLICE)))
+            self.codes, self.nested, self.offset = bnb4.compress_absmax(absmax)
+
+    def _release_codes(self) -> None:
+        with self.lock:
+            self.codes_wanted -= 1
+            if not self.codes_wanted:
+                self.codes = None  # n/64 bytes a weight: not kept for the whole file
+
+    def fill(self, out) -> None:
+        """The packed codes into ``out`` (uint8, the weight's place in the file), each
+        slice checked against the source."""
+        import torch
+
+        from ..quant import bnb4
+
+        self._statistics()
+        read, count, name, kind = _slice_reader(self.tensor), self.tensor.numel, self.name, \
+            self.kind
+        flat = out.reshape(-1)
+        quant_map = bnb4.table(kind)
+        nested_map = bnb4.dynamic_map()
+        per_nested = bnb4.BLOCK * bnb4.NESTED_BLOCK  # values under one nested absmax
+
+        def one(start: int) -> tuple[float, float]:
+            x = read(start, min(SLICE, count - start)).float()
+            stored = flat[start // 2:start // 2 + (x.numel() + 1) // 2]
+            bnb4.encode(x, kind, stored)
+            first = start // bnb4.BLOCK
+            codes = self.codes[first:first + -(-x.numel() // bnb4.BLOCK)]
+            nested = self.nested[start // per_nested:]
+            absmax = bnb4.expand_absmax(codes, nested, self.offset, nested_map,
+                                        bnb4.NESTED_BLOCK)
+            back = bnb4.decode(stored, quant_map, absmax, bnb4.BLOCK, x.numel())
+            return _squared_error(x, back, name, kind.upper()), float(torch.dot(x, x))
+
+        try:
+            self.checker.record(name, kind.upper(), _in_parallel(one, range(0, count, SLICE)))
+        finally:
+            self._release_codes()
+
+    def absmax(self):
+        self._statistics()
+        codes = self.codes
+        self._release_codes()
+        return codes
+
+    def nested_absmax(self):
+        self._statistics()
+        return self.nested
+
+    def state(self, offset: str) -> bytes:
+        """The quant state as bitsandbytes packs it (``json.dumps`` of ``as_dict``'s
+        non-tensor items, in its order), with ``offset`` as the nested offset's text."""
+        described = json.dumps({
+            "quant_type": self.kind, "blocksize": 64,
+            "dtype": _TORCH_NAMES.get(self.tensor.dtype.name, "bfloat16"),
+            "shape": list(self.tensor.shape), "nested_blocksize": 256,
+            "nested_dtype": "float32"})
+        return f'{described[:-1]}, "nested_offset": {offset}}}'.encode()
+
+    def packed_state(self) -> bytes:
+        """The quant state with the offset found, padded with spaces (JSON allows them after
+        the value) to the room planned for it."""
+        self._statistics()
+        room = len(self.state(_LONGEST_FLOAT))
+        return self.state(json.dumps(self.offset)).ljust(room)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import FormatError
+from . import bnb4
 from .dequant import dequantize
 from .ggml_types import BY_NAME
 
@@ -59,20 +60,16 @@ def _bnb_4bit(tensor, dtype):
     the absmax are themselves 8-bit codes into ``nested_quant_map`` times their block's
     ``nested_absmax``, plus ``nested_offset``. Computed in float32, rounded once."""
     parts, params = tensor.parts, tensor.params
-    numel = tensor.numel
     packed = parts["data"].read().reshape(-1)
-    codes = torch.stack((packed >> 4, packed & 0x0F), dim=1).reshape(-1)[:numel].long()
     quant_map = parts["quant_map"].read().float().reshape(-1)
     absmax = parts["absmax"].read().reshape(-1)
     if "nested_absmax" in parts:
-        nested_map = parts["nested_quant_map"].read().float().reshape(-1)
-        nested = parts["nested_absmax"].read().float().reshape(-1)
-        index = torch.arange(absmax.numel()) // params["nested_blocksize"]
-        absmax = nested_map[absmax.long()] * nested[index] + params["nested_offset"]
-    blocks, size = absmax.numel(), params["blocksize"]
-    codes = torch.nn.functional.pad(codes, (0, max(0, blocks * size - numel)))
-    values = quant_map[codes].view(blocks, size) * absmax.float().unsqueeze(1)
-    return values.reshape(-1)[:numel].reshape(tensor.shape).to(dtype)
+        absmax = bnb4.expand_absmax(absmax, parts["nested_absmax"].read().float().reshape(-1),
+                                    params["nested_offset"],
+                                    parts["nested_quant_map"].read().float().reshape(-1),
+                                    params["nested_blocksize"])
+    values = bnb4.decode(packed, quant_map, absmax.float(), params["blocksize"], tensor.numel)
+    return values.reshape(tensor.shape).to(dtype)
 
 
 _SCHEMES = {"gguf": _gguf, "fp8-scaled": _fp8_scaled, "bnb-4bit": _bnb_4bit}
