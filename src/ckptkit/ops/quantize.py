@@ -99,12 +99,17 @@ class QuantizeReport:
     notes: list[str] = field(default_factory=list)
 
 
-def quantize(src: str, out: str, qtype: str, *, fp8: str = "e4m3fn",
+def quantize(src: str, out: str, qtype: str, *, fp8: str | None = None,
              progress: Progress | None = None, fsync: bool = True) -> QuantizeReport:
+    """``fp8`` is for ``fp8-scaled`` alone (default e4m3fn): given with a GGUF type it is
+    refused rather than ignored, since the user expected it to change something."""
     gguf = qtype != FP8_TYPE
     if gguf and qtype not in TYPES:
         raise UsageError(f"--type must be one of {', '.join(TYPES)} or {FP8_TYPE}, "
                          f"not {qtype!r}")
+    if gguf and fp8 is not None:
+        raise UsageError(f"--fp8 is for --type {FP8_TYPE}; --type {qtype} stores no fp8")
+    fp8 = fp8 or "e4m3fn"
     if fp8 not in FP8_FORMATS:
         raise UsageError(f"--fp8 must be e4m3fn or e5m2, not {fp8!r}")
     wanted = ".gguf" if gguf else ".safetensors"
@@ -115,7 +120,7 @@ def quantize(src: str, out: str, qtype: str, *, fp8: str = "e4m3fn",
     with open_checkpoint(src) as checkpoint:
         tensors, report = _denoiser(checkpoint, src, out, qtype)
         arch = report.architecture
-        meta = provenance("quantize", [src], type=qtype, fp8=fp8 if not gguf else "")
+        meta = provenance("quantize", [src], type=qtype, **({} if gguf else {"fp8": fp8}))
         with _one_thread_per_op():
             if gguf:
                 _write_gguf(src, out, arch, qtype, tensors, meta, report, progress, fsync)

@@ -1,0 +1,31 @@
+"""Review of ``ckpt quantize`` and the quantized readers as a user meets them: options that
+would do nothing are refused, the metadata holds only what applies, bad files end in one line."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import run_cli
+
+from ckptkit.ops.sample import sample
+
+gguf = pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def flux_dm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant_review") / "flux.safetensors"
+    sample("flux1-dev", str(path), tiny=True, dtype="bf16", components=["diffusion_model"])
+    return path
+
+
+def test_fp8_option_with_a_gguf_type_is_refused_and_gguf_metadata_has_no_fp8_key(
+        flux_dm, tmp_path, capsys):
+    out = tmp_path / "q.gguf"
+    code, _, err = run_cli(capsys, "quantize", flux_dm, "-o", out, "--type", "Q8_0",
+                           "--fp8", "e5m2", "--quiet")
+    assert code == 2 and "--fp8" in err and err.count("\n") == 1
+    assert not out.exists()
+    code, _, err = run_cli(capsys, "quantize", flux_dm, "-o", out, "--type", "Q8_0", "--quiet")
+    assert code == 0, err
+    fields = gguf.GGUFReader(str(out)).fields
+    assert "ckptkit.type" in fields and "ckptkit.fp8" not in fields
