@@ -3,6 +3,8 @@ would do nothing are refused, the metadata holds only what applies, bad files en
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import run_cli
 
@@ -29,3 +31,18 @@ def test_fp8_option_with_a_gguf_type_is_refused_and_gguf_metadata_has_no_fp8_key
     assert code == 0, err
     fields = gguf.GGUFReader(str(out)).fields
     assert "ckptkit.type" in fields and "ckptkit.fp8" not in fields
+
+
+def test_quantizing_a_quantized_file_says_the_errors_are_not_against_the_original(
+        flux_dm, tmp_path, capsys):
+    first = tmp_path / "q4.gguf"
+    code, out, err = run_cli(capsys, "quantize", flux_dm, "-o", first, "--type", "Q4_0",
+                             "--quiet")
+    assert code == 0, err
+    assert "already quantized" not in out
+    again = tmp_path / "q8.gguf"
+    code, out, err = run_cli(capsys, "quantize", first, "-o", again, "--type", "Q8_0",
+                             "--quiet", "--json")
+    assert code == 0, err
+    notes = json.loads(out)["notes"]
+    assert any("q4.gguf is already quantized (Q4_0)" in n for n in notes), notes

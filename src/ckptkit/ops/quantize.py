@@ -37,6 +37,7 @@ from ..errors import FormatError, OutputError, UsageError, a_or_an
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import BY_NAME as DTYPES
 from ..formats.dtypes import DType, torch_dtype
+from ..formats.quantized import QuantizedTensor
 from ..quant.ggml_types import BY_NAME as GGML
 from .gguf_rules import ARCHITECTURES, TYPES, Rules, check_name, kept
 from .inspect import identify_checkpoint
@@ -163,6 +164,14 @@ def _denoiser(checkpoint, src: str, out: str, qtype: str):
             raise UsageError(f"{src}: tensor {name} holds {tensor.dtype.name} values, not "
                              "floating-point weights")
         tensors.append((name, tensor))
+    # Errors are measured against what the source holds; a quantized source already lost
+    # precision that no error here shows, and a higher type cannot bring it back.
+    already = sorted({t.qtype for _, t in tensors if isinstance(t, QuantizedTensor)})
+    if already:
+        report.notes.append(
+            f"{src} is already quantized ({', '.join(already)}): the errors above are "
+            "against its dequantized values, not the original weights; quantize the "
+            "original for the best file")
     return tensors, report
 
 
