@@ -35,3 +35,23 @@ def test_a_named_pipe_is_refused_by_hash_and_skipped_by_scan_without_waiting(
     assert code == 3 and "pipe.safetensors" in err and "Traceback" not in err
     rows = sqlite3.connect(db).execute("SELECT name FROM files").fetchall()
     assert rows == [("a.safetensors",)]
+
+
+def test_a_quantized_file_is_indexed_as_quantized_when_most_parameters_stay_f16(
+        tmp_path, capsys):
+    from ckptkit.ops.quantize import quantize
+    from ckptkit.ops.sample import sample
+
+    models = tmp_path / "models"
+    models.mkdir()
+    src = tmp_path / "flux.safetensors"  # tiny: most rows are not whole blocks, kept in F16
+    sample("flux1-dev", str(src), tiny=True, dtype="bf16", components=["diffusion_model"])
+    quantize(str(src), str(models / "q.gguf"), "Q4_0")
+    quantize(str(src), str(models / "fp8.safetensors"), "fp8-scaled")
+    db = tmp_path / "lib.db"
+    code, _, err = run_cli(capsys, "library", "scan", models, "--db", db, "--quiet")
+    assert code == 0, err
+    rows = dict(sqlite3.connect(db).execute("SELECT name, quantization FROM files"))
+    assert rows == {"q.gguf": "Q4_0", "fp8.safetensors": "scaled-fp8"}
+    code, out, _ = run_cli(capsys, "library", "show", models / "q.gguf", "--db", db)
+    assert code == 0 and ", Q4_0" in out
