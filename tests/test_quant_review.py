@@ -46,3 +46,20 @@ def test_quantizing_a_quantized_file_says_the_errors_are_not_against_the_origina
     assert code == 0, err
     notes = json.loads(out)["notes"]
     assert any("q4.gguf is already quantized (Q4_0)" in n for n in notes), notes
+
+
+def test_a_source_tensor_that_is_not_finite_is_refused_naming_the_file(
+        flux_dm, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(flux_dm)
+    key = next(k for k in weights if k.endswith("double_blocks.0.img_mlp.0.weight"))
+    weights[key][0, 0] = float("nan")
+    bad = tmp_path / "nan-model.safetensors"
+    save_file(weights, bad)
+    for qtype, name in (("Q8_0", "q.gguf"), ("fp8-scaled", "q.safetensors")):
+        code, out, err = run_cli(capsys, "quantize", bad, "-o", tmp_path / name, "--type",
+                                 qtype, "--quiet")
+        assert code == 3 and not out
+        assert err.startswith(f"ckpt: error: {bad}: tensor double_blocks.0.img_mlp.0.weight")
+        assert err.count("\n") == 1 and not (tmp_path / name).exists()

@@ -122,11 +122,16 @@ def quantize(src: str, out: str, qtype: str, *, fp8: str | None = None,
         tensors, report = _denoiser(checkpoint, src, out, qtype)
         arch = report.architecture
         meta = provenance("quantize", [src], type=qtype, **({} if gguf else {"fp8": fp8}))
-        with _one_thread_per_op():
-            if gguf:
-                _write_gguf(src, out, arch, qtype, tensors, meta, report, progress, fsync)
-            else:
-                _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync)
+        try:
+            with _one_thread_per_op():
+                if gguf:
+                    _write_gguf(src, out, arch, qtype, tensors, meta, report, progress, fsync)
+                else:
+                    _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync)
+        except FormatError as exc:  # a tensor's check, made where the file's name is unknown
+            if exc.path is not None:
+                raise
+            raise type(exc)(exc.reason, src) from exc
     _summarise(report)
     return report
 
