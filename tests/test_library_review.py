@@ -55,3 +55,28 @@ def test_a_quantized_file_is_indexed_as_quantized_when_most_parameters_stay_f16(
     assert rows == {"q.gguf": "Q4_0", "fp8.safetensors": "scaled-fp8"}
     code, out, _ = run_cli(capsys, "library", "show", models / "q.gguf", "--db", db)
     assert code == 0 and ", Q4_0" in out
+
+
+def test_dupes_counts_copies_on_disk_not_names_of_one_file(folder, tmp_path, capsys):
+    import json
+
+    os.link(folder / "a.safetensors", folder / "hardlink.safetensors")
+    (tmp_path / "through-link").symlink_to(folder)
+    db = tmp_path / "lib.db"
+    for each in (folder, tmp_path / "through-link"):  # one scan would walk the folder once
+        code, _, err = run_cli(capsys, "library", "scan", each, "--db", db, "--quiet")
+        assert code == 0, err
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM files").fetchone() == (4,)
+    code, out, _ = run_cli(capsys, "library", "dupes", "--db", db, "--json")
+    found = json.loads(out)
+    assert code == 0 and found["saved_bytes"]["identical"] == 0
+    assert [(g["copies"], g["saved_bytes"], len(g["files"])) for g in found["identical"]] \
+        == [(1, 0, 4)]
+    size = (folder / "a.safetensors").stat().st_size
+    (folder / "copy.safetensors").write_bytes((folder / "a.safetensors").read_bytes())
+    for each in (folder, tmp_path / "through-link"):
+        run_cli(capsys, "library", "scan", each, "--db", db, "--quiet")
+    code, out, _ = run_cli(capsys, "library", "dupes", "--db", db, "--json")
+    found = json.loads(out)
+    assert [(g["copies"], g["saved_bytes"]) for g in found["identical"]] == [(2, size)]
+    assert len(found["identical"][0]["files"]) == 6  # every name, one copy to delete
