@@ -244,7 +244,9 @@ def _dupes(args) -> int:
     if args.json:
         print(json_dumps(found))
         return 0
-    sections = (("identical", "identical files", lambda g: f"sha256 {g['sha256'][:16]}"),
+    sections = (("identical", "identical files", lambda g: f"sha256 {g['sha256'][:16]}, "
+                 + ("one file under several names" if g["copies"] == 1 else
+                    f"{g['copies']} copies")),
                 ("same_weights", "same weights", lambda g: "+".join(g["components"])),
                 ("shared_components", "shared components",
                  lambda g: f"{g['component']} {g['digest'][:16]}"))

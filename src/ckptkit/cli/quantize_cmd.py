@@ -33,7 +33,7 @@ def add_parser(commands) -> None:
     p.add_argument("--type", required=True, choices=[*TYPES, *SAFETENSORS_TYPES],
                    metavar="TYPE", help=f"{', '.join(TYPES)} (GGUF) or "
                                         f"{', '.join(SAFETENSORS_TYPES)} (safetensors)")
-    p.add_argument("--fp8", choices=list(FP8_FORMATS), default="e4m3fn",
+    p.add_argument("--fp8", choices=list(FP8_FORMATS),
                    help="the fp8 format of --type fp8-scaled (default e4m3fn)")
     add_output_options(p)
     add_fsync_option(p)

@@ -339,20 +339,26 @@ def _header(checkpoint, ident: Identification) -> dict[str, Any]:
     row = {"kind": ident.kind, "family": ident.family or
            (",".join(ident.compatible_families) or None),
            "variants": json.dumps(ident.variants), "layout": ident.layout, "dtype": dtype,
-           "quantization": _quantization(dtype, ident, report["format"]),
+           "quantization": _quantization(dtype, ident, report),
            "tensors": report["tensor_count"], "parameters": report["parameter_count"],
            "identification": json_dumps(ident.to_dict()), "metadata": json_dumps(decoded),
            "title": meta.title(raw), "base_model": meta.base_model(raw) or ident.family}
     return {"row": row, "ancestry": meta.ancestry(raw)}
 
 
-def _quantization(dtype: str | None, ident: Identification, fmt: str) -> str | None:
+def _quantization(dtype: str | None, ident: Identification, report: dict) -> str | None:
     """How the weights are stored smaller than 16 bits, from what ckptkit reads: ComfyUI's
-    scaled fp8 (a scale per weight), plain fp8/fp6/fp4/int8, or a GGUF type."""
-    if ident.extra.get("scaled-fp8"):
+    scaled fp8 (a scale per weight), a file's quantized types by share of parameters (a
+    small model keeps most of its parameters in F16 and still is a Q4_0 file), or plain
+    fp8/fp6/fp4/int8."""
+    quantized = report.get("quantization")
+    if ident.extra.get("scaled-fp8") or (quantized or {}).get("scheme") == "fp8-scaled":
         return "scaled-fp8"
-    if fmt == "gguf" and dtype and dtype not in ("F32", "F16", "BF16"):
-        return dtype
+    if quantized:
+        kinds = sorted(quantized["types"].items(), key=lambda kv: -kv[1]["parameters"])
+        low = [name for name, _ in kinds if name not in ("F32", "F16", "BF16")]
+        if low:
+            return "+".join(low)
     if dtype and dtype.startswith(("F8", "F6", "F4", "I8", "U8")):
         return dtype.lower()
     return None

@@ -198,7 +198,8 @@ def _duplicates_of(conn: sqlite3.Connection, row: sqlite3.Row) -> list[dict[str,
 
 
 def duplicates(conn: sqlite3.Connection) -> dict[str, Any]:
-    """``identical``: groups of files with the same bytes (SHA-256); ``same_weights``:
+    """``identical``: groups of files with the same bytes (SHA-256), with how many
+    ``copies`` of them are on disk (by device and inode); ``same_weights``:
     groups of files, not all identical, whose components all have the same content digests
     (the same model as ``.ckpt`` and ``.safetensors``, in another layout, with other
     metadata); ``shared_components``: components (by content digest) found in files of
@@ -209,8 +210,12 @@ def duplicates(conn: sqlite3.Connection) -> dict[str, Any]:
     for r in rows.values():
         if r["sha256"]:
             by_sha[r["sha256"]].append(r["id"])
-    identical = [{"sha256": sha, "size": rows[ids[0]]["size"],
-                  "saved_bytes": rows[ids[0]]["size"] * (len(ids) - 1),
+    # Names of one file (hard links, a folder reached through a link) are no copies:
+    # deleting one saves nothing, or deletes the file the other name shows.
+    copies = {sha: len({(rows[i]["device"], rows[i]["inode"]) for i in ids})
+              for sha, ids in by_sha.items()}
+    identical = [{"sha256": sha, "size": rows[ids[0]]["size"], "copies": copies[sha],
+                  "saved_bytes": rows[ids[0]]["size"] * (copies[sha] - 1),
                   "files": [summary(rows[i]) for i in sorted(ids, key=lambda i:
                                                              rows[i]["display"])]}
                  for sha, ids in by_sha.items() if len(ids) > 1]

@@ -45,6 +45,7 @@ import json
 import os
 import queue
 import re
+import stat
 import struct
 import tempfile
 import threading
@@ -96,7 +97,13 @@ def stream_digests(path: str, ranges: Sequence[Ranges] = (),
                    progress: Progress | None = None) -> tuple[dict[str, str], list[str]]:
     """The file hashes of ``path`` and, for each entry of ``ranges`` (byte ranges of the file),
     the BLAKE3 of those bytes in turn; all from one read of the file. Raises ``FormatError``
-    if the file changed while it was read."""
+    if the file changed while it was read, or if ``path`` is no regular file (opening a
+    named pipe would wait for a writer forever)."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise FormatError("is a directory, not a file" if stat.S_ISDIR(mode) else
+                          "is not a regular file (a pipe, socket or device); nothing to hash",
+                          path)
     identity = _identity(path)
     size = identity[1][0]
     whole, after_header, b3 = hashlib.sha256(), hashlib.sha256(), blake3.blake3()

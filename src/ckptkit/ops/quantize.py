@@ -40,6 +40,7 @@ from ..errors import FormatError, OutputError, UsageError, a_or_an
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import BY_NAME as DTYPES
 from ..formats.dtypes import DType, torch_dtype
+from ..formats.quantized import QuantizedTensor
 from ..quant.ggml_types import BY_NAME as GGML
 from .gguf_rules import ARCHITECTURES, TYPES, Rules, check_name, kept
 from .inspect import identify_checkpoint
@@ -106,12 +107,17 @@ class QuantizeReport:
     notes: list[str] = field(default_factory=list)
 
 
-def quantize(src: str, out: str, qtype: str, *, fp8: str = "e4m3fn",
+def quantize(src: str, out: str, qtype: str, *, fp8: str | None = None,
              progress: Progress | None = None, fsync: bool = True) -> QuantizeReport:
+    """``fp8`` is for ``fp8-scaled`` alone (default e4m3fn): given with another type it is
+    refused rather than ignored, since the user expected it to change something."""
     gguf = qtype in TYPES
     if not gguf and qtype not in SAFETENSORS_TYPES:
         raise UsageError(f"--type must be one of {', '.join(TYPES)}, "
                          f"{', '.join(SAFETENSORS_TYPES)}, not {qtype!r}")
+    if qtype != FP8_TYPE and fp8 is not None:
+        raise UsageError(f"--fp8 is for --type {FP8_TYPE}; --type {qtype} stores no fp8")
+    fp8 = fp8 or "e4m3fn"
     if fp8 not in FP8_FORMATS:
         raise UsageError(f"--fp8 must be e4m3fn or e5m2, not {fp8!r}")
     wanted = ".gguf" if gguf else ".safetensors"
@@ -122,14 +128,20 @@ def quantize(src: str, out: str, qtype: str, *, fp8: str = "e4m3fn",
     with open_checkpoint(src) as checkpoint:
         tensors, report = _denoiser(checkpoint, src, out, qtype)
         arch = report.architecture
-        meta = provenance("quantize", [src], type=qtype, fp8=fp8 if qtype == FP8_TYPE else "")
-        with _one_thread_per_op():
-            if gguf:
-                _write_gguf(src, out, arch, qtype, tensors, meta, report, progress, fsync)
-            elif qtype == FP8_TYPE:
-                _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync)
-            else:
-                _write_bnb(src, out, arch, qtype, tensors, meta, report, progress, fsync)
+        meta = provenance("quantize", [src], type=qtype,
+                          **({"fp8": fp8} if qtype == FP8_TYPE else {}))
+        try:
+            with _one_thread_per_op():
+                if gguf:
+                    _write_gguf(src, out, arch, qtype, tensors, meta, report, progress, fsync)
+                elif qtype == FP8_TYPE:
+                    _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync)
+                else:
+                    _write_bnb(src, out, arch, qtype, tensors, meta, report, progress, fsync)
+        except FormatError as exc:  # a tensor's check, made where the file's name is unknown
+            if exc.path is not None:
+                raise
+            raise type(exc)(exc.reason, src) from exc
     _summarise(report)
     return report
 
@@ -167,6 +179,14 @@ def _denoiser(checkpoint, src: str, out: str, qtype: str):
             raise UsageError(f"{src}: tensor {name} holds {tensor.dtype.name} values, not "
                              "floating-point weights")
         tensors.append((name, tensor))
+    # Errors are measured against what the source holds; a quantized source already lost
+    # precision that no error here shows, and a higher type cannot bring it back.
+    already = sorted({t.qtype for _, t in tensors if isinstance(t, QuantizedTensor)})
+    if already:
+        report.notes.append(
+            f"{src} is already quantized ({', '.join(already)}): the errors above are "
+            "against its dequantized values, not the original weights; quantize the "
+            "original for the best file")
     return tensors, report
 
 
