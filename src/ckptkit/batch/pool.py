@@ -3,7 +3,10 @@
 ``concurrent.futures`` and ``multiprocessing.Pool`` cannot stop one task: a reader that hangs
 holds its worker for ever, and a worker that dies breaks the whole pool. Here each child gets
 a short list of files and answers file by file, so the parent always knows which file a child
-is on and since when (the child stamps each answer with the machine's monotonic clock):
+is on and since when (the child stamps each answer with the machine's monotonic clock). A
+child is sent its next list while it still works on the last one: a child that waited for the
+parent between lists (to read the answers, write Parquet, walk the listing, be scheduled on a
+busy machine) sat idle most of the time, and two children ran no faster than one process.
 
 - a file still running after its limit gets its child killed (SIGKILL) and a ``Failure``
   "timed out after S s"; it is not retried (a hang is a property of the file);
@@ -34,7 +37,7 @@ from typing import Any
 from . import work
 
 RECYCLE = 2000  # files a child handles before it is replaced
-BATCH = 8  # files sent to a child at once (one pipe round trip each)
+BATCH = 8  # files sent to a child at once; it gets the next list while on its last BATCH
 START_LIMIT = 120  # seconds a new child may take to start
 HASH_BACKLOG = 4  # hash tasks per worker that may wait before they go ahead of headers
 
@@ -46,6 +49,7 @@ class Task:
     args: tuple
     limit: float  # seconds this file may take
     tries: int = 0
+    sent: float = 0.0  # when it was sent to its child: it cannot have started before
 
 
 @dataclass
@@ -55,14 +59,14 @@ class Failure:
     message: str
 
 
-@dataclass
+@dataclass(eq=False)  # children are compared by identity
 class _Child:
     process: Any
     conn: Any
-    batch: list[Task] = field(default_factory=list)
-    done: int = 0  # of the batch
-    since: float = 0.0  # when the current file started
+    queued: deque[Task] = field(default_factory=deque)  # sent, not answered yet, in order
+    since: float = 0.0  # when its first queued file started
     files: int = 0
+    alone: bool = False  # on a retry: nothing is sent behind it, so a death is its own
 
 
 def _context():
@@ -101,7 +105,7 @@ class Pool:
                     else:
                         self.add(task)
                 self._dispatch()
-                busy = [c for c in self._children if c.batch]
+                busy = [c for c in self._children if c.queued]
                 if not busy:
                     if source is None and not any(self._queues.values()):
                         return
@@ -112,30 +116,44 @@ class Pool:
             raise
 
     def _dispatch(self) -> None:
-        idle = [c for c in self._children if not c.batch]
-        for child in idle + [None] * (self.workers - len(self._children)):
+        """Sends each child with at most ``BATCH`` files left its next list (new children
+        up to ``workers``), so that none waits for the parent between lists."""
+        now = time.monotonic()
+        room = [c for c in self._children if not c.alone and len(c.queued) <= BATCH
+                and c.files + len(c.queued) < self.recycle and c.process.is_alive()]
+        spent = [c for c in self._children if not c.queued
+                 and (c.files >= self.recycle or not c.process.is_alive())]
+        for child in room + spent + [None] * (self.workers - len(self._children)):
             backlog = len(self._queues["hash"]) >= HASH_BACKLOG * self.workers
             stage = "header" if self._queues["header"] and not backlog else "hash"
             queue = self._queues[stage]
             if not queue:
                 return
-            if child is not None and (child.files >= self.recycle
-                                      or not child.process.is_alive()):
+            retry = queue[0].tries > 0
+            if child is not None and child.queued and retry:
+                continue  # a retry waits for a child with nothing else to do
+            if child in spent:
                 self._stop(child)
                 child = None
             child = child or self._start()
-            if queue[0].tries or stage == "hash":
-                batch = [queue.popleft()]  # a retry goes alone, so that a death is its own
+            if retry or stage == "hash":
+                batch = [queue.popleft()]
             else:
                 batch = []
                 while queue and len(batch) < BATCH and not queue[0].tries:
                     batch.append(queue.popleft())
-            child.batch, child.done, child.since = batch, 0, time.monotonic()
-            child.conn.send([(t.key, t.stage, t.args) for t in batch])
+            if not child.queued:
+                child.since = now
+            for task in batch:
+                task.sent = now
+            child.queued.extend(batch)
+            child.alone = retry
+            with contextlib.suppress(OSError):  # it died: _read finds out and says so
+                child.conn.send([(t.key, t.stage, t.args) for t in batch])
 
     def _collect(self, busy: list[_Child]) -> Iterator[tuple[Task, Any]]:
         now = time.monotonic()
-        deadline = min(c.since + c.batch[c.done].limit for c in busy)
+        deadline = min(c.since + c.queued[0].limit for c in busy)
         ready = wait([c.conn for c in busy] + [c.process.sentinel for c in busy],
                      timeout=max(0.0, deadline - now))
         for child in busy:
@@ -143,31 +161,31 @@ class Pool:
                 yield from self._read(child)
         now = time.monotonic()
         for child in busy:
-            if child.batch and now - child.since > child.batch[child.done].limit:
+            if child.queued and now - child.since > child.queued[0].limit:
                 yield from self._read(child)  # an answer may have come in meanwhile
-                if child.batch and now - child.since > child.batch[child.done].limit:
-                    task = child.batch[child.done]
+                if child.queued and now - child.since > child.queued[0].limit:
+                    task = child.queued[0]
                     self._lose(child)
                     yield task, Failure(f"timed out after {round(task.limit, 1):g} s (the "
                                         "reader was stopped)")
 
     def _read(self, child: _Child) -> Iterator[tuple[Task, Any]]:
         try:
-            while child.batch and child.conn.poll():
+            while child.queued and child.conn.poll():
                 key, result, when = child.conn.recv()
-                task = child.batch[child.done]
+                task = child.queued.popleft()
                 if key != task.key:  # children answer in order; anything else is a bug
                     raise RuntimeError(f"a child answered for {key!r}, not {task.key!r}")
-                child.done += 1
                 child.files += 1
-                child.since = when
-                if child.done == len(child.batch):
-                    child.batch = []
+                if child.queued:  # the next file started when this one ended, or on arrival
+                    child.since = max(when, child.queued[0].sent)
+                else:
+                    child.alone = False
                 yield task, result
         except (EOFError, OSError):
             pass
-        if child.batch and not child.process.is_alive():
-            task = child.batch[child.done]
+        if child.queued and not child.process.is_alive():
+            task = child.queued[0]
             code = child.process.exitcode
             self._lose(child)
             task.tries += 1
@@ -178,10 +196,10 @@ class Pool:
 
     def _lose(self, child: _Child) -> None:
         """Kills ``child`` and queues again the files it had not started."""
-        rest = child.batch[child.done + 1:]
-        for task in reversed(rest):
+        child.queued.popleft()
+        for task in reversed(child.queued):
             self._queues[task.stage].appendleft(task)
-        child.batch = []
+        child.queued.clear()
         child.process.kill()
         child.process.join()
         child.conn.close()

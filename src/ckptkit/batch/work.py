@@ -21,6 +21,7 @@ import contextlib
 import os
 import signal
 import time
+from collections import deque
 from multiprocessing import forkserver
 from typing import Any
 
@@ -118,19 +119,29 @@ def serve(conn, faults: list[tuple[str, str]]) -> None:
     ``(key, result, when)`` for each as it is done (``when``: this machine's monotonic
     clock, so the parent times the next file from the moment this one ended); ``None``
     ends it. It says ``READY`` first: a child's start (seconds on a loaded machine) is no
-    file's time."""
+    file's time. The parent sends the next list while this one runs; the child takes it in
+    before each answer, so a parent writing a list never waits on a child that is itself
+    waiting to write an answer (both pipes full: a deadlock)."""
     _die_with_parent()
     hashing.REMEMBER = False  # see there: no cache file rewritten per file of a store
     conn.send(READY)
-    while True:
-        try:
-            batch = conn.recv()
-        except EOFError:
-            return
-        if batch is None:
-            return
-        for key, stage, args in batch:
+    todo: deque[tuple[Any, str, tuple]] = deque()
+    try:
+        while True:
+            if not todo:
+                batch = conn.recv()
+                if batch is None:
+                    return
+                todo.extend(batch)
+            key, stage, args = todo.popleft()
             if faults:
                 _fault(faults, args[1] if stage == "header" else args[0])
-            conn.send((key, STAGES[stage](*args), time.monotonic()))
-
+            result = STAGES[stage](*args)
+            while conn.poll():
+                batch = conn.recv()
+                if batch is None:  # (sent only to a child with nothing queued)
+                    return
+                todo.extend(batch)
+            conn.send((key, result, time.monotonic()))
+    except EOFError:  # the parent is gone
+        return
