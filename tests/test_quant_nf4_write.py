@@ -123,7 +123,9 @@ def _state_of(written: dict, name: str, kind: str) -> dict:
             for k in (*PARTS, f"quant_state.bitsandbytes__{kind}")}
 
 
-@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+# FP4 shares NF4's code but for its table (checked by the kernel tests): its whole-file run is
+# one of the slow tests, to keep the default run short.
+@pytest.mark.parametrize("kind", ["nf4", pytest.param("fp4", marks=pytest.mark.slow)])
 def test_flux_file_is_bitsandbytes_layout_and_reads_back(tmp_path, capsys, kind):
     src, source = _flux(tmp_path)
     out = tmp_path / f"flux-{kind}.safetensors"
