@@ -35,6 +35,7 @@ from functools import partial
 
 from ..engine.atomic import check_output_path
 from ..engine.gguf_writer import GGUFTensor, write_gguf
+from ..engine.slices import heap_for_temporaries
 from ..engine.writer import Planned, Progress, write_safetensors
 from ..errors import FormatError, OutputError, UsageError, a_or_an
 from ..formats import LazyTensor, open_checkpoint
@@ -319,7 +320,7 @@ def _one_thread_per_op():
     (a K-quant search runs hundreds on 64 K values) spend longer waking OpenMP workers than
     computing (8 ms a slice on one thread against 67 ms on two, on 2 busy cores). And the
     slices' temporaries (a few MB) taken from the heap rather than from fresh mappings (see
-    ``_heap_for_temporaries``)."""
+    ``engine.slices.heap_for_temporaries``)."""
     import torch
 
     global _WORKERS
@@ -327,42 +328,11 @@ def _one_thread_per_op():
     _WORKERS = max(1, min(before, os.cpu_count() or 1))
     torch.set_num_threads(1)
     try:
-        with _heap_for_temporaries():
+        with heap_for_temporaries():
             yield
     finally:
         torch.set_num_threads(before)
         _WORKERS = 1
-
-
-# glibc's mallopt parameters, and its defaults (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_DEFAULT_THRESHOLD = 128 * 1024
-
-
-@contextmanager
-def _heap_for_temporaries():
-    """glibc gives each allocation over 128 KB (at first) its own mapping, returned to the
-    system when freed, so every 1 MB temporary of every slice costs 256 page faults: the
-    Q8_0 kernel ran at 29 ns a value, its dequantization at 19, against 6.6 and 0.45 with
-    the temporaries kept on the heap (2^18 values, one thread). Allocations up to 64 MB are
-    taken from the heap, and up to 256 MB of freed heap is kept, while quantizing; glibc's
-    defaults are set back after. No-op where the C library is not glibc."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        yield
-        return
-    mallopt(_M_MMAP_THRESHOLD, 64 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-    try:
-        yield
-    finally:
-        mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
-        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
-        getattr(libc, "malloc_trim", lambda pad: None)(0)
 
 
 class _Checker:
