@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from ..errors import UnsafeFileError, UsageError, worse_exit
 from ..ops.scan import ERROR, UNSAFE
 from . import listing, rows, work
-from .pool import Failure, Pool, Task
+from .pool import Failure, Pool, Task, start_server
 from .results import FLUSH_ROWS, Results, row_key
 
 HASH_RATE = 16 << 20  # bytes/s: the hash stage's limit is --timeout plus the file at this rate
@@ -67,6 +67,8 @@ def run_batch(op: str, sources: list[str], output: str, *, ray: str | None = Non
         raise UsageError("--timeout must be a positive number of seconds")
     if workers is not None and workers < 1:
         raise UsageError("--workers must be at least 1")
+    if ray is None:
+        start_server()  # its imports overlap the parent's
     try:
         import pyarrow  # noqa: F401  (the results are Parquet)
     except ImportError:

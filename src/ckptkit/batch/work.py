@@ -25,7 +25,6 @@ from collections import deque
 from multiprocessing import forkserver
 from typing import Any
 
-from ..ops import hashing
 from ..ops.inspect import inspect_file
 from ..ops.model_hash import hash_file
 from ..ops.scan import SAFE, scan_file
@@ -55,7 +54,8 @@ def hashes(path: str) -> dict[str, Any]:
     """The hash columns of ``path`` (one full read: file hashes and component digests),
     or its ``error``."""
     try:
-        return rows.hash_columns(hash_file(path, digests=True))
+        # Not into the hash cache: see hashing.stream_digests.
+        return rows.hash_columns(hash_file(path, digests=True, remember=False))
     except Exception as exc:
         return {"error": rows.clip(f"hashing failed: {_reason(exc)}")}
 
@@ -123,7 +123,6 @@ def serve(conn, faults: list[tuple[str, str]]) -> None:
     before each answer, so a parent writing a list never waits on a child that is itself
     waiting to write an answer (both pipes full: a deadlock)."""
     _die_with_parent()
-    hashing.REMEMBER = False  # see there: no cache file rewritten per file of a store
     conn.send(READY)
     todo: deque[tuple[Any, str, tuple]] = deque()
     try:
