@@ -86,7 +86,7 @@ def test_inspect_rows_identify_as_inspect_does(folder, tmp_path):
             ident["kind"], ident["family"], ident["layout"])
         assert row["components"] == [c["name"] for c in ident["components"]]
     assert rows[str(originals / "sd1.safetensors")]["family"] == "sd1"
-    assert rows[str(originals / "sd1-fp8.safetensors")]["quantization"] == "F8_E4M3"
+    assert rows[str(originals / "sd1-fp8.safetensors")]["quantization"] == "f8_e4m3"
     assert rows[str(originals / "sd1.safetensors")]["quantization"] is None
     unsafe = [r for r in rows.values() if r["verdict"] == "unsafe"]
     assert unsafe and all(r["kind"] is None for r in unsafe)  # never opened past the scan
