@@ -131,23 +131,26 @@ def _local(op: str, items, emit, progress: Progress, workers: int, timeout: floa
             progress.start(size, 1)
             yield Task(key, "header", (op, path, size, mtime), timeout)
 
-    for task, result in pool.run(tasks()):
-        if task.stage == "header":
-            _, path, size, mtime = task.args
-            row = (result if not isinstance(result, Failure)
-                   else rows.error_row(path, size, mtime, result.message))
-            if op == "hash" and work.needs_hash(row):
-                held[task.key] = row
-                pool.add(Task(task.key, "hash", (path,), hash_limit(timeout, size)))
+    try:
+        for task, result in pool.run(tasks()):
+            if task.stage == "header":
+                _, path, size, mtime = task.args
+                row = (result if not isinstance(result, Failure)
+                       else rows.error_row(path, size, mtime, result.message))
+                if op == "hash" and work.needs_hash(row):
+                    held[task.key] = row
+                    pool.add(Task(task.key, "hash", (path,), hash_limit(timeout, size)))
+                else:
+                    emit(row)
             else:
+                row = held.pop(task.key)
+                if isinstance(result, Failure):
+                    row["error"] = rows.clip(f"hashing: {result.message}")
+                else:
+                    row.update(result)
                 emit(row)
-        else:
-            row = held.pop(task.key)
-            if isinstance(result, Failure):
-                row["error"] = rows.clip(f"hashing: {result.message}")
-            else:
-                row.update(result)
-            emit(row)
+    finally:
+        pool.close()  # no child left idle through the final merge
 
 
 def _tally(summary: Summary, counts: Counts) -> None:
