@@ -219,6 +219,15 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
             "peak": peak["own"], "cluster_peak": peak["cluster"]}
 
 
+def _idle_cpu(folder: str, seconds: float = 5.0) -> float:
+    """CPU seconds a second that the Ray cluster's processes use doing nothing (its
+    agents, metrics, heartbeats): on a small machine, a share of the CPUs the work lacks."""
+    procs = _cluster(folder)
+    before = {p: _cpu(p) for p in procs}
+    time.sleep(seconds)
+    return sum(_cpu(p) - c for p, c in before.items()) / seconds
+
+
 def _line(name: str, r: dict[str, float], files: int) -> str:
     split = ""
     if name != "one process":
@@ -255,6 +264,7 @@ def main() -> None:
             for name in ("one process", "local pool", "ray")}
     with (contextlib.nullcontext() if args.no_ray
           else ray_cluster.cluster(os.path.join(work, "ray"))) as address:
+        idle = _idle_cpu(os.path.join(work, "ray")) if address else None
         for _ in range(args.repeat):
             for name, cmd in (
                     ("one process", [sys.executable, "-c", ONE_PROCESS, folder,
@@ -297,7 +307,7 @@ def main() -> None:
     if "ray" in runs:
         overhead = paired_ratio(runs, "ray", "local pool")
         print(f"Ray: {overhead:.2f}x the pool's time (target <= 1.3x); medians of the "
-              "rounds' ratios")
+              f"rounds' ratios; the idle cluster alone used {idle:.2f} CPU-s a second")
     print(f"files per CPU second (for sizing: files/s per busy core): one process "
           f"{args.files / cpu['one process']:.0f}, local pool "
           f"{args.files / cpu['local pool']:.0f}" + (

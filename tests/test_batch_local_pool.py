@@ -22,14 +22,9 @@ import batch_files
 def test_a_fault_inside_a_group_costs_only_its_file(tmp_path, monkeypatch, fault):
     originals = batch_files.originals(str(tmp_path / "src"), hostile=False)
     files = tmp_path / "files"
-    files.mkdir()
-    names = {}
-    for i in range(40):  # the fault at 021: after the first group of 16, 5 answers held
-        source = originals[i % len(originals)]
-        names[str(files / f"{i:03d}-{os.path.basename(source)}")] = source
-    names[str(files / f"021-{fault}.safetensors")] = originals[0]
-    for link, source in names.items():
-        os.link(source, link)
+    # The fault at 021: after the first group of 16, the child holds 5 answers.
+    names = batch_files.numbered(str(files), (originals * 3)[:40],
+                                 [f"021-{fault}.safetensors"])
     assert work.GROUP == 16
     monkeypatch.setenv(FAULTS_ENV, f"{fault.lower()}:{fault}")
     out = tmp_path / "r.parquet"

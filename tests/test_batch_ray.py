@@ -39,9 +39,7 @@ def address(tmp_path_factory):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("files")
-    paths = batch_files.build(str(root), 2000)
-    os.link(paths[0], root / "originals" / "HANG.safetensors")
-    os.link(paths[0], root / "originals" / "CRASH.safetensors")
+    batch_files.build(str(root), 2000, faults=["HANG.safetensors", "CRASH.safetensors"])
     return root
 
 
