@@ -20,9 +20,14 @@ machine) sat idle most of the time, and two children ran no faster than one proc
 - a child is replaced after ``RECYCLE`` files, so that whatever a reader leaks stays
   bounded.
 
-Children start from a forkserver that has imported ``batch.work`` once (fast starts without
-forking the parent's threads: the parent may be a Ray actor). The same pool runs a whole
-local run (``workers`` children) and, with one child, each batch of a Ray actor.
+Children start from a forkserver that has imported ``batch.work`` (and the CLI, when the run
+is ``ckpt``) once: a child starts in about 10 ms, without forking the parent's threads (the
+parent may be a Ray actor, or hold Arrow's threads). A local run starts the server first
+thing (``start_server``), so that its imports overlap the parent's. Children start without
+the parent waiting: each says READY (a start is no file's time; a file's time counts from
+when the child begins it). The same pool
+runs a whole local run (``workers`` children) and, with one child, each batch of a Ray
+actor.
 """
 
 from __future__ import annotations
