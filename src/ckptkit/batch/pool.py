@@ -25,9 +25,8 @@ is ``ckpt``) once: a child starts in about 10 ms, without forking the parent's t
 parent may be a Ray actor, or hold Arrow's threads). A local run starts the server first
 thing (``start_server``), so that its imports overlap the parent's. Children start without
 the parent waiting: each says READY (a start is no file's time; a file's time counts from
-when the child begins it). The same pool
-runs a whole local run (``workers`` children) and, with one child, each batch of a Ray
-actor.
+when the child begins it). The same pool runs a whole local run (``workers`` children)
+and, with one child, each batch of a Ray actor.
 """
 
 from __future__ import annotations
