@@ -6,21 +6,28 @@ the scan corpus's hostile pickles and benign files, and broken files (tests/batc
 one of each, then hard links to them under other names up to 10,000 files (no disk space;
 the page cache holds them all, so this measures the work, not the disk).
 
-- one process: the same per-file work (``scan_file``, the same rows, the same Parquet
-  output) in a plain loop, no children;
+- one process: the same per-file code (``listing.files``, ``work.header``, ``Results``: the
+  same rows, the same Parquet output) in a plain loop, no children;
 - local pool: ``ckpt batch scan DIR -o OUT`` (one child per CPU);
 - Ray: ``ckpt batch scan DIR -o OUT --ray ADDRESS`` on a cluster of two nodes on this
   machine (tests/ray_cluster.py: one CPU each), started before the clock starts, as an
   operator's cluster is; connecting to it is timed.
 
-Each runs as a child process; its peak memory is the peak of the summed PSS of its process
-tree (and, for Ray, of the cluster's processes beyond their idle size), its CPU seconds the
-sum over those processes, both sampled every 0.2 s. On a shared machine wall time measures
-the share of the CPUs a contender got; files per CPU second measure the work itself. The outputs are
-checked to be equal before any figure is printed. The load average is printed before and
-after: the machine may be shared.
+Each runs as a child process, rounds alternating the contenders. Printed per run: wall
+seconds, files/s, CPU seconds (the kernel's exact count for the local contenders, split
+into the run's own process, its forkserver and the workers; for Ray, sampled every 0.1 s),
+for the pool the share of their lifetime the workers sat idle (no file to do: the parent
+did not keep up) and waited for a CPU (a busy machine), and the load average. Then per
+contender: the median wall time, files/s, CPU s, files per CPU second and peak memory (the
+peak of the summed PSS of its process tree, and for Ray of the cluster's processes beyond
+their idle size); the pool's speed-up over one process and Ray's time over the pool's (the
+medians of each round's ratio), the most the pool could gain on idle cores from CPU seconds
+alone, and the idle Ray cluster's own CPU use. On a shared machine wall time measures the
+share of the CPUs a contender got (Linux gives each session a share, so a busy neighbour
+holds the pool and one process alike to it); CPU seconds measure the work itself. The
+outputs are checked to be equal before the summary is printed.
 
-    PYTHONPATH=src .venv/bin/python bench/batch_bench.py [--files 10000] [--repeat 3]
+    PYTHONPATH=src .venv/bin/python bench/batch_bench.py [--files 10000] [--repeat 3] [--no-ray]
 """
 
 from __future__ import annotations
