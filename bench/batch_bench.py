@@ -6,26 +6,35 @@ the scan corpus's hostile pickles and benign files, and broken files (tests/batc
 one of each, then hard links to them under other names up to 10,000 files (no disk space;
 the page cache holds them all, so this measures the work, not the disk).
 
-- one process: the same per-file work (``scan_file``, the same rows, the same Parquet
-  output) in a plain loop, no children;
+- one process: the same per-file code (``listing.files``, ``work.header``, ``Results``: the
+  same rows, the same Parquet output) in a plain loop, no children;
 - local pool: ``ckpt batch scan DIR -o OUT`` (one child per CPU);
 - Ray: ``ckpt batch scan DIR -o OUT --ray ADDRESS`` on a cluster of two nodes on this
   machine (tests/ray_cluster.py: one CPU each), started before the clock starts, as an
   operator's cluster is; connecting to it is timed.
 
-Each runs as a child process; its peak memory is the peak of the summed PSS of its process
-tree (and, for Ray, of the cluster's processes beyond their idle size), its CPU seconds the
-sum over those processes, both sampled every 0.2 s. On a shared machine wall time measures
-the share of the CPUs a contender got; files per CPU second measure the work itself. The outputs are
-checked to be equal before any figure is printed. The load average is printed before and
-after: the machine may be shared.
+Each runs as a child process, rounds alternating the contenders. Printed per run: wall
+seconds, files/s, CPU seconds (the kernel's exact count for the local contenders, split
+into the run's own process, its forkserver and the workers; for Ray, sampled every 0.1 s),
+for the pool the share of their lifetime the workers sat idle (no file to do: the parent
+did not keep up) and waited for a CPU (a busy machine), and the load average. Then per
+contender: the median wall time, files/s, CPU s, files per CPU second and peak memory (the
+peak of the summed PSS of its process tree, and for Ray of the cluster's processes beyond
+their idle size); the pool's speed-up over one process and Ray's time over the pool's (the
+medians of each round's ratio), the most the pool could gain on idle cores from CPU seconds
+alone, and the idle Ray cluster's own CPU use. On a shared machine wall time measures the
+share of the CPUs a contender got (Linux gives each session a share, so a busy neighbour
+holds the pool and one process alike to it); CPU seconds measure the work itself. The
+outputs are checked to be equal before the summary is printed.
 
-    PYTHONPATH=src .venv/bin/python bench/batch_bench.py [--files 10000] [--repeat 3]
+    PYTHONPATH=src .venv/bin/python bench/batch_bench.py [--files 10000] [--repeat 3] [--no-ray]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
 import statistics
 import subprocess
@@ -40,18 +49,17 @@ import batch_files  # noqa: E402
 import ray_cluster  # noqa: E402
 from measure import paired_ratio  # noqa: E402
 
+PR_SET_CHILD_SUBREAPER = 36
+SAMPLE = 0.1  # seconds between samples of memory, Ray's CPU and the workers' scheduling
+TICK = os.sysconf("SC_CLK_TCK")
+
 ONE_PROCESS = """
-import os, sys, time
-from ckptkit.batch import rows
+import sys
+from ckptkit.batch import listing, work
 from ckptkit.batch.results import Results
-from ckptkit.ops.scan import ScanResult, scan_file, walk
 results = Results(sys.argv[2], False)
-for item in walk([sys.argv[1]]):
-    if isinstance(item, ScanResult):
-        results.add(rows.from_scan(item, None, None))
-        continue
-    info = os.stat(item)
-    results.add(rows.from_scan(scan_file(item), info.st_size, info.st_mtime_ns))
+for item in listing.files([sys.argv[1]]):
+    results.add(item if isinstance(item, dict) else work.header("scan", *item))
 results.finish(None)
 """
 
@@ -99,51 +107,145 @@ def _cluster(folder: str) -> set[int]:
     return _tree(roots)
 
 
+def _stat(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
 def _cpu(pid: int) -> float:
     """CPU seconds of ``pid`` itself (not of the children it waited for: those are sampled
     on their own, and would be counted twice)."""
+    fields = _stat(pid)
+    return sum(int(v) for v in fields[11:13]) / TICK if fields else 0.0
+
+
+def _schedstat(pid: int) -> tuple[float, float] | None:
+    """Seconds ``pid`` has run and has waited on a run queue (ready, no CPU free)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return sum(int(v) for v in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+        with open(f"/proc/{pid}/schedstat") as f:
+            ran, waited, _ = f.read().split()
+    except (OSError, ValueError):
+        return None
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
+def _role(pid: int, root: int) -> str:
+    """The run itself, its forkserver (a child of the run) or a worker (anything below)."""
+    if pid == root:
+        return "parent"
+    fields = _stat(pid)
+    return "forkserver" if fields and fields[1] == str(root) else "workers"
+
+
+def _reap(pid: int) -> tuple[int, float]:
+    """Waits for ``pid``; its exit status and CPU seconds (its own and its reaped children's,
+    exact: the kernel's count, not a sample)."""
+    _, status, usage = os.wait4(pid, 0)
+    return status, usage.ru_utime + usage.ru_stime
+
+
+def _ours() -> set[int]:
+    me = os.getpid()
+    return {p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if (_stat(p) or [0, me + 1])[1] == str(me)}
 
 
 def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
     """Wall seconds, CPU seconds and peak PSS (bytes) of ``cmd``'s process tree, and of the
     Ray cluster's processes (beyond what they held idle) when ``cluster`` names its folder.
-    CPU seconds are sampled: a process's last 0.2 s before it exits can be missed."""
+
+    CPU seconds are the kernel's counts: this process is made the subreaper of ``cmd``'s
+    tree, so the forkserver (orphaned when the run ends) comes back to it, and waiting for it
+    yields its CPU and its children's (the pool's workers, which it waited for). Split into
+    ``parent`` (the run itself), ``forkserver`` (sampled) and ``workers`` (the rest). For the
+    workers, ``idle`` is the share of their sampled lifetime they neither ran nor waited
+    for a CPU (waiting for files: the parent did not keep up), ``queued`` the share they
+    waited for a CPU. Ray's processes are sampled every 0.2 s (their last moments missed)."""
     env = dict(os.environ, PYTHONPATH=os.path.join(HERE, "..", "src"))
     base_cpu = {p: _cpu(p) for p in _cluster(cluster)} if cluster else {}
     base_pss = sum(_pss(p) for p in base_cpu)
+    before = _ours()
+    if cluster is None:  # (a Ray driver may leave processes that outlive it)
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = {"own": 0, "cluster": 0}
-    cpu: dict[int, float] = {}
-    stop = threading.Event()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        peak = {"own": 0, "cluster": 0}
+        cpu: dict[int, float] = {}
+        roles: dict[int, str] = {}
+        life: dict[int, list[tuple[float, float, float]]] = {}
+        stop = threading.Event()
 
-    def sample() -> None:
-        while not stop.is_set():
-            own = _tree({proc.pid})
-            peak["own"] = max(peak["own"], sum(_pss(p) for p in own))
-            theirs = _cluster(cluster) - own if cluster else set()
-            if theirs:
-                peak["cluster"] = max(peak["cluster"], sum(_pss(p) for p in theirs) - base_pss)
-            for p in own | theirs:
-                cpu[p] = max(cpu.get(p, 0.0), _cpu(p) - base_cpu.get(p, 0.0))
-            stop.wait(0.2)
+        def sample() -> None:
+            while not stop.is_set():
+                own = _tree({proc.pid})
+                peak["own"] = max(peak["own"], sum(_pss(p) for p in own))
+                theirs = _cluster(cluster) - own if cluster else set()
+                if theirs:
+                    peak["cluster"] = max(peak["cluster"],
+                                          sum(_pss(p) for p in theirs) - base_pss)
+                for p in own | theirs:
+                    cpu[p] = max(cpu.get(p, 0.0), _cpu(p) - base_cpu.get(p, 0.0))
+                    roles.setdefault(p, _role(p, proc.pid) if p in own else "ray")
+                    if roles[p] == "workers" and (got := _schedstat(p)):
+                        seen = life.setdefault(p, [])
+                        seen[1:] = [(time.perf_counter(), *got)]
+                        if len(seen) == 1:
+                            seen.append(seen[0])
+                stop.wait(SAMPLE)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, err = proc.communicate()
-    wall = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    if proc.returncode not in (0, 3, 4):
-        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}: {err.decode()}")
-    return {"seconds": wall, "cpu": sum(cpu.values()), "peak": peak["own"],
-            "cluster_peak": peak["cluster"]}
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        status, parent_cpu = _reap(proc.pid)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+        tree_cpu = 0.0
+        if cluster is None:
+            for orphan in _ours() - before:  # the forkserver, reparented to us
+                tree_cpu += _reap(orphan)[1]
+            ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 0)
+        else:
+            tree_cpu = sum(c for p, c in cpu.items() if p != proc.pid and roles[p] != "ray")
+        err.seek(0)
+        if proc.returncode not in (0, 3, 4):
+            raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}: "
+                               f"{err.read().decode()}")
+    server = sum(c for p, c in cpu.items() if roles.get(p) == "forkserver")
+    ray = sum(c for p, c in cpu.items() if roles.get(p) == "ray")
+    spans = [(b[0] - a[0], b[1] - a[1], b[2] - a[2]) for a, b in life.values()]
+    lived = sum(t for t, _, _ in spans) or 1.0
+    return {"seconds": wall, "cpu": parent_cpu + tree_cpu + ray, "parent_cpu": parent_cpu,
+            "server_cpu": server, "workers_cpu": max(0.0, tree_cpu - server), "ray_cpu": ray,
+            "idle": sum(t - r - q for t, r, q in spans) / lived,
+            "queued": sum(q for _, _, q in spans) / lived,
+            "peak": peak["own"], "cluster_peak": peak["cluster"]}
+
+
+def _idle_cpu(folder: str, seconds: float = 5.0) -> float:
+    """CPU seconds a second that the Ray cluster's processes use doing nothing (its
+    agents, metrics, heartbeats): on a small machine, a share of the CPUs the work lacks."""
+    procs = _cluster(folder)
+    before = {p: _cpu(p) for p in procs}
+    time.sleep(seconds)
+    return sum(_cpu(p) - c for p, c in before.items()) / seconds
+
+
+def _line(name: str, r: dict[str, float], files: int) -> str:
+    split = ""
+    if name != "one process":
+        split = (f" = parent {r['parent_cpu']:.1f} + forkserver {r['server_cpu']:.1f} + "
+                 f"workers {r['workers_cpu']:.1f}" + (f" + Ray's {r['ray_cpu']:.1f}"
+                                                       if name == "ray" else ""))
+    idle = (f"; workers idle {r['idle']:.0%}, waiting for a CPU {r['queued']:.0%}"
+            if name == "local pool" else "")
+    return (f"{name:12} {r['seconds']:6.2f} s {files / r['seconds']:5.0f} files/s  "
+            f"CPU {r['cpu']:5.1f} s{split} ({1000 * r['cpu'] / files:.2f} ms a file){idle}  "
+            f"load {r['load']:.1f}")
 
 
 def main() -> None:
@@ -151,6 +253,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--no-ray", action="store_true", help="one process and the pool only")
     args = parser.parse_args()
     import pyarrow.parquet as pq
 
@@ -162,10 +265,13 @@ def main() -> None:
     cores = os.cpu_count() or 1
     print(f"{args.files} files, {cores} CPUs; load average before: {os.getloadavg()}")
     os.makedirs(os.path.join(work, "ray"), exist_ok=True)
-    with ray_cluster.cluster(os.path.join(work, "ray")) as address:
-        runs: dict[str, list[dict[str, float]]] = {"one process": [], "local pool": [],
-                                                   "ray": []}
-        outs = {name: os.path.join(work, f"{name.replace(' ', '-')}.parquet") for name in runs}
+    names = ["one process", "local pool"] + ([] if args.no_ray else ["ray"])
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    outs = {name: os.path.join(work, f"{name.replace(' ', '-')}.parquet")
+            for name in ("one process", "local pool", "ray")}
+    with (contextlib.nullcontext() if args.no_ray
+          else ray_cluster.cluster(os.path.join(work, "ray"))) as address:
+        idle = _idle_cpu(os.path.join(work, "ray")) if address else None
         for _ in range(args.repeat):
             for name, cmd in (
                     ("one process", [sys.executable, "-c", ONE_PROCESS, folder,
@@ -173,32 +279,46 @@ def main() -> None:
                     ("local pool", [*ckpt, "batch", "scan", folder, "-o",
                                     outs["local pool"], "--quiet"]),
                     ("ray", [*ckpt, "batch", "scan", folder, "-o", outs["ray"], "--quiet",
-                             "--ray", address])):
-                runs[name].append(measure(cmd, os.path.join(work, "ray") if name == "ray"
-                                          else None))
-    tables = {name: pq.read_table(path) for name, path in outs.items()}
-    assert tables["local pool"].equals(tables["ray"]), "Ray's rows differ from the pool's"
+                             "--ray", str(address)])):
+                if name not in runs:
+                    continue
+                if os.path.exists(outs[name]):
+                    os.unlink(outs[name])
+                load = os.getloadavg()[0]
+                r = measure(cmd, os.path.join(work, "ray") if name == "ray" else None)
+                runs[name].append({**r, "load": load})
+                print(_line(name, runs[name][-1], args.files), flush=True)
+    tables = {name: pq.read_table(outs[name]) for name in runs}
+    if "ray" in tables:
+        assert tables["local pool"].equals(tables["ray"]), "Ray's rows differ from the pool's"
     assert tables["one process"].equals(tables["local pool"]), "the pool's rows differ"
     print(f"load average after: {os.getloadavg()}")
     median = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
+    cpu = {name: statistics.median(r["cpu"] for r in rs) for name, rs in runs.items()}
     for name, rs in runs.items():
-        cpu = statistics.median(r["cpu"] for r in rs)
         peak = max(r["peak"] for r in rs) / 2**20
         cluster = max(r["cluster_peak"] for r in rs) / 2**20
-        extra = f", Ray cluster's processes +{cluster:.0f} MiB" if name == "ray" else ""
+        extra = f" + Ray's processes {cluster:.0f} MiB" if name == "ray" else ""
         each = ", ".join(f"{r['seconds']:.2f}" for r in rs)
-        print(f"{name:12} {median[name]:6.2f} s (runs: {each})  "
-              f"{args.files / median[name]:6.0f} files/s  {cpu:5.1f} CPU s "
-              f"({args.files / cpu:.0f} files per CPU second)  peak PSS {peak:.0f} MiB{extra}")
+        print(f"{name:12} median {median[name]:6.2f} s (runs: {each})  "
+              f"{args.files / median[name]:5.0f} files/s  CPU {cpu[name]:5.1f} s "
+              f"({args.files / cpu[name]:.0f} files per CPU second)  peak PSS "
+              f"{peak:.0f} MiB{extra}")
     # Ratios within each round (runs close in time), then their median: on a shared machine
     # a slow spell can double every time, and a ratio of medians would mix spells.
     speedup = paired_ratio(runs, "one process", "local pool")
-    overhead = paired_ratio(runs, "ray", "local pool")
-    print(f"local pool: {speedup:.2f}x one process's speed (target >= 1.7x); Ray: "
-          f"{overhead:.2f}x the pool's time (target <= 1.3x); medians of the rounds' ratios")
-    print(f"files per second per core: one process {args.files / median['one process']:.0f},"
-          f" local pool {args.files / median['local pool'] / cores:.0f}, Ray "
-          f"{args.files / median['ray'] / cores:.0f}")
+    ceiling = cpu["one process"] / (cpu["local pool"] / cores)
+    print(f"local pool: {speedup:.2f}x one process's speed (target >= 1.7x); on {cores} idle "
+          f"cores at most {ceiling:.2f}x (one process's CPU over the pool's CPU shared by "
+          f"{cores} cores; its start and final sort run on one)")
+    if "ray" in runs:
+        overhead = paired_ratio(runs, "ray", "local pool")
+        print(f"Ray: {overhead:.2f}x the pool's time (target <= 1.3x); medians of the "
+              f"rounds' ratios; the idle cluster alone used {idle:.2f} CPU-s a second")
+    print(f"files per CPU second (for sizing: files/s per busy core): one process "
+          f"{args.files / cpu['one process']:.0f}, local pool "
+          f"{args.files / cpu['local pool']:.0f}" + (
+              f", Ray {args.files / cpu['ray']:.0f}" if "ray" in cpu else ""))
 
 
 if __name__ == "__main__":

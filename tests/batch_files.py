@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
 import corpus
 
@@ -51,9 +52,13 @@ def originals(folder: str, hostile: bool = True) -> list[str]:
                   for name in names)
 
 
-def build(folder: str, n: int) -> list[str]:
-    """``n`` files (the originals, then hard links to them in turn); returns every path."""
+def build(folder: str, n: int, faults: list[str] | None = None) -> list[str]:
+    """``n`` files (the originals, then hard links to them in turn); returns every path.
+    ``faults``: names of more links, among the originals, to the first of them (for the
+    batch's test hook, see ``numbered``), not counted in ``n`` nor returned."""
     paths = originals(folder)
+    for name in faults or []:
+        os.link(paths[0], os.path.join(folder, "originals", name))
     sources = list(paths)
     i = 0
     while len(paths) < n:
@@ -65,3 +70,18 @@ def build(folder: str, n: int) -> list[str]:
         paths.append(link)
         i += 1
     return paths
+
+
+def numbered(folder: str, sources: list[str], faults: list[str] | None = None,
+             copy_first: bool = False) -> dict[str, str]:
+    """Links to ``sources`` in ``folder`` named ``NNN-name`` in order, and one to the first
+    source for each ``faults`` entry (a file name such as ``050-HANG.safetensors``: the
+    batch's test hook acts on files by name); ``copy_first``: the first is a copy (a file of
+    its own mtime, to change). Returns {link: source}."""
+    os.makedirs(folder, exist_ok=True)
+    names = {os.path.join(folder, f"{i:03d}-{os.path.basename(s)}"): s
+             for i, s in enumerate(sources)}
+    names.update({os.path.join(folder, name): sources[0] for name in faults or {}})
+    for i, (link, source) in enumerate(names.items()):
+        (shutil.copy2 if copy_first and i == 0 else os.link)(source, link)
+    return names

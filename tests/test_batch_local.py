@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -86,7 +85,7 @@ def test_inspect_rows_identify_as_inspect_does(folder, tmp_path):
             ident["kind"], ident["family"], ident["layout"])
         assert row["components"] == [c["name"] for c in ident["components"]]
     assert rows[str(originals / "sd1.safetensors")]["family"] == "sd1"
-    assert rows[str(originals / "sd1-fp8.safetensors")]["quantization"] == "F8_E4M3"
+    assert rows[str(originals / "sd1-fp8.safetensors")]["quantization"] == "f8_e4m3"
     assert rows[str(originals / "sd1.safetensors")]["quantization"] is None
     unsafe = [r for r in rows.values() if r["verdict"] == "unsafe"]
     assert unsafe and all(r["kind"] is None for r in unsafe)  # never opened past the scan
@@ -136,14 +135,8 @@ def test_batch_hash_leaves_the_hash_cache_alone(folder, tmp_path):
 def test_hanging_and_crashing_files_cost_only_themselves(folder, tmp_path, monkeypatch):
     _root, paths = folder
     work = tmp_path / "files"
-    work.mkdir()
-    names = {}
-    for i, source in enumerate(paths[:40]):
-        names[str(work / f"{i:03d}-{os.path.basename(source)}")] = source
-    names[str(work / "050-HANG.safetensors")] = paths[0]
-    names[str(work / "051-CRASH.safetensors")] = paths[0]
-    for link, source in names.items():
-        os.link(source, link)
+    names = batch_files.numbered(str(work), paths[:40],
+                                 ["050-HANG.safetensors", "051-CRASH.safetensors"])
     monkeypatch.setenv(FAULTS_ENV, "hang:HANG,crash:CRASH")
     out = tmp_path / "r.parquet"
     started = time.monotonic()
@@ -222,12 +215,8 @@ def test_resume_after_sigkill_and_of_a_changed_file(folder, tmp_path, capsys):
     file whose mtime changed since and dropping a file no longer listed."""
     _root, paths = folder
     files = tmp_path / "files"
-    files.mkdir()
-    for i, source in enumerate(paths[:150]):
-        # The first, changed below, is a copy: the others share inodes (and mtimes).
-        (shutil.copy2 if i == 0 else os.link)(source, files / f"{i:03d}-"
-                                              f"{os.path.basename(source)}")
-    os.link(paths[0], files / "140-HANG.safetensors")
+    # The first, changed below, is a copy: the others share inodes (and mtimes).
+    batch_files.numbered(str(files), paths[:150], ["140-HANG.safetensors"], copy_first=True)
     out = tmp_path / "r.parquet"
     script = ("import sys; from ckptkit.batch import run_batch; "
               "run_batch('scan', [sys.argv[1]], sys.argv[2], workers=2, flush_rows=20)")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 import pyarrow.parquet as pq
 import pytest
 import ray  # noqa: F401  (a missing Ray fails here)
 
-from ckptkit.batch import run_batch
+from ckptkit.batch import listing, run_batch
 from ckptkit.batch.work import FAULTS_ENV
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -38,9 +39,7 @@ def address(tmp_path_factory):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("files")
-    paths = batch_files.build(str(root), 2000)
-    os.link(paths[0], root / "originals" / "HANG.safetensors")
-    os.link(paths[0], root / "originals" / "CRASH.safetensors")
+    batch_files.build(str(root), 2000, faults=["HANG.safetensors", "CRASH.safetensors"])
     return root
 
 
@@ -156,3 +155,41 @@ def test_resume_after_an_interrupted_ray_run(address, files, local, tmp_path):
     assert summary.resumed >= 800 and summary.resumed + summary.done == 2002
     assert summary.duplicates == 0
     assert pq.read_table(out).equals(local)
+
+
+class _Arrived:
+    """A progress that says when the first row has come back."""
+
+    def __init__(self):
+        self.first = threading.Event()
+
+    def start(self, total_bytes, total_items):
+        pass
+
+    def update(self, nbytes, items=0):
+        self.first.set()
+
+    def failed(self):
+        pass
+
+
+def test_rows_come_back_while_the_listing_is_walked(address, files, local, tmp_path,
+                                                    monkeypatch):
+    """The driver walks the listing as the run goes: here the walk stops after 500 files
+    until a first row has come back (with a walk done before the run, it never would)."""
+    real = listing.files
+    progress = _Arrived()
+    waited = []
+
+    def slow(sources):
+        for i, item in enumerate(real(sources)):
+            if i == 500:
+                waited.append(progress.first.wait(120))
+            yield item
+
+    monkeypatch.setattr(listing, "files", slow)
+    out = tmp_path / "r.parquet"
+    summary = run_batch("scan", [str(files)], str(out), ray=address, timeout=TIMEOUT,
+                        progress=progress)
+    assert waited == [True]
+    assert summary.done == 2002 and pq.read_table(out).equals(local)

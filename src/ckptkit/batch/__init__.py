@@ -20,8 +20,9 @@ Results schema (``rows.schema``), one row per file, sorted by the bytes of the p
 - ``findings`` list<struct<kind, message, where, offset int64, why>>: ``ckpt scan``'s
   reasons (refused globals with the pickle and byte offset, notes), at most 64
 - ``kind``, ``family``, ``variant`` (comma-separated), ``layout`` strings, ``components``
-  list<string>, ``quantization`` string (the sub-16-bit float types holding weights, e.g.
-  ``F8_E4M3``): ``inspect`` only, null otherwise
+  list<string>, ``quantization`` string (how the weights are stored below 16 bits, as
+  ``ckpt library`` names it: ``scaled-fp8``, ``Q4_K``, ``NF4``, ``f8_e4m3``...):
+  ``inspect`` only, null otherwise
 - ``sha256``, ``autov1``, ``autov2``, ``autov3``, ``crc32``, ``blake3`` strings and
   ``component_digests`` map<string, string> (each component's content digest, the same in
   any format or layout): ``hash`` only

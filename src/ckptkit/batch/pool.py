@@ -2,24 +2,31 @@
 
 ``concurrent.futures`` and ``multiprocessing.Pool`` cannot stop one task: a reader that hangs
 holds its worker for ever, and a worker that dies breaks the whole pool. Here each child gets
-a short list of files and answers file by file, so the parent always knows which file a child
-is on and since when (the child stamps each answer with the machine's monotonic clock). A
-child is sent its next list while it still works on the last one: a child that waited for the
-parent between lists (to read the answers, write Parquet, walk the listing, be scheduled on a
-busy machine) sat idle most of the time, and two children ran no faster than one process.
+lists of files and says in a few bytes of shared memory (``work.Current``) which file it is
+on and since when (the machine's monotonic clock), so the parent always knows, without a
+message per file: the child sends its answers in groups (``work.GROUP``; a message per file
+cost the parent a wake-up and two reads of a pipe each, a tenth of its CPU). A child is sent
+its next list while it still works on the last one: a child that waited for the parent
+between lists (to read the answers, write Parquet, walk the listing, be scheduled on a busy
+machine) sat idle most of the time, and two children ran no faster than one process.
 
 - a file still running after its limit gets its child killed (SIGKILL) and a ``Failure``
   "timed out after S s"; it is not retried (a hang is a property of the file);
 - a child that dies (``os._exit``, a segfault, the OOM killer, someone's ``kill``) loses the
-  file it was on, which is tried once more on a fresh child, alone, and then gets a
-  ``Failure`` naming how the child died; the files queued behind it are sent again as if
-  nothing had happened;
+  file it was on (or, between files, the next one), which is tried once more on a fresh
+  child, alone, and then gets a ``Failure`` naming how the child died; the files queued
+  behind it, and those it had done but not yet answered, are sent again as if nothing had
+  happened;
 - a child is replaced after ``RECYCLE`` files, so that whatever a reader leaks stays
   bounded.
 
-Children start from a forkserver that has imported ``batch.work`` once (fast starts without
-forking the parent's threads: the parent may be a Ray actor). The same pool runs a whole
-local run (``workers`` children) and, with one child, each batch of a Ray actor.
+Children start from a forkserver that has imported ``batch.work`` (and the CLI, when the run
+is ``ckpt``) once: a child starts in about 10 ms, without forking the parent's threads (the
+parent may be a Ray actor, or hold Arrow's threads). A local run starts the server first
+thing (``start_server``), so that its imports overlap the parent's. Children start without
+the parent waiting: each says READY (a start is no file's time; a file's time counts from
+when the child begins it). The same pool runs a whole local run (``workers`` children)
+and, with one child, each batch of a Ray actor.
 """
 
 from __future__ import annotations
@@ -27,18 +34,22 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
 from multiprocessing.connection import wait
 from typing import Any
 
 from . import work
 
 RECYCLE = 2000  # files a child handles before it is replaced
-BATCH = 8  # files sent to a child at once; it gets the next list while on its last BATCH
+BATCH = 2 * work.GROUP  # files sent to a child at once; it gets the next list while on its
+# last BATCH, so that it has files to do while its group of answers waits for the parent
 START_LIMIT = 120  # seconds a new child may take to start
+CLI = "ckptkit.cli.main"  # imported by the forkserver when the run is the CLI
 HASH_BACKLOG = 4  # hash tasks per worker that may wait before they go ahead of headers
 
 
@@ -49,7 +60,6 @@ class Task:
     args: tuple
     limit: float  # seconds this file may take
     tries: int = 0
-    sent: float = 0.0  # when it was sent to its child: it cannot have started before
 
 
 @dataclass
@@ -63,16 +73,41 @@ class Failure:
 class _Child:
     process: Any
     conn: Any
+    current: work.Current
     queued: deque[Task] = field(default_factory=deque)  # sent, not answered yet, in order
-    since: float = 0.0  # when its first queued file started
-    files: int = 0
+    ready: bool = False  # it said READY
+    started: float = 0.0  # when it was started
+    files: int = 0  # answered
     alone: bool = False  # on a retry: nothing is sent behind it, so a death is its own
+
+    def on(self) -> tuple[int, float] | None:
+        """The index in ``queued`` of the file it is on, and since when; None between
+        files (or before the first)."""
+        begun, since = self.current.read()
+        index = begun - 1 - self.files
+        return (index, since) if since >= 0 and 0 <= index < len(self.queued) else None
 
 
 def _context():
+    """The forkserver context, its server importing once what every child needs: the
+    per-file work, and what the main module imports. Each child runs the main module again
+    (as ``__mp_main__``: multiprocessing's rule; its ``'__main__'`` preload is not passed
+    the main's path before Python 3.13); for ``ckpt``, whose main imports every command,
+    that cost 0.2-0.35 CPU-s and up to 2 s a child on a busy machine, seven times in a run
+    of 10,000 files. With the CLI (or the module run by ``python -m``) imported by the
+    server, running the main again costs milliseconds."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["ckptkit.batch.work"])
+    name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    cli = [CLI] if CLI in sys.modules else []
+    ctx.set_forkserver_preload(["ckptkit.batch.work", *cli, *([name] if name else [])])
     return ctx
+
+
+def start_server() -> None:
+    """Starts the forkserver now (it imports the work while the caller does other things),
+    not when the first child is needed."""
+    _context()
+    forkserver.ensure_running()
 
 
 class Pool:
@@ -118,7 +153,6 @@ class Pool:
     def _dispatch(self) -> None:
         """Sends each child with at most ``BATCH`` files left its next list (new children
         up to ``workers``), so that none waits for the parent between lists."""
-        now = time.monotonic()
         room = [c for c in self._children if not c.alone and len(c.queued) <= BATCH
                 and c.files + len(c.queued) < self.recycle and c.process.is_alive()]
         spent = [c for c in self._children if not c.queued
@@ -142,10 +176,6 @@ class Pool:
                 batch = []
                 while queue and len(batch) < BATCH and not queue[0].tries:
                     batch.append(queue.popleft())
-            if not child.queued:
-                child.since = now
-            for task in batch:
-                task.sent = now
             child.queued.extend(batch)
             child.alone = retry
             with contextlib.suppress(OSError):  # it died: _read finds out and says so
@@ -153,52 +183,83 @@ class Pool:
 
     def _collect(self, busy: list[_Child]) -> Iterator[tuple[Task, Any]]:
         now = time.monotonic()
-        deadline = min(c.since + c.queued[0].limit for c in busy)
+        deadlines = [self._deadline(c) for c in busy]
         ready = wait([c.conn for c in busy] + [c.process.sentinel for c in busy],
-                     timeout=max(0.0, deadline - now))
+                     timeout=max(0.0, min(deadlines) - now))
         for child in busy:
             if child.conn in ready or child.process.sentinel in ready:
                 yield from self._read(child)
-        now = time.monotonic()
         for child in busy:
-            if child.queued and now - child.since > child.queued[0].limit:
-                yield from self._read(child)  # an answer may have come in meanwhile
-                if child.queued and now - child.since > child.queued[0].limit:
-                    task = child.queued[0]
-                    self._lose(child)
+            if child.queued and time.monotonic() > self._deadline(child):
+                yield from self._read(child)  # answers may have come in meanwhile
+                if not child.queued:
+                    continue
+                if not child.ready:
+                    self._lose(child, None)
+                    raise RuntimeError(f"a worker process did not start within "
+                                       f"{START_LIMIT} s")
+                at = child.on()
+                if at is not None and time.monotonic() - at[1] > child.queued[at[0]].limit:
+                    task = child.queued[at[0]]
+                    self._lose(child, at[0])
                     yield task, Failure(f"timed out after {round(task.limit, 1):g} s (the "
                                         "reader was stopped)")
+
+    @staticmethod
+    def _deadline(child: _Child) -> float:
+        """When the file ``child`` is on will have run out of time (or its start, if it has
+        not said READY yet); between files, a short while (the next file's start is not
+        announced)."""
+        if not child.ready:
+            return child.started + START_LIMIT
+        at = child.on()
+        if at is None:
+            return time.monotonic() + work.LINGER
+        return at[1] + child.queued[at[0]].limit
 
     def _read(self, child: _Child) -> Iterator[tuple[Task, Any]]:
         try:
             while child.queued and child.conn.poll():
-                key, result, when = child.conn.recv()
-                task = child.queued.popleft()
-                if key != task.key:  # children answer in order; anything else is a bug
-                    raise RuntimeError(f"a child answered for {key!r}, not {task.key!r}")
-                child.files += 1
-                if child.queued:  # the next file started when this one ended, or on arrival
-                    child.since = max(when, child.queued[0].sent)
-                else:
+                message = child.conn.recv()
+                if message == work.READY:
+                    child.ready = True
+                    continue
+                for key, result in message:
+                    task = child.queued.popleft()
+                    if key != task.key:  # children answer in order; anything else is a bug
+                        raise RuntimeError(f"a child answered for {key!r}, not {task.key!r}")
+                    child.files += 1
+                    yield task, result
+                if not child.queued:
                     child.alone = False
-                yield task, result
         except (EOFError, OSError):
             pass
         if child.queued and not child.process.is_alive():
-            task = child.queued[0]
+            if not child.ready:
+                code = child.process.exitcode
+                self._lose(child, None)
+                raise RuntimeError(f"a worker process did not start ({_death(code)})")
+            at = child.on()
+            # Between files (or dead before its first): the next file takes the blame, so
+            # that a child that keeps dying cannot hold the run for ever.
+            index = at[0] if at is not None else max(0, child.current.read()[0]
+                                                      - child.files)
+            index = min(index, len(child.queued) - 1)
+            task = child.queued[index]
             code = child.process.exitcode
-            self._lose(child)
+            self._lose(child, index)
             task.tries += 1
             if task.tries >= 2:
                 yield task, Failure(f"the reader crashed twice ({_death(code)})")
             else:
                 self._queues[task.stage].appendleft(task)
 
-    def _lose(self, child: _Child) -> None:
-        """Kills ``child`` and queues again the files it had not started."""
-        child.queued.popleft()
-        for task in reversed(child.queued):
-            self._queues[task.stage].appendleft(task)
+    def _lose(self, child: _Child, index: int | None) -> None:
+        """Kills ``child`` and queues again the files it had not answered, but for the one
+        at ``index`` (the file it was on), which the caller decides about."""
+        for i, task in reversed(list(enumerate(child.queued))):
+            if i != index:
+                self._queues[task.stage].appendleft(task)
         child.queued.clear()
         child.process.kill()
         child.process.join()
@@ -206,21 +267,15 @@ class Pool:
         self._children.remove(child)
 
     def _start(self) -> _Child:
-        """A new child, once it says it is ready (its start is no file's time)."""
+        """A new child; it says READY once started (its start is no file's time: a file's
+        time counts from when the child says it began it)."""
         parent, there = self._ctx.Pipe()
-        process = self._ctx.Process(target=work.serve, args=(there, self.faults), daemon=True)
+        current = work.Current(self._ctx)
+        process = self._ctx.Process(target=work.serve, args=(there, self.faults, current),
+                                    daemon=True)
         process.start()
         there.close()
-        try:
-            ready = parent.recv() if parent.poll(START_LIMIT) else None
-        except EOFError:
-            ready = None
-        if ready != work.READY:
-            process.kill()
-            process.join()
-            raise RuntimeError(f"a worker process did not start within {START_LIMIT} s "
-                               f"({_death(process.exitcode)})")
-        child = _Child(process, parent)
+        child = _Child(process, parent, current, started=time.monotonic())
         self._children.append(child)
         return child
 

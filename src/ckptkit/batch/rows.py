@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..formats.dtypes import BY_NAME
+from ..ops.inspect import quantization_label
 from ..ops.scan import ERROR, ScanResult
 from ..safe_text import has_surrogates, json_text
 
@@ -70,15 +70,14 @@ def from_scan(result: ScanResult, size: int | None, mtime_ns: int | None) -> dic
 
 def add_identification(row: dict[str, Any], report: dict[str, Any]) -> None:
     """``inspect``'s answers: kind, family, variants, layout, component names, and the
-    quantization (the low-precision types that hold weights, ``F8_E4M3``, ``F4``...)."""
+    quantization as the library names it (``ops.inspect.quantization_label``: ``scaled-fp8``,
+    ``Q4_0``, ``NF4``, ``f8_e4m3``...)."""
     ident = report["identification"]
     row["kind"], row["family"] = _opt(ident["kind"]), _opt(ident["family"])
     row["variant"] = _opt(",".join(ident["variants"])) if ident["variants"] else None
     row["layout"] = _opt(ident["layout"])
     row["components"] = [clip(c["name"]) for c in ident["components"]]
-    low = sorted(name for name in report["dtypes"]
-                 if name in BY_NAME and BY_NAME[name].is_float and BY_NAME[name].bits < 16)
-    row["quantization"] = ",".join(low) or None
+    row["quantization"] = _opt(quantization_label(report, ident["extra"]))
 
 
 def hash_columns(hashed: dict[str, Any]) -> dict[str, Any]:

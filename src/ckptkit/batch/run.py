@@ -11,8 +11,8 @@ from typing import Any, Protocol
 from ..errors import UnsafeFileError, UsageError, worse_exit
 from ..ops.scan import ERROR, UNSAFE
 from . import listing, rows, work
-from .pool import Failure, Pool, Task
-from .results import FLUSH_ROWS, Results, row_key
+from .pool import Failure, Pool, Task, start_server
+from .results import FLUSH_ROWS, Counts, Results, row_key
 
 HASH_RATE = 16 << 20  # bytes/s: the hash stage's limit is --timeout plus the file at this rate
 
@@ -67,6 +67,8 @@ def run_batch(op: str, sources: list[str], output: str, *, ray: str | None = Non
         raise UsageError("--timeout must be a positive number of seconds")
     if workers is not None and workers < 1:
         raise UsageError("--workers must be at least 1")
+    if ray is None:
+        start_server()  # its imports overlap the parent's
     try:
         import pyarrow  # noqa: F401  (the results are Parquet)
     except ImportError:
@@ -108,9 +110,9 @@ def run_batch(op: str, sources: list[str], output: str, *, ray: str | None = Non
     except BaseException:
         results.flush()  # what is done stays done (an interrupt, a lost cluster)
         raise
-    table, summary.duplicates = results.finish(listed)
+    counts = results.finish(listed)
     summary.seconds = time.monotonic() - started
-    _tally(summary, table)
+    _tally(summary, counts)
     return summary
 
 
@@ -129,39 +131,37 @@ def _local(op: str, items, emit, progress: Progress, workers: int, timeout: floa
             progress.start(size, 1)
             yield Task(key, "header", (op, path, size, mtime), timeout)
 
-    for task, result in pool.run(tasks()):
-        if task.stage == "header":
-            _, path, size, mtime = task.args
-            row = (result if not isinstance(result, Failure)
-                   else rows.error_row(path, size, mtime, result.message))
-            if op == "hash" and work.needs_hash(row):
-                held[task.key] = row
-                pool.add(Task(task.key, "hash", (path,), hash_limit(timeout, size)))
+    try:
+        for task, result in pool.run(tasks()):
+            if task.stage == "header":
+                _, path, size, mtime = task.args
+                row = (result if not isinstance(result, Failure)
+                       else rows.error_row(path, size, mtime, result.message))
+                if op == "hash" and work.needs_hash(row):
+                    held[task.key] = row
+                    pool.add(Task(task.key, "hash", (path,), hash_limit(timeout, size)))
+                else:
+                    emit(row)
             else:
+                row = held.pop(task.key)
+                if isinstance(result, Failure):
+                    row["error"] = rows.clip(f"hashing: {result.message}")
+                else:
+                    row.update(result)
                 emit(row)
-        else:
-            row = held.pop(task.key)
-            if isinstance(result, Failure):
-                row["error"] = rows.clip(f"hashing: {result.message}")
-            else:
-                row.update(result)
-            emit(row)
+    finally:
+        pool.close()  # no child left idle through the final merge
 
 
-def _tally(summary: Summary, table) -> None:
+def _tally(summary: Summary, counts: Counts) -> None:
     """Counts and the exit code over the final rows (``ops.scan.exit_code``'s table: 4 when
     any file is unsafe, else 70 when ckptkit failed on one, else 3 when any failed)."""
-    import pyarrow.compute as pc
-
-    summary.files = table.num_rows
-    verdicts = pc.value_counts(table.column("verdict")).to_pylist()
-    summary.verdicts = {v["values"]: v["counts"] for v in verdicts}
-    summary.errors = table.num_rows - table.column("error").null_count
-    kinds = pc.struct_field(pc.list_flatten(table.column("findings")), "kind")
+    summary.files, summary.verdicts = counts.rows, dict(counts.verdicts)
+    summary.errors, summary.duplicates = counts.errors, counts.duplicates
     code = 0
     if summary.verdicts.get(UNSAFE):
         code = worse_exit(code, UnsafeFileError.exit_code)
-    if pc.any(pc.equal(kinds, "internal")).as_py():
+    if counts.internal:
         code = worse_exit(code, 70)
     if summary.errors or summary.verdicts.get(ERROR):
         code = worse_exit(code, 3)

@@ -25,7 +25,6 @@ from collections import deque
 from multiprocessing import forkserver
 from typing import Any
 
-from ..ops import hashing
 from ..ops.inspect import inspect_file
 from ..ops.model_hash import hash_file
 from ..ops.scan import SAFE, scan_file
@@ -34,6 +33,8 @@ from . import rows
 FAULTS_ENV = "CKPTKIT_BATCH_TEST_FAULTS"
 OPS = ("scan", "inspect", "hash")
 READY = "ready"
+GROUP = 16  # answers a child sends at once
+LINGER = 0.25  # seconds an answer may wait for the rest of its group
 
 
 def header(op: str, path: str, size: int | None, mtime_ns: int | None) -> dict[str, Any]:
@@ -55,7 +56,8 @@ def hashes(path: str) -> dict[str, Any]:
     """The hash columns of ``path`` (one full read: file hashes and component digests),
     or its ``error``."""
     try:
-        return rows.hash_columns(hash_file(path, digests=True))
+        # Not into the hash cache: see hashing.stream_digests.
+        return rows.hash_columns(hash_file(path, digests=True, remember=False))
     except Exception as exc:
         return {"error": rows.clip(f"hashing failed: {_reason(exc)}")}
 
@@ -114,34 +116,72 @@ def _die_with_parent() -> None:
         server._forkserver_alive_fd = None
 
 
-def serve(conn, faults: list[tuple[str, str]]) -> None:
-    """A child's loop: receives lists of ``(key, stage, args)``, sends back
-    ``(key, result, when)`` for each as it is done (``when``: this machine's monotonic
-    clock, so the parent times the next file from the moment this one ended); ``None``
-    ends it. It says ``READY`` first: a child's start (seconds on a loaded machine) is no
-    file's time. The parent sends the next list while this one runs; the child takes it in
-    before each answer, so a parent writing a list never waits on a child that is itself
-    waiting to write an answer (both pipes full: a deadlock)."""
+class Current:
+    """Which file a child is on, and since when, in shared memory: the number of files it
+    has begun and when it began the last (the monotonic clock, shared by the machine), or
+    -1 between files. The child writes it; the parent reads it whenever it needs to (a time
+    limit, a death), so that answers need not come one by one."""
+
+    def __init__(self, ctx):
+        self.values = ctx.RawArray("d", 2)
+        self.values[1] = -1.0
+
+    def begin(self, count: int) -> None:
+        self.values[1] = time.monotonic()
+        self.values[0] = count
+
+    def end(self) -> None:
+        self.values[1] = -1.0
+
+    def read(self) -> tuple[int, float]:
+        while True:  # the child may write between the two reads
+            begun, since = self.values[0], self.values[1]
+            if self.values[0] == begun:
+                return int(begun), since
+
+
+def serve(conn, faults: list[tuple[str, str]], current: Current) -> None:
+    """A child's loop: receives lists of ``(key, stage, args)``, sends back lists of
+    ``(key, result)`` in order, in groups: when ``GROUP`` are done, when the oldest has
+    waited ``LINGER`` seconds, and whenever it has nothing left to do (before it waits for
+    the next list); ``None`` ends it. Which file it is on is in ``current``. It says
+    ``READY`` first: a child's start (seconds on a loaded machine) is no file's time. The
+    parent sends the next list while this one runs; the child takes it in before each
+    group it sends, so a parent writing a list never waits on a child that is itself waiting
+    to write (both pipes full: a deadlock)."""
     _die_with_parent()
-    hashing.REMEMBER = False  # see there: no cache file rewritten per file of a store
     conn.send(READY)
     todo: deque[tuple[Any, str, tuple]] = deque()
+    done: list[tuple[Any, Any]] = []
+    oldest = 0.0
+    begun = 0
     try:
         while True:
             if not todo:
+                if done:
+                    conn.send(done)
+                    done = []
                 batch = conn.recv()
                 if batch is None:
                     return
                 todo.extend(batch)
             key, stage, args = todo.popleft()
+            begun += 1
+            current.begin(begun)
             if faults:
                 _fault(faults, args[1] if stage == "header" else args[0])
             result = STAGES[stage](*args)
-            while conn.poll():
-                batch = conn.recv()
-                if batch is None:  # (sent only to a child with nothing queued)
-                    return
-                todo.extend(batch)
-            conn.send((key, result, time.monotonic()))
+            current.end()
+            if not done:
+                oldest = time.monotonic()
+            done.append((key, result))
+            if len(done) >= GROUP or time.monotonic() - oldest >= LINGER:
+                while conn.poll():
+                    batch = conn.recv()
+                    if batch is None:  # (sent only to a child with nothing queued)
+                        return
+                    todo.extend(batch)
+                conn.send(done)
+                done = []
     except EOFError:  # the parent is gone
         return

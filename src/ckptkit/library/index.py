@@ -38,7 +38,7 @@ from ..formats import open_checkpoint
 from ..formats.checkpoint import paused_gc
 from ..formats.sniff import MODEL_EXTENSIONS
 from ..ops.hashing import remembered_together
-from ..ops.inspect import describe_checkpoint, identify_checkpoint
+from ..ops.inspect import describe_checkpoint, identify_checkpoint, quantization_label
 from ..ops.model_hash import hash_checkpoint, hash_file
 from ..ops.scan import SAFE, ScanResult, scan_file, walk
 from ..safe_text import json_dumps, printable
@@ -339,29 +339,11 @@ def _header(checkpoint, ident: Identification) -> dict[str, Any]:
     row = {"kind": ident.kind, "family": ident.family or
            (",".join(ident.compatible_families) or None),
            "variants": json.dumps(ident.variants), "layout": ident.layout, "dtype": dtype,
-           "quantization": _quantization(dtype, ident, report),
+           "quantization": quantization_label(report, ident.extra),
            "tensors": report["tensor_count"], "parameters": report["parameter_count"],
            "identification": json_dumps(ident.to_dict()), "metadata": json_dumps(decoded),
            "title": meta.title(raw), "base_model": meta.base_model(raw) or ident.family}
     return {"row": row, "ancestry": meta.ancestry(raw)}
-
-
-def _quantization(dtype: str | None, ident: Identification, report: dict) -> str | None:
-    """How the weights are stored smaller than 16 bits, from what ckptkit reads: ComfyUI's
-    scaled fp8 (a scale per weight), a file's quantized types by share of parameters (a
-    small model keeps most of its parameters in F16 and still is a Q4_0 file), or plain
-    fp8/fp6/fp4/int8."""
-    quantized = report.get("quantization")
-    if ident.extra.get("scaled-fp8") or (quantized or {}).get("scheme") == "fp8-scaled":
-        return "scaled-fp8"
-    if quantized:
-        kinds = sorted(quantized["types"].items(), key=lambda kv: -kv[1]["parameters"])
-        low = [name for name, _ in kinds if name not in ("F32", "F16", "BF16")]
-        if low:
-            return "+".join(low)
-    if dtype and dtype.startswith(("F8", "F6", "F4", "I8", "U8")):
-        return dtype.lower()
-    return None
 
 
 def _write_ancestry(conn: sqlite3.Connection, file_id: int, entries: list[dict]) -> None:

@@ -59,10 +59,6 @@ from ..errors import FormatError
 
 CHUNK = 1 << 24
 SHA256 = re.compile(r"[0-9a-f]{64}")  # a SHA-256 as hex, as this cache and recipes write it
-# Whether hashes computed are remembered. ``ckpt batch`` turns it off in its children: the
-# cache is one JSON file rewritten whole on each hash, so a store of millions of files would
-# rewrite an ever-growing file once per file (and its children would race on it).
-REMEMBER = True
 
 
 def _chunks(path: str):
@@ -94,11 +90,17 @@ Ranges = Sequence[tuple[int, int]]
 
 
 def stream_digests(path: str, ranges: Sequence[Ranges] = (),
-                   progress: Progress | None = None) -> tuple[dict[str, str], list[str]]:
+                   progress: Progress | None = None, remember: bool = True
+                   ) -> tuple[dict[str, str], list[str]]:
     """The file hashes of ``path`` and, for each entry of ``ranges`` (byte ranges of the file),
     the BLAKE3 of those bytes in turn; all from one read of the file. Raises ``FormatError``
     if the file changed while it was read, or if ``path`` is no regular file (opening a
-    named pipe would wait for a writer forever)."""
+    named pipe would wait for a writer forever).
+
+    ``remember``: whether the SHA-256 goes into the cache (``cached_sha256``). ``ckpt batch``
+    says no: the cache is one JSON file rewritten whole on each hash, so a store of millions
+    of files would rewrite an ever-growing file once per file (and its children would race
+    on it)."""
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         raise FormatError("is a directory, not a file" if stat.S_ISDIR(mode) else
@@ -131,7 +133,8 @@ def stream_digests(path: str, ranges: Sequence[Ranges] = (),
     if _identity(path) != identity or not tensors.complete():
         raise FormatError("the file changed while it was being hashed; hash it again", path)
     sha = whole.hexdigest()
-    _remember(identity, sha)
+    if remember:
+        _remember(identity, sha)
     hashes = {"sha256": sha, "autov1": hashlib.sha256(window).hexdigest()[:8],
               "autov2": sha[:10], "autov3": after_header.hexdigest(),
               "crc32": crc[0].to_bytes(4, "little").hex(), "blake3": b3.hexdigest()}
@@ -323,9 +326,7 @@ def _load_cache() -> dict[str, dict]:
 def _remember(identity: tuple[str, list[int]], sha: str) -> None:
     """Records a file's hash under its identity taken before it was read (a file changed
     while it was hashed then no longer matches); at once, or with the others at the end of
-    a ``remembered_together`` block; never where ``REMEMBER`` is off."""
-    if not REMEMBER:
-        return
+    a ``remembered_together`` block."""
     if _together is not None:
         _together.append((identity, sha))
     else:

@@ -136,6 +136,26 @@ def quantization_summary(checkpoint: Checkpoint, quantized: list[QuantizedTensor
     }
 
 
+def quantization_label(report: dict[str, Any], extra: dict[str, Any]) -> str | None:
+    """How the weights are stored smaller than 16 bits, in a word, from ``describe_checkpoint``'s
+    report and the identification's ``extra``: ComfyUI's scaled fp8 (a scale per weight), a
+    file's quantized types by share of parameters (a small model keeps most of its parameters
+    in F16 and still is a Q4_0 file), or plain fp8/fp6/fp4/int8 (the type of most
+    parameters). The library's ``quantization`` column and ``ckpt batch inspect``'s."""
+    quantized = report.get("quantization")
+    if extra.get("scaled-fp8") or (quantized or {}).get("scheme") == "fp8-scaled":
+        return "scaled-fp8"
+    if quantized:
+        kinds = sorted(quantized["types"].items(), key=lambda kv: -kv[1]["parameters"])
+        low = [name for name, _ in kinds if name not in ("F32", "F16", "BF16")]
+        if low:
+            return "+".join(low)
+    dtype = next(iter(report["dtypes"]), None)
+    if dtype and dtype.startswith(("F8", "F6", "F4", "I8", "U8")):
+        return dtype.lower()
+    return None
+
+
 MAX_METADATA_DEPTH = 64  # real metadata nests a few levels; a report must stay printable
 
 

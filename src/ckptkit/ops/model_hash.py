@@ -45,27 +45,30 @@ DIGEST_VERSION = "ckptkit-content-1"  # the first line of what a component diges
 HASH_KEYS = ("sha256", "autov1", "autov2", "autov3", "crc32", "blake3")
 
 
-def hash_file(path: str, *, digests: bool = True, progress: Progress | None = None
-              ) -> dict[str, Any]:
+def hash_file(path: str, *, digests: bool = True, progress: Progress | None = None,
+              remember: bool = True) -> dict[str, Any]:
     """``{sha256, autov1, autov2, autov3, crc32, blake3, components: {name: digest},
     component_sizes: {name: {tensors, bytes}}, notes}`` of ``path``, from one read of it
     (``digests=False``: the file hashes alone). A file that cannot be opened as a checkpoint
-    still gets its file hashes."""
+    still gets its file hashes. ``remember``: whether the SHA-256 goes into the hash cache
+    (``hashing.stream_digests``)."""
     if not digests:
-        hashes, _ = stream_digests(path, progress=progress)
+        hashes, _ = stream_digests(path, progress=progress, remember=remember)
         return {**hashes, "components": {}, "component_sizes": {}, "notes": []}
     try:
         checkpoint = open_checkpoint(path)
     except CkptError as exc:
-        hashes, _ = stream_digests(path, progress=progress)
+        hashes, _ = stream_digests(path, progress=progress, remember=remember)
         return {**hashes, "components": {}, "component_sizes": {},
                 "notes": [f"no component digests: {exc.reason}"]}
     with checkpoint:
-        return hash_checkpoint(checkpoint, identify_checkpoint(checkpoint), progress=progress)
+        return hash_checkpoint(checkpoint, identify_checkpoint(checkpoint), progress=progress,
+                               remember=remember)
 
 
 def hash_checkpoint(checkpoint: Checkpoint, ident: Identification,
-                    progress: Progress | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None, remember: bool = True
+                    ) -> dict[str, Any]:
     """``hash_file`` of an open checkpoint whose identification the caller has."""
     notes: list[str] = []
     planned = component_tensors(checkpoint, ident, notes)
@@ -80,7 +83,7 @@ def hash_checkpoint(checkpoint: Checkpoint, ident: Identification,
             else:
                 streamed.append((name, i))
                 ranges.append(spans)
-    hashes, found = stream_digests(checkpoint.path, ranges, progress)
+    hashes, found = stream_digests(checkpoint.path, ranges, progress, remember)
     tensor_digests: dict[tuple[str, int], str] = dict(zip(streamed, found, strict=True))
     for (name, i), made in apart.items():
         tensor_digests[name, i] = _digest_apart(planned[name][i] if made is None else made)
