@@ -252,7 +252,8 @@ def _quantized(tensor: LazyTensor, qtype: str, name: str, checker: _Checker, out
         stored = out[first:first + count]
         squared = _squared_sum(x, name)
         quantize_into(x, qtype, stored)
-        return _squared_error(x, dequantize(stored, qtype, (x.numel(),)), name, qtype), squared
+        back = dequantize(stored, qtype, (x.numel(),))
+        return _squared_error(x, back, name, qtype, owned=qtype != "F32"), squared
 
     checker.record(name, qtype, _in_parallel(one, range(0, tensor.numel, SLICE)))
 
@@ -284,12 +285,13 @@ def _squared_sum(x, name: str) -> float:
     return squared
 
 
-def _squared_error(x, back, name: str, qtype: str) -> float:
-    """The sum of squared differences between a slice and its dequantized copy (``back``,
-    which may view the output file: not changed); refuses a copy that is not finite."""
+def _squared_error(x, back, name: str, qtype: str, owned: bool = False) -> float:
+    """The sum of squared differences between a slice and its dequantized copy (``back``:
+    overwritten when ``owned``, else it may view the output file and is not changed);
+    refuses a copy that is not finite."""
     import torch
 
-    diff = back - x
+    diff = back.sub_(x) if owned else back - x
     squared = float(torch.dot(diff, diff))
     if not math.isfinite(squared):
         raise FormatError(f"tensor {name}: its {qtype} copy holds NaN or infinite values "
@@ -456,7 +458,7 @@ def _fp8_into(tensor: LazyTensor, name: str, dtype_name: str, largest: float,
         part = flat[start:start + x.numel()]
         part.copy_((x / scale).clamp(-largest, largest))
         back = part.float().mul_(scale)
-        return _squared_error(x, back, name, dtype_name), float(torch.dot(x, x))
+        return _squared_error(x, back, name, dtype_name, owned=True), float(torch.dot(x, x))
 
     checker.record(name, dtype_name, _in_parallel(one, starts))
 
