@@ -36,7 +36,7 @@ from functools import partial
 from ..engine.atomic import check_output_path
 from ..engine.gguf_writer import GGUFTensor, write_gguf
 from ..engine.slices import heap_for_temporaries
-from ..engine.writer import Planned, Progress, write_safetensors
+from ..engine.writer import Deferred, Planned, Progress, write_safetensors
 from ..errors import FormatError, OutputError, UsageError, a_or_an
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import BY_NAME as DTYPES
@@ -45,7 +45,7 @@ from ..formats.quantized import QuantizedTensor
 from ..quant.ggml_types import BY_NAME as GGML
 from .gguf_rules import ARCHITECTURES, TYPES, Rules, check_name, kept
 from .inspect import identify_checkpoint
-from .provenance import provenance
+from .provenance import provenance, source_hashes
 
 FP8_TYPE = "fp8-scaled"
 BNB_TYPES = ("nf4", "fp4")  # --type -> bitsandbytes' quant_type (stored type: upper case)
@@ -109,9 +109,12 @@ class QuantizeReport:
 
 
 def quantize(src: str, out: str, qtype: str, *, fp8: str | None = None,
-             progress: Progress | None = None, fsync: bool = True) -> QuantizeReport:
+             progress: Progress | None = None, fsync: bool = True,
+             hash_sources: bool = False) -> QuantizeReport:
     """``fp8`` is for ``fp8-scaled`` alone (default e4m3fn): given with another type it is
-    refused rather than ignored, since the user expected it to change something."""
+    refused rather than ignored, since the user expected it to change something.
+    ``hash_sources``: the source's SHA-256 computed while quantizing, for the provenance
+    (else recorded only when ckptkit already knows it), as the other operations do."""
     gguf = qtype in TYPES
     if not gguf and qtype not in SAFETENSORS_TYPES:
         raise UsageError(f"--type must be one of {', '.join(TYPES)}, "
@@ -129,7 +132,7 @@ def quantize(src: str, out: str, qtype: str, *, fp8: str | None = None,
     with open_checkpoint(src) as checkpoint:
         tensors, report = _denoiser(checkpoint, src, out, qtype)
         arch = report.architecture
-        meta = provenance("quantize", [src], type=qtype,
+        meta = provenance("quantize", [src], source_hashes([src], hash_sources), type=qtype,
                           **({"fp8": fp8} if qtype == FP8_TYPE else {}))
         try:
             with _one_thread_per_op():
@@ -143,6 +146,10 @@ def quantize(src: str, out: str, qtype: str, *, fp8: str | None = None,
             if exc.path is not None:
                 raise
             raise type(exc)(exc.reason, src) from exc
+        finally:  # the source's hashing stops if the run did (a no-op once it is done)
+            for value in meta.values():
+                if isinstance(value, Deferred):
+                    value.cancel()
     _summarise(report)
     return report
 
@@ -402,7 +409,7 @@ def _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync) -> N
                     partial(bytes, marker)),
         ]
         checker.planned(dtype_name, tensor.numel, tensor.numel)
-    write_safetensors(out, planned, {k: str(v) for k, v in meta.items()}, inputs=(src,),
+    write_safetensors(out, planned, meta, inputs=(src,),
                       progress=progress, fsync=fsync)
 
 
@@ -506,7 +513,7 @@ def _write_bnb(src, out, arch, kind, tensors, meta, report, progress, fsync) -> 
         ]
         planned += parts
         checker.planned(qtype, count, sum(p.nbytes for p in parts))
-    write_safetensors(out, planned, {k: str(v) for k, v in meta.items()}, inputs=(src,),
+    write_safetensors(out, planned, meta, inputs=(src,),
                       progress=progress, fsync=fsync)
 
 
