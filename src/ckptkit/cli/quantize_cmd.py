@@ -12,7 +12,7 @@ from ..ops.quantize import FP8_FORMATS, SAFETENSORS_TYPES, quantize
 from ..safe_text import json_dumps, printable
 from .fmt import human_bytes, human_count
 from .json_error import print_json_error
-from .progress import add_fsync_option, add_output_options, progress_for
+from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 
 def add_parser(commands) -> None:
@@ -37,6 +37,7 @@ def add_parser(commands) -> None:
                    help="the fp8 format of --type fp8-scaled (default e4m3fn)")
     add_output_options(p)
     add_fsync_option(p)
+    add_hash_option(p)
     p.set_defaults(run=run)
 
 
@@ -44,7 +45,7 @@ def run(args) -> int:
     bar = progress_for(args, "quantize")
     try:
         report = quantize(args.model, args.output, args.type, fp8=args.fp8, progress=bar,
-                          fsync=args.fsync)
+                          fsync=args.fsync, hash_sources=args.hash)
     except (Exception, KeyboardInterrupt) as exc:
         if args.json:
             print_json_error(exc, model=args.model, output=args.output)

@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import OutputError
 from ..quant.ggml_types import BY_NAME
 from .atomic import AtomicOutput
-from .writer import Progress
+from .writer import Deferred, Progress
 
 MAGIC = b"GGUF"
 VERSION = 3
@@ -110,12 +110,27 @@ def write_gguf(target: str, metadata: Mapping[str, Any], tensors: Sequence[GGUFT
     """Writes ``tensors`` with ``metadata`` to ``target`` atomically, one tensor at a time.
 
     ``check(path)`` runs on the complete temporary file before it takes the target's name
-    (the caller's read-back); an exception from it leaves nothing behind."""
+    (the caller's read-back); an exception from it leaves nothing behind. A ``Deferred``
+    string value (the inputs' SHA-256, hashed while the data is written) is written as its
+    placeholder and patched in once the data is done, padded with spaces to the same length
+    (its text is JSON, which allows them)."""
     alignment = metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment < 8 or alignment & (alignment - 1):
         raise OutputError(f"{ALIGNMENT_KEY} must be a power of two of at least 8, "
                           f"not {alignment!r}", target)
-    header, offsets = build_header(metadata, tensors, alignment)
+    deferred = {k: v for k, v in metadata.items() if isinstance(v, Deferred)}
+    try:
+        _write(target, metadata, tensors, alignment, deferred, inputs, progress, fsync, check)
+    except BaseException:
+        for value in deferred.values():
+            value.cancel()
+        raise
+
+
+def _write(target, metadata, tensors, alignment, deferred, inputs, progress, fsync,
+           check) -> None:
+    placeholders = {k: v.placeholder if k in deferred else v for k, v in metadata.items()}
+    header, offsets = build_header(placeholders, tensors, alignment)
     size = len(header) + (offsets[-1] + tensors[-1].nbytes if tensors else 0)
     size += _padding(size, alignment)
     if progress:
@@ -137,9 +152,30 @@ def write_gguf(target: str, metadata: Mapping[str, Any], tensors: Sequence[GGUFT
                 if progress:
                     progress.update(tensor.nbytes, 1)
             mapped.close()
+        if deferred:
+            os.pwrite(out.fd, _resolved(metadata, deferred, tensors, alignment, header,
+                                        target), 0)
         if check is not None:
             check(out.tmp_path)
         out.commit()
+
+
+def _resolved(metadata, deferred, tensors, alignment, header: bytes, target: str) -> bytes:
+    """The header again with each deferred value resolved and padded to its placeholder's
+    length, so that no offset moves."""
+    final = dict(metadata)
+    for key, value in deferred.items():
+        text = value.resolve()
+        room = len(value.placeholder.encode("utf-8"))
+        if len(text.encode("utf-8")) > room:
+            raise OutputError(f"metadata {key!r} came out longer than the room kept for it",
+                              target)
+        final[key] = text + " " * (room - len(text.encode("utf-8")))
+    patched, _ = build_header(final, tensors, alignment)
+    if len(patched) != len(header):
+        raise OutputError("the header changed size when its deferred values were filled in",
+                          target)
+    return patched
 
 
 def _into_file(mapped: mmap.mmap, offset: int, tensor: GGUFTensor) -> None:

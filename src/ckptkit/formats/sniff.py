@@ -42,6 +42,11 @@ def detect_format(path: str) -> str:
         raise FormatError(path_problem(path, exc), path) from None
     if stat.S_ISDIR(info.st_mode):
         raise FormatError("is a directory, not a checkpoint file", path)
+    if not stat.S_ISREG(info.st_mode):  # its size says nothing, and reading it may block
+        kind = ("a FIFO" if stat.S_ISFIFO(info.st_mode) else
+                "a socket" if stat.S_ISSOCK(info.st_mode) else "a device")
+        raise FormatError(f"is {kind}, not a regular file; ckptkit reads checkpoints from "
+                          "regular files", path)
     size = info.st_size
     if size == 0:
         raise FormatError("the file is empty (a failed download?)", path)

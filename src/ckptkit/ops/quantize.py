@@ -36,7 +36,7 @@ from functools import partial
 from ..engine.atomic import check_output_path
 from ..engine.gguf_writer import GGUFTensor, write_gguf
 from ..engine.slices import heap_for_temporaries
-from ..engine.writer import Planned, Progress, write_safetensors
+from ..engine.writer import Deferred, Planned, Progress, write_safetensors
 from ..errors import FormatError, OutputError, UsageError, a_or_an
 from ..formats import LazyTensor, open_checkpoint
 from ..formats.dtypes import BY_NAME as DTYPES
@@ -45,7 +45,7 @@ from ..formats.quantized import QuantizedTensor
 from ..quant.ggml_types import BY_NAME as GGML
 from .gguf_rules import ARCHITECTURES, TYPES, Rules, check_name, kept
 from .inspect import identify_checkpoint
-from .provenance import provenance
+from .provenance import provenance, source_hashes
 
 FP8_TYPE = "fp8-scaled"
 BNB_TYPES = ("nf4", "fp4")  # --type -> bitsandbytes' quant_type (stored type: upper case)
@@ -109,9 +109,12 @@ class QuantizeReport:
 
 
 def quantize(src: str, out: str, qtype: str, *, fp8: str | None = None,
-             progress: Progress | None = None, fsync: bool = True) -> QuantizeReport:
+             progress: Progress | None = None, fsync: bool = True,
+             hash_sources: bool = False) -> QuantizeReport:
     """``fp8`` is for ``fp8-scaled`` alone (default e4m3fn): given with another type it is
-    refused rather than ignored, since the user expected it to change something."""
+    refused rather than ignored, since the user expected it to change something.
+    ``hash_sources``: the source's SHA-256 computed while quantizing, for the provenance
+    (else recorded only when ckptkit already knows it), as the other operations do."""
     gguf = qtype in TYPES
     if not gguf and qtype not in SAFETENSORS_TYPES:
         raise UsageError(f"--type must be one of {', '.join(TYPES)}, "
@@ -129,7 +132,7 @@ def quantize(src: str, out: str, qtype: str, *, fp8: str | None = None,
     with open_checkpoint(src) as checkpoint:
         tensors, report = _denoiser(checkpoint, src, out, qtype)
         arch = report.architecture
-        meta = provenance("quantize", [src], type=qtype,
+        meta = provenance("quantize", [src], source_hashes([src], hash_sources), type=qtype,
                           **({"fp8": fp8} if qtype == FP8_TYPE else {}))
         try:
             with _one_thread_per_op():
@@ -143,6 +146,10 @@ def quantize(src: str, out: str, qtype: str, *, fp8: str | None = None,
             if exc.path is not None:
                 raise
             raise type(exc)(exc.reason, src) from exc
+        finally:  # the source's hashing stops if the run did (a no-op once it is done)
+            for value in meta.values():
+                if isinstance(value, Deferred):
+                    value.cancel()
     _summarise(report)
     return report
 
@@ -252,7 +259,8 @@ def _quantized(tensor: LazyTensor, qtype: str, name: str, checker: _Checker, out
         stored = out[first:first + count]
         squared = _squared_sum(x, name)
         quantize_into(x, qtype, stored)
-        return _squared_error(x, dequantize(stored, qtype, (x.numel(),)), name, qtype), squared
+        back = dequantize(stored, qtype, (x.numel(),))
+        return _squared_error(x, back, name, qtype, owned=qtype != "F32"), squared
 
     checker.record(name, qtype, _in_parallel(one, range(0, tensor.numel, SLICE)))
 
@@ -284,12 +292,13 @@ def _squared_sum(x, name: str) -> float:
     return squared
 
 
-def _squared_error(x, back, name: str, qtype: str) -> float:
-    """The sum of squared differences between a slice and its dequantized copy (``back``,
-    which may view the output file: not changed); refuses a copy that is not finite."""
+def _squared_error(x, back, name: str, qtype: str, owned: bool = False) -> float:
+    """The sum of squared differences between a slice and its dequantized copy (``back``:
+    overwritten when ``owned``, else it may view the output file and is not changed);
+    refuses a copy that is not finite."""
     import torch
 
-    diff = back - x
+    diff = back.sub_(x) if owned else back - x
     squared = float(torch.dot(diff, diff))
     if not math.isfinite(squared):
         raise FormatError(f"tensor {name}: its {qtype} copy holds NaN or infinite values "
@@ -400,7 +409,7 @@ def _write_fp8(src, out, arch, fp8, tensors, meta, report, progress, fsync) -> N
                     partial(bytes, marker)),
         ]
         checker.planned(dtype_name, tensor.numel, tensor.numel)
-    write_safetensors(out, planned, {k: str(v) for k, v in meta.items()}, inputs=(src,),
+    write_safetensors(out, planned, meta, inputs=(src,),
                       progress=progress, fsync=fsync)
 
 
@@ -456,7 +465,7 @@ def _fp8_into(tensor: LazyTensor, name: str, dtype_name: str, largest: float,
         part = flat[start:start + x.numel()]
         part.copy_((x / scale).clamp(-largest, largest))
         back = part.float().mul_(scale)
-        return _squared_error(x, back, name, dtype_name), float(torch.dot(x, x))
+        return _squared_error(x, back, name, dtype_name, owned=True), float(torch.dot(x, x))
 
     checker.record(name, dtype_name, _in_parallel(one, starts))
 
@@ -504,7 +513,7 @@ def _write_bnb(src, out, arch, kind, tensors, meta, report, progress, fsync) -> 
         ]
         planned += parts
         checker.planned(qtype, count, sum(p.nbytes for p in parts))
-    write_safetensors(out, planned, {k: str(v) for k, v in meta.items()}, inputs=(src,),
+    write_safetensors(out, planned, meta, inputs=(src,),
                       progress=progress, fsync=fsync)
 
 

@@ -47,8 +47,10 @@ def dequantize(raw, qtype: str, shape: tuple[int, ...], dtype=torch.float32) -> 
     kernel = DEQUANTIZERS.get(qtype)
     if kernel is None:
         return _with_gguf(blocks, kind).reshape(shape).to(flat.device, dtype)
-    out = torch.empty(numel, dtype=dtype, device=flat.device)
     step = max(1, _SLICE_VALUES // kind.block_size)
+    if blocks.shape[0] <= step:  # one slice: its values are the result, with no copy
+        return kernel(blocks).reshape(shape).to(dtype)
+    out = torch.empty(numel, dtype=dtype, device=flat.device)
     for first in range(0, blocks.shape[0], step):
         part = blocks[first:first + step]
         values = kernel(part).reshape(-1)
@@ -131,7 +133,7 @@ def _q5_1(b):
 
 
 def _q8_0(b):
-    return _f16(b, 0) * b[:, 2:34].view(torch.int8).float()
+    return b[:, 2:34].view(torch.int8).float().mul_(_f16(b, 0))
 
 
 # K-quants: 256-element super-blocks of 16 or 8 sub-blocks with their own scales. ----------

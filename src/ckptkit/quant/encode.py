@@ -67,7 +67,10 @@ def quantize_into(values: torch.Tensor, qtype: str, out: torch.Tensor) -> None:
     stored = out.view(-1, kind.type_size)
     for first in range(0, blocks.shape[0], step):
         part = blocks[first:first + step].to(torch.float32)
-        stored[first:first + step] = kernel(part)
+        if qtype in BLOCK_QUANTIZERS:  # writes each field into its place
+            kernel(part, stored[first:first + step])
+        else:
+            stored[first:first + step] = kernel(part)
 
 
 def _plain_into(flat: torch.Tensor, qtype: str, out: torch.Tensor) -> None:
