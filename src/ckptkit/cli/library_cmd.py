@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from ..arch.detect import KINDS
 from ..errors import UsageError, counted
 from ..library import queries
 from ..library.db import database_errors, default_path, open_library
@@ -117,9 +118,10 @@ def _scan(args) -> int:
 def _add_list(sub) -> None:
     p = sub.add_parser("list", help="the indexed files, filtered",
                        description="List the indexed files, sorted by path.")
-    p.add_argument("--kind", help="checkpoint, diffusion-model, text-encoder, vae, lora, "
-                                  "embedding, unknown")
-    p.add_argument("--family", help="sd1, sd2, sdxl, sd3-medium, flux1-dev, ...")
+    p.add_argument("--kind", type=str.lower, choices=KINDS, metavar="KIND",
+                   help=", ".join(KINDS))
+    p.add_argument("--family", type=str.lower, choices=queries.FAMILIES, metavar="FAMILY",
+                   help=", ".join(queries.FAMILIES) + " (flux1: a FLUX.1 LoRA)")
     p.add_argument("--base", help="a part of the base model (Civitai's 'SDXL 1.0', kohya's "
                                   "'sdxl_base_v1-0') or of the family")
     p.add_argument("--verdict", choices=("safe", "unsafe", "error"))
