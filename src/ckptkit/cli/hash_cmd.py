@@ -8,11 +8,10 @@ an error (exit code 3 or 5 as usual) and the others are still hashed.
 
 from __future__ import annotations
 
-import sys
-
 from ..errors import CkptError, worse_exit
 from ..ops.model_hash import HASH_KEYS, hash_file
 from ..safe_text import json_dumps, printable
+from .failure import report_failure
 from .fmt import human_bytes
 from .progress import add_output_options, progress_for
 
@@ -49,15 +48,10 @@ def run(args) -> int:
         bar = progress_for(args, "hash", unit="files")
         try:
             found = hash_file(path, progress=bar)
-        except (CkptError, OSError) as exc:
-            code = exc.exit_code if isinstance(exc, CkptError) else 3
-            reason = str(exc) if isinstance(exc, CkptError) else \
-                f"{path}: {exc.strerror or exc}"
+        except (CkptError, OSError) as exc:  # an input that cannot be read: exit code 3
             bar.close()
-            if args.json:
-                print(json_dumps({"path": path, "error": reason}))
-            print(f"ckpt: error: {printable(reason)}", file=sys.stderr)
-            failed = worse_exit(failed, code)
+            code = None if isinstance(exc, CkptError) else 3
+            failed = worse_exit(failed, report_failure(exc, args.json, path=path, code=code))
             continue
         bar.close()
         if args.json:

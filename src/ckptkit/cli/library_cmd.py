@@ -23,6 +23,7 @@ from ..library.db import database_errors, default_path, open_library
 from ..library.index import scan_library
 from ..safe_text import json_dumps, printable
 from . import library_serve_cmd
+from .failure import report_failure
 from .fmt import human_bytes
 from .progress import ProgressBar
 
@@ -94,8 +95,8 @@ def _scan(args) -> int:
             stats = scan_library(conn, args.folders, progress=bar, on_file=told)
     except KeyboardInterrupt:
         bar.close()
-        print("ckpt: interrupted; the files indexed so far are kept", file=sys.stderr)
-        return 130
+        return report_failure(KeyboardInterrupt("interrupted; the files indexed so far are "
+                                                "kept"), args.json)
     finally:
         conn.close()
     bar.close()

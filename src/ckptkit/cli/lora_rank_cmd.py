@@ -14,7 +14,6 @@ from ..lora import resize as resize_op
 from ..lora.factored import describe
 from ..lora.names import FORMATS
 from ..safe_text import json_dumps, printable
-from .json_error import print_json_error
 from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 
@@ -127,15 +126,10 @@ def _span(ranks: dict[str, int]) -> str:
 
 
 def _run(args, label: str, work) -> int:
-    """Runs ``work(bar)`` under a progress bar; an error goes out as a JSON object too
-    under --json (the line on stderr is main's)."""
+    """Runs ``work(bar)`` under a progress bar."""
     bar = progress_for(args, label)
     try:
         return work(bar)
-    except (Exception, KeyboardInterrupt) as exc:
-        if args.json:
-            print_json_error(exc, output=args.output)
-        raise
     finally:
         bar.close()
 
