@@ -49,12 +49,9 @@ def _names(names: list[str]) -> str:
 
 
 def run(args) -> int:
-    bar = progress_for(args, "convert")
-    try:
+    with progress_for(args, "convert") as bar:
         report = convert(args.input, args.output, dtype=args.dtype, vae_dtype=args.vae_dtype,
                          keep_metadata=not args.drop_metadata, progress=bar, fsync=args.fsync)
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps({"input": args.input, "output": args.output, **vars(report)}))
         return 0

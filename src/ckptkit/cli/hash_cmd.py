@@ -45,15 +45,13 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     failed = 0
     for path in args.files:
-        bar = progress_for(args, "hash", unit="files")
         try:
-            found = hash_file(path, progress=bar)
+            with progress_for(args, "hash", unit="files") as bar:
+                found = hash_file(path, progress=bar)
         except (CkptError, OSError) as exc:  # an input that cannot be read: exit code 3
-            bar.close()
             code = None if isinstance(exc, CkptError) else 3
             failed = worse_exit(failed, report_failure(exc, args.json, path=path, code=code))
             continue
-        bar.close()
         if args.json:
             print(json_dumps({"path": path, **found}))
             continue

@@ -91,15 +91,13 @@ def _scan(args) -> int:
             print(printable(f"{what:<8}{file}"))
 
     try:
-        with database_errors(path, writing=True):
+        with bar, database_errors(path, writing=True):
             stats = scan_library(conn, args.folders, progress=bar, on_file=told)
     except KeyboardInterrupt:
-        bar.close()
         return report_failure(KeyboardInterrupt("interrupted; the files indexed so far are "
                                                 "kept"), args.json)
     finally:
         conn.close()
-    bar.close()
     result = stats.to_dict()
     if args.json:
         print(json_dumps({"db": path, **result}))

@@ -174,12 +174,9 @@ def _add_convert(sub) -> None:
 
 
 def _convert(args) -> int:
-    bar = progress_for(args, "convert")
-    try:
+    with progress_for(args, "convert") as bar:
         report = convert_file(args.lora, args.output, args.to, family=args.family,
                               progress=bar, fsync=args.fsync)
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps(report))
     else:
@@ -241,16 +238,14 @@ def _add_bake(sub) -> None:
 
 
 def _bake(args) -> int:
-    bar = progress_for(args, "bake")
     try:
-        report = bake(args.model, [parse_spec(s) for s in args.loras], args.output,
-                      dtype=args.dtype, vae_dtype=args.vae_dtype,
-                      allow_unmatched=args.allow_unmatched,
-                      hash_model=args.hash, progress=bar, fsync=args.fsync)
+        with progress_for(args, "bake") as bar:
+            report = bake(args.model, [parse_spec(s) for s in args.loras], args.output,
+                          dtype=args.dtype, vae_dtype=args.vae_dtype,
+                          allow_unmatched=args.allow_unmatched,
+                          hash_model=args.hash, progress=bar, fsync=args.fsync)
     except NotApplied as exc:  # the JSON object says which modules too
         return report_failure(exc, args.json, unmatched=exc.groups)
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps({"output": args.output, **asdict(report)}))
         return 0

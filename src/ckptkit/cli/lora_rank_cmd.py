@@ -127,11 +127,8 @@ def _span(ranks: dict[str, int]) -> str:
 
 def _run(args, label: str, work) -> int:
     """Runs ``work(bar)`` under a progress bar."""
-    bar = progress_for(args, label)
-    try:
+    with progress_for(args, label) as bar:
         return work(bar)
-    finally:
-        bar.close()
 
 
 def _extract(args) -> int:

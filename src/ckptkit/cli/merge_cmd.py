@@ -134,11 +134,8 @@ def run(args) -> int:
 
 
 def _finish(args, work) -> int:
-    bar = progress_for(args, "merge")
-    try:
+    with progress_for(args, "merge") as bar:
         report = work(bar)
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps({"output": args.output, **asdict(report)}))
     else:

@@ -40,12 +40,9 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    bar = progress_for(args, "quantize")
-    try:
+    with progress_for(args, "quantize") as bar:
         report = quantize(args.model, args.output, args.type, fp8=args.fp8, progress=bar,
                           fsync=args.fsync)
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps(asdict(report)))
         return 0
