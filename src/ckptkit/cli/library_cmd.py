@@ -48,6 +48,16 @@ def add_db_option(p) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _query_parser(sub, name: str, run, *, given: tuple[str, str] | None = None, **texts):
+    """A read-only subcommand: its parser (``texts``: help, description), the one argument
+    ``given`` (its name and metavar) where it takes one, ``--db`` and ``--json``."""
+    p = sub.add_parser(name, **texts)
+    if given:
+        p.add_argument(given[0], metavar=given[1])
+    add_db_option(p)
+    p.set_defaults(run=run)
+
+
 @contextlib.contextmanager
 def _reading(args) -> Iterator[sqlite3.Connection]:
     """The library, open for a query; its errors as one line (``database_errors``)."""
@@ -138,13 +148,11 @@ def _list(args) -> int:
 
 
 def _add_find(sub) -> None:
-    p = sub.add_parser("find", help="files by any hash (or its prefix) or by name",
-                       description="Find files by SHA-256, AutoV1, AutoV2, AutoV3, BLAKE3 "
-                                   "(or a prefix of 8 digits or more), CRC-32, a component's "
-                                   "content digest, or a part of the name.")
-    p.add_argument("query", metavar="HASH_OR_NAME")
-    add_db_option(p)
-    p.set_defaults(run=_find)
+    _query_parser(sub, "find", _find, given=("query", "HASH_OR_NAME"),
+                  help="files by any hash (or its prefix) or by name",
+                  description="Find files by SHA-256, AutoV1, AutoV2, AutoV3, BLAKE3 (or a "
+                              "prefix of 8 digits or more), CRC-32, a component's content "
+                              "digest, or a part of the name.")
 
 
 def _find(args) -> int:
@@ -170,13 +178,11 @@ def _print_models(found: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def _add_show(sub) -> None:
-    p = sub.add_parser("show", help="everything indexed about one file",
-                       description="Show one indexed file (by path or id): identification, "
-                                   "hashes, components and where else they are, metadata, "
-                                   "sidecars, preview, duplicates, parents and children.")
-    p.add_argument("file", metavar="FILE_OR_ID")
-    add_db_option(p)
-    p.set_defaults(run=_show)
+    _query_parser(sub, "show", _show, given=("file", "FILE_OR_ID"),
+                  help="everything indexed about one file",
+                  description="Show one indexed file (by path or id): identification, "
+                              "hashes, components and where else they are, metadata, "
+                              "sidecars, preview, duplicates, parents and children.")
 
 
 def _model(conn, key: str) -> dict[str, Any]:
@@ -229,14 +235,12 @@ def _show(args) -> int:
 
 
 def _add_dupes(sub) -> None:
-    p = sub.add_parser("dupes", help="identical files, same weights, shared components",
-                       description="Files with the same bytes; files with the same weights "
-                                   "in another format, layout or with other metadata; and "
-                                   "components (a VAE, a text encoder) found in files of "
-                                   "different weights; each with the bytes one copy would "
-                                   "save.")
-    add_db_option(p)
-    p.set_defaults(run=_dupes)
+    _query_parser(sub, "dupes", _dupes,
+                  help="identical files, same weights, shared components",
+                  description="Files with the same bytes; files with the same weights in "
+                              "another format, layout or with other metadata; and components "
+                              "(a VAE, a text encoder) found in files of different weights; "
+                              "each with the bytes one copy would save.")
 
 
 def _dupes(args) -> int:
@@ -266,14 +270,12 @@ def _dupes(args) -> int:
 
 
 def _add_lineage(sub) -> None:
-    p = sub.add_parser("lineage", help="the merges and LoRAs a file came from, as a tree",
-                       description="The ancestry a file's metadata records (ckptkit's, "
-                                   "AUTOMATIC1111's sd_merge_recipe, sd-mecha's recipe, "
-                                   "kohya's training base model), with each parent resolved "
-                                   "to the library's files by hash, else by name.")
-    p.add_argument("file", metavar="FILE_OR_ID")
-    add_db_option(p)
-    p.set_defaults(run=_lineage)
+    _query_parser(sub, "lineage", _lineage, given=("file", "FILE_OR_ID"),
+                  help="the merges and LoRAs a file came from, as a tree",
+                  description="The ancestry a file's metadata records (ckptkit's, "
+                              "AUTOMATIC1111's sd_merge_recipe, sd-mecha's recipe, kohya's "
+                              "training base model), with each parent resolved to the "
+                              "library's files by hash, else by name.")
 
 
 def _lineage(args) -> int:
