@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def cache_dir(given: str | None = None) -> Iterator[str]:
+    """``given``, or else an empty hash cache folder for one run, removed afterwards (one
+    left behind per measured run filled /tmp with empty folders)."""
+    if given:
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="ckptkit-") as fresh:
+        yield fresh
 
 
 def run(cmd: list[str], hash_cache: str | None = None) -> dict[str, float]:
@@ -20,11 +33,13 @@ def run(cmd: list[str], hash_cache: str | None = None) -> dict[str, float]:
     names one that already holds their hashes.
     """
     os.sync()  # earlier outputs' write-back must not land in this command's time
-    env = dict(os.environ, CKPTKIT_CACHE_DIR=hash_cache or tempfile.mkdtemp(prefix="ckptkit-"))
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", *cmd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, env=env)
-    wall = time.perf_counter() - start
+    with cache_dir(hash_cache) as cache:
+        env = dict(os.environ, CKPTKIT_CACHE_DIR=cache)
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", *cmd],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=env)
+        wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}: {proc.stderr}")
     user, system, peak = proc.stderr.strip().splitlines()[-1].split()

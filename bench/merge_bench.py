@@ -27,7 +27,7 @@ import tempfile
 import time
 
 import torch
-from measure import paired_ratio, settle
+from measure import cache_dir, paired_ratio, settle
 from safetensors import safe_open
 from safetensors.torch import save_file
 from sd15_shapes import sd15
@@ -66,10 +66,10 @@ def sample_run(cmd: list[str], cache: str | None = None) -> dict[str, float]:
     an empty hash cache each time (it hashes its inputs as on a first run) unless ``cache``
     names one that already holds their hashes."""
     os.sync()
-    env = dict(os.environ, CKPTKIT_CACHE_DIR=cache or tempfile.mkdtemp(prefix="ckptkit-bench-"))
     # stderr goes to a file: a pipe nobody reads until the end fills up with a progress bar
     # (sd-mecha's tqdm) and stalls the child for ever.
-    with tempfile.TemporaryFile() as errors:
+    with cache_dir(cache) as folder, tempfile.TemporaryFile() as errors:
+        env = dict(os.environ, CKPTKIT_CACHE_DIR=folder)
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors, env=env)
         anon = rss = 0
@@ -117,6 +117,24 @@ def sdxl(workdir: str, repeat: int) -> int:
     return 0
 
 
+def measure_all(commands: dict[str, list[str]], inputs: list[str], outputs: list[str],
+                repeat: int) -> dict[str, list[dict[str, float]]]:
+    """``repeat`` rounds of every command from the same start (``settle``). "ckptkit, hashes
+    known" is the same merge with the inputs' hashes remembered (a second merge of the same
+    files): it gets a hash cache filled beforehand, removed at the end."""
+    results: dict[str, list[dict[str, float]]] = {n: [] for n in commands}
+    with cache_dir() as remembered:
+        subprocess.run([commands["ckptkit"][0], "inspect", "--hash", *inputs],
+                       env=dict(os.environ, CKPTKIT_CACHE_DIR=remembered),
+                       stdout=subprocess.DEVNULL, check=True)
+        for _ in range(repeat):
+            for name, cmd in commands.items():
+                settle(inputs, [path for path in outputs if path in cmd])
+                known = name == "ckptkit, hashes known"
+                results[name].append(sample_run(cmd, remembered if known else None))
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), "out"))
@@ -140,19 +158,10 @@ def main() -> int:
         "ckptkit": [ckpt, "merge", "weighted-sum", a, b, "-o", outs["ckptkit"], "--alpha",
                     "0.5", "--quiet"],
     }
-    # The same merge once the inputs' hashes are remembered (a second merge of the same files).
-    remembered = tempfile.mkdtemp(prefix="ckptkit-bench-")
-    subprocess.run([ckpt, "inspect", "--hash", a, b], env=dict(
-        os.environ, CKPTKIT_CACHE_DIR=remembered), stdout=subprocess.DEVNULL, check=True)
     commands["ckptkit, hashes known"] = commands["ckptkit"]
     if not args.sd_mecha:
         del commands["sd-mecha"]
-    results: dict[str, list[dict[str, float]]] = {n: [] for n in commands}
-    for _ in range(args.repeat):
-        for name, cmd in commands.items():
-            settle([a, b], [path for path in outs.values() if path in cmd])
-            known = name == "ckptkit, hashes known"
-            results[name].append(sample_run(cmd, remembered if known else None))
+    results = measure_all(commands, [a, b], list(outs.values()), args.repeat)
     for name in (n for n in commands if n in outs and n != "ckptkit"):
         if not close(outs["ckptkit"], outs[name]):
             print(f"FAIL: ckptkit's output differs from {name}'s", file=sys.stderr)

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 from pathlib import Path
+
+# As ``ckpt`` does before torch loads (cli/main._idle_threads_sleep): torch's idle OpenMP
+# workers sleep instead of spinning after every parallel region. libgomp reads this once, when
+# torch loads, which the import below does for every test: spinning, they took a core from
+# ckptkit's own threads, and the merge tests spent 3x the CPU (80 s instead of 28).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch

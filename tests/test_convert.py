@@ -649,7 +649,7 @@ def test_file_without_tensors_is_refused_and_nothing_written(case: str, tmp_path
         assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
         if json_flag:
             report = json.loads(stdout)
-            assert report["input"] == str(src) and report["output"] == str(out)
+            assert report["path"] == str(src) and report["exit_code"] == 3
             assert report["error"] in err
         else:
             assert stdout == ""
@@ -690,7 +690,7 @@ def test_json_failure_prints_an_error_object(tmp_path: Path, capsys):
     missing = tmp_path / "nope.ckpt"
     code, stdout, err = run_cli(capsys, "convert", missing, "-o", out, "--json")
     assert code == 3
-    assert json.loads(stdout) == {"input": str(missing), "output": str(out),
+    assert json.loads(stdout) == {"path": str(missing), "exit_code": 3,
                                   "error": json.loads(stdout)["error"]}
     assert json.loads(stdout)["error"] in err
     code, stdout, err = run_cli(capsys, "convert", missing, "-o", out, "--json", "--dtype",

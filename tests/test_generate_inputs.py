@@ -21,7 +21,7 @@ import pytest
 import torch
 from helpers import run_cli
 from PIL import Image
-from test_load_pipeline import _diffusers_folder, _realigned
+from pipelines import SIZE, diffusers_folder, realigned
 
 from ckptkit import load_pipeline
 from ckptkit.ops.generate import settings
@@ -30,7 +30,6 @@ from ckptkit.ops.sample import sample
 
 pytestmark = pytest.mark.usefixtures("no_network", "one_thread")
 
-SIZE = 32
 # case -> (family, variant, the diffusers class)
 CASES = {
     "refiner": ("sdxl-refiner", None, "StableDiffusionXLImg2ImgPipeline"),
@@ -106,7 +105,7 @@ def test_the_released_class_and_the_latents_of_diffusers_own(case, models, pictu
            variant=variant)
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] \
         == CASES[case][2]
-    theirs = _realigned(_diffusers_folder(fid, folder, ours))
+    theirs = realigned(diffusers_folder(fid, folder, ours))
     assert type(theirs) is type(ours)
     first = _latents(ours, case, pictures)
     assert torch.isfinite(first).all() and first.abs().sum() > 0

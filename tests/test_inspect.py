@@ -614,8 +614,8 @@ def test_a_bug_on_one_file_does_not_stop_the_others(tmp_path: Path, capsys, monk
     assert code == 70
     reports = [_strict_json(line) for line in stdout.splitlines()]
     assert [r["path"] for r in reports] == [str(p) for p in good]
-    assert reports[1] == {"path": str(good[1]), "error": "internal error: RecursionError: "
-                                                         "simulated"}
+    assert reports[1] == {"path": str(good[1]), "exit_code": 70,
+                          "error": "internal error: RecursionError: simulated"}
     assert reports[2]["tensor_count"] == 1
     (line,) = err.splitlines()
     assert line.startswith("ckpt: internal error: RecursionError") and str(good[1]) in line

@@ -17,8 +17,8 @@ import pytest
 import torch
 from helpers import run_cli
 from PIL import Image
+from pipelines import image, latents
 from safetensors.torch import load_file, save_file
-from test_load_pipeline import _image, _latents
 
 from ckptkit import load_pipeline
 from ckptkit.ops.sample import sample
@@ -53,7 +53,7 @@ def _shard(component):
 
 
 @pytest.mark.parametrize("fid", ["sd1", "flux1-schnell"])
-def test_a_folder_gives_the_monolithic_image(fid, tiny, tokenizers, tmp_path, monkeypatch):
+def test_a_folder_gives_the_monolithicimage(fid, tiny, tokenizers, tmp_path, monkeypatch):
     folder = _folder(fid, tmp_path, tokenizers)
     if fid.startswith("flux"):
         _shard(folder / "transformer")
@@ -65,7 +65,7 @@ def test_a_folder_gives_the_monolithic_image(fid, tiny, tokenizers, tmp_path, mo
     from_folder = load_pipeline(str(folder))  # its own tokenizers: nowhere else has any
     from_file = load_pipeline(str(tiny(fid)), tokenizers=tokenizers)
     assert type(from_folder) is type(from_file)
-    assert torch.equal(_image(from_folder, fid), _image(from_file, fid))
+    assert torch.equal(image(from_folder, fid), image(from_file, fid))
 
 
 def test_the_folders_scheduler_and_a_part_given_beside_it(tiny, tokenizers, tmp_path):
@@ -78,7 +78,7 @@ def test_the_folders_scheduler_and_a_part_given_beside_it(tiny, tokenizers, tmp_
     vae = tmp_path / "vae.safetensors"
     sample("sd1", str(vae), components=["vae"], tiny=True, dtype="fp32", seed=7)
     swapped = load_pipeline(str(folder), vae=str(vae), tokenizers=tokenizers)
-    assert torch.equal(_latents(pipe, "sd1"), _latents(swapped, "sd1"))
+    assert torch.equal(latents(pipe, "sd1"), latents(swapped, "sd1"))
     assert not torch.equal(pipe.vae.decoder.conv_out.weight,
                            swapped.vae.decoder.conv_out.weight)
 

@@ -28,10 +28,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from helpers import run_cli  # noqa: E402
+from lora_files import make_lora  # noqa: E402
 from PIL import Image  # noqa: E402
+from pipelines import latents  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from test_load_pipeline import _latents  # noqa: E402
-from test_lora_bake import make_lora  # noqa: E402
 
 from ckptkit import load_pipeline  # noqa: E402
 from ckptkit.formats.checkpoint import LazyTensor  # noqa: E402
@@ -78,7 +78,7 @@ def test_a_lora_loaded_equals_the_baked_file(fid, tiny, tokenizers, tmp_path):
     theirs = load_pipeline(str(baked), tokenizers=tokenizers)
     plain = load_pipeline(model, tokenizers=tokenizers)
     _assert_same_pipes(ours, theirs, changed, plain)
-    assert torch.equal(_latents(ours, fid), _latents(theirs, fid))
+    assert torch.equal(latents(ours, fid), latents(theirs, fid))
 
 
 def test_two_loras_on_a_model_given_as_parts(tiny, tokenizers, tmp_path):

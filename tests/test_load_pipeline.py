@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
@@ -24,6 +23,7 @@ import sys
 
 import pytest
 import torch
+from pipelines import diffusers_folder, image, latents, realigned
 
 from ckptkit import load_pipeline
 from ckptkit.arch.families import families
@@ -33,9 +33,6 @@ from ckptkit.ops.parts import split
 from ckptkit.ops.sample import sample
 
 pytestmark = pytest.mark.usefixtures("no_network", "one_thread")
-
-SIZE = 32  # image side: 4x4 latents, 2x2 SD3 patches and FLUX tokens
-
 
 @pytest.fixture(scope="module")
 def loaded(tiny, tokenizers):
@@ -49,28 +46,6 @@ def loaded(tiny, tokenizers):
         return made[fid]
 
     return get
-
-
-def _inputs(pipe, fid: str, seed: int = 0, **more) -> dict:
-    kwargs = dict(prompt="a cat on the dog", num_inference_steps=2,
-                  generator=torch.Generator().manual_seed(seed), **more)
-    if fid == "sdxl-refiner":  # img2img: a grey image, every step run
-        kwargs.update(image=torch.full((1, 3, SIZE, SIZE), 0.5), strength=1.0)
-    else:
-        kwargs.update(height=SIZE, width=SIZE)
-    if fid.startswith(("sd3", "flux")):
-        kwargs["max_sequence_length"] = 16
-    return kwargs
-
-
-def _latents(pipe, fid: str, seed: int = 0) -> torch.Tensor:
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(**_inputs(pipe, fid, seed, output_type="latent")).images
-
-
-def _image(pipe, fid: str, seed: int = 0) -> torch.Tensor:
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(**_inputs(pipe, fid, seed, output_type="pt")).images
 
 
 EXPECTED = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
@@ -91,36 +66,9 @@ def test_every_family_loads_and_generates_deterministically(fid, tiny, tokenizer
     assert fid in EXPECTED, "a family without an expected pipeline"
     pipe = load_pipeline(str(tiny(fid)), tokenizers=tokenizers)  # as loaded, not realigned
     assert type(pipe).__name__ == EXPECTED[fid]
-    first, again = _latents(pipe, fid), _latents(pipe, fid)
+    first, again = latents(pipe, fid), latents(pipe, fid)
     assert torch.isfinite(first).all() and first.abs().sum() > 0
     assert torch.equal(first, again)
-
-
-def _diffusers_folder(fid: str, folder, pipe):
-    """diffusers' own pipeline from our tiny diffusers folder of the same seed, given the
-    tokenizers (the folder names none) and nothing else."""
-    from diffusers import DiffusionPipeline
-
-    index = json.loads((folder / "model_index.json").read_text())
-    given = {k: getattr(pipe, k) for k in index if k.startswith("tokenizer")
-             and getattr(pipe, k, None) is not None}
-    absent = {k: None for k, v in index.items()
-              if isinstance(v, list) and v[0] is None and k not in given}
-    return DiffusionPipeline.from_pretrained(str(folder), **given, **absent)
-
-
-def _realigned(pipe):
-    """diffusers' ``pipe`` with every parameter copied into memory of its own. diffusers
-    leaves parameters as views of the mapped file at the offsets the file put them; CPU
-    matrix kernels round the last bit differently for data that is not 64-byte aligned (an
-    SDXL pooled embedding differed by 6e-8), which says nothing about the weights or the
-    configs. ckptkit's own pipelines are compared as loaded: ``load_pipeline`` maps only
-    aligned tensors and reads the others into memory of their own."""
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            for param in module.parameters():
-                param.data = param.data.clone()
-    return pipe
 
 
 @pytest.mark.parametrize("fid", ["sd1", "sd2", "sdxl", "sd3.5-medium", "flux1-dev"])
@@ -128,10 +76,10 @@ def test_same_latents_as_diffusers_from_our_folder(fid, loaded, tmp_path):
     ours = loaded(fid)
     folder = tmp_path / fid
     sample(fid, str(folder), layout="diffusers", tiny=True, dtype="fp32", seed=1)
-    theirs = _realigned(_diffusers_folder(fid, folder, ours))
+    theirs = realigned(diffusers_folder(fid, folder, ours))
     assert type(theirs) is type(ours)
     assert dict(theirs.scheduler.config) == dict(ours.scheduler.config)
-    assert torch.equal(_latents(ours, fid), _latents(theirs, fid))
+    assert torch.equal(latents(ours, fid), latents(theirs, fid))
 
 
 def test_diffusers_layout_files_load_too(tiny, loaded, tokenizers, tmp_path):
@@ -143,7 +91,7 @@ def test_diffusers_layout_files_load_too(tiny, loaded, tokenizers, tmp_path):
     mono = loaded("flux1-dev")
     mixed = load_pipeline(str(tiny("flux1-dev")), diffusion_model=str(model),
                           tokenizers=tokenizers)
-    assert torch.equal(_latents(mono, "flux1-dev"), _latents(mixed, "flux1-dev"))
+    assert torch.equal(latents(mono, "flux1-dev"), latents(mixed, "flux1-dev"))
 
 
 @pytest.mark.parametrize("fid", ["sd1", "flux1-schnell"])
@@ -157,7 +105,7 @@ def test_parts_alone_give_the_monolithic_image(fid, tiny, loaded, tokenizers, tm
     params = [p for m in parts.components.values() if isinstance(m, torch.nn.Module)
               for p in m.parameters()]
     assert all(p.data_ptr() % 64 == 0 for p in params)  # what makes the image bit for bit
-    assert torch.equal(_image(parts, fid), _image(loaded(fid), fid))
+    assert torch.equal(image(parts, fid), image(loaded(fid), fid))
 
 
 def test_a_file_that_aligns_no_tensor_gives_the_same_image(tiny, loaded, tokenizers, tmp_path):
@@ -180,7 +128,7 @@ def test_a_file_that_aligns_no_tensor_gives_the_same_image(tiny, loaded, tokeniz
     params = [p for m in pipe.components.values() if isinstance(m, torch.nn.Module)
               for p in m.parameters()]
     assert all(p.data_ptr() % 64 == 0 for p in params)
-    assert torch.equal(_image(pipe, "sd1"), _image(loaded("sd1"), "sd1"))
+    assert torch.equal(image(pipe, "sd1"), image(loaded("sd1"), "sd1"))
 
 
 def test_another_vae_changes_the_decode_only(tiny, loaded, tokenizers, tmp_path):
@@ -188,8 +136,8 @@ def test_another_vae_changes_the_decode_only(tiny, loaded, tokenizers, tmp_path)
     sample("sd1", str(vae), components=["vae"], tiny=True, dtype="fp32", seed=7)
     own = loaded("sd1")
     swapped = load_pipeline(str(tiny("sd1")), vae=str(vae), tokenizers=tokenizers)
-    assert torch.equal(_latents(own, "sd1"), _latents(swapped, "sd1"))
-    assert not torch.equal(_image(own, "sd1"), _image(swapped, "sd1"))
+    assert torch.equal(latents(own, "sd1"), latents(swapped, "sd1"))
+    assert not torch.equal(image(own, "sd1"), image(swapped, "sd1"))
     assert torch.equal(own.unet.conv_in.weight, swapped.unet.conv_in.weight)
 
 
@@ -197,7 +145,7 @@ def test_a_pickle_loads_as_its_safetensors_twin(loaded, tokenizers, tmp_path):
     ckpt = tmp_path / "sd1.ckpt"
     sample("sd1", str(ckpt), tiny=True, dtype="fp32", seed=1)
     from_pickle = load_pipeline(str(ckpt), tokenizers=tokenizers)
-    assert torch.equal(_latents(from_pickle, "sd1"), _latents(loaded("sd1"), "sd1"))
+    assert torch.equal(latents(from_pickle, "sd1"), latents(loaded("sd1"), "sd1"))
 
 
 def test_fp16_file_cast_on_load_equals_a_cast_afterwards(tokenizers, tmp_path, monkeypatch):

@@ -12,13 +12,18 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import run_cli
+from lora_changes import CHANGED, delta, tuned, write_base
 from safetensors.torch import load_file
-from test_lora_extract import CHANGED, _delta, base, tuned  # noqa: F401 (base: a fixture)
 
 pytestmark = pytest.mark.gpu
 
 
-def test_cuda_extracts_what_the_cpu_does(base, tmp_path, capsys):  # noqa: F811
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_base(tmp_path_factory.mktemp("extract"))
+
+
+def test_cuda_extracts_what_the_cpu_does(base, tmp_path, capsys):
     if not torch.cuda.is_available():
         pytest.fail("torch sees no CUDA device: run -m gpu where there is one")
     tuned_path = tmp_path / "tuned.safetensors"
@@ -36,5 +41,5 @@ def test_cuda_extracts_what_the_cpu_does(base, tmp_path, capsys):  # noqa: F811
         shape = changes[key].shape
         expected = changes[key].double()
         for out in (cpu, gpu):
-            got = _delta(out, name, shape)
+            got = delta(out, name, shape)
             assert torch.allclose(got, expected, atol=1e-5 * float(expected.abs().max()))

@@ -12,62 +12,16 @@ import math
 import pytest
 import torch
 from helpers import run_cli
+from lora_changes import CHANGED, TE_CHANGED, UNET, delta, tuned, write_base
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ckptkit.ops.sample import sample
 
-UNET = "model.diffusion_model."
-TE = "cond_stage_model.transformer."
-# Changed layers: (checkpoint key, kohya module name as sd-scripts' networks/lora.py writes
-# it for SD 1.x: diffusers block names, "." -> "_").
-CHANGED = {
-    UNET + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight":
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
-    UNET + "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight":
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj",
-    UNET + "input_blocks.1.1.proj_in.weight": "lora_unet_down_blocks_0_attentions_0_proj_in",
-    UNET + "input_blocks.1.0.in_layers.2.weight": "lora_unet_down_blocks_0_resnets_0_conv1",
-    UNET + "output_blocks.3.1.transformer_blocks.0.attn2.to_v.weight":
-        "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v",
-}
-TE_CHANGED = {TE + "text_model.encoder.layers.0.self_attn.q_proj.weight":
-              "lora_te_text_model_encoder_layers_0_self_attn_q_proj"}
-
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("extract") / "base.safetensors"
-    sample("sd1", str(path), tiny=True, dtype="fp32", components=["diffusion_model", "clip_l"])
-    return path
-
-
-def _change(shape, rank: int, seed: int, size: float = 0.05) -> torch.Tensor:
-    """A rank-``rank`` change with singular values spread over a decade."""
-    g = torch.Generator().manual_seed(seed)
-    rows, cols = shape[0], math.prod(shape[1:])
-    up = torch.randn(rows, rank, generator=g) * torch.logspace(0, -1, rank)
-    down = torch.randn(rank, cols, generator=g)
-    change = up @ down
-    return (change / change.abs().max() * size).reshape(shape)
-
-
-def tuned(base, path, keys, rank: int, size: float = 0.05) -> dict[str, torch.Tensor]:
-    """Writes BASE + a rank-``rank`` change of each of ``keys``; returns the changes."""
-    state = load_file(str(base))
-    changes = {k: _change(state[k].shape, rank, seed=i, size=size) for i, k in enumerate(keys)}
-    for key, change in changes.items():
-        state[key] = state[key] + change
-    save_file(state, str(path))
-    return {k: (state[k] - load_file(str(base))[k]) for k in changes}  # as stored, exactly
-
-
-def _delta(out: dict, name: str, shape) -> torch.Tensor:
-    """A module's change as kohya and ComfyUI apply it (up @ down · alpha / rank)."""
-    down, up = out[name + ".lora_down.weight"].double(), out[name + ".lora_up.weight"].double()
-    rank = down.shape[0]
-    return ((up.reshape(up.shape[0], rank) @ down.reshape(rank, -1))
-            * float(out[name + ".alpha"]) / rank).reshape(shape)
+    return write_base(tmp_path_factory.mktemp("extract"))
 
 
 def _comfy(key: str) -> str:
@@ -88,7 +42,7 @@ def test_a_low_rank_change_comes_back(base, tmp_path, capsys):
     got = load_file(str(out))
     assert len(got) == 3 * len(CHANGED)  # down, up, alpha of the changed layers only
     for key, change in changes.items():
-        ours = _delta(got, _comfy(key), change.shape)
+        ours = delta(got, _comfy(key), change.shape)
         assert float((ours - change).abs().max()) <= 1e-5 * float(change.abs().max()), key
     conv = got[_comfy(UNET + "input_blocks.1.0.in_layers.2.weight") + ".lora_down.weight"]
     assert conv.dim() == 4 and conv.shape[2:] == (3, 3)  # LoCon
@@ -105,7 +59,7 @@ def test_below_the_changes_rank_the_error_is_eckart_youngs(base, tmp_path, capsy
     for key, change in changes.items():
         s = torch.linalg.svdvals(change.reshape(change.shape[0], -1).double())
         optimal = math.sqrt(float(s[2:].pow(2).sum()))  # the discarded values
-        error = float((_delta(got, _comfy(key), change.shape) - change).norm())
+        error = float((delta(got, _comfy(key), change.shape) - change).norm())
         assert optimal <= error * (1 + 1e-6) and error <= 1.01 * optimal, key
         kept += float(s[:2].pow(2).sum())
         total += float(s.pow(2).sum())
@@ -124,7 +78,7 @@ def test_kohya_names_metadata_and_a_changed_text_encoder(base, tmp_path, capsys)
     got = load_file(str(out))
     assert all(t.dtype == torch.float16 for t in got.values())  # fp16 by default
     for key, name in {**CHANGED, **TE_CHANGED}.items():
-        ours = _delta({k: v.float() for k, v in got.items()}, name, changes[key].shape)
+        ours = delta({k: v.float() for k, v in got.items()}, name, changes[key].shape)
         assert float((ours - changes[key]).abs().max()) <= 2e-3 * float(
             changes[key].abs().max()), name
     with safe_open(str(out), "pt") as f:

@@ -71,9 +71,14 @@ class ComponentReport:
     missing_keys: int = 0
 
 
+# Every kind of file an Identification names (what ``ckpt library list --kind`` accepts).
+KINDS = ("checkpoint", "diffusion-model", "text-encoder", "vae", "lora", "embedding",
+         "unknown")
+
+
 @dataclass
 class Identification:
-    kind: str  # checkpoint, diffusion-model, text-encoder, vae, lora, embedding, unknown
+    kind: str  # one of KINDS
     family: str | None = None
     variants: list[str] = field(default_factory=list)
     layout: str | None = None

@@ -10,7 +10,6 @@ from ..errors import counted
 from ..ops.convert import CONVERT_DTYPES, convert
 from ..safe_text import json_dumps, printable
 from .fmt import human_bytes, warn_values
-from .json_error import print_json_error
 from .progress import add_fsync_option, add_output_options, progress_for
 
 
@@ -50,16 +49,9 @@ def _names(names: list[str]) -> str:
 
 
 def run(args) -> int:
-    bar = progress_for(args, "convert")
-    try:
+    with progress_for(args, "convert") as bar:
         report = convert(args.input, args.output, dtype=args.dtype, vae_dtype=args.vae_dtype,
                          keep_metadata=not args.drop_metadata, progress=bar, fsync=args.fsync)
-    except (Exception, KeyboardInterrupt) as exc:
-        if args.json:
-            print_json_error(exc, input=args.input, output=args.output)
-        raise
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps({"input": args.input, "output": args.output, **vars(report)}))
         return 0

@@ -109,7 +109,7 @@ def run(args) -> int:
             bar.start(total, total)
         bar.update(1, 1)
 
-    try:
+    with bar:
         report = generate(
             args.models, args.prompt, args.output, negative=args.negative, steps=args.steps,
             guidance=args.guidance, seed=args.seed,
@@ -120,8 +120,6 @@ def run(args) -> int:
             loras=[parse_spec(text) for text in args.lora],
             allow_unmatched=args.allow_unmatched, image=args.image, mask=args.mask,
             strength=args.strength, image_guidance=args.image_guidance, slg=args.slg)
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps(report))
         return 0

@@ -8,11 +8,10 @@ an error (exit code 3 or 5 as usual) and the others are still hashed.
 
 from __future__ import annotations
 
-import sys
-
 from ..errors import CkptError, worse_exit
 from ..ops.model_hash import HASH_KEYS, hash_file
 from ..safe_text import json_dumps, printable
+from .failure import report_failure
 from .fmt import human_bytes
 from .progress import add_output_options, progress_for
 
@@ -46,20 +45,13 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     failed = 0
     for path in args.files:
-        bar = progress_for(args, "hash", unit="files")
         try:
-            found = hash_file(path, progress=bar)
-        except (CkptError, OSError) as exc:
-            code = exc.exit_code if isinstance(exc, CkptError) else 3
-            reason = str(exc) if isinstance(exc, CkptError) else \
-                f"{path}: {exc.strerror or exc}"
-            bar.close()
-            if args.json:
-                print(json_dumps({"path": path, "error": reason}))
-            print(f"ckpt: error: {printable(reason)}", file=sys.stderr)
-            failed = worse_exit(failed, code)
+            with progress_for(args, "hash", unit="files") as bar:
+                found = hash_file(path, progress=bar)
+        except (CkptError, OSError) as exc:  # an input that cannot be read: exit code 3
+            code = None if isinstance(exc, CkptError) else 3
+            failed = worse_exit(failed, report_failure(exc, args.json, path=path, code=code))
             continue
-        bar.close()
         if args.json:
             print(json_dumps({"path": path, **found}))
             continue

@@ -1,7 +1,7 @@
 """``ckpt inspect FILE...``: what each file holds, read from its header, as text or JSON.
 
 Each file is reported on its own: one that cannot be read (or trips a bug) gets its error
-line (and with ``--json`` an ``{"path", "error"}`` object) and the next files are still
+line (and with ``--json`` its ``cli.failure`` object) and the next files are still
 inspected; the exit code is the worst failure's (an unsafe file first: errors.worse_exit).
 ``--json`` prints strict JSON in valid UTF-8 (see ``safe_text.json_dumps``: non-finite
 numbers as "nan"/"inf"/"-inf" strings, control and bidi characters as escapes).
@@ -28,6 +28,7 @@ from ..lora.detect import KEY_FORMATS
 from ..ops.inspect import inspect_diffusers_folder, inspect_file, is_diffusers_folder
 from ..ops.scan import ERROR, ScanResult, walk
 from ..safe_text import json_dumps, json_safe, printable
+from .failure import error_reason, exit_code, report_failure
 from .fmt import human_bytes, human_count
 from .progress import ProgressBar
 
@@ -133,19 +134,12 @@ def run(args) -> int:
             else:
                 report = inspect_file(path, hashes=args.hash)
             bar.update(report.get("file_size", 0), 1)
-        except CkptError as exc:
-            _failed(args, bar, rows, path, str(exc), exc.reason)
-            status = worse_exit(status, exc.exit_code)
-            continue
         except OSError:
             raise  # a closed stdout, a full disk: nothing more can be reported
         except Exception as exc:  # a bug on one file must not hide the report of the others
-            if os.environ.get("CKPT_DEBUG"):
+            if not isinstance(exc, CkptError) and os.environ.get("CKPT_DEBUG"):
                 raise
-            what = f"internal error: {type(exc).__name__}: {exc}"
-            _failed(args, bar, rows, path, f"{what} while inspecting {path} (a bug in ckptkit; "
-                    "CKPT_DEBUG=1 shows the traceback, please report it)", what, internal=True)
-            status = worse_exit(status, 70)
+            status = worse_exit(status, _failed(args, bar, rows, path, exc))
             continue
         _clear_bar(bar)
         if args.json:  # json_dumps makes it JSON-safe itself
@@ -171,17 +165,18 @@ def _clear_bar(bar: ProgressBar) -> None:
         bar.stream.write("\r\033[K")
 
 
-def _failed(args, bar: ProgressBar, rows: list[tuple[str, ...]], path: str, message: str,
-            reason: str, internal: bool = False) -> None:
+def _failed(args, bar: ProgressBar, rows: list[tuple[str, ...]], path: str,
+            exc: Exception) -> int:
     """Reports a file that could not be inspected: its error line on stderr (with --json,
-    also its ``{"path", "error"}`` object), or with --brief its row in the listing."""
+    also its object, ``report_failure``), or with --brief its row in the listing; returns
+    the exit code it asks for."""
     _clear_bar(bar)
-    if args.brief:  # the listing's own row says it; the exit code still does
-        rows.append(("error", "-", "-", "-", "-", f"{path}: {reason}"))
-        return
-    print(("ckpt: " if internal else "ckpt: error: ") + printable(message), file=sys.stderr)
-    if args.json:
-        print(json_dumps({"path": path, "error": reason}))
+    if not args.brief:
+        return report_failure(exc, args.json, path=path)
+    # the listing's own row says it; the exit code still does
+    reason = exc.reason if isinstance(exc, CkptError) else error_reason(exc)
+    rows.append(("error", "-", "-", "-", "-", f"{path}: {reason}"))
+    return exit_code(exc)
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -16,12 +16,14 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from ..arch.detect import KINDS
 from ..errors import UsageError, counted
 from ..library import queries
 from ..library.db import database_errors, default_path, open_library
 from ..library.index import scan_library
 from ..safe_text import json_dumps, printable
 from . import library_serve_cmd
+from .failure import report_failure
 from .fmt import human_bytes
 from .progress import ProgressBar
 
@@ -44,6 +46,16 @@ def add_db_option(p) -> None:
     p.add_argument("--db", metavar="PATH", help=f"the library database (default: "
                    f"{default_path()})")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _query_parser(sub, name: str, run, *, given: tuple[str, str] | None = None, **texts):
+    """A read-only subcommand: its parser (``texts``: help, description), the one argument
+    ``given`` (its name and metavar) where it takes one, ``--db`` and ``--json``."""
+    p = sub.add_parser(name, **texts)
+    if given:
+        p.add_argument(given[0], metavar=given[1])
+    add_db_option(p)
+    p.set_defaults(run=run)
 
 
 @contextlib.contextmanager
@@ -89,15 +101,13 @@ def _scan(args) -> int:
             print(printable(f"{what:<8}{file}"))
 
     try:
-        with database_errors(path, writing=True):
+        with bar, database_errors(path, writing=True):
             stats = scan_library(conn, args.folders, progress=bar, on_file=told)
     except KeyboardInterrupt:
-        bar.close()
-        print("ckpt: interrupted; the files indexed so far are kept", file=sys.stderr)
-        return 130
+        return report_failure(KeyboardInterrupt("interrupted; the files indexed so far are "
+                                                "kept"), args.json)
     finally:
         conn.close()
-    bar.close()
     result = stats.to_dict()
     if args.json:
         print(json_dumps({"db": path, **result}))
@@ -117,9 +127,10 @@ def _scan(args) -> int:
 def _add_list(sub) -> None:
     p = sub.add_parser("list", help="the indexed files, filtered",
                        description="List the indexed files, sorted by path.")
-    p.add_argument("--kind", help="checkpoint, diffusion-model, text-encoder, vae, lora, "
-                                  "embedding, unknown")
-    p.add_argument("--family", help="sd1, sd2, sdxl, sd3-medium, flux1-dev, ...")
+    p.add_argument("--kind", type=str.lower, choices=KINDS, metavar="KIND",
+                   help=", ".join(KINDS))
+    p.add_argument("--family", type=str.lower, choices=queries.FAMILIES, metavar="FAMILY",
+                   help=", ".join(queries.FAMILIES) + " (flux1: a FLUX.1 LoRA)")
     p.add_argument("--base", help="a part of the base model (Civitai's 'SDXL 1.0', kohya's "
                                   "'sdxl_base_v1-0') or of the family")
     p.add_argument("--verdict", choices=("safe", "unsafe", "error"))
@@ -137,13 +148,11 @@ def _list(args) -> int:
 
 
 def _add_find(sub) -> None:
-    p = sub.add_parser("find", help="files by any hash (or its prefix) or by name",
-                       description="Find files by SHA-256, AutoV1, AutoV2, AutoV3, BLAKE3 "
-                                   "(or a prefix of 8 digits or more), CRC-32, a component's "
-                                   "content digest, or a part of the name.")
-    p.add_argument("query", metavar="HASH_OR_NAME")
-    add_db_option(p)
-    p.set_defaults(run=_find)
+    _query_parser(sub, "find", _find, given=("query", "HASH_OR_NAME"),
+                  help="files by any hash (or its prefix) or by name",
+                  description="Find files by SHA-256, AutoV1, AutoV2, AutoV3, BLAKE3 (or a "
+                              "prefix of 8 digits or more), CRC-32, a component's content "
+                              "digest, or a part of the name.")
 
 
 def _find(args) -> int:
@@ -169,13 +178,11 @@ def _print_models(found: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def _add_show(sub) -> None:
-    p = sub.add_parser("show", help="everything indexed about one file",
-                       description="Show one indexed file (by path or id): identification, "
-                                   "hashes, components and where else they are, metadata, "
-                                   "sidecars, preview, duplicates, parents and children.")
-    p.add_argument("file", metavar="FILE_OR_ID")
-    add_db_option(p)
-    p.set_defaults(run=_show)
+    _query_parser(sub, "show", _show, given=("file", "FILE_OR_ID"),
+                  help="everything indexed about one file",
+                  description="Show one indexed file (by path or id): identification, "
+                              "hashes, components and where else they are, metadata, "
+                              "sidecars, preview, duplicates, parents and children.")
 
 
 def _model(conn, key: str) -> dict[str, Any]:
@@ -228,14 +235,12 @@ def _show(args) -> int:
 
 
 def _add_dupes(sub) -> None:
-    p = sub.add_parser("dupes", help="identical files, same weights, shared components",
-                       description="Files with the same bytes; files with the same weights "
-                                   "in another format, layout or with other metadata; and "
-                                   "components (a VAE, a text encoder) found in files of "
-                                   "different weights; each with the bytes one copy would "
-                                   "save.")
-    add_db_option(p)
-    p.set_defaults(run=_dupes)
+    _query_parser(sub, "dupes", _dupes,
+                  help="identical files, same weights, shared components",
+                  description="Files with the same bytes; files with the same weights in "
+                              "another format, layout or with other metadata; and components "
+                              "(a VAE, a text encoder) found in files of different weights; "
+                              "each with the bytes one copy would save.")
 
 
 def _dupes(args) -> int:
@@ -265,14 +270,12 @@ def _dupes(args) -> int:
 
 
 def _add_lineage(sub) -> None:
-    p = sub.add_parser("lineage", help="the merges and LoRAs a file came from, as a tree",
-                       description="The ancestry a file's metadata records (ckptkit's, "
-                                   "AUTOMATIC1111's sd_merge_recipe, sd-mecha's recipe, "
-                                   "kohya's training base model), with each parent resolved "
-                                   "to the library's files by hash, else by name.")
-    p.add_argument("file", metavar="FILE_OR_ID")
-    add_db_option(p)
-    p.set_defaults(run=_lineage)
+    _query_parser(sub, "lineage", _lineage, given=("file", "FILE_OR_ID"),
+                  help="the merges and LoRAs a file came from, as a tree",
+                  description="The ancestry a file's metadata records (ckptkit's, "
+                              "AUTOMATIC1111's sd_merge_recipe, sd-mecha's recipe, kohya's "
+                              "training base model), with each parent resolved to the "
+                              "library's files by hash, else by name.")
 
 
 def _lineage(args) -> int:

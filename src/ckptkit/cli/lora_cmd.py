@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -23,8 +22,8 @@ from ..lora.convert import FORMATS, convert_file
 from ..ops.inspect import identify_checkpoint
 from ..safe_text import json_dumps, printable
 from . import lora_rank_cmd
+from .failure import report_failure
 from .fmt import warn_values
-from .json_error import print_json_error
 from .progress import add_fsync_option, add_output_options, progress_for
 
 CHECK_EPILOG = """exit codes: 0 every module of every LoRA applies (without --against: every
@@ -86,10 +85,7 @@ def _check_all(args, model, ident) -> int:
         try:
             report = check_file(path, model, ident)
         except CkptError as exc:
-            if args.json:
-                print(json_dumps({"path": path, "error": str(exc)}))
-            print(f"ckpt: error: {printable(str(exc))}", file=sys.stderr)
-            failed = worse_exit(failed, exc.exit_code)
+            failed = worse_exit(failed, report_failure(exc, args.json, path=path))
             continue
         unapplied |= not applies(report)
         if args.json:
@@ -178,16 +174,9 @@ def _add_convert(sub) -> None:
 
 
 def _convert(args) -> int:
-    bar = progress_for(args, "convert")
-    try:
+    with progress_for(args, "convert") as bar:
         report = convert_file(args.lora, args.output, args.to, family=args.family,
                               progress=bar, fsync=args.fsync)
-    except (Exception, KeyboardInterrupt) as exc:
-        if args.json:
-            print_json_error(exc, output=args.output)
-        raise
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps(report))
     else:
@@ -249,19 +238,14 @@ def _add_bake(sub) -> None:
 
 
 def _bake(args) -> int:
-    bar = progress_for(args, "bake")
     try:
-        report = bake(args.model, [parse_spec(s) for s in args.loras], args.output,
-                      dtype=args.dtype, vae_dtype=args.vae_dtype,
-                      allow_unmatched=args.allow_unmatched,
-                      hash_model=args.hash, progress=bar, fsync=args.fsync)
-    except (Exception, KeyboardInterrupt) as exc:
-        if args.json:
-            print_json_error(exc, output=args.output,
-                             **({"unmatched": exc.groups} if isinstance(exc, NotApplied) else {}))
-        raise
-    finally:
-        bar.close()
+        with progress_for(args, "bake") as bar:
+            report = bake(args.model, [parse_spec(s) for s in args.loras], args.output,
+                          dtype=args.dtype, vae_dtype=args.vae_dtype,
+                          allow_unmatched=args.allow_unmatched,
+                          hash_model=args.hash, progress=bar, fsync=args.fsync)
+    except NotApplied as exc:  # the JSON object says which modules too
+        return report_failure(exc, args.json, unmatched=exc.groups)
     if args.json:
         print(json_dumps({"output": args.output, **asdict(report)}))
         return 0

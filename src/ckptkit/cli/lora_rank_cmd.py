@@ -14,7 +14,6 @@ from ..lora import resize as resize_op
 from ..lora.factored import describe
 from ..lora.names import FORMATS
 from ..safe_text import json_dumps, printable
-from .json_error import print_json_error
 from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 
@@ -22,6 +21,16 @@ def _common(p) -> None:
     add_output_options(p)
     add_hash_option(p)
     add_fsync_option(p)
+
+
+def _rank_options(p, rules, *, rank: str, conv_rank: str, dynamic: str,
+                  required: bool = False) -> None:
+    """``--rank``, ``--conv-rank``, ``--dynamic`` (one of ``rules``) and ``--value``, which
+    extract and resize both take, with their own help."""
+    p.add_argument("--rank", type=int, required=required, help=rank)
+    p.add_argument("--conv-rank", type=int, help=conv_rank)
+    p.add_argument("--dynamic", choices=rules, help=dynamic)
+    p.add_argument("--value", type=float, metavar="V", help="the --dynamic rule's value")
 
 
 def _components(text: str) -> list[str]:
@@ -49,17 +58,15 @@ def add_extract(commands) -> None:
     p.add_argument("base", metavar="BASE")
     p.add_argument("tuned", metavar="TUNED")
     p.add_argument("-o", "--output", required=True, metavar="LORA.safetensors")
-    p.add_argument("--rank", type=int, required=True,
-                   help="rank of each module (with --dynamic: the most it may take)")
-    p.add_argument("--conv-rank", type=int,
-                   help="rank of k x k convolutions (LoCon; default: --rank; 0 leaves them "
-                        "out, as kohya does by default)")
-    p.add_argument("--dynamic", choices=lowrank.EXTRACT_RULES,
-                   help="rank per module by its singular values (LyCORIS's rules): ratio: "
-                        "those above V x the largest; threshold: those above V; quantile: "
-                        "until their sum reaches V of the total (needs every singular value: "
-                        "slower); fro: until V of the Frobenius norm is kept (kohya's sv_fro)")
-    p.add_argument("--value", type=float, metavar="V", help="the --dynamic rule's value")
+    _rank_options(
+        p, lowrank.EXTRACT_RULES, required=True,
+        rank="rank of each module (with --dynamic: the most it may take)",
+        conv_rank="rank of k x k convolutions (LoCon; default: --rank; 0 leaves them out, as "
+                  "kohya does by default)",
+        dynamic="rank per module by its singular values (LyCORIS's rules): ratio: those "
+                "above V x the largest; threshold: those above V; quantile: until their sum "
+                "reaches V of the total (needs every singular value: slower); fro: until V "
+                "of the Frobenius norm is kept (kohya's sv_fro)")
     p.add_argument("--components", type=_components,
                    help="extract only these, e.g. diffusion_model or clip_l,clip_g")
     p.add_argument("--format", dest="fmt", choices=FORMATS, default="kohya",
@@ -85,16 +92,14 @@ def add_resize(commands) -> None:
                     "copied unchanged, and said so.")
     p.add_argument("lora", metavar="LORA")
     p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
-    p.add_argument("--rank", type=int,
-                   help="new rank (at most each module's own); with --dynamic, the most a "
-                        "module may keep")
-    p.add_argument("--conv-rank", type=int, help="new rank of k x k convolutions "
-                                                 "(default: --rank)")
-    p.add_argument("--dynamic", choices=lowrank.KOHYA_RULES,
-                   help="rank per module as kohya's resize_lora.py: sv_ratio (largest / "
-                        "smallest kept singular value at most V), sv_fro (V of the Frobenius "
-                        "norm kept), sv_cumulative (V of the sum of singular values kept)")
-    p.add_argument("--value", type=float, metavar="V", help="the --dynamic rule's value")
+    _rank_options(
+        p, lowrank.KOHYA_RULES,
+        rank="new rank (at most each module's own); with --dynamic, the most a module may "
+             "keep",
+        conv_rank="new rank of k x k convolutions (default: --rank)",
+        dynamic="rank per module as kohya's resize_lora.py: sv_ratio (largest / smallest "
+                "kept singular value at most V), sv_fro (V of the Frobenius norm kept), "
+                "sv_cumulative (V of the sum of singular values kept)")
     _common(p)
     p.set_defaults(run=_resize)
 
@@ -127,17 +132,9 @@ def _span(ranks: dict[str, int]) -> str:
 
 
 def _run(args, label: str, work) -> int:
-    """Runs ``work(bar)`` under a progress bar; an error goes out as a JSON object too
-    under --json (the line on stderr is main's)."""
-    bar = progress_for(args, label)
-    try:
+    """Runs ``work(bar)`` under a progress bar."""
+    with progress_for(args, label) as bar:
         return work(bar)
-    except (Exception, KeyboardInterrupt) as exc:
-        if args.json:
-            print_json_error(exc, output=args.output)
-        raise
-    finally:
-        bar.close()
 
 
 def _extract(args) -> int:

@@ -13,7 +13,6 @@ import signal
 import sys
 
 from .. import __version__
-from ..errors import CkptError
 from ..safe_text import printable
 from . import (
     batch_cmd,
@@ -30,6 +29,7 @@ from . import (
     sample_cmd,
     scan_cmd,
 )
+from .failure import exit_code, report_failure
 
 COMMANDS = (inspect_cmd, convert_cmd, scan_cmd, sample_cmd, parts_cmd, prune_cmd, merge_cmd,
             lora_cmd, generate_cmd, quantize_cmd, hash_cmd, library_cmd, batch_cmd)
@@ -105,25 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # so that temporary outputs are cleaned up
     try:
         return args.run(args)
-    except CkptError as exc:  # file names and reasons can quote a file's own text
-        print(f"ckpt: error: {printable(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("ckpt: interrupted; no output was written", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # the reader of our output went away: nothing left to say, and
         sys.stderr.close()  # the output could not be written (1 is in no table)
         return 5
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"ckpt: error: {printable(where + str(exc.strerror or exc))}", file=sys.stderr)
-        return 5
-    except Exception as exc:
-        if os.environ.get("CKPT_DEBUG"):
+    except (Exception, KeyboardInterrupt) as exc:
+        if exit_code(exc) == 70 and os.environ.get("CKPT_DEBUG"):
             raise
-        print(f"ckpt: internal error: {type(exc).__name__}: {exc} (a bug in ckptkit; "
-              "CKPT_DEBUG=1 shows the traceback, please report it)", file=sys.stderr)
-        return 70
+        return report_failure(exc, getattr(args, "json", False))
 
 
 if __name__ == "__main__":

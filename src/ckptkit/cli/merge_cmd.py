@@ -12,7 +12,6 @@ from ..ops.merge import MISSING, from_metadata, list_blocks, run_recipe
 from ..ops.merge_methods import METHODS, PARAMS
 from ..ops.merge_recipe import COMPUTE_DTYPES, from_toml, one_step
 from ..safe_text import json_dumps, printable
-from .json_error import print_json_error
 from .progress import add_fsync_option, add_output_options, progress_for
 
 _PARAMS = ("alpha", "beta", "density", "drop")
@@ -105,15 +104,6 @@ def _options(args) -> dict:
 
 
 def run(args) -> int:
-    try:
-        return _run(args)
-    except (Exception, KeyboardInterrupt) as exc:
-        if args.json:
-            print_json_error(exc, output=args.output)
-        raise
-
-
-def _run(args) -> int:
     if args.list_blocks:
         return _list_blocks(args)
     modes = [m for m in ("recipe", "from_metadata") if getattr(args, m)]
@@ -144,11 +134,8 @@ def _run(args) -> int:
 
 
 def _finish(args, work) -> int:
-    bar = progress_for(args, "merge")
-    try:
+    with progress_for(args, "merge") as bar:
         report = work(bar)
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps({"output": args.output, **asdict(report)}))
     else:

@@ -53,13 +53,10 @@ def _common(parser, run) -> None:
 
 
 def run_split(args) -> int:
-    bar = progress_for(args, "split")
-    try:
+    with progress_for(args, "split") as bar:
         written = split(args.checkpoint, args.output,
                         args.components.split(",") if args.components else None, progress=bar,
                         hash_sources=args.hash, fsync=args.fsync)
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps({"input": args.checkpoint, "written": written,
                           "left_out": written.left_out, "warnings": written.warnings}))
@@ -81,13 +78,10 @@ def _note_left_out(left_out: dict[str, int], where: str = "") -> None:
 
 
 def run_assemble(args) -> int:
-    bar = progress_for(args, "assemble")
-    try:
+    with progress_for(args, "assemble") as bar:
         result = assemble(args.diffusion_model, args.text_encoder, args.vae, args.output,
                           allow_partial=args.allow_partial, progress=bar,
                           hash_sources=args.hash, fsync=args.fsync)
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps({"output": args.output, **result}))
     else:
@@ -106,12 +100,9 @@ def _warn(warnings: list[str]) -> None:
 
 
 def run_bake(args) -> int:
-    bar = progress_for(args, "vae bake")
-    try:
+    with progress_for(args, "vae bake") as bar:
         result = bake_vae(args.checkpoint, args.vae, args.output, progress=bar,
                           hash_sources=args.hash, fsync=args.fsync)
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps({"output": args.output, **result}))
     else:

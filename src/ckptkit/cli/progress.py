@@ -1,4 +1,5 @@
 """A progress bar on stderr for long jobs: bytes and items done, speed and time left.
+``with progress_for(args, "merge") as bar: ...`` draws it for the work and closes it after.
 
 Drawn only when stderr is a terminal and ``--quiet`` was not given, at most ten times a
 second, so that piping ``ckpt`` into a file or another program stays clean.
@@ -71,6 +72,14 @@ class ProgressBar:
             self._draw(time.monotonic())
             self.stream.write("\n")
             self.stream.flush()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """The bar ends on its own line however the work ended: the error line that follows
+        an interrupted bar starts on a line of its own."""
+        self.close()
 
 
 def add_output_options(parser, json_help: str = "print the result as JSON") -> None:

@@ -48,14 +48,11 @@ def _names(text: str) -> list[str]:
 
 
 def run(args) -> int:
-    bar = progress_for(args, "prune")
     drop = [name for names in args.drop for name in names]
-    try:
+    with progress_for(args, "prune") as bar:
         report = prune(args.checkpoint, args.output, dtype=args.dtype,
                        vae_dtype=args.vae_dtype, ema=args.ema, drop=drop, progress=bar,
                        hash_sources=args.hash, fsync=args.fsync)
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps({"output": args.output, **asdict(report)}))
         return 0

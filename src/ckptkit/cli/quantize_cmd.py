@@ -11,7 +11,6 @@ from ..ops.gguf_rules import TYPES
 from ..ops.quantize import FP8_FORMATS, SAFETENSORS_TYPES, quantize
 from ..safe_text import json_dumps, printable
 from .fmt import human_bytes, human_count
-from .json_error import print_json_error
 from .progress import add_fsync_option, add_hash_option, add_output_options, progress_for
 
 
@@ -42,16 +41,9 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    bar = progress_for(args, "quantize")
-    try:
+    with progress_for(args, "quantize") as bar:
         report = quantize(args.model, args.output, args.type, fp8=args.fp8, progress=bar,
                           fsync=args.fsync, hash_sources=args.hash)
-    except (Exception, KeyboardInterrupt) as exc:
-        if args.json:
-            print_json_error(exc, model=args.model, output=args.output)
-        raise
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps(asdict(report)))
         return 0

@@ -43,14 +43,11 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    bar = progress_for(args, "sample")
-    try:
+    with progress_for(args, "sample") as bar:
         counts = sample(args.family, args.output, layout=args.layout, dtype=args.dtype,
                         tiny=args.tiny, sparse=args.sparse,
                         components=args.components.split(",") if args.components else None,
                         fmt=args.format, variant=args.variant, seed=args.seed, progress=bar)
-    finally:
-        bar.close()
     if args.json:
         print(json_dumps({"output": args.output, **counts}))
     else:

@@ -35,8 +35,8 @@ _OPENERS = {
 __all__ = ["Checkpoint", "LazyTensor", "QuantizedTensor", "detect_format", "open_checkpoint"]
 
 
-def open_checkpoint(path: str | os.PathLike[str],
-                    findings: list[Finding] | None = None) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike[str], findings: list[Finding] | None = None, *,
+                    detected: str | FormatError | None = None) -> Checkpoint:
     """Opens ``path`` lazily; raises a ``CkptError`` subclass naming the file and the problem.
 
     With a ``findings`` list, every refused global of a pickle is recorded there (not just the
@@ -49,10 +49,15 @@ def open_checkpoint(path: str | os.PathLike[str],
     checkpoint (see ``refuse_what_torch_load_runs``); so is a ZIP ckptkit refused as broken
     that torch's laxer ZIP reader would read, for what its pickles name (a re-zipped file:
     see ``refuse_what_torch_zip_runs``).
+
+    ``detected``: what ``detect_format(path)`` returned or raised, where the caller asked it
+    already (``ckpt scan`` reports the format too): the file's start is not read again.
     """
     path = os.fspath(path)
     try:
-        fmt = detect_format(path)
+        if isinstance(detected, FormatError):
+            raise detected
+        fmt = detected or detect_format(path)
     except UnsafeFileError:
         raise
     except FormatError as exc:

@@ -18,6 +18,12 @@ import sqlite3
 from collections import defaultdict
 from typing import Any
 
+from ..arch.families import families
+from ..lora.families import ALL_FAMILIES as LORA_FAMILIES
+
+# The families a file can be indexed under: a checkpoint's or part's, or a LoRA's ("flux1"
+# for both FLUX.1 models), for ``ckpt library list --family``.
+FAMILIES = tuple(dict.fromkeys((*families(), *LORA_FAMILIES)))
 MAX_LINEAGE_DEPTH = 12
 _HEX = re.compile(r"[0-9a-fA-F]{8,64}")
 
@@ -63,14 +69,15 @@ def list_models(conn: sqlite3.Connection, *, kind: str | None = None,
                 family: str | None = None, base: str | None = None,
                 verdict: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
     """Every file, sorted by path, filtered: ``kind`` and ``verdict`` exactly, ``family``
-    exactly (``sd1``, ``sdxl``...), ``base`` (a substring of the base model or the family),
-    ``name`` (a substring of the file name, the path or the title); all case-insensitive."""
+    exactly (``sd1``, ``sdxl``...; a part that fits several families, stored as "sd1,sd2",
+    is listed under each), ``base`` (a substring of the base model or the family), ``name``
+    (a substring of the file name, the path or the title); all case-insensitive."""
     where, args = [], []
     if kind:
         where.append("lower(kind) = lower(?)")
         args.append(kind)
     if family:
-        where.append("lower(family) = lower(?)")
+        where.append("instr(',' || lower(family) || ',', ',' || lower(?) || ',') > 0")
         args.append(family)
     if verdict:
         where.append("lower(verdict) = lower(?)")

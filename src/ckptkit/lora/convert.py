@@ -94,7 +94,7 @@ def convert_file(src: str, dst: str, fmt: str, family: str | None = None,
     with open_checkpoint(src) as lora:
         found = modules_of({k: t.shape for k, t in lora.tensors.items()}, lora.metadata,
                            alpha_values(lora), path=src)
-        fam = _family(found.modules, found.analysis.info.family, family, src)
+        fam = _family(found.modules, found.analysis.info.family, family, src, fmt)
         weights = _place(found.modules, fam, src)
         plan = _Plan(lora, fmt, fam)
         for weight in weights:
@@ -116,26 +116,42 @@ def convert_file(src: str, dst: str, fmt: str, family: str | None = None,
             "fused": plan.fused, "notes": plan.notes}
 
 
-def _family(modules: list[Module], detected: str | None, given: str | None, src: str) -> str:
+def _family(modules: list[Module], detected: str | None, given: str | None, src: str,
+            fmt: str) -> str:
     """The family whose names the modules are read in: the one given, else of those the
     detected family stands for (all, when it is unknown) the first naming every module,
-    else the one naming most."""
+    else the one naming most. Families that name every module but would write ``fmt``
+    names of their own (FLUX.1's and SD3's transformers both have attn.to_q/to_k/to_v, which
+    kohya names double_blocks_N_img_attn_qkv in one, joint_blocks_N_x_block_attn_qkv in the
+    other) are not chosen between: where the shapes did not decide, the user must."""
     if given:
         fid = family_id(given)
         if fid not in families():
             raise UsageError(f"unknown family {given!r}; known: {', '.join(families())}")
         return fid
     candidates = [f for f in families() if detected is None or compatible(detected, f)]
-    best, best_count = None, -1
-    for fid in candidates:
-        count = sum(1 for m in modules if _table(m, fid) is not None)
-        if count == len(modules):
-            return fid
-        if count > best_count:
-            best, best_count = fid, count
-    if best is None or best_count == 0:
-        raise UsageError(f"{src}: no family ckptkit knows names these modules; give --family")
+    counts = {fid: sum(1 for m in modules if _table(m, fid) is not None) for fid in candidates}
+    whole = [fid for fid, count in counts.items() if count == len(modules)]
+    if whole:
+        namings: dict[frozenset[str], list[str]] = {}
+        for fid in whole:
+            namings.setdefault(_names_written(modules, fid, fmt, src), []).append(fid)
+        if len(namings) > 1:
+            fits = ", ".join(g[0] + (f" (or {', '.join(g[1:])})" if g[1:] else "")
+                             for g in namings.values())
+            raise UsageError(f"the modules fit families that name them differently in {fmt}: "
+                             f"{fits}, and their shapes do not tell which; give --family", src)
+        return whole[0]
+    best = max(candidates, key=lambda fid: counts[fid], default=None)
+    if best is None or counts[best] == 0:
+        raise UsageError("no family ckptkit knows names these modules; give --family", src)
     return best
+
+
+def _names_written(modules: list[Module], fam: str, fmt: str, src: str) -> frozenset[str]:
+    """The module names ``fmt`` gives these modules read as ``fam``'s."""
+    return frozenset(out.name for w in _place(modules, fam, src)
+                     for out in module_names(fam, w.component, w.key, fmt, w.rows))
 
 
 def _table(module: Module, fam: str, src: str | None = None) -> Names | None:

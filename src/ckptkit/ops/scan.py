@@ -67,15 +67,17 @@ def scan_file(path: str, verify_data: bool = False) -> ScanResult:
 
 
 def _scan(path: str, verify_data: bool) -> ScanResult:
+    detected: str | FormatError
     try:
         fmt: str | None = detect_format(path)
+        detected = fmt
     except UnsafeFileError as exc:
         return ScanResult(path, UNSAFE, reasons=[_reason("format", exc.reason)])
-    except CkptError:
-        fmt = None  # no checkpoint format: opening it still reads it as torch.load would
+    except FormatError as exc:  # no checkpoint format: opening it still reads it as
+        fmt, detected = None, exc  # torch.load would
     findings: list[Finding] = []
     try:
-        checkpoint = open_checkpoint(path, findings)
+        checkpoint = open_checkpoint(path, findings, detected=detected)
     except CkptError as exc:
         reasons = [_finding_reason(f) for f in findings]
         unsafe = bool(findings) or isinstance(exc, UnsafeFileError)
