@@ -210,8 +210,9 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
                 for p in own | theirs:
                     cpu[p] = max(cpu.get(p, 0.0), _cpu(p) - base_cpu.get(p, 0.0))
                     roles.setdefault(p, _role(p, proc.pid) if p in own else "ray")
-                    if roles[p] == "ray" and p not in titles:
-                        titles[p] = _title(p)
+                    if roles[p] == "ray" and (titles.get(p, "?") in ("?", "ray::IDLE")
+                                              or not titles[p].startswith("ray::")):
+                        titles[p] = _title(p)  # a worker's title: its last job's
                     if roles[p] == "workers" and (got := _schedstat(p)):
                         seen = life.setdefault(p, [])
                         seen[1:] = [(time.perf_counter(), *got)]
@@ -242,6 +243,8 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
     by_title: dict[str, float] = {}
     for p, title in titles.items():
         by_title[title] = by_title.get(title, 0.0) + cpu.get(p, 0.0)
+        if os.environ.get("BENCH_RAY_PIDS"):
+            print(f"  {p} {title} {cpu.get(p, 0.0):.1f}")
     spans = [(b[0] - a[0], b[1] - a[1], b[2] - a[2]) for a, b in life.values()]
     lived = sum(t for t, _, _ in spans) or 1.0
     return {"seconds": wall, "cpu": parent_cpu + tree_cpu + ray, "parent_cpu": parent_cpu,
