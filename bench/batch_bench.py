@@ -132,6 +132,25 @@ def _schedstat(pid: int) -> tuple[float, float] | None:
     return int(ran) / 1e9, int(waited) / 1e9
 
 
+def _title(pid: int) -> str:
+    """What a Ray process is, for the breakdown of Ray's CPU: its title (``ray::...``, the
+    raylet, the GCS...), or for a process below a Ray worker (our readers) its parent's."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            line = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    word = line[0].decode(errors="replace")
+    if word.startswith("ray::"):
+        return word.split(" ")[0][:48]
+    if "python" in os.path.basename(word) and len(line) > 1:
+        word = next((a.decode(errors="replace") for a in line[1:]
+                     if a and not a.startswith(b"-")), word)
+        if "multiprocessing" in " ".join(a.decode(errors="replace") for a in line):
+            return "a Ray worker's readers (forkserver, children)"
+    return os.path.basename(word)[:48]
+
+
 def _role(pid: int, root: int) -> str:
     """The run itself, its forkserver (a child of the run) or a worker (anything below)."""
     if pid == root:
@@ -176,6 +195,7 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
         peak = {"own": 0, "cluster": 0}
         cpu: dict[int, float] = {}
         roles: dict[int, str] = {}
+        titles: dict[int, str] = {}
         life: dict[int, list[tuple[float, float, float]]] = {}
         stop = threading.Event()
 
@@ -190,6 +210,9 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
                 for p in own | theirs:
                     cpu[p] = max(cpu.get(p, 0.0), _cpu(p) - base_cpu.get(p, 0.0))
                     roles.setdefault(p, _role(p, proc.pid) if p in own else "ray")
+                    if roles[p] == "ray" and (titles.get(p, "?") in ("?", "ray::IDLE")
+                                              or not titles[p].startswith("ray::")):
+                        titles[p] = _title(p)  # a worker's title: its last job's
                     if roles[p] == "workers" and (got := _schedstat(p)):
                         seen = life.setdefault(p, [])
                         seen[1:] = [(time.perf_counter(), *got)]
@@ -217,13 +240,18 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
                                f"{err.read().decode()}")
     server = sum(c for p, c in cpu.items() if roles.get(p) == "forkserver")
     ray = sum(c for p, c in cpu.items() if roles.get(p) == "ray")
+    by_title: dict[str, float] = {}
+    for p, title in titles.items():
+        by_title[title] = by_title.get(title, 0.0) + cpu.get(p, 0.0)
+        if os.environ.get("BENCH_RAY_PIDS"):
+            print(f"  {p} {title} {cpu.get(p, 0.0):.1f}")
     spans = [(b[0] - a[0], b[1] - a[1], b[2] - a[2]) for a, b in life.values()]
     lived = sum(t for t, _, _ in spans) or 1.0
     return {"seconds": wall, "cpu": parent_cpu + tree_cpu + ray, "parent_cpu": parent_cpu,
             "server_cpu": server, "workers_cpu": max(0.0, tree_cpu - server), "ray_cpu": ray,
             "idle": sum(t - r - q for t, r, q in spans) / lived,
             "queued": sum(q for _, _, q in spans) / lived,
-            "peak": peak["own"], "cluster_peak": peak["cluster"]}
+            "peak": peak["own"], "cluster_peak": peak["cluster"], "ray_titles": by_title}
 
 
 def _idle_cpu(folder: str, seconds: float = 5.0) -> float:
@@ -243,6 +271,10 @@ def _line(name: str, r: dict[str, float], files: int) -> str:
                                                        if name == "ray" else ""))
     idle = (f"; workers idle {r['idle']:.0%}, waiting for a CPU {r['queued']:.0%}"
             if name == "local pool" else "")
+    if name == "ray":
+        idle += "; Ray's CPU by process: " + ", ".join(
+            f"{t} {c:.1f}" for t, c in sorted(r["ray_titles"].items(), key=lambda i: -i[1])
+            if c >= 0.1)
     return (f"{name:12} {r['seconds']:6.2f} s {files / r['seconds']:5.0f} files/s  "
             f"CPU {r['cpu']:5.1f} s{split} ({1000 * r['cpu'] / files:.2f} ms a file){idle}  "
             f"load {r['load']:.1f}")
@@ -254,6 +286,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--no-ray", action="store_true", help="one process and the pool only")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated contenders to run: one,pool,ray (A/B runs of one)")
     args = parser.parse_args()
     import pyarrow.parquet as pq
 
@@ -266,6 +300,10 @@ def main() -> None:
     print(f"{args.files} files, {cores} CPUs; load average before: {os.getloadavg()}")
     os.makedirs(os.path.join(work, "ray"), exist_ok=True)
     names = ["one process", "local pool"] + ([] if args.no_ray else ["ray"])
+    if args.only:
+        short = {"one": "one process", "pool": "local pool", "ray": "ray"}
+        names = [short[n] for n in args.only.split(",")]
+        args.no_ray = "ray" not in names
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     outs = {name: os.path.join(work, f"{name.replace(' ', '-')}.parquet")
             for name in ("one process", "local pool", "ray")}
@@ -289,9 +327,9 @@ def main() -> None:
                 runs[name].append({**r, "load": load})
                 print(_line(name, runs[name][-1], args.files), flush=True)
     tables = {name: pq.read_table(outs[name]) for name in runs}
-    if "ray" in tables:
-        assert tables["local pool"].equals(tables["ray"]), "Ray's rows differ from the pool's"
-    assert tables["one process"].equals(tables["local pool"]), "the pool's rows differ"
+    names = list(tables)
+    for name in names[1:]:  # every contender's rows are the same
+        assert tables[names[0]].equals(tables[name]), f"{name}'s rows differ from {names[0]}'s"
     print(f"load average after: {os.getloadavg()}")
     median = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
     cpu = {name: statistics.median(r["cpu"] for r in rs) for name, rs in runs.items()}
@@ -306,19 +344,18 @@ def main() -> None:
               f"{peak:.0f} MiB{extra}")
     # Ratios within each round (runs close in time), then their median: on a shared machine
     # a slow spell can double every time, and a ratio of medians would mix spells.
-    speedup = paired_ratio(runs, "one process", "local pool")
-    ceiling = cpu["one process"] / (cpu["local pool"] / cores)
-    print(f"local pool: {speedup:.2f}x one process's speed (target >= 1.7x); on {cores} idle "
-          f"cores at most {ceiling:.2f}x (one process's CPU over the pool's CPU shared by "
-          f"{cores} cores; its start and final sort run on one)")
-    if "ray" in runs:
+    if "one process" in runs and "local pool" in runs:
+        speedup = paired_ratio(runs, "one process", "local pool")
+        ceiling = cpu["one process"] / (cpu["local pool"] / cores)
+        print(f"local pool: {speedup:.2f}x one process's speed (target >= 1.7x); on {cores} "
+              f"idle cores at most {ceiling:.2f}x (one process's CPU over the pool's CPU "
+              f"shared by {cores} cores; its start and final sort run on one)")
+    if "ray" in runs and "local pool" in runs:
         overhead = paired_ratio(runs, "ray", "local pool")
         print(f"Ray: {overhead:.2f}x the pool's time (target <= 1.3x); medians of the "
               f"rounds' ratios; the idle cluster alone used {idle:.2f} CPU-s a second")
-    print(f"files per CPU second (for sizing: files/s per busy core): one process "
-          f"{args.files / cpu['one process']:.0f}, local pool "
-          f"{args.files / cpu['local pool']:.0f}" + (
-              f", Ray {args.files / cpu['ray']:.0f}" if "ray" in cpu else ""))
+    print("files per CPU second (for sizing: files/s per busy core): " + ", ".join(
+        f"{name} {args.files / cpu[name]:.0f}" for name in runs))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,11 @@ class _Stage:
 
 
 def _connect(address: str, workers: int | None):
+    # Ray Data records its usage in an actor of its own, started for the run: a Ray worker
+    # process (2 CPU-s to start, of a run's ~40 on 2 cores). Ray's usage stats are off on a
+    # cluster started with --disable-usage-stats; this is Ray Data's own switch (read in
+    # the driver).
+    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
     import ray
 
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING,
