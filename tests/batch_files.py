@@ -85,3 +85,22 @@ def numbered(folder: str, sources: list[str], faults: list[str] | None = None,
     for i, (link, source) in enumerate(names.items()):
         (shutil.copy2 if copy_first and i == 0 else os.link)(source, link)
     return names
+
+
+class Interrupt:
+    """A batch progress that presses Ctrl-C after ``after`` files: an interrupted run, for the
+    resume tests."""
+
+    def __init__(self, after: int):
+        self.after, self.items = after, 0
+
+    def start(self, total_bytes, total_items):
+        pass
+
+    def update(self, nbytes, items=0):
+        self.items += items
+        if self.items >= self.after:
+            raise KeyboardInterrupt
+
+    def failed(self):
+        pass

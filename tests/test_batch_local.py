@@ -162,30 +162,13 @@ def test_hanging_and_crashing_files_cost_only_themselves(folder, tmp_path, monke
     assert summary.errors >= 2
 
 
-class _Interrupt:
-    """A progress that presses Ctrl-C after ``after`` files."""
-
-    def __init__(self, after: int):
-        self.after, self.items = after, 0
-
-    def start(self, total_bytes, total_items):
-        pass
-
-    def update(self, nbytes, items=0):
-        self.items += items
-        if self.items >= self.after:
-            raise KeyboardInterrupt
-
-    def failed(self):
-        pass
-
 
 def test_resume_after_ctrl_c_does_each_file_once(folder, tmp_path):
     root, paths = folder
     out = tmp_path / "r.parquet"
     with pytest.raises(KeyboardInterrupt):
         run_batch("scan", [str(root / "files")], str(out), workers=2,
-                  progress=_Interrupt(120), flush_rows=25)
+                  progress=batch_files.Interrupt(120), flush_rows=25)
     assert not out.exists()
     kept = pa.concat_tables([pq.read_table(tmp_path / "r.parquet.parts" / n)
                              for n in os.listdir(tmp_path / "r.parquet.parts")])

@@ -129,27 +129,12 @@ def test_killing_a_worker_mid_run_loses_and_duplicates_nothing(address, files, l
     assert pq.read_table(out).equals(local)
 
 
-class _Interrupt:
-    def __init__(self, after: int):
-        self.after, self.items = after, 0
-
-    def start(self, total_bytes, total_items):
-        pass
-
-    def update(self, nbytes, items=0):
-        self.items += items
-        if self.items >= self.after:
-            raise KeyboardInterrupt
-
-    def failed(self):
-        pass
-
 
 def test_resume_after_an_interrupted_ray_run(address, files, local, tmp_path):
     out = tmp_path / "r.parquet"
     with pytest.raises(KeyboardInterrupt):
         run_batch("scan", [str(files)], str(out), ray=address, timeout=TIMEOUT,
-                  progress=_Interrupt(800), flush_rows=100)
+                  progress=batch_files.Interrupt(800), flush_rows=100)
     summary = run_batch("scan", [str(files)], str(out), ray=address, timeout=TIMEOUT,
                         resume=True)
     assert summary.resumed >= 800 and summary.resumed + summary.done == 2002
