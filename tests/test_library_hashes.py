@@ -84,6 +84,7 @@ def test_hash_cli_json_and_errors(tmp_path, capsys):
     code, out, err = run_cli(capsys, "hash", "--json", path, tmp_path / "missing.ckpt")
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 3 and err.count("\n") == 1 and "missing.ckpt" in err
+    assert "no such file or folder" in err  # the words every other command uses
     assert lines[0]["sha256"] == _expected(path.read_bytes())["sha256"]
     assert set(lines[0]["components"]) == {"vae"} and "error" in lines[1]
 

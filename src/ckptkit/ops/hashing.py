@@ -56,6 +56,7 @@ import blake3
 
 from ..engine.writer import Progress
 from ..errors import FormatError
+from ..formats.sniff import path_problem
 
 CHUNK = 1 << 24
 SHA256 = re.compile(r"[0-9a-f]{64}")  # a SHA-256 as hex, as this cache and recipes write it
@@ -101,7 +102,10 @@ def stream_digests(path: str, ranges: Sequence[Ranges] = (),
     says no: the cache is one JSON file rewritten whole on each hash, so a store of millions
     of files would rewrite an ever-growing file once per file (and its children would race
     on it)."""
-    mode = os.stat(path).st_mode
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise FormatError(path_problem(path, exc), path) from None
     if not stat.S_ISREG(mode):
         raise FormatError("is a directory, not a file" if stat.S_ISDIR(mode) else
                           "is not a regular file (a pipe, socket or device); nothing to hash",
