@@ -112,15 +112,16 @@ def main() -> int:
     from tiny_tokenizers import write_all
 
     from ckptkit.ops.sample import sample
+    from ckptkit.threads import let_idle_threads_sleep
 
     tokenizers = str(write_all(Path(work) / "tokenizers"))
     size = "-tiny" if args.tiny else ""
     cases = [("sdxl", os.path.join(work, f"sdxl{size}_fp16.safetensors"), "fp16"),
              ("sd1", os.path.join(work, f"sd15{size}_fp16.safetensors"), "fp32")]
     os.environ["HF_HUB_OFFLINE"] = "1"
-    # as ``ckpt`` runs: torch's idle OpenMP workers sleep rather than spin (cli/main.py);
-    # on this busy 2-core machine spinning doubled the time of every cast in both loaders
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # as ``ckpt`` runs (ckptkit.threads); on this busy 2-core machine spinning doubled the
+    # time of every cast in both loaders
+    let_idle_threads_sleep()
     python = sys.executable
     results: dict[str, list[dict[str, float]]] = {}
     for fid, src, dtype in cases:

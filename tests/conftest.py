@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 from pathlib import Path
 
-# As ``ckpt`` does before torch loads (cli/main._idle_threads_sleep): torch's idle OpenMP
-# workers sleep instead of spinning after every parallel region. libgomp reads this once, when
-# torch loads, which the import below does for every test: spinning, they took a core from
-# ckptkit's own threads, and the merge tests spent 3x the CPU (80 s instead of 28).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from ckptkit.threads import let_idle_threads_sleep
 
-import pytest
-import torch
+# As ``ckpt`` does: torch, which the import below loads for every test, reads it once.
+let_idle_threads_sleep()
 
-from ckptkit.samples import demo
+import pytest  # noqa: E402  (after the setting above)
+import torch  # noqa: E402
+
+from ckptkit.samples import demo  # noqa: E402
 
 
 def sha256(path: str | Path) -> str:

@@ -5,7 +5,7 @@ cycle that nobody drew.
 
 Ranks, lowest first (DESIGN.md's drawing, with the packages added since it was drawn):
 
-0. the leaf modules beside the packages: errors, safe_text, the version
+0. the leaf modules beside the packages: errors, safe_text, threads, the version
 1. quant (block codecs, no file knowledge) and formats (file readers, which decode through it)
 2. arch (the architecture registry)
 3. engine (streamed jobs, the writer)
@@ -24,7 +24,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 RANKS = {
-    "errors": 0, "safe_text": 0, "__version__": 0,
+    "errors": 0, "safe_text": 0, "threads": 0, "__version__": 0,
     "quant": 1, "formats": 1,
     "arch": 2,
     "engine": 3,

@@ -14,6 +14,7 @@ import sys
 
 from .. import __version__
 from ..safe_text import printable
+from ..threads import let_idle_threads_sleep
 from . import (
     batch_cmd,
     convert_cmd,
@@ -67,17 +68,6 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _idle_threads_sleep() -> None:
-    """Lets torch's idle OpenMP workers sleep rather than spin. By default (libgomp, no
-    ``OMP_WAIT_POLICY``) a worker busy-waits for a while after every parallel region, taking
-    a core from ckptkit's own threads (the inputs' hashing, the reading ahead): on 2 cores a
-    first SD 1.5 merge spent 1.4 s of its 5 s of CPU spinning (``perf``: libgomp). Our
-    parallel regions are whole slices of a tensor, so waking a worker costs nothing that
-    shows. libgomp reads the setting once, when torch loads, which no command has done yet
-    here; a value the user set is kept."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 class _Notes(logging.Handler):
     """Prints what the library says through the ``ckptkit`` logger (an output replacing an
     existing file) as a note on stderr, on a line of its own where a progress bar is being
@@ -100,7 +90,7 @@ def _show_notes() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _idle_threads_sleep()
+    let_idle_threads_sleep()  # before any command loads torch
     _show_notes()
     signal.signal(signal.SIGTERM, _interrupt)  # so that temporary outputs are cleaned up
     try:
