@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fuzzing import MUTATION, mutate
 from helpers import Hang, time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -71,33 +72,7 @@ def check_open_and_read(path: Path) -> str:
 
 # --- mutations ----------------------------------------------------------------------------
 
-_MUTATION = st.one_of(
-    st.tuples(st.just("flip"), st.integers(min_value=0), st.integers(0, 7)),
-    st.tuples(st.just("set"), st.integers(min_value=0), st.integers(0, 255)),
-    st.tuples(st.just("insert"), st.integers(min_value=0), st.binary(min_size=1, max_size=8)),
-    st.tuples(st.just("delete"), st.integers(min_value=0), st.integers(1, 8)),
-    st.tuples(st.just("truncate"), st.integers(min_value=0), st.just(0)),
-)
-MUTATIONS = st.lists(_MUTATION, min_size=1, max_size=4)
-
-
-def mutate(data: bytes, mutations) -> bytes:
-    buf = bytearray(data)
-    for kind, pos, value in mutations:
-        if not buf:
-            break
-        at = pos % len(buf)
-        if kind == "flip":
-            buf[at] ^= 1 << value
-        elif kind == "set":
-            buf[at] = value
-        elif kind == "insert":
-            buf[at:at] = value
-        elif kind == "delete":
-            del buf[at:at + value]
-        else:
-            del buf[at:]
-    return bytes(buf)
+MUTATIONS = st.lists(MUTATION, min_size=1, max_size=4)
 
 
 # --- seed files ---------------------------------------------------------------------------

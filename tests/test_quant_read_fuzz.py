@@ -12,6 +12,7 @@ import bitsandbytes.functional as bnb
 import numpy as np
 import pytest
 import torch
+from fuzzing import MUTATION, mutate
 from gguf.quants import quantize as gguf_quantize
 from helpers import Hang, time_limit
 from hypothesis import HealthCheck, given, settings
@@ -28,36 +29,8 @@ FUZZ = settings(max_examples=_EXAMPLES, deadline=3000, derandomize=_EXAMPLES <= 
                                        HealthCheck.function_scoped_fixture], database=None)
 _READ_LIMIT = 1 << 26
 
-_MUTATION = st.one_of(
-    st.tuples(st.just("flip"), st.integers(min_value=0), st.integers(0, 7)),
-    st.tuples(st.just("set"), st.integers(min_value=0), st.integers(0, 255)),
-    st.tuples(st.just("insert"), st.integers(min_value=0), st.binary(min_size=1, max_size=8)),
-    st.tuples(st.just("delete"), st.integers(min_value=0), st.integers(1, 8)),
-    st.tuples(st.just("truncate"), st.integers(min_value=0), st.just(0)),
-)
-
 # Tiny tensors: on a busy machine torch's thread pool costs more than the work.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _mutate(data: bytes, mutations, header: int) -> bytes:
-    """Mutations placed within the first ``header`` bytes (where a reader can go wrong)."""
-    buf = bytearray(data)
-    for kind, pos, value in mutations:
-        if not buf:
-            break
-        at = pos % min(len(buf), header)
-        if kind == "flip":
-            buf[at] ^= 1 << value
-        elif kind == "set":
-            buf[at] = value
-        elif kind == "insert":
-            buf[at:at] = value
-        elif kind == "delete":
-            del buf[at:at + value]
-        else:
-            del buf[at:]
-    return bytes(buf)
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +90,10 @@ def test_seeds_read(seeds, tmp_path):
 
 @pytest.mark.parametrize("name", ["gguf", "safetensors"])
 @FUZZ
-@given(mutations=st.lists(_MUTATION, min_size=1, max_size=3))
+@given(mutations=st.lists(MUTATION, min_size=1, max_size=3))
 def test_corrupt_files_are_refused_or_read(seeds, tmp_path, name, mutations):
     data = seeds[name]
     header = 600 if name == "gguf" else int.from_bytes(data[:8], "little") + 8
     path = tmp_path / f"fuzz.{name}"
-    path.write_bytes(_mutate(data, mutations, header))
+    path.write_bytes(mutate(data, mutations, within=header))
     _check(path)
