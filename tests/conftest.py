@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 from ckptkit.threads import let_idle_threads_sleep
@@ -44,6 +46,17 @@ def demo_ckpt_legacy(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """``module_tmp(name)``: a new folder for what one test module's tests share (samples,
+    libraries), removed with its contents when the module is done. ``tmp_path_factory``'s
+    folders stay to the end of the run: every module's samples at once (2.2 GB; 5.6 GB with
+    a worker per core, each making its own)."""
+    root = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield lambda name: Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _private_hash_cache(tmp_path_factory, monkeypatch):
     """Each test remembers file hashes in its own cache folder, never the user's."""
@@ -77,19 +90,19 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
+def tokenizers(module_tmp):
     """Tiny CLIP BPE and T5 tokenizers written by the tests (tests/tiny_tokenizers.py)."""
     from tiny_tokenizers import write_all
 
-    return write_all(tmp_path_factory.mktemp("tokenizers"))
+    return write_all(module_tmp("tokenizers"))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(module_tmp):
     """family -> its tiny monolithic sample (fp32, seed 1), made once per module."""
     from ckptkit.ops.sample import sample
 
-    root = tmp_path_factory.mktemp("tiny")
+    root = module_tmp("tiny")
     made = {}
 
     def get(fid: str):

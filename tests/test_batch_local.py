@@ -37,8 +37,8 @@ SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("batch")
+def folder(module_tmp):
+    root = module_tmp("batch")
     paths = batch_files.build(str(root / "files"), 200)
     return root, paths
 

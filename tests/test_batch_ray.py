@@ -32,21 +32,22 @@ TIMEOUT = 10  # seconds: the file that hangs costs this; a busy machine must not
 
 @pytest.fixture(scope="module")
 def address(tmp_path_factory):
+    # not module_tmp: Ray's socket paths under this folder must stay under 107 bytes
     with ray_cluster.cluster(str(tmp_path_factory.mktemp("ray"))) as address:
         yield address
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("files")
+def files(module_tmp):
+    root = module_tmp("files")
     batch_files.build(str(root), 2000, faults=["HANG.safetensors", "CRASH.safetensors"])
     return root
 
 
 @pytest.fixture(scope="module")
-def local(files, tmp_path_factory):
+def local(files, module_tmp):
     """The local pool's results: what every Ray run must equal."""
-    out = tmp_path_factory.mktemp("local") / "r.parquet"
+    out = module_tmp("local") / "r.parquet"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(FAULTS_ENV, FAULTS)
         summary = run_batch("scan", [str(files)], str(out), workers=2, timeout=TIMEOUT)

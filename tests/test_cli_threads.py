@@ -31,8 +31,8 @@ print(code, seen)
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("threads")
+def pair(module_tmp):
+    folder = module_tmp("threads")
     paths = [str(folder / f"m{seed}.safetensors") for seed in range(2)]
     for seed, path in enumerate(paths):
         sample("sd1", path, tiny=True, dtype="fp16", seed=seed)

@@ -399,9 +399,9 @@ def _settings(config) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_samples(tmp_path_factory):
+def tiny_samples(module_tmp):
     """The tiny ldm sample and diffusers folder of each SD family, same seed, fp32."""
-    root = tmp_path_factory.mktemp("samples")
+    root = module_tmp("samples")
     out = {}
     for fid in SD_FAMILIES:
         ldm, folder = root / f"{fid}.safetensors", root / fid

@@ -86,8 +86,8 @@ def _tensors() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("fuzz")
+def workdir(module_tmp) -> Path:
+    return module_tmp("fuzz")
 
 
 @pytest.fixture(scope="module")

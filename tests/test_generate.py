@@ -32,8 +32,8 @@ pytestmark = pytest.mark.usefixtures("no_network", "one_thread")
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sd1") / "tiny-sd1.safetensors"
+def sd1(module_tmp):
+    path = module_tmp("sd1") / "tiny-sd1.safetensors"
     sample("sd1", str(path), tiny=True, seed=3)
     return path
 

@@ -26,8 +26,8 @@ def _need_cuda() -> None:
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return write_all(tmp_path_factory.mktemp("tokenizers"))
+def tokenizers(module_tmp):
+    return write_all(module_tmp("tokenizers"))
 
 
 @pytest.mark.parametrize(("fid", "side"), [("sd1", 512), ("sdxl", 1024)])

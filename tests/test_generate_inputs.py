@@ -42,9 +42,9 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(module_tmp):
     """case -> its tiny monolithic file (fp32, seed 1)."""
-    root = tmp_path_factory.mktemp("variants")
+    root = module_tmp("variants")
     made = {}
 
     def get(case: str):
@@ -58,9 +58,9 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
+def pictures(module_tmp):
     """A noisy RGB image, a mask with a white square, and a mask of another size."""
-    root = tmp_path_factory.mktemp("pictures")
+    root = module_tmp("pictures")
     noise = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (SIZE, SIZE, 3), generator=noise, dtype=torch.uint8)
     Image.fromarray(pixels.numpy(), "RGB").save(root / "image.png")

@@ -126,8 +126,8 @@ def test_names_that_are_no_one_family_are_refused_with_the_choices(typed, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors"
+def tiny_sdxl(module_tmp):
+    path = module_tmp("sdxl") / "sdxl.safetensors"
     assert main(["sample", "sdxl-base", "--tiny", "-o", str(path), "--quiet"]) == 0
     return path
 

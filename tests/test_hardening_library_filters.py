@@ -15,15 +15,15 @@ from ckptkit.library.queries import FAMILIES
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory, tiny):
+def library(module_tmp, tiny):
     """An index of a tiny SD1 checkpoint and its VAE alone (which fits SD1 and SD2)."""
-    models = tmp_path_factory.mktemp("models")
+    models = module_tmp("models")
     base = load_file(str(tiny("sd1")))
     save_file(base, str(models / "base.safetensors"))
     vae = {k.removeprefix("first_stage_model."): v for k, v in base.items()
            if k.startswith("first_stage_model.")}
     save_file(vae, str(models / "vae.safetensors"))
-    db = tmp_path_factory.mktemp("db") / "lib.sqlite"
+    db = module_tmp("db") / "lib.sqlite"
     from ckptkit.cli.main import main
 
     assert main(["library", "scan", "--quiet", "--db", str(db), str(models)]) == 0

@@ -34,8 +34,8 @@ RECIPE_KEY = "ckptkit.merge_recipe"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hardening_merge")
+def models(module_tmp):
+    folder = module_tmp("hardening_merge")
     for seed, name in enumerate(("a", "b", "c")):
         sample("sd1", str(folder / f"{name}.safetensors"), tiny=True, dtype="fp32", seed=seed)
     return folder

@@ -38,8 +38,8 @@ def _prefix_params(path, prefix: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny_ldm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_ldm")
+def tiny_ldm(module_tmp):
+    folder = module_tmp("tiny_ldm")
     paths = {}
     for fid in FAMILIES:
         paths[fid] = folder / f"{fid}.safetensors"

@@ -99,10 +99,10 @@ def _digests(path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def sd1_files(tmp_path_factory):
+def sd1_files(module_tmp):
     """The same tiny SD 1.x weights as .safetensors, .ckpt, kohya's layout, diffusers' UNet
     alone and ComfyUI parts."""
-    folder = tmp_path_factory.mktemp("sd1")
+    folder = module_tmp("sd1")
     files = {"ldm": folder / "m.safetensors", "ckpt": folder / "m.ckpt",
              "kohya": folder / "k.safetensors", "unet": folder / "unet.safetensors"}
     sample("sd1", str(files["ldm"]), tiny=True)

@@ -22,10 +22,10 @@ def _tiny(path, metadata):
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory):
+def library(module_tmp):
     from ckptkit.cli.main import main
 
-    folder = tmp_path_factory.mktemp("models")
+    folder = module_tmp("models")
     base1, base2 = folder / "base1.safetensors", folder / "base2.safetensors"
     sample("sd1", str(base1), tiny=True, seed=1)
     sample("sd1", str(base2), tiny=True, seed=2)

@@ -19,8 +19,8 @@ from ckptkit.library.web.app import create_app
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory) -> Path:
-    return make_library(tmp_path_factory.mktemp("library"))
+def db(module_tmp) -> Path:
+    return make_library(module_tmp("library"))
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,8 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    db = make_library(tmp_path_factory.mktemp("library"))
+def live(module_tmp):
+    db = make_library(module_tmp("library"))
     proc, url, _ = start_server(db)
     yield url
     code, err = stop_server(proc)

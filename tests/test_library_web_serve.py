@@ -20,9 +20,9 @@ from ckptkit.library.web import server
 
 
 @pytest.fixture(scope="module")
-def small_db(tmp_path_factory) -> Path:
+def small_db(module_tmp) -> Path:
     """An index of one small file (the live server's page needs something to list)."""
-    root = tmp_path_factory.mktemp("small")
+    root = module_tmp("small")
     (root / "models").mkdir()
     (root / "models" / "tiny_lora.safetensors").write_bytes(
         save({"lora_unet_a.lora_down.weight": torch.zeros(2, 4)}))

@@ -50,13 +50,13 @@ def offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def samples(tmp_path_factory):
+def samples(module_tmp):
     """family -> (monolithic fp32 file, diffusers folder) of the same seed, made once."""
     made = {}
 
     def get(fid: str):
         if fid not in made:
-            folder = tmp_path_factory.mktemp(fid.replace(".", "_"))
+            folder = module_tmp(fid.replace(".", "_"))
             ldm, diff = folder / "model.safetensors", folder / "diffusers"
             sample(fid, str(ldm), tiny=True, dtype="fp32")
             sample(fid, str(diff), layout="diffusers", tiny=True, dtype="fp32")

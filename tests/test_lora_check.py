@@ -39,8 +39,8 @@ def write_lora(path, header, alpha=1.0, metadata=None):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("check")
+def files(module_tmp):
+    folder = module_tmp("check")
     out = {
         "sd1": write_lora(folder / "sd1.safetensors", sd1_kohya(rank=1)),
         "sdxl": write_lora(folder / "sdxl.safetensors", sdxl_kohya(rank=1)),

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return write_base(tmp_path_factory.mktemp("extract"))
+def base(module_tmp):
+    return write_base(module_tmp("extract"))
 
 
 def test_cuda_extracts_what_the_cpu_does(base, tmp_path, capsys):

@@ -20,8 +20,8 @@ from ckptkit.ops.sample import sample
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return write_base(tmp_path_factory.mktemp("extract"))
+def base(module_tmp):
+    return write_base(module_tmp("extract"))
 
 
 def _comfy(key: str) -> str:

@@ -21,9 +21,9 @@ WIDTH = 48  # the tiny FLUX sample's hidden size (full size: 3072)
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
+def tiny_flux(module_tmp):
     """The tiny FLUX.1 diffusion model alone, in ComfyUI's layout (BFL names, fused qkv)."""
-    path = tmp_path_factory.mktemp("flux") / "flux.safetensors"
+    path = module_tmp("flux") / "flux.safetensors"
     sample("flux1-dev", str(path), layout="comfyui", components=["diffusion_model"],
            tiny=True, dtype="fp32")
     return str(path)

@@ -51,9 +51,9 @@ from ckptkit.ops.sample import sample
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(module_tmp):
     """family, layout[, component] -> path of a full-size sparse sample."""
-    folder = tmp_path_factory.mktemp("models")
+    folder = module_tmp("models")
     made: dict[tuple, str] = {}
 
     def get(family: str, layout: str, component: str | None = None) -> str:

@@ -19,8 +19,8 @@ from ckptkit.ops.sample import sample
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("merge")
+def models(module_tmp):
+    folder = module_tmp("merge")
     paths = {}
     for fid in ("sd1", "flux1-schnell"):
         for seed in range(4):

@@ -23,8 +23,8 @@ VAE = "first_stage_model.decoder.conv_in.weight"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("recipes")
+def models(module_tmp):
+    folder = module_tmp("recipes")
     for seed, name in enumerate(("base", "a", "b", "c")):
         sample("sd1", str(folder / f"{name}.safetensors"), tiny=True, dtype="fp32", seed=seed)
     return folder

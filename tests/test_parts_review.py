@@ -52,15 +52,15 @@ def _split_sample(folder, fid: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
+def sd1(module_tmp):
     """A tiny SD1 checkpoint and its split parts: (source, diffusion model, clip_l, vae)."""
-    return _split_sample(tmp_path_factory.mktemp("sd1"), "sd1")
+    return _split_sample(module_tmp("sd1"), "sd1")
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
+def sdxl(module_tmp):
     """A tiny SDXL checkpoint and its parts: (source, diffusion model, clip_l, clip_g, vae)."""
-    return _split_sample(tmp_path_factory.mktemp("sdxl"), "sdxl")
+    return _split_sample(module_tmp("sdxl"), "sdxl")
 
 
 def test_a_vae_without_its_encoder_is_refused_and_nothing_is_written(tmp_path, sd1):

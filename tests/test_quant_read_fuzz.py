@@ -34,8 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def seeds(tmp_path_factory) -> dict[str, bytes]:
-    folder = tmp_path_factory.mktemp("seeds")
+def seeds(module_tmp) -> dict[str, bytes]:
+    folder = module_tmp("seeds")
     rng = np.random.default_rng(0)
     values = rng.standard_normal((4, 256)).astype(np.float32)
     gguf_path = write_gguf(folder / "seed.gguf", {

@@ -169,8 +169,8 @@ def test_broken_bnb_state_is_refused(tmp_path, capsys):
 # -- a tiny FLUX model quantized both ways: identified and converted through ----------------
 
 @pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    path = tmp_path_factory.mktemp("flux") / "flux.safetensors"
+def flux(module_tmp):
+    path = module_tmp("flux") / "flux.safetensors"
     sample("flux1-dev", str(path), layout="comfyui", components=["diffusion_model"],
            tiny=True, dtype="bf16")
     return path

@@ -14,8 +14,8 @@ gguf = pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")
-def flux_dm(tmp_path_factory):
-    path = tmp_path_factory.mktemp("quant_review") / "flux.safetensors"
+def flux_dm(module_tmp):
+    path = module_tmp("quant_review") / "flux.safetensors"
     sample("flux1-dev", str(path), tiny=True, dtype="bf16", components=["diffusion_model"])
     return path
 

@@ -36,10 +36,10 @@ def test_q8_0_rounds_half_away_from_zero_as_the_gguf_package_does():
 
 
 @pytest.fixture(scope="module")
-def flux(tmp_path_factory):
+def flux(module_tmp):
     from ckptkit.ops.sample import sample
 
-    folder = tmp_path_factory.mktemp("quant_review_q8")
+    folder = module_tmp("quant_review_q8")
     path = folder / "flux.safetensors"
     sample("flux1-dev", str(path), tiny=True, dtype="bf16", components=["diffusion_model"])
     return folder, path

@@ -25,16 +25,16 @@ import corpus
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hostile")
-    markers = tmp_path_factory.mktemp("markers")
+def hostile(module_tmp):
+    folder = module_tmp("hostile")
+    markers = module_tmp("markers")
     runs = corpus.build_hostile(str(folder), str(markers))
     return folder, markers, runs
 
 
 @pytest.fixture(scope="module")
-def benign(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("benign")
+def benign(module_tmp):
+    folder = module_tmp("benign")
     return folder, corpus.build_benign(str(folder))
 
 
