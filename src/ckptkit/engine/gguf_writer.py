@@ -4,10 +4,11 @@ A GGUF file (version 3, little-endian, as ggml's ``gguf.c`` and the ``gguf`` pac
 it) is a header (magic, version, tensor and key counts), the key-value metadata, one info
 per tensor (name, dimensions innermost first, GGML type, offset from the data start), padding
 to ``general.alignment`` (32 unless the metadata says otherwise), then each tensor's bytes,
-each padded to the alignment. Every offset follows from the plan, so the header is written
-first and each tensor is produced straight into its place in the memory-mapped output
-(``produce_into`` gets a flat uint8 view of exactly its bytes), then its pages are dropped
-from the process: peak memory is what one tensor's producer needs, whatever the file's size.
+each padded to the alignment. Every offset follows from the plan, so the file is written in
+one pass, in order: each tensor is produced straight into a reused write buffer
+(``produce_into`` gets a flat uint8 view of exactly its bytes), which a thread writes out
+while the next one is produced (``_Appender``): peak memory is what one tensor's producer
+needs plus two buffers of the largest tensor, whatever the file's size.
 The file is written through ``AtomicOutput``: it takes the target's name only once complete,
 synced and its header read back; on any failure nothing is left.
 """
