@@ -4,10 +4,11 @@ A GGUF file (version 3, little-endian, as ggml's ``gguf.c`` and the ``gguf`` pac
 it) is a header (magic, version, tensor and key counts), the key-value metadata, one info
 per tensor (name, dimensions innermost first, GGML type, offset from the data start), padding
 to ``general.alignment`` (32 unless the metadata says otherwise), then each tensor's bytes,
-each padded to the alignment. Every offset follows from the plan, so the header is written
-first and each tensor is produced straight into its place in the memory-mapped output
-(``produce_into`` gets a flat uint8 view of exactly its bytes), then its pages are dropped
-from the process: peak memory is what one tensor's producer needs, whatever the file's size.
+each padded to the alignment. Every offset follows from the plan, so the file is written in
+one pass, in order: each tensor is produced straight into a reused write buffer
+(``produce_into`` gets a flat uint8 view of exactly its bytes), which a thread writes out
+while the next one is produced (``_Appender``): peak memory is what one tensor's producer
+needs plus two buffers of the largest tensor, whatever the file's size.
 The file is written through ``AtomicOutput``: it takes the target's name only once complete,
 synced and its header read back; on any failure nothing is left.
 """
@@ -19,6 +20,7 @@ import mmap
 import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,22 +138,15 @@ def _write(target, metadata, tensors, alignment, deferred, inputs, progress, fsy
     if progress:
         progress.start(sum(t.nbytes for t in tensors), len(tensors))
     with AtomicOutput(target, inputs, fsync=fsync) as out:
-        try:
-            os.posix_fallocate(out.fd, 0, size)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise OutputError(f"no room for {size:,} bytes ({exc.strerror})",
-                                  target) from None
-            os.ftruncate(out.fd, size)
-        os.pwrite(out.fd, header, 0)
-        if size > len(header):
-            mapped = mmap.mmap(out.fd, size, mmap.MAP_SHARED,
-                               mmap.PROT_READ | mmap.PROT_WRITE)
-            for tensor, offset in zip(tensors, offsets, strict=True):
-                _into_file(mapped, len(header) + offset, tensor)
+        _reserve(out.fd, size, target)
+        with _Appender(out.fd, out.tmp_path, size, target) as data:
+            data.append(header)
+            for tensor in tensors:
+                data.produce(tensor.nbytes, tensor.produce_into)
+                data.zeros(_padding(tensor.nbytes, alignment))
                 if progress:
                     progress.update(tensor.nbytes, 1)
-            mapped.close()
+            data.finish()
         if deferred:
             os.pwrite(out.fd, _resolved(metadata, deferred, tensors, alignment, header,
                                         target), 0)
@@ -178,16 +173,168 @@ def _resolved(metadata, deferred, tensors, alignment, header: bytes, target: str
     return patched
 
 
-def _into_file(mapped: mmap.mmap, offset: int, tensor: GGUFTensor) -> None:
-    """Runs the tensor's producer on its place in the mapped file, then drops those pages from
-    this process's memory (they stay in the page cache, to be written to disk)."""
-    import torch
+def _reserve(fd: int, size: int, target: str) -> None:
+    """The file's blocks taken before any work, so that a full disk is said at once."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in _NO_ROOM:
+            raise _no_room(size, exc, target) from None
+        os.ftruncate(fd, size)
 
-    if tensor.nbytes:
-        view = torch.frombuffer(mapped, dtype=torch.uint8, count=tensor.nbytes, offset=offset)
-        tensor.produce_into(view)
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _no_room(size: int, exc: OSError, target: str) -> OutputError:
+    return OutputError(f"no room for {size:,} bytes ({exc.strerror})", target)
+
+
+# Direct writes (O_DIRECT) need offsets, lengths and buffer addresses aligned to the device's
+# logical block: 4 KiB covers every common one (and a mapped buffer starts on a page).
+BLOCK = 4096
+# Bytes gathered before they are written: fewer, larger writes.
+BATCH = 8 << 20
+
+
+class _Appender:
+    """The file's bytes appended in order from two reused buffers, written in whole blocks
+    by a thread while the next tensor is produced into the other buffer.
+
+    Why not produce into a map of the output: each new page of the file's cache costs a
+    fault and, where the blocks were reserved, zeroing it first (ext4 reads reserved blocks
+    as zeros): about a quarter of quantize's CPU time. Here the buffers' pages stay resident
+    from tensor to tensor, and writes bypass the page cache (``O_DIRECT``: no copy, no pages
+    to write back), so peak memory is two buffers of the largest tensor. Where the file
+    system refuses direct writes (or a write's alignment), the same writes go through the
+    page cache."""
+
+    def __init__(self, fd: int, path: str, size: int, target: str):
+        self.fd, self.size, self.target = fd, size, target
+        self.direct = _open_direct(path)
+        self.buffers = [mmap.mmap(-1, BATCH + BLOCK) for _ in range(2)]
+        self.pending: list[Future | None] = [None, None]
+        self.current = 0
+        self.fill = 0  # bytes in the current buffer
+        self.offset = 0  # where the current buffer's first byte goes in the file
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-gguf-write")
+
+    def __enter__(self) -> _Appender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.writer.shutdown(wait=True, cancel_futures=True)
+        if self.direct >= 0:
+            os.close(self.direct)
+        for buffer in self.buffers:
+            buffer.close()
+
+    def append(self, data: bytes) -> None:
+        self._room(len(data))
+        self.buffers[self.current][self.fill:self.fill + len(data)] = data
+        self._advance(len(data))
+
+    def zeros(self, count: int) -> None:
+        self.append(bytes(count))
+
+    def produce(self, nbytes: int, produce_into: Callable[[Any], None]) -> None:
+        """``produce_into`` fills a flat uint8 tensor of the next ``nbytes`` bytes (every one
+        of them: the buffer holds earlier tensors' bytes)."""
+        import torch
+
+        if not nbytes:
+            return
+        self._room(nbytes)
+        view = torch.frombuffer(self.buffers[self.current], dtype=torch.uint8, count=nbytes,
+                                offset=self.fill)
+        produce_into(view)
         del view
-    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
-    stop = (offset + tensor.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if stop > start:
-        mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        self._advance(nbytes)
+
+    def finish(self) -> None:
+        """Writes what is left (the last block padded with zeros, then cut off) and waits
+        for every write."""
+        tail = -self.fill % BLOCK
+        self.zeros(tail)
+        self._flush(self.fill)
+        for future in self.pending:
+            if future is not None:
+                future.result()
+        if self.offset - tail != self.size:
+            raise OutputError(f"wrote {self.offset - tail:,} bytes where {self.size:,} were "
+                              "planned", self.target)
+        os.ftruncate(self.fd, self.size)
+
+    def _room(self, count: int) -> None:
+        """The current buffer grown to hold ``count`` more bytes (never while it is being
+        written: only the other one is)."""
+        buffer = self.buffers[self.current]
+        if self.fill + count > len(buffer):
+            bigger = mmap.mmap(-1, -(-(self.fill + count) // BLOCK) * BLOCK)
+            bigger[:self.fill] = buffer[:self.fill]
+            buffer.close()
+            self.buffers[self.current] = bigger
+
+    def _advance(self, count: int) -> None:
+        self.fill += count
+        if self.fill >= BATCH:
+            self._flush(self.fill // BLOCK * BLOCK)
+
+    def _flush(self, whole: int) -> None:
+        """Writes the current buffer's first ``whole`` bytes (whole blocks) in the thread;
+        the rest moves to the other buffer, once that one's write is done."""
+        done, other = self.current, 1 - self.current
+        if self.pending[other] is not None:
+            self.pending[other].result()
+            self.pending[other] = None
+        rest = self.fill - whole
+        self._room_in(other, rest)
+        self.buffers[other][:rest] = self.buffers[done][whole:self.fill]
+        self.pending[done] = self.writer.submit(self._write, self.buffers[done], whole,
+                                                self.offset)
+        self.current, self.fill, self.offset = other, rest, self.offset + whole
+
+    def _room_in(self, index: int, count: int) -> None:
+        if count > len(self.buffers[index]):
+            self.buffers[index].close()
+            self.buffers[index] = mmap.mmap(-1, -(-count // BLOCK) * BLOCK)
+
+    def _write(self, buffer: mmap.mmap, count: int, offset: int) -> None:
+        view = memoryview(buffer)[:count]
+        try:
+            while view:
+                try:
+                    written = os.pwrite(self.direct if self.direct >= 0 else self.fd, view,
+                                        offset)
+                except OSError as exc:
+                    if exc.errno in _NO_ROOM:
+                        raise _no_room(self.size, exc, self.target) from None
+                    if exc.errno != errno.EINVAL or self.direct < 0:
+                        raise
+                    self._buffered()  # a block size beyond ours: through the page cache
+                    continue
+                if written <= 0:
+                    raise OutputError(f"the file system took no bytes at {offset:,}",
+                                      self.target)
+                if written % BLOCK:
+                    self._buffered()  # a short write: the rest is not aligned any more
+                view, offset = view[written:], offset + written
+        finally:
+            view.release()
+
+    def _buffered(self) -> None:
+        if self.direct >= 0:
+            os.close(self.direct)
+            self.direct = -1
+
+
+def _open_direct(path: str) -> int:
+    """The file opened again for writes that bypass the page cache, or -1 where the file
+    system (or the platform) has none."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return -1

@@ -12,13 +12,14 @@ keep their dtype. NF4/FP4 store the same weights in bitsandbytes' 4-bit layout (
 under Forge's names: ``W`` (packed codes), ``W.absmax``, ``W.quant_map``,
 ``W.nested_absmax``, ``W.nested_quant_map`` and ``W.quant_state.bitsandbytes__nf4``.
 
-No silent white images: every tensor is quantized a slice at a time into the output file's
-pages, and each slice is dequantized back from those pages (``quant.dequant``, or for NF4
-the reader's ``quant.bnb4.decode`` with the stored double-quantised absmax; not the
-quantizer's own numbers) and compared with the source. A tensor whose source or result holds
-NaN or infinity, or whose relative RMS error (sqrt(sum (q - x)^2 / sum x^2)) exceeds its type's
-bound (``ERROR_BOUNDS``), stops the run: the temporary file is removed and nothing is left
-under the output's name. The errors are summarised per type in the report.
+No silent white images: every tensor is quantized a slice at a time into the bytes the writer
+writes (the output file's pages, or for GGUF its write buffer), and each slice is dequantized
+back from those bytes (``quant.dequant``, or for NF4 the reader's ``quant.bnb4.decode``
+with the stored double-quantised absmax; not the quantizer's own numbers) and compared with
+the source. A tensor whose source or result holds NaN or infinity, or whose relative RMS error
+(sqrt(sum (q - x)^2 / sum x^2)) exceeds its type's bound (``ERROR_BOUNDS``), stops the run:
+the temporary file is removed and nothing is left under the output's name. The errors are
+summarised per type in the report.
 """
 
 from __future__ import annotations
