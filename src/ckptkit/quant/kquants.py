@@ -15,6 +15,15 @@ float32 as in C; sums are reduced in torch's order rather than left to right, so
 at an exact tie between two candidates may pick the other one: the blocks are the reference
 algorithm's, not guaranteed byte for byte (no Python quantizer of these types exists to
 compare with; the tests hold their error to bounds measured against the types' designs).
+
+Speed: a candidate costs whole passes over the slice (codes: subtract, scale, round, clip;
+the products of the sums; one reduction for the sums) plus a few dozen small ops on one value
+per sub-block, so the searches write into buffers made once per call and keep per candidate
+only per-sub-block numbers; torch's ``where`` and masked fill, slow on CPU (a few ns a
+value against a fraction of one for arithmetic), are kept off full-size tensors. The sums
+must stay torch's ``.sum(-1)`` over each row (a matmul or another order would round
+differently and change chosen scales): ``tests/test_quant_kquant_search.py`` holds the bytes
+to the first vectorised version's.
 """
 
 from __future__ import annotations
