@@ -61,6 +61,12 @@ def _safe(value: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, torch.ones((), dtype=value.dtype), value)
 
 
+def _unless(value: torch.Tensor, bad: torch.Tensor, fill: float) -> torch.Tensor:
+    """``value`` with ``fill`` where ``bad``: ``where``'s result, without its cost when no
+    value is bad (a degenerate sub-block is rare, and these run once per candidate)."""
+    return torch.where(bad, fill, value) if bad.any() else value
+
+
 def _zero_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``values`` with the rows marked in ``rows`` set to 0, in place (torch's masked fill and
     ``where`` take a few ns a value: skipped when no row is marked, which is nearly always)."""
@@ -214,17 +220,18 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
     for step in range(nstep + 1):
         span = high - low
         iscale = codes(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)
-                       / _safe(span, span == 0), low)
+                       / _unless(span, span == 0, 1.0), low)
         totals = sums()
         sum_l, sum_xl, sum_l2 = totals
         det = sum_w * sum_l2 - sum_l * sum_l
         fits = det > 0
-        det = _safe(det, ~fits)
+        det = _unless(det, ~fits, 1.0)
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
         clipped = this_min > 0
-        this_min = torch.where(clipped, 0.0, this_min)
-        this_scale = torch.where(clipped, sum_xl / _safe(sum_l2, sum_l2 == 0), this_scale)
+        if clipped.any():  # the least-squares minimum is above 0: fit the scale alone
+            this_min = torch.where(clipped, 0.0, this_min)
+            this_scale = torch.where(clipped, sum_xl / _safe(sum_l2, sum_l2 == 0), this_scale)
         current = error(this_scale, this_min, totals)
         better = fits & (current < best)
         best_iscale = torch.where(better, iscale, best_iscale)
