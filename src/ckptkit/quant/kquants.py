@@ -15,6 +15,15 @@ float32 as in C; sums are reduced in torch's order rather than left to right, so
 at an exact tie between two candidates may pick the other one: the blocks are the reference
 algorithm's, not guaranteed byte for byte (no Python quantizer of these types exists to
 compare with; the tests hold their error to bounds measured against the types' designs).
+
+Speed: a candidate costs whole passes over the slice (codes: subtract, scale, round, clip;
+the products of the sums; one reduction for the sums) plus a few dozen small ops on one value
+per sub-block, so the searches write into buffers made once per call and keep per candidate
+only per-sub-block numbers; torch's ``where`` and masked fill, slow on CPU (a few ns a
+value against a fraction of one for arithmetic), are kept off full-size tensors. The sums
+must stay torch's ``.sum(-1)`` over each row (a matmul or another order would round
+differently and change chosen scales): ``tests/test_quant_kquant_search.py`` holds the bytes
+to the first vectorised version's.
 """
 
 from __future__ import annotations
@@ -52,40 +61,65 @@ def _safe(value: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, torch.ones((), dtype=value.dtype), value)
 
 
+def _unless(value: torch.Tensor, bad: torch.Tensor, fill: float) -> torch.Tensor:
+    """``value`` with ``fill`` where ``bad``: ``where``'s result, without its cost when no
+    value is bad (a degenerate sub-block is rare, and these run once per candidate)."""
+    return torch.where(bad, fill, value) if bad.any() else value
+
+
+def _zero_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``values`` with the rows marked in ``rows`` set to 0, in place (torch's masked fill and
+    ``where`` take a few ns a value: skipped when no row is marked, which is nearly always)."""
+    if rows.any():
+        values.masked_fill_(rows[:, None], 0.0)
+    return values
+
+
 def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)`` on every row of ``x``:
     symmetric codes ``0..2*nmax-1`` and the scale of least squared error weighted by x^2, among
-    the scales ``max/-(nmax + 0.1*is)`` for is in -9..9."""
+    the scales ``max/-(nmax + 0.1*is)`` for is in -9..9. Each candidate's codes go into one
+    buffer and only its sums are kept; the winner's codes are made again at the end from its
+    inverse scale (the same products, so the same codes)."""
     top, magnitude = _signed_argmax(x)
     zero = magnitude < _EPS
     top = _safe(top, zero)
     w = x * x
-    wx = w * x
+    weights = torch.stack([w * x, w])  # wx and w: one multiply gives both products
+    trial = torch.empty_like(x)
+    products = torch.empty((2, *x.shape))
 
     def fit(iscale):
-        levels = (iscale[:, None] * x).round().clamp(-nmax, nmax - 1)
-        return levels, (wx * levels).sum(-1), (w * levels * levels).sum(-1)
+        torch.mul(x, iscale[:, None], out=trial).round_().clamp_(-nmax, nmax - 1)
+        torch.mul(weights, trial, out=products)
+        products[1].mul_(trial)  # (w * l) * l, in C's order
+        return products.sum(-1)  # rows of 16 summed as .sum(-1) sums each row alone
 
-    levels, sumlx, suml2 = fit(-nmax / top)
+    best_iscale = -nmax / top
+    sumlx, suml2 = fit(best_iscale)
     scale = torch.where(suml2 != 0, sumlx / _safe(suml2, suml2 == 0), 0.0)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        trial, tsumlx, tsuml2 = fit(-_f32(nmax + _f32(0.1) * step) / top)
+        iscale = -_f32(nmax + _f32(0.1) * step) / top
+        tsumlx, tsuml2 = fit(iscale)
         better = (tsuml2 > 0) & (tsumlx * tsumlx > best * tsuml2)
-        levels = torch.where(better[:, None], trial, levels)
+        best_iscale = torch.where(better, iscale, best_iscale)
         scale = torch.where(better, tsumlx / _safe(tsuml2, ~better), scale)
         best = torch.where(better, scale * tsumlx, best)
-    codes = torch.where(zero[:, None], 0.0, levels + nmax)
+    levels = torch.mul(x, best_iscale[:, None], out=trial).round_().clamp_(-nmax, nmax - 1)
+    codes = _zero_rows(levels.add_(nmax), zero)
     return codes, torch.where(zero, 0.0, scale)
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` on every row: codes from the
     largest magnitude, then up to 5 sweeps of coordinate descent on the x^2-weighted error,
-    one position at a time (a row that changes nothing in a sweep would change nothing in the
-    next, so running the sweep for all rows until none changes is the C loop's result)."""
+    one position at a time. A row that changes nothing in a sweep would change nothing in the
+    next (its sweep would start from the same state), so each sweep after the first runs on
+    the rows that changed in the one before: on Gaussian values 20% of them, then 5%, 1%. The
+    sweeps work on the values transposed, a position's column contiguous."""
     top, magnitude = _signed_argmax(x)
     zero = magnitude < _EPS
     levels = ((-nmax / _safe(top, zero))[:, None] * x).round().clamp(-nmax, nmax - 1)
@@ -93,26 +127,36 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     wx = w * x
     sumlx = (wx * levels).sum(-1)
     suml2 = (w * levels * levels).sum(-1)
+    columns = [v.t().contiguous() for v in (x, w, wx, levels)]
+    rows = None  # every row in the first sweep, then those still changing
     for _ in range(5):
-        changed = torch.zeros_like(zero)
-        for i in range(x.shape[-1]):
-            wi, wxi, li = w[:, i], wx[:, i], levels[:, i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
+        xa, wa, wxa, la = columns if rows is None else (c[:, rows] for c in columns)
+        slxa, sl2a = (sumlx, suml2) if rows is None else (sumlx[rows], suml2[rows])
+        changed = torch.zeros(la.shape[1], dtype=torch.bool)
+        for xi, wi, wxi, li in zip(xa, wa, wxa, la, strict=True):
+            slx = slxa - wxi * li
+            sl2 = sl2a - wi * li * li
             positive = slx > 0
-            new = (x[:, i] * sl2 / _safe(slx, ~positive)).round().clamp(-nmax, nmax - 1)
+            new = (xi * sl2 / _safe(slx, ~positive)).round_().clamp_(-nmax, nmax - 1)
             slx = slx + wxi * new
             sl2 = sl2 + wi * new * new
             take = (positive & (new != li) & (sl2 > 0)
-                    & (slx * slx * suml2 > sumlx * sumlx * sl2))
-            levels[:, i] = torch.where(take, new, li)
-            sumlx = torch.where(take, slx, sumlx)
-            suml2 = torch.where(take, sl2, suml2)
+                    & (slx * slx * sl2a > slxa * slxa * sl2))
+            li.copy_(torch.where(take, new, li))
+            slxa = torch.where(take, slx, slxa)
+            sl2a = torch.where(take, sl2, sl2a)
             changed |= take
+        if rows is None:
+            sumlx, suml2 = slxa, sl2a
+        else:
+            columns[3][:, rows] = la
+            sumlx[rows], suml2[rows] = slxa, sl2a
         if not changed.any():
             break
+        still = changed.nonzero().squeeze(1)
+        rows = still if rows is None else rows[still]
     scale = torch.where(suml2 > 0, sumlx / _safe(suml2, suml2 <= 0), 0.0)
-    codes = torch.where(zero[:, None], 0.0, levels + nmax)
+    codes = _zero_rows(columns[3].t().contiguous().add_(nmax), zero)
     return codes, torch.where(zero, 0.0, scale)
 
 
@@ -127,58 +171,76 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
 
     The squared error of a fit is not summed value by value as in C but expanded into the
     sums the fit already has (s^2 Swl^2 + 2sm Swl - 2s Swlx + m^2 Sw - 2m Swx + Swx^2),
-    combined in float64 so that the cancellation costs nothing: a third fewer passes over the
-    values, for the slowest of the K-quant searches."""
+    combined in float64 so that the cancellation costs nothing. A candidate's codes and
+    products go into buffers made once, its three sums are one reduction, and only the
+    winner's inverse scale and minimum are kept: its codes are made again at the end (the
+    same float operations, so the same codes). A candidate then costs four in-place passes
+    for its codes, two multiplies for its three products and one reduction (and five passes
+    more for ``use_mad``'s absolute error), with no full-size temporary, where keeping every
+    candidate's codes took eight temporaries and a masked select."""
     low = x.amin(-1).clamp(max=0)
     high = x.amax(-1)
-    wx = weights * x
+    pair = torch.empty((2, *x.shape))  # w and wx: one multiply by the codes gives two terms
+    pair[0] = weights
+    wx = torch.mul(weights, x, out=pair[1])
     sum_w = weights.sum(-1)
     sum_x = wx.sum(-1)
     sum_x2 = (wx * x).sum(-1).double()
+    sum_w64, sum_x64 = sum_w.double(), sum_x.double()
     flat = high == low
-
-    def error(scale, low, levels, sums):
-        if use_mad:
-            diff = scale[:, None] * levels + low[:, None] - x
-            return (weights * diff.abs()).sum(-1)
-        sum_l, sum_l2, sum_xl = (s.double() for s in sums)
-        s, m = scale.double(), low.double()
-        return (s * s * sum_l2 + 2 * s * m * sum_l - 2 * s * sum_xl + m * m * sum_w.double()
-                - 2 * m * sum_x.double() + sum_x2)
+    trial = torch.empty_like(x)
+    products = torch.empty((3, *x.shape))
 
     def codes(iscale, low):
         iscale = torch.nan_to_num(iscale, posinf=3e38, neginf=-3e38)
-        return (iscale[:, None] * (x - low[:, None])).round().clamp(0, nmax)
+        torch.sub(x, low[:, None], out=trial).mul_(iscale[:, None]).round_().clamp_(0, nmax)
+        return iscale
 
-    def sums(levels):
-        wl = weights * levels
-        return wl.sum(-1), (wl * levels).sum(-1), (wx * levels).sum(-1)
+    def sums():
+        """Swl, Swxl and Swl^2 of the codes in ``trial``, as rows of one (3, n) tensor."""
+        torch.mul(pair, trial, out=products[:2])
+        torch.mul(products[0], trial, out=products[2])  # (w * l) * l, in C's order
+        return products.sum(-1)  # each row of the three summed alone, as .sum(-1) of one
+
+    def error(scale, low, totals):
+        if use_mad:
+            diff = torch.mul(trial, scale[:, None], out=products[0])  # its sum is taken
+            diff.add_(low[:, None]).sub_(x)
+            return diff.abs_().mul_(weights).sum(-1)
+        sum_l, sum_xl, sum_l2 = totals.double()
+        s, m = scale.double(), low.double()
+        twice = 2 * s
+        return (s * s * sum_l2 + twice * m * sum_l - twice * sum_xl + m * m * sum_w64
+                - 2 * m * sum_x64 + sum_x2)
 
     iscale = nmax / _safe(high - low, flat)
     scale = 1 / iscale
-    levels = codes(iscale, low)
-    best = error(scale, low, levels, sums(levels))
+    best_iscale, best_low = codes(iscale, low), low
+    best = error(scale, low, sums())
     for step in range(nstep + 1):
         span = high - low
-        trial = codes(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)
-                      / _safe(span, span == 0), low)
-        sum_l, sum_l2, sum_xl = trial_sums = sums(trial)
+        iscale = codes(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)
+                       / _unless(span, span == 0, 1.0), low)
+        totals = sums()
+        sum_l, sum_xl, sum_l2 = totals
         det = sum_w * sum_l2 - sum_l * sum_l
         fits = det > 0
-        det = _safe(det, ~fits)
+        det = _unless(det, ~fits, 1.0)
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
         clipped = this_min > 0
-        this_min = torch.where(clipped, 0.0, this_min)
-        this_scale = torch.where(clipped, sum_xl / _safe(sum_l2, sum_l2 == 0), this_scale)
-        current = error(this_scale, this_min, trial, trial_sums)
+        if clipped.any():  # the least-squares minimum is above 0: fit the scale alone
+            this_min = torch.where(clipped, 0.0, this_min)
+            this_scale = torch.where(clipped, sum_xl / _safe(sum_l2, sum_l2 == 0), this_scale)
+        current = error(this_scale, this_min, totals)
         better = fits & (current < best)
-        levels = torch.where(better[:, None], trial, levels)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        best_low = torch.where(better, low, best_low)
         best = torch.where(better, current, best)
         scale = torch.where(better, this_scale, scale)
         low = torch.where(better, this_min, low)
-    levels = torch.where(flat[:, None], 0.0, levels)
-    return levels, torch.where(flat, 0.0, scale), -low
+    codes(best_iscale, best_low)
+    return _zero_rows(trial, flat), torch.where(flat, 0.0, scale), -low
 
 
 def _requantize(x, step, offset, low, high, keep):
@@ -186,8 +248,8 @@ def _requantize(x, step, offset, low, high, keep):
     and offsets: ``nearest_int((x + offset)/step)`` clipped, or ``keep`` where the step is 0
     (C's ``if (!d) continue``)."""
     zero = step == 0
-    fresh = ((x + offset) / _safe(step, zero)).round().clamp(low, high)
-    return torch.where(zero, keep, fresh)
+    fresh = ((x + offset) / _safe(step, zero)).round_().clamp_(low, high)
+    return torch.where(zero, keep, fresh) if zero.any() else fresh
 
 
 def _crumbs(levels: torch.Tensor) -> torch.Tensor:
