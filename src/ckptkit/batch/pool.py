@@ -20,20 +20,25 @@ machine) sat idle most of the time, and two children ran no faster than one proc
 - a child is replaced after ``RECYCLE`` files, so that whatever a reader leaks stays
   bounded.
 
-Children start from a forkserver that has imported ``batch.work`` (and the CLI, when the run
-is ``ckpt``) once: a child starts in about 10 ms, without forking the parent's threads (the
-parent may be a Ray actor, or hold Arrow's threads). A local run starts the server first
-thing (``start_server``), so that its imports overlap the parent's. Children start without
-the parent waiting: each says READY (a start is no file's time; a file's time counts from
-when the child begins it). The same pool runs a whole local run (``workers`` children)
-and, with one child, each batch of a Ray actor.
+Children start from a forkserver (multiprocessing's): a child starts in about 10 ms, without
+forking the parent's threads (the parent may be a Ray actor, or hold Arrow's threads). A
+local run starts the server first thing (``start_server``), as a fork of itself while it has
+no thread yet: everything the children need is imported already, so the first files start at
+once. A fresh server (multiprocessing's own, when the run has threads, or on Ray) imports
+``batch.work`` and the CLI first: 0.4 CPU-s, on a 2-core machine a twentieth of a 10,000-file
+run spent with one core idle. Children start without the parent waiting: each says READY (a
+start is no file's time; a file's time counts from when the child begins it). The same pool
+runs a whole local run (``workers`` children) and, with one child, each batch of a Ray
+actor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -104,10 +109,58 @@ def _context():
 
 
 def start_server() -> None:
-    """Starts the forkserver now (it imports the work while the caller does other things),
-    not when the first child is needed."""
+    """Starts the forkserver now, not when the first child is needed: a fork of this process
+    when it can be (``_fork_server``), else a fresh one, which imports the work while the
+    caller does other things."""
     _context()
-    forkserver.ensure_running()
+    if not _fork_server():
+        forkserver.ensure_running()
+
+
+def _fork_server() -> bool:
+    """Starts multiprocessing's forkserver as a fork of this process, as
+    ``ForkServer.ensure_running`` starts it in a fresh interpreter (a listening socket, an
+    "alive" pipe whose end of file stops it), when this process has a single thread (a fork
+    keeps only the calling thread: a lock another one held would stay held) and no server
+    yet. Its children are forks of it, started as from a fresh server (``spawn._main``: the
+    main module is the one they already hold, so it is not run again). False when it cannot
+    (other threads, a server already there, a multiprocessing whose forkserver lacks what
+    this sets): ``ensure_running`` then starts a fresh one."""
+    from multiprocessing import connection, resource_tracker, util
+
+    server = getattr(forkserver, "_forkserver", None)
+    names = ("_forkserver_pid", "_forkserver_address", "_forkserver_alive_fd")
+    if not all(hasattr(server, n) for n in names) or server._forkserver_pid is not None:
+        return False
+    resource_tracker.ensure_running()  # (as ensure_running does: the children get its pipe)
+    try:
+        if len(os.listdir("/proc/self/task")) != 1:
+            return False
+    except OSError:
+        return False
+    with socket.socket(socket.AF_UNIX) as listener:
+        address = connection.arbitrary_address("AF_UNIX")
+        listener.bind(address)
+        if not util.is_abstract_socket_namespace(address):
+            os.chmod(address, 0o600)
+        listener.listen()
+        alive_r, alive_w = os.pipe()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()  # (what is buffered is written once, not by both)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(alive_w)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a fresh interpreter
+                forkserver.main(listener.fileno(), alive_r, [])
+            finally:
+                os._exit(0)
+        os.close(alive_r)
+    server._forkserver_address = address
+    server._forkserver_alive_fd = alive_w
+    server._forkserver_pid = pid
+    return True
 
 
 class Pool:
@@ -132,8 +185,10 @@ class Pool:
         source: Iterator[Task] | None = iter(tasks)
         try:
             while True:
-                while source is not None and len(self._queues["header"]) < 4 * BATCH * \
-                        self.workers:
+                # Before the children start, only their first lists: they start on them
+                # while the listing is walked on.
+                ahead = (4 if self._children else 1) * BATCH * self.workers
+                while source is not None and len(self._queues["header"]) < ahead:
                     task = next(source, None)
                     if task is None:
                         source = None
