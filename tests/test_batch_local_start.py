@@ -1,0 +1,66 @@
+"""The pool's forkserver: a fork of the run when the run has a single thread (its children
+start with everything imported), multiprocessing's own fresh server otherwise (forking a
+process with other threads could copy a lock one of them holds); either way its children do
+the work, and nothing outlives the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ckptkit.ops.scan import scan_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+import batch_files
+
+SRC = os.path.join(os.path.dirname(__file__), "..", "src")
+
+# Starts the server, has one child scan a file, and says what the server is.
+SCRIPT = """
+import json, os, sys, threading
+from multiprocessing import forkserver
+if sys.argv[2] == "thread":
+    stop = threading.Event()
+    threading.Thread(target=stop.wait, daemon=True).start()
+from ckptkit.batch import pool
+pool.start_server()
+server = forkserver._forkserver._forkserver_pid
+def cmdline(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+workers = pool.Pool(1)
+task = pool.Task(0, "header", ("scan", sys.argv[1], None, None), 60.0)
+[(done, row)] = list(workers.run([task]))
+workers.close()
+print(json.dumps({"server": server, "forked": cmdline(server) == cmdline(os.getpid()),
+                  "verdict": row["verdict"]}))
+"""
+
+
+@pytest.mark.parametrize("threads", ["none", "thread"])
+def test_the_server_is_a_fork_of_a_single_threaded_run_and_ends_with_it(tmp_path, threads):
+    [sample, *_] = [p for p in batch_files.originals(str(tmp_path), hostile=True)
+                    if p.endswith("zip_os_system.ckpt")]
+    env = dict(os.environ, PYTHONPATH=SRC)
+    done = subprocess.run([sys.executable, "-c", SCRIPT, sample, threads], env=env,
+                          capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(done.stdout)
+    assert report["forked"] == (threads == "none")
+    assert report["verdict"] == scan_file(sample).verdict == "unsafe"
+    deadline = time.monotonic() + 10  # the run is gone: its server follows
+    while running(report["server"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(report["server"])
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # (a zombie has ended)
+    except OSError:
+        return False
