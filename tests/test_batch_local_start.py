@@ -1,7 +1,8 @@
 """The pool's forkserver: a fork of the run when the run has a single thread (its children
 start with everything imported), multiprocessing's own fresh server otherwise (forking a
 process with other threads could copy a lock one of them holds); either way its children do
-the work, and nothing outlives the run."""
+the work, and nothing outlives the run (a fork, holding what the run had open, not even
+the run's end)."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ workers = pool.Pool(1)
 task = pool.Task(0, "header", ("scan", sys.argv[1], None, None), 60.0)
 [(done, row)] = list(workers.run([task]))
 workers.close()
-print(json.dumps({"server": server, "forked": cmdline(server) == cmdline(os.getpid()),
-                  "verdict": row["verdict"]}))
+forked = cmdline(server) == cmdline(os.getpid())
+pool.stop_server()
+print(json.dumps({"server": server, "forked": forked, "verdict": row["verdict"],
+                  "stopped": not os.path.exists(f"/proc/{server}")}))
 """
 
 
@@ -51,6 +54,9 @@ def test_the_server_is_a_fork_of_a_single_threaded_run_and_ends_with_it(tmp_path
                           capture_output=True, text=True, timeout=120, check=True)
     report = json.loads(done.stdout)
     assert report["forked"] == (threads == "none")
+    # A fork holds what the run had open: it ends with the run (reaped), the fresh server
+    # with the process.
+    assert report["stopped"] == (threads == "none")
     assert report["verdict"] == scan_file(sample).verdict == "unsafe"
     deadline = time.monotonic() + 10  # the run is gone: its server follows
     while running(report["server"]) and time.monotonic() < deadline:

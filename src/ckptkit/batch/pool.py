@@ -108,36 +108,67 @@ def _context():
     return ctx
 
 
+_forked: int | None = None  # the forkserver this process forked (start_server), while it runs
+
+
 def start_server() -> None:
     """Starts the forkserver now, not when the first child is needed: a fork of this process
-    when it can be (``_fork_server``), else a fresh one, which imports the work while the
-    caller does other things."""
+    when it can be (``_fork_server``; ended by ``stop_server``), else a fresh one, which
+    imports the work while the caller does other things."""
+    global _forked
     _context()
-    if not _fork_server():
+    _forked = _fork_server()
+    if _forked is None:
         forkserver.ensure_running()
 
 
-def _fork_server() -> bool:
+def stop_server() -> None:
+    """Ends the forkserver ``start_server`` forked, if any. It holds whatever this process
+    had open when it was forked (a library caller's files and sockets), so it lives as long
+    as the run, not as long as the process; a fresh server lives with the process, as
+    multiprocessing has it."""
+    global _forked
+    server = getattr(forkserver, "_forkserver", None)
+    if _forked is None or getattr(server, "_forkserver_pid", None) != _forked:
+        return
+    from multiprocessing import util
+
+    os.close(server._forkserver_alive_fd)  # its end of file: the server returns
+    deadline = time.monotonic() + 5  # (a child of the run's still alive holds the pipe)
+    while not os.waitpid(_forked, os.WNOHANG)[0]:
+        if time.monotonic() > deadline:
+            os.kill(_forked, signal.SIGKILL)
+            os.waitpid(_forked, 0)
+            break
+        time.sleep(0.001)
+    if not util.is_abstract_socket_namespace(server._forkserver_address):
+        with contextlib.suppress(OSError):
+            os.unlink(server._forkserver_address)
+    server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
+    _forked = None
+
+
+def _fork_server() -> int | None:
     """Starts multiprocessing's forkserver as a fork of this process, as
     ``ForkServer.ensure_running`` starts it in a fresh interpreter (a listening socket, an
     "alive" pipe whose end of file stops it), when this process has a single thread (a fork
     keeps only the calling thread: a lock another one held would stay held) and no server
-    yet. Its children are forks of it, started as from a fresh server (``spawn._main``: the
-    main module is the one they already hold, so it is not run again). False when it cannot
-    (other threads, a server already there, a multiprocessing whose forkserver lacks what
-    this sets): ``ensure_running`` then starts a fresh one."""
+    yet; returns its pid. Its children are forks of it, started as from a fresh server
+    (``spawn._main``: the main module is the one they already hold, so it is not run again).
+    None when it cannot (other threads, a server already there, a multiprocessing whose
+    forkserver lacks what this sets): ``ensure_running`` then starts a fresh one."""
     from multiprocessing import connection, resource_tracker, util
 
     server = getattr(forkserver, "_forkserver", None)
     names = ("_forkserver_pid", "_forkserver_address", "_forkserver_alive_fd")
     if not all(hasattr(server, n) for n in names) or server._forkserver_pid is not None:
-        return False
+        return None
     resource_tracker.ensure_running()  # (as ensure_running does: the children get its pipe)
     try:
         if len(os.listdir("/proc/self/task")) != 1:
-            return False
+            return None
     except OSError:
-        return False
+        return None
     with socket.socket(socket.AF_UNIX) as listener:
         address = connection.arbitrary_address("AF_UNIX")
         listener.bind(address)
@@ -160,7 +191,7 @@ def _fork_server() -> bool:
     server._forkserver_address = address
     server._forkserver_alive_fd = alive_w
     server._forkserver_pid = pid
-    return True
+    return pid
 
 
 class Pool:
