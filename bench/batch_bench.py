@@ -190,9 +190,11 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
     Ray cluster's processes (beyond what they held idle) when ``cluster`` names its folder.
 
     CPU seconds are the kernel's counts: this process is made the subreaper of ``cmd``'s
-    tree, so the forkserver (orphaned when the run ends) comes back to it, and waiting for it
-    yields its CPU and its children's (the pool's workers, which it waited for). Split into
-    ``parent`` (the run itself), ``forkserver`` (sampled) and ``workers`` (the rest). For the
+    tree, so a forkserver still running when the run ends comes back to it, and waiting for
+    it yields its CPU and its children's (the pool's workers, which it waited for); a
+    forkserver the run stops and reaps itself is in the run's count of its reaped children.
+    Split into ``parent`` (the run itself, from its stat once it has exited), ``forkserver``
+    (sampled) and ``workers`` (the rest). For the
     workers, ``idle`` is the share of their sampled lifetime they neither ran nor waited
     for a CPU (waiting for files: the parent did not keep up), ``queued`` the share they
     waited for a CPU. Ray's processes are sampled every 0.2 s (their last moments missed)."""
@@ -228,7 +230,8 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
                                           sum(_pss(p) for p in theirs) - base_pss)
                 for p in own | theirs:
                     cpu[p] = max(cpu.get(p, 0.0), _cpu(p) - base_cpu.get(p, 0.0))
-                    roles.setdefault(p, _role(p, proc.pid) if p in own else "ray")
+                    if p not in roles:
+                        roles[p] = _role(p, proc.pid) if p in own else "ray"
                     if roles[p] == "ray" and (titles.get(p, "?") in ("?", "ray::IDLE")
                                               or not titles[p].startswith("ray::")):
                         titles[p] = _title(p)  # a worker's title: its last job's
@@ -242,14 +245,19 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped yet:
+        wall = time.perf_counter() - start
+        own_cpu = _cpu(proc.pid)  # its stat's count of itself is final
         status, parent_cpu = _reap(proc.pid)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - start
         stop.set()
         sampler.join()
         tree_cpu = 0.0
         if cluster is None:
-            for orphan in _ours() - before:  # the forkserver, reparented to us
+            # What the run reaped itself (a forkserver that is a fork of it, and so the
+            # workers that server reaped) is the tree's, not the run's own.
+            tree_cpu, parent_cpu = parent_cpu - own_cpu, own_cpu
+            for orphan in _ours() - before:  # a forkserver reparented to us
                 tree_cpu += _reap(orphan)[1]
             ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 0)
         else:
