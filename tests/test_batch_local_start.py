@@ -2,7 +2,7 @@
 start with everything imported), multiprocessing's own fresh server otherwise (forking a
 process with other threads could copy a lock one of them holds); either way its children do
 the work, and nothing outlives the run (a fork, holding what the run had open, not even
-the run's end)."""
+the run's end). Children are replaced every few files, each file still answered once."""
 
 from __future__ import annotations
 
@@ -71,3 +71,34 @@ def running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # (a zombie has ended)
     except OSError:
         return False
+
+
+def test_children_replaced_every_few_files_answer_each_file_once(tmp_path):
+    """A child is replaced after ``recycle`` files, its successor started while it finishes
+    its last ones: every file answered once, as ``scan_file`` says, a crashing one too."""
+    from ckptkit.batch import pool
+
+    contents = list(batch_files.BROKEN.items())
+    paths = []
+    for i in range(30):
+        name, data = contents[i % len(contents)]
+        paths.append(str(tmp_path / f"{i:03d}-{'CRASH-' if i == 17 else ''}{name}"))
+        with open(paths[-1], "wb") as f:
+            f.write(data)
+    workers = pool.Pool(2, faults=[("crash", "CRASH")], recycle=4)
+    started = []
+    start = workers._start
+    workers._start = lambda: started.append(start()) or started[-1]
+    tasks = [pool.Task(i, "header", ("scan", p, None, None), 60.0) for i, p in enumerate(paths)]
+    try:
+        answers = [(task.key, result) for task, result in workers.run(tasks)]
+    finally:
+        workers.close()
+    assert sorted(key for key, _ in answers) == list(range(30))
+    for key, result in answers:
+        if key == 17:
+            assert result == pool.Failure("the reader crashed twice (its process exited "
+                                          "with code 77)")
+        else:
+            assert result["verdict"] == scan_file(paths[key]).verdict, paths[key]
+    assert len(started) > 2

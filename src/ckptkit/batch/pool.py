@@ -202,6 +202,7 @@ class Pool:
         self.recycle = recycle
         self._ctx = _context()
         self._children: list[_Child] = []
+        self._stopped: list[Any] = []  # processes of children told to exit, not joined yet
         self._queues: dict[str, deque[Task]] = {"header": deque(), "hash": deque()}
 
     def add(self, task: Task) -> None:
@@ -238,12 +239,16 @@ class Pool:
 
     def _dispatch(self) -> None:
         """Sends each child with at most ``BATCH`` files left its next list (new children
-        up to ``workers``), so that none waits for the parent between lists."""
-        room = [c for c in self._children if not c.alone and len(c.queued) <= BATCH
-                and c.files + len(c.queued) < self.recycle and c.process.is_alive()]
-        spent = [c for c in self._children if not c.queued
-                 and (c.files >= self.recycle or not c.process.is_alive())]
-        for child in room + spent + [None] * (self.workers - len(self._children)):
+        up to ``workers``), so that none waits for the parent between lists. A child sent
+        its last files before ``recycle`` has a successor at once, which works while it
+        finishes them (rather than a core idle while it exits and the next one starts)."""
+        for child in [c for c in self._children if not c.queued and (
+                c.files >= self.recycle or not c.process.is_alive())]:
+            self._stop(child)
+        active = [c for c in self._children if c.files + len(c.queued) < self.recycle]
+        room = [c for c in active if not c.alone and len(c.queued) <= BATCH
+                and c.process.is_alive()]
+        for child in room + [None] * (self.workers - len(active)):
             backlog = len(self._queues["hash"]) >= HASH_BACKLOG * self.workers
             stage = "header" if self._queues["header"] and not backlog else "hash"
             queue = self._queues[stage]
@@ -252,15 +257,13 @@ class Pool:
             retry = queue[0].tries > 0
             if child is not None and child.queued and retry:
                 continue  # a retry waits for a child with nothing else to do
-            if child in spent:
-                self._stop(child)
-                child = None
             child = child or self._start()
             if retry or stage == "hash":
                 batch = [queue.popleft()]
-            else:
+            else:  # the last files shared out, not all to the first child that asks
+                size = min(BATCH, -(-len(queue) // self.workers))
                 batch = []
-                while queue and len(batch) < BATCH and not queue[0].tries:
+                while queue and len(batch) < size and not queue[0].tries:
                     batch.append(queue.popleft())
             child.queued.extend(batch)
             child.alone = retry
@@ -366,14 +369,13 @@ class Pool:
         return child
 
     def _stop(self, child: _Child) -> None:
+        """Tells ``child`` (nothing queued) to exit, without waiting for it to (its
+        interpreter's end: milliseconds, more on a busy machine); ``close`` joins it."""
         with contextlib.suppress(OSError):
             child.conn.send(None)
-        child.process.join(5)
-        if child.process.is_alive():
-            child.process.kill()
-            child.process.join()
         child.conn.close()
         self._children.remove(child)
+        self._stopped = [p for p in self._stopped if p.is_alive()] + [child.process]
 
     def close(self) -> None:
         for child in list(self._children):
@@ -381,6 +383,12 @@ class Pool:
             child.process.join()
             child.conn.close()
         self._children.clear()
+        for process in self._stopped:  # told to exit: gone, or about to be
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._stopped.clear()
 
 
 def _death(code: int | None) -> str:
