@@ -248,6 +248,8 @@ class Pool:
         active = [c for c in self._children if c.files + len(c.queued) < self.recycle]
         room = [c for c in active if not c.alone and len(c.queued) <= BATCH
                 and c.process.is_alive()]
+        # The last files shared out, not all to the first child that asks.
+        share = -(-len(self._queues["header"]) // self.workers)
         for child in room + [None] * (self.workers - len(active)):
             backlog = len(self._queues["hash"]) >= HASH_BACKLOG * self.workers
             stage = "header" if self._queues["header"] and not backlog else "hash"
@@ -260,10 +262,9 @@ class Pool:
             child = child or self._start()
             if retry or stage == "hash":
                 batch = [queue.popleft()]
-            else:  # the last files shared out, not all to the first child that asks
-                size = min(BATCH, -(-len(queue) // self.workers))
+            else:
                 batch = []
-                while queue and len(batch) < size and not queue[0].tries:
+                while queue and len(batch) < min(BATCH, share) and not queue[0].tries:
                     batch.append(queue.popleft())
             child.queued.extend(batch)
             child.alone = retry
