@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -102,3 +103,50 @@ def test_children_replaced_every_few_files_answer_each_file_once(tmp_path):
         else:
             assert result["verdict"] == scan_file(paths[key]).verdict, paths[key]
     assert len(started) > 2
+
+
+def test_ctrl_c_stops_the_run_without_a_traceback_from_its_children(tmp_path):
+    """Ctrl-C reaches the whole process group: the run keeps what is done and stops its
+    children, which ignore it (each printed a KeyboardInterrupt traceback, or died of it
+    and was taken for a crash)."""
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(40):
+        name = "020-HANG.safetensors" if i == 20 else f"{i:03d}.safetensors"
+        (files / name).write_bytes(batch_files.BROKEN["truncated.safetensors"])
+    env = dict(os.environ, PYTHONPATH=SRC, CKPTKIT_BATCH_TEST_FAULTS="hang:HANG")
+    proc = subprocess.Popen([sys.executable, "-m", "ckptkit.cli.main", "batch", "scan",
+                             str(files), "-o", str(tmp_path / "r.parquet"), "--quiet"],
+                            env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(below(proc.pid)) < 3 and time.monotonic() < deadline:  # server, 2 children
+        time.sleep(0.05)
+    time.sleep(0.5)  # (the children at work: one on the hanging file)
+    children = [p for p in below(proc.pid) if p not in below(proc.pid, depth=1)]
+    assert children
+    for child in children:  # first to the children alone: they carry on
+        os.kill(child, signal.SIGINT)
+    time.sleep(0.5)
+    assert all(running(child) for child in children)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted after" in err
+
+
+def below(pid: int, depth: int = 99) -> list[int]:
+    """The processes below ``pid``, ``depth`` levels down at most."""
+    found, frontier = [], [(pid, 0)]
+    while frontier:
+        pid, level = frontier.pop()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+        found += children
+        if level + 1 < depth:
+            frontier += [(child, level + 1) for child in children]
+    return found
