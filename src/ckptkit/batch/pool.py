@@ -135,12 +135,13 @@ def stop_server() -> None:
 
     os.close(server._forkserver_alive_fd)  # its end of file: the server returns
     deadline = time.monotonic() + 5  # (a child of the run's still alive holds the pipe)
-    while not os.waitpid(_forked, os.WNOHANG)[0]:
-        if time.monotonic() > deadline:
-            os.kill(_forked, signal.SIGKILL)
-            os.waitpid(_forked, 0)
-            break
-        time.sleep(0.001)
+    with contextlib.suppress(ChildProcessError):  # (reaped already)
+        while not os.waitpid(_forked, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                os.kill(_forked, signal.SIGKILL)
+                os.waitpid(_forked, 0)
+                break
+            time.sleep(0.001)
     if not util.is_abstract_socket_namespace(server._forkserver_address):
         with contextlib.suppress(OSError):
             os.unlink(server._forkserver_address)

@@ -78,48 +78,55 @@ def run_batch(op: str, sources: list[str], output: str, *, ray: str | None = Non
         start_server()  # before any thread: it may be a fork of this process
         _import_soon("pyarrow.parquet", "pyarrow.compute")
     try:
-        listing.check_sources(sources)
-        results = Results(output, resume, flush_rows)
-        progress = progress or _Quiet()
-        summary = Summary(output)
-        previous = results.previous() if resume else {}
-        listed: set[bytes] | None = set() if resume else None
-        faults = work.parse_faults(os.environ.get(work.FAULTS_ENV))
-        started = time.monotonic()
-
-        def todo() -> Iterator[tuple[str, int, int] | dict[str, Any]]:
-            for item in listing.files(sources):
-                key = row_key(item) if isinstance(item, dict) else os.fsencode(item[0])
-                if listed is not None:
-                    listed.add(key)
-                if isinstance(item, tuple) and previous.get(key) == item[1:]:
-                    summary.resumed += 1
-                    continue
-                yield item
-
-        def emit(row: dict[str, Any]) -> None:
-            results.add(row)
-            summary.done += 1
-            progress.update(row["size"] or 0, 1)
-            if row["error"] is not None:
-                progress.failed()
-
-        try:
-            if ray is None:
-                _local(op, todo(), emit, progress, workers or os.cpu_count() or 1, timeout, faults)
-            else:
-                from .on_ray import run_on_ray
-
-                run_on_ray(op, todo(), results, summary, progress, ray, workers, timeout, faults)
-        except BaseException:
-            results.flush()  # what is done stays done (an interrupt, a lost cluster)
-            raise
-        counts = results.finish(listed)
-        summary.seconds = time.monotonic() - started
-        _tally(summary, counts)
-        return summary
+        return _run(op, sources, output, ray, resume, workers, timeout, progress, flush_rows)
     finally:
         stop_server()  # (the fork's: see pool.stop_server)
+
+
+def _run(op: str, sources: list[str], output: str, ray: str | None, resume: bool,
+         workers: int | None, timeout: float, progress: Progress | None,
+         flush_rows: int) -> Summary:
+    """``run_batch`` once its arguments are checked and its forkserver started."""
+    listing.check_sources(sources)
+    results = Results(output, resume, flush_rows)
+    progress = progress or _Quiet()
+    summary = Summary(output)
+    previous = results.previous() if resume else {}
+    listed: set[bytes] | None = set() if resume else None
+    faults = work.parse_faults(os.environ.get(work.FAULTS_ENV))
+    started = time.monotonic()
+
+    def todo() -> Iterator[tuple[str, int, int] | dict[str, Any]]:
+        for item in listing.files(sources):
+            key = row_key(item) if isinstance(item, dict) else os.fsencode(item[0])
+            if listed is not None:
+                listed.add(key)
+            if isinstance(item, tuple) and previous.get(key) == item[1:]:
+                summary.resumed += 1
+                continue
+            yield item
+
+    def emit(row: dict[str, Any]) -> None:
+        results.add(row)
+        summary.done += 1
+        progress.update(row["size"] or 0, 1)
+        if row["error"] is not None:
+            progress.failed()
+
+    try:
+        if ray is None:
+            _local(op, todo(), emit, progress, workers or os.cpu_count() or 1, timeout, faults)
+        else:
+            from .on_ray import run_on_ray
+
+            run_on_ray(op, todo(), results, summary, progress, ray, workers, timeout, faults)
+    except BaseException:
+        results.flush()  # what is done stays done (an interrupt, a lost cluster)
+        raise
+    counts = results.finish(listed)
+    summary.seconds = time.monotonic() - started
+    _tally(summary, counts)
+    return summary
 
 
 def _import_soon(*names: str) -> None:
