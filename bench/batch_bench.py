@@ -17,15 +17,17 @@ Each runs as a child process, rounds alternating the contenders. Printed per run
 seconds, files/s, CPU seconds (the kernel's exact count for the local contenders, split
 into the run's own process, its forkserver and the workers; for Ray, sampled every 0.1 s),
 for the pool the share of their lifetime the workers sat idle (no file to do: the parent
-did not keep up) and waited for a CPU (a busy machine), and the load average. Then per
-contender: the median wall time, files/s, CPU s, files per CPU second and peak memory (the
-peak of the summed PSS of its process tree, and for Ray of the cluster's processes beyond
-their idle size); the pool's speed-up over one process and Ray's time over the pool's (the
-medians of each round's ratio), the most the pool could gain on idle cores from CPU seconds
-alone, and the idle Ray cluster's own CPU use. On a shared machine wall time measures the
-share of the CPUs a contender got (Linux gives each session a share, so a busy neighbour
-holds the pool and one process alike to it); CPU seconds measure the work itself. The
-outputs are checked to be equal before the summary is printed.
+did not keep up) and waited for a CPU (a busy machine), the load average, and the CPU
+this benchmark's sampler took meanwhile (on 2 cores, from the pool's and Ray's share; one
+process leaves it a core). Then per contender: the median wall time, files/s, CPU s, files
+per CPU second and peak memory (the peak of the summed PSS of its process tree, sampled
+every 0.5 s, and for Ray of the cluster's processes beyond their idle size); the pool's
+speed-up over one process and Ray's time over the pool's (the medians of each round's
+ratio), the most the pool could gain on idle cores from CPU seconds alone, and the idle
+Ray cluster's own CPU use. On a shared machine wall time measures the share of the CPUs a
+contender got (Linux gives each session a share, so a busy neighbour holds the pool and one
+process alike to it); CPU seconds measure the work itself. The outputs are checked to be
+equal before the summary is printed.
 
     PYTHONPATH=src .venv/bin/python bench/batch_bench.py [--files 10000] [--repeat 3] [--no-ray]
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import itertools
 import os
 import statistics
 import subprocess
@@ -50,7 +53,9 @@ import ray_cluster  # noqa: E402
 from measure import paired_ratio  # noqa: E402
 
 PR_SET_CHILD_SUBREAPER = 36
-SAMPLE = 0.1  # seconds between samples of memory, Ray's CPU and the workers' scheduling
+SAMPLE = 0.1  # seconds between samples of Ray's CPU and the workers' scheduling
+PSS_EVERY = 5  # samples between two of memory (smaps_rollup walks a process's page tables:
+# milliseconds a process, which on 2 cores the pool's children lacked and one process did not)
 TICK = os.sysconf("SC_CLK_TCK")
 
 ONE_PROCESS = """
@@ -76,18 +81,26 @@ def _pss(pid: int) -> int:
 
 
 def _tree(roots: set[int]) -> set[int]:
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
+    """``roots`` and every process below them, from the kernel's list of each thread's
+    children (reading every process's stat cost 4 ms a sample: on 2 cores, CPU that the
+    measured run lacks)."""
+    found: set[int] = set()
+    frontier = list(roots)
+    while frontier:
+        pid = frontier.pop()
+        if pid in found:
+            continue
+        found.add(pid)
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in threads:
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    frontier += map(int, f.read().split())
             except OSError:
                 continue
-    found, frontier = set(roots), set(roots)
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
     return found
 
 
@@ -177,9 +190,11 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
     Ray cluster's processes (beyond what they held idle) when ``cluster`` names its folder.
 
     CPU seconds are the kernel's counts: this process is made the subreaper of ``cmd``'s
-    tree, so the forkserver (orphaned when the run ends) comes back to it, and waiting for it
-    yields its CPU and its children's (the pool's workers, which it waited for). Split into
-    ``parent`` (the run itself), ``forkserver`` (sampled) and ``workers`` (the rest). For the
+    tree, so a forkserver still running when the run ends comes back to it, and waiting for
+    it yields its CPU and its children's (the pool's workers, which it waited for); a
+    forkserver the run stops and reaps itself is in the run's count of its reaped children.
+    Split into ``parent`` (the run itself, from its stat once it has exited), ``forkserver``
+    (sampled) and ``workers`` (the rest). For the
     workers, ``idle`` is the share of their sampled lifetime they neither ran nor waited
     for a CPU (waiting for files: the parent did not keep up), ``queued`` the share they
     waited for a CPU. Ray's processes are sampled every 0.2 s (their last moments missed)."""
@@ -199,17 +214,24 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
         life: dict[int, list[tuple[float, float, float]]] = {}
         stop = threading.Event()
 
+        sampler_cpu = [0.0]
+
         def sample() -> None:
-            while not stop.is_set():
+            for n in itertools.count():
+                if stop.is_set():
+                    break
                 own = _tree({proc.pid})
-                peak["own"] = max(peak["own"], sum(_pss(p) for p in own))
+                memory = n % PSS_EVERY == 0
+                if memory:
+                    peak["own"] = max(peak["own"], sum(_pss(p) for p in own))
                 theirs = _cluster(cluster) - own if cluster else set()
-                if theirs:
+                if theirs and memory:
                     peak["cluster"] = max(peak["cluster"],
                                           sum(_pss(p) for p in theirs) - base_pss)
                 for p in own | theirs:
                     cpu[p] = max(cpu.get(p, 0.0), _cpu(p) - base_cpu.get(p, 0.0))
-                    roles.setdefault(p, _role(p, proc.pid) if p in own else "ray")
+                    if p not in roles:
+                        roles[p] = _role(p, proc.pid) if p in own else "ray"
                     if roles[p] == "ray" and (titles.get(p, "?") in ("?", "ray::IDLE")
                                               or not titles[p].startswith("ray::")):
                         titles[p] = _title(p)  # a worker's title: its last job's
@@ -218,18 +240,24 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
                         seen[1:] = [(time.perf_counter(), *got)]
                         if len(seen) == 1:
                             seen.append(seen[0])
+                sampler_cpu[0] = time.thread_time()
                 stop.wait(SAMPLE)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped yet:
+        wall = time.perf_counter() - start
+        own_cpu = _cpu(proc.pid)  # its stat's count of itself is final
         status, parent_cpu = _reap(proc.pid)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - start
         stop.set()
         sampler.join()
         tree_cpu = 0.0
         if cluster is None:
-            for orphan in _ours() - before:  # the forkserver, reparented to us
+            # What the run reaped itself (a forkserver that is a fork of it, and so the
+            # workers that server reaped) is the tree's, not the run's own.
+            tree_cpu, parent_cpu = parent_cpu - own_cpu, own_cpu
+            for orphan in _ours() - before:  # a forkserver reparented to us
                 tree_cpu += _reap(orphan)[1]
             ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 0)
         else:
@@ -251,7 +279,8 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
             "server_cpu": server, "workers_cpu": max(0.0, tree_cpu - server), "ray_cpu": ray,
             "idle": sum(t - r - q for t, r, q in spans) / lived,
             "queued": sum(q for _, _, q in spans) / lived,
-            "peak": peak["own"], "cluster_peak": peak["cluster"], "ray_titles": by_title}
+            "peak": peak["own"], "cluster_peak": peak["cluster"], "ray_titles": by_title,
+            "sampler_cpu": sampler_cpu[0]}
 
 
 def _idle_cpu(folder: str, seconds: float = 5.0) -> float:
@@ -277,7 +306,7 @@ def _line(name: str, r: dict[str, float], files: int) -> str:
             if c >= 0.1)
     return (f"{name:12} {r['seconds']:6.2f} s {files / r['seconds']:5.0f} files/s  "
             f"CPU {r['cpu']:5.1f} s{split} ({1000 * r['cpu'] / files:.2f} ms a file){idle}  "
-            f"load {r['load']:.1f}")
+            f"load {r['load']:.1f}; this sampler {r['sampler_cpu']:.2f} CPU-s")
 
 
 def main() -> None:

@@ -20,12 +20,15 @@ machine) sat idle most of the time, and two children ran no faster than one proc
 - a child is replaced after ``RECYCLE`` files, so that whatever a reader leaks stays
   bounded.
 
-Children start from a forkserver that has imported ``batch.work`` (and the CLI, when the run
-is ``ckpt``) once: a child starts in about 10 ms, without forking the parent's threads (the
-parent may be a Ray actor, or hold Arrow's threads). A local run starts the server first
-thing (``start_server``), so that its imports overlap the parent's. Children start without
-the parent waiting: each says READY (a start is no file's time; a file's time counts from
-when the child begins it). The same pool runs a whole local run (``workers`` children)
+Children start from a forkserver (multiprocessing's): a child starts in about 10 ms, without
+forking the parent's threads (the parent may be a Ray actor, or hold Arrow's threads). A
+local run starts the server first thing (``start_server``), as a fork of itself while it has
+no thread yet: everything the children need is imported already, so the first files start at
+once. A fresh server (multiprocessing's own, when the run has threads, or on Ray) imports
+``batch.work`` and the CLI first: 0.4-0.6 CPU-s with the other core idle on a 2-core machine
+(the first answer came 0.47 s after the server's start, 0.1 s from a fork). Children start
+without the parent waiting: each says READY (a start is no file's time; a file's time counts
+from when the child begins it). The same pool runs a whole local run (``workers`` children)
 and, with one child, each batch of a Ray actor.
 """
 
@@ -33,7 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -103,11 +108,91 @@ def _context():
     return ctx
 
 
+_forked: int | None = None  # the forkserver this process forked (start_server), while it runs
+
+
 def start_server() -> None:
-    """Starts the forkserver now (it imports the work while the caller does other things),
-    not when the first child is needed."""
+    """Starts the forkserver now, not when the first child is needed: a fork of this process
+    when it can be (``_fork_server``; ended by ``stop_server``), else a fresh one, which
+    imports the work while the caller does other things."""
+    global _forked
     _context()
-    forkserver.ensure_running()
+    _forked = _fork_server()
+    if _forked is None:
+        forkserver.ensure_running()
+
+
+def stop_server() -> None:
+    """Ends the forkserver ``start_server`` forked, if any. It holds whatever this process
+    had open when it was forked (a library caller's files and sockets), so it lives as long
+    as the run, not as long as the process; a fresh server lives with the process, as
+    multiprocessing has it."""
+    global _forked
+    server = getattr(forkserver, "_forkserver", None)
+    if _forked is None or getattr(server, "_forkserver_pid", None) != _forked:
+        return
+    from multiprocessing import util
+
+    os.close(server._forkserver_alive_fd)  # its end of file: the server returns
+    deadline = time.monotonic() + 5  # (a child of the run's still alive holds the pipe)
+    with contextlib.suppress(ChildProcessError):  # (reaped already)
+        while not os.waitpid(_forked, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                os.kill(_forked, signal.SIGKILL)
+                os.waitpid(_forked, 0)
+                break
+            time.sleep(0.001)
+    if not util.is_abstract_socket_namespace(server._forkserver_address):
+        with contextlib.suppress(OSError):
+            os.unlink(server._forkserver_address)
+    server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
+    _forked = None
+
+
+def _fork_server() -> int | None:
+    """Starts multiprocessing's forkserver as a fork of this process, as
+    ``ForkServer.ensure_running`` starts it in a fresh interpreter (a listening socket, an
+    "alive" pipe whose end of file stops it), when this process has a single thread (a fork
+    keeps only the calling thread: a lock another one held would stay held) and no server
+    yet; returns its pid. Its children are forks of it, started as from a fresh server
+    (``spawn._main``: the main module is the one they already hold, so it is not run again).
+    None when it cannot (other threads, a server already there, a multiprocessing whose
+    forkserver lacks what this sets): ``ensure_running`` then starts a fresh one."""
+    from multiprocessing import connection, resource_tracker, util
+
+    server = getattr(forkserver, "_forkserver", None)
+    names = ("_forkserver_pid", "_forkserver_address", "_forkserver_alive_fd")
+    if not all(hasattr(server, n) for n in names) or server._forkserver_pid is not None:
+        return None
+    resource_tracker.ensure_running()  # (as ensure_running does: the children get its pipe)
+    try:
+        if len(os.listdir("/proc/self/task")) != 1:
+            return None
+    except OSError:
+        return None
+    with socket.socket(socket.AF_UNIX) as listener:
+        address = connection.arbitrary_address("AF_UNIX")
+        listener.bind(address)
+        if not util.is_abstract_socket_namespace(address):
+            os.chmod(address, 0o600)
+        listener.listen()
+        alive_r, alive_w = os.pipe()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()  # (what is buffered is written once, not by both)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(alive_w)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a fresh interpreter
+                forkserver.main(listener.fileno(), alive_r, [])
+            finally:
+                os._exit(0)
+        os.close(alive_r)
+    server._forkserver_address = address
+    server._forkserver_alive_fd = alive_w
+    server._forkserver_pid = pid
+    return pid
 
 
 class Pool:
@@ -118,6 +203,7 @@ class Pool:
         self.recycle = recycle
         self._ctx = _context()
         self._children: list[_Child] = []
+        self._stopped: list[Any] = []  # processes of children told to exit, not joined yet
         self._queues: dict[str, deque[Task]] = {"header": deque(), "hash": deque()}
 
     def add(self, task: Task) -> None:
@@ -132,8 +218,10 @@ class Pool:
         source: Iterator[Task] | None = iter(tasks)
         try:
             while True:
-                while source is not None and len(self._queues["header"]) < 4 * BATCH * \
-                        self.workers:
+                # Before the children start, only their first lists: they start on them
+                # while the listing is walked on.
+                ahead = (4 if self._children else 1) * BATCH * self.workers
+                while source is not None and len(self._queues["header"]) < ahead:
                     task = next(source, None)
                     if task is None:
                         source = None
@@ -152,12 +240,18 @@ class Pool:
 
     def _dispatch(self) -> None:
         """Sends each child with at most ``BATCH`` files left its next list (new children
-        up to ``workers``), so that none waits for the parent between lists."""
-        room = [c for c in self._children if not c.alone and len(c.queued) <= BATCH
-                and c.files + len(c.queued) < self.recycle and c.process.is_alive()]
-        spent = [c for c in self._children if not c.queued
-                 and (c.files >= self.recycle or not c.process.is_alive())]
-        for child in room + spent + [None] * (self.workers - len(self._children)):
+        up to ``workers``), so that none waits for the parent between lists. A child sent
+        its last files before ``recycle`` has a successor at once, which works while it
+        finishes them (rather than a core idle while it exits and the next one starts)."""
+        for child in [c for c in self._children if not c.queued and (
+                c.files >= self.recycle or not c.process.is_alive())]:
+            self._stop(child)
+        active = [c for c in self._children if c.files + len(c.queued) < self.recycle]
+        room = [c for c in active if not c.alone and len(c.queued) <= BATCH
+                and c.process.is_alive()]
+        # The last files shared out, not all to the first child that asks.
+        share = -(-len(self._queues["header"]) // self.workers)
+        for child in room + [None] * (self.workers - len(active)):
             backlog = len(self._queues["hash"]) >= HASH_BACKLOG * self.workers
             stage = "header" if self._queues["header"] and not backlog else "hash"
             queue = self._queues[stage]
@@ -166,15 +260,12 @@ class Pool:
             retry = queue[0].tries > 0
             if child is not None and child.queued and retry:
                 continue  # a retry waits for a child with nothing else to do
-            if child in spent:
-                self._stop(child)
-                child = None
             child = child or self._start()
             if retry or stage == "hash":
                 batch = [queue.popleft()]
             else:
                 batch = []
-                while queue and len(batch) < BATCH and not queue[0].tries:
+                while queue and len(batch) < min(BATCH, share) and not queue[0].tries:
                     batch.append(queue.popleft())
             child.queued.extend(batch)
             child.alone = retry
@@ -280,14 +371,13 @@ class Pool:
         return child
 
     def _stop(self, child: _Child) -> None:
+        """Tells ``child`` (nothing queued) to exit, without waiting for it to (its
+        interpreter's end: milliseconds, more on a busy machine); ``close`` joins it."""
         with contextlib.suppress(OSError):
             child.conn.send(None)
-        child.process.join(5)
-        if child.process.is_alive():
-            child.process.kill()
-            child.process.join()
         child.conn.close()
         self._children.remove(child)
+        self._stopped = [p for p in self._stopped if p.is_alive()] + [child.process]
 
     def close(self) -> None:
         for child in list(self._children):
@@ -295,6 +385,12 @@ class Pool:
             child.process.join()
             child.conn.close()
         self._children.clear()
+        for process in self._stopped:  # told to exit: gone, or about to be
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._stopped.clear()
 
 
 def _death(code: int | None) -> str:

@@ -148,7 +148,9 @@ def serve(conn, faults: list[tuple[str, str]], current: Current) -> None:
     ``READY`` first: a child's start (seconds on a loaded machine) is no file's time. The
     parent sends the next list while this one runs; the child takes it in before each
     group it sends, so a parent writing a list never waits on a child that is itself waiting
-    to write (both pipes full: a deadlock)."""
+    to write (both pipes full: a deadlock). Ctrl-C is the run's to handle (it keeps what
+    is done and stops the children): a child ignores it, rather than print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     conn.send(READY)
     todo: deque[tuple[Any, str, tuple]] = deque()
