@@ -31,7 +31,7 @@ from queue import SimpleQueue
 from typing import Any
 
 from . import rows
-from .pool import Failure, Pool, Task
+from .pool import Failure, Pool, Task, start_server
 
 BATCH = 100  # files per Ray batch (one actor call)
 QUEUED = 64  # blocks of files walked ahead of the workers, at most
@@ -48,6 +48,7 @@ class _Stage:
     def __init__(self, stage: str, op: str, timeout: float, faults: list[tuple[str, str]]):
         self.stage, self.op, self.timeout = stage, op, timeout
         self.pool = Pool(1, faults)
+        start_server()  # its imports overlap the wait for the first batch
 
     def __call__(self, batch):
         if self.stage == "header":
