@@ -5,7 +5,9 @@ file is read, on the benchmark's local cluster (tests/ray_cluster.py: two nodes 
 - connect + data: the same, importing ``ray.data`` too;
 - empty job: the smallest Ray Data job of the batch run's shape: one read task yielding
   ``--rows`` tiny rows in blocks of 100, ``map_batches`` on a pool of two actors that do
-  nothing (two CPUs: the cluster's), the rows back to the driver with ``iter_batches``.
+  nothing (two CPUs: the cluster's), the rows back to the driver with ``iter_batches``;
+- core actors: the same work with Ray Core alone (no Ray Data): two actors of one CPU that
+  do nothing, the blocks sent from the driver, two in flight per actor.
 
 Wall seconds and CPU seconds (the driver's and the cluster's processes', sampled as
 bench/batch_bench.py does), rounds alternating the contenders; the medians. Compare with the
@@ -76,6 +78,34 @@ assert got == rows, got
 ray.shutdown()
 """
 
+CORE = """
+import sys, ray
+import pyarrow as pa
+
+ray.init(address=sys.argv[1], logging_level="WARNING", log_to_driver=False)
+rows = int(sys.argv[2])
+
+
+@ray.remote(num_cpus=1)
+class Nothing:
+    def __call__(self, batch):
+        return batch
+
+
+actors = [Nothing.remote() for _ in range(2)]
+blocks = (pa.table({"file": [b"x" * 40] * min(100, rows - start)})
+          for start in range(0, rows, 100))
+pending, got = [], 0
+for i, block in enumerate(blocks):
+    pending.append(actors[i % 2].__call__.remote(block))
+    if len(pending) >= 4:
+        done, pending = ray.wait(pending)
+        got += sum(t.num_rows for t in ray.get(done))
+got += sum(t.num_rows for t in ray.get(pending))
+assert got == rows, got
+ray.shutdown()
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -85,13 +115,14 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="ray-floor-")
     folder = os.path.join(work, "ray")
     os.makedirs(folder)
-    runs: dict[str, list[dict]] = {"connect": [], "connect + data": [], "empty job": []}
+    runs: dict[str, list[dict]] = {"connect": [], "connect + data": [], "empty job": [],
+                                   "core actors": []}
     with ray_cluster.cluster(folder) as address:
         idle = batch_bench._idle_cpu(folder)
         print(f"idle cluster: {idle:.2f} CPU-s a second")
         for _ in range(args.repeat):
             for name, code in (("connect", CONNECT), ("connect + data", DATA),
-                               ("empty job", JOB)):
+                               ("empty job", JOB), ("core actors", CORE)):
                 r = batch_bench.measure([sys.executable, "-c", code, address,
                                          str(args.rows)], folder)
                 runs[name].append(r)

@@ -180,15 +180,17 @@ def run_on_ray(op: str, items, results, summary, progress, address: str,
         raise UsageError("--ray needs Ray Data: pip install 'ckptkit[ray]'") from None
     stop = threading.Event()
     try:
-        import ray.data
         from ray.util.queue import Queue
+
+        # First: its worker process starts while this one imports Ray Data (a second).
+        queue = Queue(QUEUED, actor_options={"num_cpus": 0})
+        import ray.data
 
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module="ray.data")  # its tuning hints
-        queue = Queue(QUEUED, actor_options={"num_cpus": 0})
         decided: SimpleQueue = SimpleQueue()
         failed: list[BaseException] = []
         walker = threading.Thread(target=_walk, args=(items, queue, decided, failed, stop),
