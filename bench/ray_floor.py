@@ -11,7 +11,10 @@ file is read, on the benchmark's local cluster (tests/ray_cluster.py: two nodes 
 
 Wall seconds and CPU seconds (the driver's and the cluster's processes', sampled as
 bench/batch_bench.py does), rounds alternating the contenders; the medians. Compare with the
-local pool's time from bench/batch_bench.py: Ray's target is 1.3x it.
+local pool's time from bench/batch_bench.py: Ray's target is 1.3x it. The first round on the
+fresh cluster also starts Ray Data's detached actors (its stats actor, autoscaling
+coordinator and actor location tracker: about 4 CPU-s), which stay in the cluster for every
+later job, as on an operator's cluster.
 
     PYTHONPATH=src .venv/bin/python bench/ray_floor.py [--rows 10000] [--repeat 3]
 """
@@ -112,8 +115,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="ray-floor-")
-    folder = os.path.join(work, "ray")
+    work = tempfile.TemporaryDirectory(prefix="ray-floor-")
+    folder = os.path.join(work.name, "ray")
     os.makedirs(folder)
     runs: dict[str, list[dict]] = {"connect": [], "connect + data": [], "empty job": [],
                                    "core actors": []}
@@ -131,6 +134,7 @@ def main() -> None:
                 print(f"{name:15} {r['seconds']:6.2f} s  CPU {r['cpu']:5.1f} s = driver "
                       f"{r['parent_cpu']:.1f} + Ray's {r['ray_cpu']:.1f} ({titles})  load "
                       f"{os.getloadavg()[0]:.1f}", flush=True)
+    work.cleanup()
     for name, rs in runs.items():
         print(f"{name:15} median {statistics.median(r['seconds'] for r in rs):6.2f} s  CPU "
               f"{statistics.median(r['cpu'] for r in rs):5.1f} s (driver "
