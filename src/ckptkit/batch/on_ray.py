@@ -31,7 +31,7 @@ from queue import SimpleQueue
 from typing import Any
 
 from . import rows
-from .pool import Failure, Pool, Task
+from .pool import Failure, Pool, Task, start_server
 
 BATCH = 100  # files per Ray batch (one actor call)
 QUEUED = 64  # blocks of files walked ahead of the workers, at most
@@ -48,6 +48,7 @@ class _Stage:
     def __init__(self, stage: str, op: str, timeout: float, faults: list[tuple[str, str]]):
         self.stage, self.op, self.timeout = stage, op, timeout
         self.pool = Pool(1, faults)
+        start_server()  # its imports overlap the wait for the first batch
 
     def __call__(self, batch):
         if self.stage == "header":
@@ -179,15 +180,17 @@ def run_on_ray(op: str, items, results, summary, progress, address: str,
         raise UsageError("--ray needs Ray Data: pip install 'ckptkit[ray]'") from None
     stop = threading.Event()
     try:
-        import ray.data
         from ray.util.queue import Queue
+
+        # First: its worker process starts while this one imports Ray Data (a second).
+        queue = Queue(QUEUED, actor_options={"num_cpus": 0})
+        import ray.data
 
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module="ray.data")  # its tuning hints
-        queue = Queue(QUEUED, actor_options={"num_cpus": 0})
         decided: SimpleQueue = SimpleQueue()
         failed: list[BaseException] = []
         walker = threading.Thread(target=_walk, args=(items, queue, decided, failed, stop),

@@ -99,13 +99,36 @@ def _context():
     (as ``__mp_main__``: multiprocessing's rule; its ``'__main__'`` preload is not passed
     the main's path before Python 3.13); for ``ckpt``, whose main imports every command,
     that cost 0.2-0.35 CPU-s and up to 2 s a child on a busy machine, seven times in a run
-    of 10,000 files. With the CLI (or the module run by ``python -m``) imported by the
-    server, running the main again costs milliseconds."""
+    of 10,000 files; in a Ray actor, whose main is Ray's worker script, it imported Ray
+    (0.4-0.6 CPU-s a child). With the CLI, the module run by ``python -m`` or the main
+    script's module (``_script_module``) imported by the server, running the main again
+    costs milliseconds."""
     ctx = multiprocessing.get_context("forkserver")
-    name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None) or _script_module(main)
     cli = [CLI] if CLI in sys.modules else []
     ctx.set_forkserver_preload(["ckptkit.batch.work", *cli, *([name] if name else [])])
     return ctx
+
+
+def _script_module(main) -> str | None:
+    """The name under which the main script is importable from a folder of ``sys.path``
+    other than its own (which the forkserver's path lacks): for a Ray worker,
+    ``ray._private.workers.default_worker``. Importing it runs the script's imports and
+    definitions, not its ``if __name__ == "__main__"`` part; a name that cannot be imported
+    is skipped by the server."""
+    path = getattr(main, "__file__", None)
+    if not path or not path.endswith(".py"):
+        return None
+    path = os.path.abspath(path)
+    for folder in sys.path:
+        folder = os.path.abspath(folder or os.curdir)
+        if folder == os.path.dirname(path) or not path.startswith(folder + os.sep):
+            continue
+        parts = os.path.relpath(path, folder)[:-3].split(os.sep)
+        if all(part.isidentifier() for part in parts):
+            return ".".join(parts)
+    return None
 
 
 _forked: int | None = None  # the forkserver this process forked (start_server), while it runs
