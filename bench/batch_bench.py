@@ -80,30 +80,6 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def _tree(roots: set[int]) -> set[int]:
-    """``roots`` and every process below them, from the kernel's list of each thread's
-    children (reading every process's stat cost 4 ms a sample: on 2 cores, CPU that the
-    measured run lacks)."""
-    found: set[int] = set()
-    frontier = list(roots)
-    while frontier:
-        pid = frontier.pop()
-        if pid in found:
-            continue
-        found.add(pid)
-        try:
-            threads = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in threads:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    frontier += map(int, f.read().split())
-            except OSError:
-                continue
-    return found
-
-
 def _cluster(folder: str) -> set[int]:
     """The Ray cluster's processes: those naming its temporary folder (raylet, GCS, agents),
     its workers (``ray::...`` titles) and everything below them (our readers' children)."""
@@ -117,7 +93,7 @@ def _cluster(folder: str) -> set[int]:
                 continue
             if line.startswith(b"ray::") or folder.encode() in line:
                 roots.add(int(entry))
-    return _tree(roots)
+    return batch_files.process_tree(roots)
 
 
 def _stat(pid: int) -> list[str]:
@@ -220,7 +196,7 @@ def measure(cmd: list[str], cluster: str | None = None) -> dict[str, float]:
             for n in itertools.count():
                 if stop.is_set():
                     break
-                own = _tree({proc.pid})
+                own = batch_files.process_tree({proc.pid})
                 memory = n % PSS_EVERY == 0
                 if memory:
                     peak["own"] = max(peak["own"], sum(_pss(p) for p in own))

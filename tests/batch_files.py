@@ -104,3 +104,27 @@ class Interrupt:
 
     def failed(self):
         pass
+
+
+def process_tree(roots: set[int]) -> set[int]:
+    """``roots`` and every process below them, from the kernel's list of each thread's
+    children (reading every process's stat cost 4 ms a sample: on 2 cores, CPU that the
+    measured run lacks)."""
+    found: set[int] = set()
+    frontier = list(roots)
+    while frontier:
+        pid = frontier.pop()
+        if pid in found:
+            continue
+        found.add(pid)
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in threads:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    frontier += map(int, f.read().split())
+            except OSError:
+                continue
+    return found

@@ -184,23 +184,6 @@ def test_resume_after_ctrl_c_does_each_file_once(folder, tmp_path):
     assert pq.read_table(out).equals(pq.read_table(fresh))
 
 
-def descendants(pid: int) -> list[int]:
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        below = [p for p, parent in parents.items() if parent in frontier]
-        found += below
-        frontier = below
-    return found
-
-
 def test_resume_after_sigkill_and_of_a_changed_file(folder, tmp_path, capsys):
     """A run killed with SIGKILL leaves whole parts only; --resume finishes it, redoing a
     file whose mtime changed since and dropping a file no longer listed."""
@@ -220,7 +203,7 @@ def test_resume_after_sigkill_and_of_a_changed_file(folder, tmp_path, capsys):
         if len(done) >= 5:
             break
         time.sleep(0.2)
-    below = descendants(proc.pid)
+    below = batch_files.process_tree({proc.pid}) - {proc.pid}
     assert below  # the forkserver and its children, one of them on the hanging file
     proc.send_signal(signal.SIGKILL)
     proc.wait()
