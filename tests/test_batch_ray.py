@@ -80,8 +80,17 @@ def test_hash_and_inspect_on_ray_equal_local(address, files, tmp_path):
         run_batch(op, [originals], str(tmp_path / f"{op}-ray.parquet"), ray=address,
                   timeout=TIMEOUT)
         ours = pq.read_table(tmp_path / f"{op}-ray.parquet")
-        assert ours.equals(pq.read_table(tmp_path / f"{op}-local.parquet")), op
+        local = pq.read_table(tmp_path / f"{op}-local.parquet")
+        assert ours.equals(local), (op, _differing(ours, local))
     assert ours.column("sha256").null_count == 2  # the files that hang and crash the reader
+
+
+def _differing(ours, local) -> list[tuple[dict, dict]]:
+    """The rows that differ (a few), Ray's beside the local run's, for a failure's message:
+    a file that reached the time limit in one run only, say."""
+    theirs = {row["path"]: row for row in local.to_pylist()}
+    return [(row, theirs.get(row["path"])) for row in ours.to_pylist()
+            if row != theirs.get(row["path"])][:3]
 
 
 def _actors() -> list[int]:
