@@ -268,12 +268,7 @@ class _Appender:
     def _room(self, count: int) -> None:
         """The current buffer grown to hold ``count`` more bytes (never while it is being
         written: only the other one is)."""
-        buffer = self.buffers[self.current]
-        if self.fill + count > len(buffer):
-            bigger = mmap.mmap(-1, -(-(self.fill + count) // BLOCK) * BLOCK)
-            bigger[:self.fill] = buffer[:self.fill]
-            buffer.close()
-            self.buffers[self.current] = bigger
+        self._grow(self.current, self.fill + count, keep=self.fill)
 
     def _advance(self, count: int) -> None:
         self.fill += count
@@ -288,16 +283,21 @@ class _Appender:
             self.pending[other].result()
             self.pending[other] = None
         rest = self.fill - whole
-        self._room_in(other, rest)
+        self._grow(other, rest)
         self.buffers[other][:rest] = self.buffers[done][whole:self.fill]
         self.pending[done] = self.writer.submit(self._write, self.buffers[done], whole,
                                                 self.offset)
         self.current, self.fill, self.offset = other, rest, self.offset + whole
 
-    def _room_in(self, index: int, count: int) -> None:
-        if count > len(self.buffers[index]):
-            self.buffers[index].close()
-            self.buffers[index] = mmap.mmap(-1, -(-count // BLOCK) * BLOCK)
+    def _grow(self, index: int, count: int, keep: int = 0) -> None:
+        """Buffer ``index`` made at least ``count`` bytes (whole blocks), its first ``keep``
+        bytes kept."""
+        buffer = self.buffers[index]
+        if count > len(buffer):
+            bigger = mmap.mmap(-1, -(-count // BLOCK) * BLOCK)
+            bigger[:keep] = buffer[:keep]
+            buffer.close()
+            self.buffers[index] = bigger
 
     def _write(self, buffer: mmap.mmap, count: int, offset: int) -> None:
         view = memoryview(buffer)[:count]
