@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -12,6 +13,12 @@ from ckptkit.threads import let_idle_threads_sleep
 
 # As ``ckpt`` does: torch, which the import below loads for every test, reads it once.
 let_idle_threads_sleep()
+
+# A test run started in the background by a shell without job control inherits SIGINT
+# ignored, and so would every child a test starts (Python keeps an ignored SIGINT ignored):
+# the Ctrl-C tests would then test nothing but that. They get the usual handling back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402  (after the setting above)
 import torch  # noqa: E402
