@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckptkit.engine import gguf_writer
+from ckptkit.engine import appender
 from ckptkit.engine.gguf_writer import GGUFTensor, write_gguf
 from ckptkit.errors import OutputError
 
@@ -88,13 +88,13 @@ def _direct_writes(monkeypatch) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("batch", [gguf_writer.BATCH, gguf_writer.BLOCK, 3 * 4096 + 5])
+@pytest.mark.parametrize("batch", [appender.BATCH, appender.BLOCK, 3 * 4096 + 5])
 def test_same_bytes_as_the_gguf_package_however_the_writes_are_cut(batch, expected, tmp_path,
                                                                    monkeypatch):
-    monkeypatch.setattr(gguf_writer, "BATCH", batch)
+    monkeypatch.setattr(appender, "BATCH", batch)
     sizes = _direct_writes(monkeypatch)
     assert _ours(tmp_path / "ours.gguf") == expected
-    assert all(size % gguf_writer.BLOCK == 0 for size in sizes)
+    assert all(size % appender.BLOCK == 0 for size in sizes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.gguf", "theirs.gguf"]
 
 
@@ -105,10 +105,10 @@ def test_the_data_bypasses_the_page_cache_where_the_file_system_allows(expected,
     except (OSError, TypeError):
         pytest.skip("no O_DIRECT here")
     os.unlink(tmp_path / "probe")
-    monkeypatch.setattr(gguf_writer, "BATCH", gguf_writer.BLOCK)
+    monkeypatch.setattr(appender, "BATCH", appender.BLOCK)
     sizes = _direct_writes(monkeypatch)
     assert _ours(tmp_path / "ours.gguf") == expected
-    assert sum(sizes) == -(-len(expected) // gguf_writer.BLOCK) * gguf_writer.BLOCK
+    assert sum(sizes) == -(-len(expected) // appender.BLOCK) * appender.BLOCK
     assert len(sizes) > 3
 
 
@@ -122,7 +122,7 @@ def test_the_same_bytes_where_direct_writes_are_refused_at_open(expected, tmp_pa
         return opener(path, flags, *args)
 
     monkeypatch.setattr(os, "open", no_direct)
-    monkeypatch.setattr(gguf_writer, "BATCH", gguf_writer.BLOCK)
+    monkeypatch.setattr(appender, "BATCH", appender.BLOCK)
     sizes = _direct_writes(monkeypatch)
     assert _ours(tmp_path / "ours.gguf") == expected
     assert sizes == []
@@ -131,7 +131,7 @@ def test_the_same_bytes_where_direct_writes_are_refused_at_open(expected, tmp_pa
 def test_the_same_bytes_where_a_direct_write_is_refused(expected, tmp_path, monkeypatch):
     """A device whose block is larger than ours refuses the write (EINVAL): it and the
     rest go through the page cache."""
-    monkeypatch.setattr(gguf_writer, "BATCH", gguf_writer.BLOCK)
+    monkeypatch.setattr(appender, "BATCH", appender.BLOCK)
     pwrite, refused = os.pwrite, []
 
     def large_blocks(fd, data, offset):
@@ -146,7 +146,7 @@ def test_the_same_bytes_where_a_direct_write_is_refused(expected, tmp_path, monk
 
 
 def test_a_full_disk_at_a_write_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(gguf_writer, "BATCH", gguf_writer.BLOCK)
+    monkeypatch.setattr(appender, "BATCH", appender.BLOCK)
 
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -158,7 +158,7 @@ def test_a_full_disk_at_a_write_is_an_error_and_leaves_nothing(tmp_path, monkeyp
 
 
 def test_a_failing_producer_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(gguf_writer, "BATCH", gguf_writer.BLOCK)
+    monkeypatch.setattr(appender, "BATCH", appender.BLOCK)
     planned = _planned(_tensors())
 
     def broken(out):

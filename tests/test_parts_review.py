@@ -249,13 +249,12 @@ def test_a_failed_split_leaves_no_folders_it_made(tmp_path, sd1, monkeypatch):
     import errno
     import os
 
-    from ckptkit.engine import writer
     from ckptkit.errors import OutputError
 
-    def full(fd, data):
+    def full(fd, data, offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(writer, "write_all", full)
+    monkeypatch.setattr(os, "pwrite", full)
     existing = tmp_path / "models"
     existing.mkdir()
     with pytest.raises(OutputError, match="No space left"):

@@ -441,10 +441,10 @@ def _planned_bytes(n: int = 4096) -> list[Planned]:
 def test_a_full_disk_is_the_outputs_error_and_leaves_nothing(tmp_path: Path, monkeypatch):
     import errno
 
-    def full(fd, data):
+    def full(fd, data, offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(writer, "write_all", full)
+    monkeypatch.setattr(os, "pwrite", full)
     target = tmp_path / "o.safetensors"
     with pytest.raises(OutputError) as err:
         write_safetensors(str(target), _planned_bytes())

@@ -7,7 +7,7 @@ to ``general.alignment`` (32 unless the metadata says otherwise), then each tens
 each padded to the alignment. Every offset follows from the plan, so the file is written in
 one pass, in order: each tensor is produced straight into a reused write buffer
 (``produce_into`` gets a flat uint8 view of exactly its bytes), which a thread writes out
-while the next one is produced (``_Appender``): peak memory is what one tensor's producer
+while the next one is produced (``appender``): peak memory is what one tensor's producer
 needs plus two buffers of the largest tensor, whatever the file's size.
 The file is written through ``AtomicOutput``: it takes the target's name only once complete,
 synced and its header read back; on any failure nothing is left.
@@ -15,17 +15,15 @@ synced and its header read back; on any failure nothing is left.
 
 from __future__ import annotations
 
-import errno
-import mmap
 import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import OutputError
 from ..quant.ggml_types import BY_NAME
+from .appender import Appender, reserve
 from .atomic import AtomicOutput
 from .writer import Deferred, Progress
 
@@ -138,8 +136,8 @@ def _write(target, metadata, tensors, alignment, deferred, inputs, progress, fsy
     if progress:
         progress.start(sum(t.nbytes for t in tensors), len(tensors))
     with AtomicOutput(target, inputs, fsync=fsync) as out:
-        _reserve(out.fd, size, target)
-        with _Appender(out.fd, out.tmp_path, size, target) as data:
+        reserve(out.fd, size, target)
+        with Appender(out.fd, out.tmp_path, size, target) as data:
             data.append(header)
             for tensor in tensors:
                 data.produce(tensor.nbytes, tensor.produce_into)
@@ -171,170 +169,3 @@ def _resolved(metadata, deferred, tensors, alignment, header: bytes, target: str
         raise OutputError("the header changed size when its deferred values were filled in",
                           target)
     return patched
-
-
-def _reserve(fd: int, size: int, target: str) -> None:
-    """The file's blocks taken before any work, so that a full disk is said at once."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno in _NO_ROOM:
-            raise _no_room(size, exc, target) from None
-        os.ftruncate(fd, size)
-
-
-_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def _no_room(size: int, exc: OSError, target: str) -> OutputError:
-    return OutputError(f"no room for {size:,} bytes ({exc.strerror})", target)
-
-
-# Direct writes (O_DIRECT) need offsets, lengths and buffer addresses aligned to the device's
-# logical block: 4 KiB covers every common one (and a mapped buffer starts on a page).
-BLOCK = 4096
-# Bytes gathered before they are written: fewer, larger writes.
-BATCH = 8 << 20
-
-
-class _Appender:
-    """The file's bytes appended in order from two reused buffers, written in whole blocks
-    by a thread while the next tensor is produced into the other buffer.
-
-    Why not produce into a map of the output: each new page of the file's cache costs a
-    fault and, where the blocks were reserved, zeroing it first (ext4 reads reserved blocks
-    as zeros): about a quarter of quantize's CPU time. Here the buffers' pages stay resident
-    from tensor to tensor, and writes bypass the page cache (``O_DIRECT``: no copy, no pages
-    to write back), so peak memory is two buffers of the largest tensor. Where the file
-    system refuses direct writes (or a write's alignment), the same writes go through the
-    page cache."""
-
-    def __init__(self, fd: int, path: str, size: int, target: str):
-        self.fd, self.size, self.target = fd, size, target
-        self.direct = _open_direct(path)
-        self.buffers = [mmap.mmap(-1, BATCH + BLOCK) for _ in range(2)]
-        self.pending: list[Future | None] = [None, None]
-        self.current = 0
-        self.fill = 0  # bytes in the current buffer
-        self.offset = 0  # where the current buffer's first byte goes in the file
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-gguf-write")
-
-    def __enter__(self) -> _Appender:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.writer.shutdown(wait=True, cancel_futures=True)
-        if self.direct >= 0:
-            os.close(self.direct)
-        for buffer in self.buffers:
-            buffer.close()
-
-    def append(self, data: bytes) -> None:
-        self._room(len(data))
-        self.buffers[self.current][self.fill:self.fill + len(data)] = data
-        self._advance(len(data))
-
-    def zeros(self, count: int) -> None:
-        self.append(bytes(count))
-
-    def produce(self, nbytes: int, produce_into: Callable[[Any], None]) -> None:
-        """``produce_into`` fills a flat uint8 tensor of the next ``nbytes`` bytes (every one
-        of them: the buffer holds earlier tensors' bytes)."""
-        import torch
-
-        if not nbytes:
-            return
-        self._room(nbytes)
-        view = torch.frombuffer(self.buffers[self.current], dtype=torch.uint8, count=nbytes,
-                                offset=self.fill)
-        produce_into(view)
-        del view
-        self._advance(nbytes)
-
-    def finish(self) -> None:
-        """Writes what is left (the last block padded with zeros, then cut off) and waits
-        for every write."""
-        tail = -self.fill % BLOCK
-        self.zeros(tail)
-        self._flush(self.fill)
-        for future in self.pending:
-            if future is not None:
-                future.result()
-        if self.offset - tail != self.size:
-            raise OutputError(f"wrote {self.offset - tail:,} bytes where {self.size:,} were "
-                              "planned", self.target)
-        os.ftruncate(self.fd, self.size)
-
-    def _room(self, count: int) -> None:
-        """The current buffer grown to hold ``count`` more bytes (never while it is being
-        written: only the other one is)."""
-        self._grow(self.current, self.fill + count, keep=self.fill)
-
-    def _advance(self, count: int) -> None:
-        self.fill += count
-        if self.fill >= BATCH:
-            self._flush(self.fill // BLOCK * BLOCK)
-
-    def _flush(self, whole: int) -> None:
-        """Writes the current buffer's first ``whole`` bytes (whole blocks) in the thread;
-        the rest moves to the other buffer, once that one's write is done."""
-        done, other = self.current, 1 - self.current
-        if self.pending[other] is not None:
-            self.pending[other].result()
-            self.pending[other] = None
-        rest = self.fill - whole
-        self._grow(other, rest)
-        self.buffers[other][:rest] = self.buffers[done][whole:self.fill]
-        self.pending[done] = self.writer.submit(self._write, self.buffers[done], whole,
-                                                self.offset)
-        self.current, self.fill, self.offset = other, rest, self.offset + whole
-
-    def _grow(self, index: int, count: int, keep: int = 0) -> None:
-        """Buffer ``index`` made at least ``count`` bytes (whole blocks), its first ``keep``
-        bytes kept."""
-        buffer = self.buffers[index]
-        if count > len(buffer):
-            bigger = mmap.mmap(-1, -(-count // BLOCK) * BLOCK)
-            bigger[:keep] = buffer[:keep]
-            buffer.close()
-            self.buffers[index] = bigger
-
-    def _write(self, buffer: mmap.mmap, count: int, offset: int) -> None:
-        view = memoryview(buffer)[:count]
-        try:
-            while view:
-                try:
-                    written = os.pwrite(self.direct if self.direct >= 0 else self.fd, view,
-                                        offset)
-                except OSError as exc:
-                    if exc.errno in _NO_ROOM:
-                        raise _no_room(self.size, exc, self.target) from None
-                    if exc.errno != errno.EINVAL or self.direct < 0:
-                        raise
-                    self._buffered()  # a block size beyond ours: through the page cache
-                    continue
-                if written <= 0:
-                    raise OutputError(f"the file system took no bytes at {offset:,}",
-                                      self.target)
-                if written % BLOCK:
-                    self._buffered()  # a short write: the rest is not aligned any more
-                view, offset = view[written:], offset + written
-        finally:
-            view.release()
-
-    def _buffered(self) -> None:
-        if self.direct >= 0:
-            os.close(self.direct)
-            self.direct = -1
-
-
-def _open_direct(path: str) -> int:
-    """The file opened again for writes that bypass the page cache, or -1 where the file
-    system (or the platform) has none."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return -1
-    try:
-        return os.open(path, os.O_WRONLY | flag)
-    except OSError:
-        return -1

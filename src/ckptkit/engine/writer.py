@@ -2,10 +2,12 @@
 
 The header (names, dtypes, shapes, offsets) is computed from the planned outputs before any
 tensor is produced, so each tensor can be written the moment it exists and released straight
-after: peak memory is the largest single tensor, whatever the model's size. Tensors that are
-plain copies of input bytes (``CopyRange``) go file to file through the kernel and cost no
-process memory at all. The file is written through ``AtomicOutput`` and its header is checked
-with the reader before it takes the target's name.
+after: peak memory is a few tensors (the one written and those produced ahead), whatever the
+model's size. Every byte goes to the file through ``appender.Appender``: computed tensors
+straight into its reused buffers (``produce_into``), the others copied in, pass-through
+tensors (``CopyRange``) read from their input into it; a thread writes the buffers out
+bypassing the page cache. The file is written through ``AtomicOutput`` and its header is
+checked with the reader before it takes the target's name.
 """
 
 from __future__ import annotations
@@ -13,20 +15,19 @@ from __future__ import annotations
 import errno
 import json
 import math
-import mmap
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol
 
 from ..errors import CkptError, OutputError, UsageError
 from ..formats.dtypes import DType, from_torch_tensor, torch_dtype
 from ..formats.safetensors import METADATA_KEY, open_safetensors
-from ..formats.source import Source, write_all
+from ..formats.source import Source
+from .appender import Appender
 from .atomic import AtomicOutput
 
 PREFETCH = 2  # tensors produced ahead of the one being written
@@ -47,11 +48,6 @@ class CopyRange:
     source: Source
     offset: int
     nbytes: int
-
-
-@dataclass(frozen=True)
-class InPlace:
-    """Data already in the output file's pages (``produce_into`` ran): nothing to write."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +77,8 @@ class Planned:
     ``produce`` returns a torch tensor of exactly this dtype and shape, a bytes-like object
     of exactly ``nbytes``, a ``CopyRange`` (or a tuple of them, copied in turn) or ``Zeros``.
     ``produce_into``, where given, fills a torch tensor of this dtype and shape instead: the
-    writer hands it the tensor's place in the memory-mapped output file, so computed data
-    goes straight to the file's pages (no buffer of its own, no copy by ``write``).
+    writer hands it the tensor's place in its write buffer, so computed data needs no
+    tensor of its own and no copy.
     """
 
     key: str
@@ -131,27 +127,41 @@ def build_header(planned: Sequence[Planned], metadata: dict[str, str] | None) ->
     return len(body).to_bytes(8, "little") + body
 
 
-def _write_item(fd: int, item: Planned, data: Any) -> None:
-    if isinstance(data, Zeros | InPlace):
-        os.lseek(fd, item.nbytes, os.SEEK_CUR)
+def _append_item(data: Appender, item: Planned, produced: Any) -> None:
+    if produced is _INTO:
+        data.produce(item.nbytes, _into_tensor(item))
         return
-    if isinstance(data, CopyRange):
-        data = (data,)
-    if isinstance(data, tuple):  # ranges copied one after the other
-        total = sum(r.nbytes for r in data)
+    if isinstance(produced, Zeros):
+        data.skip(item.nbytes)
+        return
+    if isinstance(produced, CopyRange):
+        produced = (produced,)
+    if isinstance(produced, tuple):  # ranges copied one after the other
+        total = sum(r.nbytes for r in produced)
         if total != item.nbytes:
             raise AssertionError(f"{item.key}: copy of {total} bytes, planned {item.nbytes}")
-        for copy in data:
-            copy.source.copy_to(fd, copy.offset, copy.nbytes)
+        for copy in produced:
+            data.copy(copy.source, copy.offset, copy.nbytes)
         return
-    if hasattr(data, "dtype") and hasattr(data, "shape") and not isinstance(data, memoryview):
-        if from_torch_tensor(data) != (item.dtype, item.shape):
-            raise AssertionError(f"{item.key}: produced {data.dtype} {tuple(data.shape)}, "
-                                 f"planned {item.dtype} {item.shape}")
-        data = _tensor_buffer(data)
-    if len(memoryview(data).cast("B")) != item.nbytes:
-        raise AssertionError(f"{item.key}: produced {len(data)} bytes, planned {item.nbytes}")
-    write_all(fd, data)
+    if (hasattr(produced, "dtype") and hasattr(produced, "shape")
+            and not isinstance(produced, memoryview)):
+        if from_torch_tensor(produced) != (item.dtype, item.shape):
+            raise AssertionError(f"{item.key}: produced {produced.dtype} "
+                                 f"{tuple(produced.shape)}, planned {item.dtype} {item.shape}")
+        produced = _tensor_buffer(produced)
+    produced = memoryview(produced).cast("B")
+    if len(produced) != item.nbytes:
+        raise AssertionError(f"{item.key}: produced {len(produced)} bytes, "
+                             f"planned {item.nbytes}")
+    data.append(produced)
+
+
+def _into_tensor(item: Planned) -> Callable[[Any], None]:
+    """``item.produce_into`` given its bytes as a tensor of its dtype and shape."""
+    def fill(flat) -> None:
+        item.produce_into(flat.view(torch_dtype(item.dtype))
+                          .view(item.dtype.torch_shape(item.shape)))
+    return fill
 
 
 # Names that tell a loader to read something other than safetensors: A1111, ComfyUI,
@@ -185,15 +195,15 @@ def write_safetensors(target: str, planned: Sequence[Planned],
     size = len(header) + sum(p.nbytes for p in planned)
     try:
         out = pending.out.__enter__()
-        write_all(out.fd, header)
-        with _output_map(out.fd, size, planned, target) as mapped, \
-                closing(_prefetched(_producers(planned, mapped, len(header)))) as produced:
-            for item, data in produced:  # closed (worker done) before the map is
-                _write_item(out.fd, item, data)
-                del data  # release the tensor before the next one is made
+        with Appender(out.fd, out.tmp_path, size, target) as data, \
+                closing(_prefetched(planned)) as produced:
+            data.append(header)
+            for item, made in produced:  # closed (worker done) before the buffers are
+                _append_item(data, item, made)
+                del made  # release the tensor before the next one is made
                 if progress:
                     progress.update(item.nbytes, 1)
-        os.ftruncate(out.fd, size)  # trailing holes
+            data.finish()
     except OSError as exc:
         pending.abandon()
         raise _output_error(exc, target) from None
@@ -300,59 +310,22 @@ def _tensor_buffer(tensor):
     return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
 
 
-@contextmanager
-def _output_map(fd: int, size: int, planned: Sequence[Planned], target: str):
-    """The output file mapped for writing when some tensor can be produced into it, else
-    None. Its blocks are reserved first, so that a full disk is an error here rather than a
-    SIGBUS when a mapped page is first written; where the file system cannot reserve them,
-    tensors are written the usual way."""
-    if not any(p.produce_into and p.nbytes for p in planned):
-        yield None
-        return
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise OutputError(f"no room for {size:,} bytes ({exc.strerror})", target) from None
-        yield None
-        return
-    mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    yield mapped
-    # Not on an error: the traceback may hold tensors viewing the map, and closing it under
-    # them would crash the process at their next use (torch.frombuffer keeps the mmap object
-    # alive but exports no buffer, so close() would not refuse); the map goes with them.
-    mapped.close()
+# What the producing thread hands over for a tensor computed in the write buffer: it is
+# produced when its turn comes, there being no buffer place for it earlier.
+_INTO = object()
 
 
-def _producers(planned: Sequence[Planned], mapped: mmap.mmap | None, offset: int):
-    """(item, the function that makes its data): into the mapped file where it can."""
-    for item in planned:
-        if mapped is not None and item.produce_into and item.nbytes:
-            yield item, partial(_into_file, mapped, offset, item)
-        else:
-            yield item, item.produce
-        offset += item.nbytes
+def _skip_into():
+    return _INTO
 
 
-def _into_file(mapped: mmap.mmap, offset: int, item: Planned) -> InPlace:
-    """Runs ``item.produce_into`` on its place in the mapped file, then drops those pages
-    from this process's memory (they stay in the page cache, to be written to disk)."""
-    import torch
-
-    view = torch.frombuffer(mapped, dtype=torch.uint8, count=item.nbytes, offset=offset)
-    item.produce_into(view.view(torch_dtype(item.dtype)).view(item.dtype.torch_shape(item.shape)))
-    del view
-    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
-    stop = (offset + item.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if stop > start:
-        mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
-    return InPlace()
-
-
-def _prefetched(producers, depth: int = PREFETCH):
+def _prefetched(planned: Sequence[Planned], depth: int = PREFETCH):
     """Yields (item, data), producing the next ``depth`` items in a worker thread while the
-    current one is written: reading, casting and writing overlap (file reads and torch
-    release the GIL), and at most ``depth + 1`` tensors are alive at once."""
+    current one is appended: reading, casting and copying overlap (file reads and torch
+    release the GIL), and at most ``depth + 1`` tensors are alive at once. Items computed
+    in the write buffer yield ``_INTO``."""
+    producers = ((item, _skip_into if item.produce_into and item.nbytes else item.produce)
+                 for item in planned)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptkit-produce") as pool:
         pending: deque = deque()
         items = iter(producers)

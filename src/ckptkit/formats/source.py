@@ -14,13 +14,6 @@ import os
 from ..errors import FormatError
 
 
-def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    """``os.write`` until every byte is written (it may write fewer in one call)."""
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view):]
-
-
 class Source:
     """An open file. ``read(offset, n)`` returns exactly ``n`` bytes or raises ``FormatError``."""
 
@@ -57,30 +50,6 @@ class Source:
                                   f"{n} bytes at {offset} (truncated, or changed while open?)",
                                   self.path)
             done += got
-
-    def copy_to(self, fd: int, offset: int, n: int) -> None:
-        """Appends bytes ``offset..offset+n`` to the file open as ``fd``, in the kernel where
-        it can (``copy_file_range``), so that copying a tensor costs no process memory."""
-        if self._fd < 0:
-            raise FormatError("the checkpoint was closed before this tensor was copied",
-                              self.path)
-        if offset < 0 or offset + n > self.size:
-            raise FormatError(f"needs bytes {offset}..{offset + n} but the file has only "
-                              f"{self.size} (truncated?)", self.path)
-        done = 0
-        try:
-            while done < n:
-                got = os.copy_file_range(self._fd, fd, n - done, offset + done)
-                if got <= 0:
-                    break
-                done += got
-        except OSError:
-            pass  # not supported between these files: copy the rest through memory
-        chunk = 1 << 24
-        while done < n:
-            size = min(chunk, n - done)
-            write_all(fd, self.read(offset + done, size))
-            done += size
 
     def mmap(self) -> mmap.mmap:
         if self._fd < 0:
