@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from direct_io import O_DIRECT, refuse_direct_io
 
 from ckptkit.engine import appender
 from ckptkit.engine.gguf_writer import GGUFTensor, write_gguf
@@ -21,8 +22,6 @@ from ckptkit.errors import OutputError
 pytest.importorskip("gguf")
 from quant_read_files import QT, random_blocks
 from quant_read_files import write_gguf as gguf_package_writes
-
-O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def _tensors() -> dict:
@@ -114,14 +113,7 @@ def test_the_data_bypasses_the_page_cache_where_the_file_system_allows(expected,
 
 def test_the_same_bytes_where_direct_writes_are_refused_at_open(expected, tmp_path,
                                                                 monkeypatch):
-    opener = os.open
-
-    def no_direct(path, flags, *args):
-        if flags & O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return opener(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_direct)
+    refuse_direct_io(monkeypatch)
     monkeypatch.setattr(appender, "BATCH", appender.BLOCK)
     sizes = _direct_writes(monkeypatch)
     assert _ours(tmp_path / "ours.gguf") == expected

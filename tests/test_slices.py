@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from direct_io import refuse_direct_io
 from safetensors.torch import load_file, save_file
 
 from ckptkit.engine import slices
@@ -64,14 +65,7 @@ def test_direct_and_page_cache_writes_give_the_same_merge(models, tmp_path, monk
     """Merged tensors are computed into the writer's buffers and written bypassing the page
     cache; where the file system refuses that, the same bytes go through it."""
     direct = _merge(tmp_path, models, "direct.safetensors")
-    opener = os.open
-
-    def no_direct(path, flags, *args):
-        if flags & getattr(os, "O_DIRECT", 0):
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return opener(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_direct)
+    refuse_direct_io(monkeypatch)
     buffered = _merge(tmp_path, models, "buffered.safetensors")
     assert direct.read_bytes() == buffered.read_bytes()
     got, a, b = (load_file(str(p)) for p in (direct, *models))

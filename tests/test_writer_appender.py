@@ -6,12 +6,12 @@ writes."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 
 import pytest
 import torch
+from direct_io import refuse_direct_io
 from safetensors.torch import load_file, save_file
 
 from ckptkit.engine import appender
@@ -90,14 +90,7 @@ def test_every_kind_of_data_reads_back_however_the_writes_are_cut(batch, source,
 def test_the_same_bytes_where_direct_writes_are_refused(source, tmp_path, monkeypatch):
     monkeypatch.setattr(appender, "BATCH", appender.BLOCK)
     direct = _write(tmp_path / "direct.safetensors", source)
-    opener = os.open
-
-    def no_direct(path, flags, *args):
-        if flags & getattr(os, "O_DIRECT", 0):
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return opener(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_direct)
+    refuse_direct_io(monkeypatch)
     assert _write(tmp_path / "buffered.safetensors", source) == direct
 
 

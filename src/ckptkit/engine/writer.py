@@ -315,7 +315,7 @@ def _tensor_buffer(tensor):
 _INTO = object()
 
 
-def _skip_into():
+def _made_in_buffer():
     return _INTO
 
 
@@ -324,7 +324,7 @@ def _prefetched(planned: Sequence[Planned], depth: int = PREFETCH):
     current one is appended: reading, casting and copying overlap (file reads and torch
     release the GIL), and at most ``depth + 1`` tensors are alive at once. Items computed
     in the write buffer yield ``_INTO``."""
-    producers = ((item, _skip_into if item.produce_into and item.nbytes else item.produce)
+    producers = ((item, _made_in_buffer if item.produce_into and item.nbytes else item.produce)
                  for item in planned)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptkit-produce") as pool:
         pending: deque = deque()
