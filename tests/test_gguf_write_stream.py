@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from direct_io import O_DIRECT, refuse_direct_io
+from failing_writes import O_DIRECT, fill_the_disk, refuse_direct_io
 
 from ckptkit.engine import appender
 from ckptkit.engine.gguf_writer import GGUFTensor, write_gguf
@@ -139,11 +139,7 @@ def test_the_same_bytes_where_a_direct_write_is_refused(expected, tmp_path, monk
 
 def test_a_full_disk_at_a_write_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(appender, "BATCH", appender.BLOCK)
-
-    def full(fd, data, offset):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "pwrite", full)
+    fill_the_disk(monkeypatch)
     with pytest.raises(OutputError, match="no room for"):
         _ours(tmp_path / "ours.gguf")
     assert list(tmp_path.iterdir()) == []

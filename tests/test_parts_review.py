@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from failing_writes import fill_the_disk
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -246,15 +247,9 @@ def test_a_clip_saved_by_transformers_5_assembles(tmp_path, sd1):
 
 
 def test_a_failed_split_leaves_no_folders_it_made(tmp_path, sd1, monkeypatch):
-    import errno
-    import os
-
     from ckptkit.errors import OutputError
 
-    def full(fd, data, offset):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "pwrite", full)
+    fill_the_disk(monkeypatch)
     existing = tmp_path / "models"
     existing.mkdir()
     with pytest.raises(OutputError, match="No space left"):

@@ -1,11 +1,9 @@
 """Row reads and slice-at-a-time casting: the same values as whole-tensor torch operations."""
 
-import errno
-import os
 
 import pytest
 import torch
-from direct_io import refuse_direct_io
+from failing_writes import fill_the_disk, refuse_direct_io
 from safetensors.torch import load_file, save_file
 
 from ckptkit.engine import slices
@@ -77,10 +75,7 @@ def test_direct_and_page_cache_writes_give_the_same_merge(models, tmp_path, monk
 
 def test_a_full_disk_is_the_outputs_error_and_leaves_only_the_inputs(models, tmp_path,
                                                                      monkeypatch):
-    def full(*_):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "pwrite", full)
+    fill_the_disk(monkeypatch)
     with pytest.raises(OutputError, match="no room for"):
         _merge(tmp_path, models, "out.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.safetensors", "m1.safetensors"]

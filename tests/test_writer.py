@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from failing_writes import fill_the_disk
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -439,12 +440,7 @@ def _planned_bytes(n: int = 4096) -> list[Planned]:
 
 
 def test_a_full_disk_is_the_outputs_error_and_leaves_nothing(tmp_path: Path, monkeypatch):
-    import errno
-
-    def full(fd, data, offset):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "pwrite", full)
+    fill_the_disk(monkeypatch)
     target = tmp_path / "o.safetensors"
     with pytest.raises(OutputError) as err:
         write_safetensors(str(target), _planned_bytes())

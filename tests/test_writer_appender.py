@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from direct_io import refuse_direct_io
+from failing_writes import refuse_direct_io
 from safetensors.torch import load_file, save_file
 
 from ckptkit.engine import appender

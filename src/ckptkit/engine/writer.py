@@ -27,7 +27,7 @@ from ..errors import CkptError, OutputError, UsageError
 from ..formats.dtypes import DType, from_torch_tensor, torch_dtype
 from ..formats.safetensors import METADATA_KEY, open_safetensors
 from ..formats.source import Source
-from .appender import Appender
+from .appender import NO_ROOM, Appender
 from .atomic import AtomicOutput
 
 PREFETCH = 2  # tensors produced ahead of the one being written
@@ -277,7 +277,7 @@ class OutputBatch:
 
 # Errors that can only be the output's (its disk, quota, size limit or file system), not an
 # input's: said as the output's, in one line, rather than as a bare system message.
-_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+_OUTPUT_ERRNOS = {*NO_ROOM, errno.EROFS}
 
 
 def _output_error(exc: OSError, target: str) -> OSError | OutputError:

@@ -1,4 +1,5 @@
-"""Test helper: a file system that refuses direct I/O, for the writers' buffered path."""
+"""Test helpers: writes that fail as a file system makes them fail, for the writers' error and
+fallback paths (both writers write through ``engine/appender``, with ``os.pwrite``)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,11 @@ def refuse_direct_io(monkeypatch) -> None:
         return opener(path, flags, *args)
 
     monkeypatch.setattr(os, "open", no_direct)
+
+
+def fill_the_disk(monkeypatch) -> None:
+    """From now on in the test, every ``os.pwrite`` fails with ENOSPC (a full disk)."""
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
